@@ -1,0 +1,114 @@
+"""ftdist train | generate | report.
+
+Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
+without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ftdist.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,report}")
+
+    train = sub.add_parser("train", help="fine-tune a model from a YAML config",
+                           description="Fine-tune a model. The same command again resumes from the newest "
+                                       "complete checkpoint.")
+    train.add_argument("config", help="YAML config (see README: Config reference)")
+    train.add_argument("--local", action="store_true",
+                       help="run in this process, on this machine's CPU or GPU")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    train.add_argument("--restart", action="store_true",
+                       help="delete this run's directory and start over instead of resuming")
+
+    gen = sub.add_parser("generate", help="generate text with a trained model",
+                         description="Generate with a model or adapter directory, e.g. runs/NAME/final.")
+    gen.add_argument("model", help="a model or adapter directory (e.g. runs/NAME/final)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--seed", type=int, default=0)
+
+    rep = sub.add_parser("report", help="plots and a summary of a run",
+                         description="Write loss.png, lr.png, throughput.png and report.json into the run "
+                                     "directory and print a summary.")
+    rep.add_argument("run_dir", help="a run directory (<run.output>/<run.name>)")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from ftdist.launch import train_local
+    from ftdist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train_local(cfg, restart=args.restart)
+    print(f"done: model in {summary['final_dir']}")
+    for key in ("eval_loss", "eval_ppl", "forgetting"):
+        if summary.get(key) is not None:
+            print(f"  {key}: {summary[key]:.4f}")
+    print(f"  metrics: {summary['run_dir']}/metrics.jsonl, plot: {summary['run_dir']}/loss.png")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ftdist.context import default_device
+    from ftdist.generate import generate, load_trained
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
+    device = default_device()
+    model, tokenizer = load_trained(args.model, device)
+    for prompt in args.prompt:
+        text = generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, device)
+        print(f"{prompt}{text}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ftdist.report import format_summary, report
+
+    summary, plots = report(Path(args.run_dir))
+    print(format_summary(summary))
+    print("plots: " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars of HF saves, advisory warnings) out of the user's view."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        quiet_libraries()
+        return {"train": cmd_train, "generate": cmd_generate, "report": cmd_report}[args.command](args)
+    except UserError as e:
+        print(f"ftdist: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("ftdist: interrupted; run the same command again to resume from the newest checkpoint",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

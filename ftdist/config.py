@@ -1,0 +1,290 @@
+"""The YAML contract: pydantic models, loading with `--set` overrides, readable errors.
+
+Everything a run does is decided here, at the edge; the rest of ftdist receives a
+validated `Config` object and never reads files or the environment for settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftdist.errors import UserError
+
+
+class Section(BaseModel):
+    # A typo in a key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    output: str = "runs"
+
+
+class ModelInit(Section):
+    """Random weights from a config: the demo and tests build tiny models this way."""
+
+    arch: Literal["llama", "qwen2", "mistral"] = "llama"
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: Optional[int] = Field(None, gt=0)
+    intermediate_size: Optional[int] = Field(None, gt=0)
+    vocab_size: int = Field(512, ge=64)
+    max_position_embeddings: int = Field(2048, gt=0)
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelInit":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: Optional[str] = None
+    init: Optional[ModelInit] = None
+    tokenizer: Optional[str] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError(
+                "set exactly one of model.name_or_path (a model directory or hub id) "
+                "and model.init (random weights from a config)"
+            )
+        return self
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class QloraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class DataConfig(Section):
+    train: str
+    eval: Optional[str] = None
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    retention: Optional[str] = None
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    max_length: int = Field(512, gt=1)
+    packing: bool = True
+    skip_bad_rows: bool = False
+
+
+class TrainConfig(Section):
+    lr: float = Field(2.0e-4, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(50, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} does not divide batch_size "
+                f"{self.batch_size}; pick a micro_batch_size that is a divisor "
+                f"(e.g. {_largest_divisor_at_most(self.batch_size, self.micro_batch_size)})"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(100, gt=0)
+    keep: int = Field(3, gt=0)
+
+
+class Config(Section):
+    run: RunConfig
+    model: ModelConfig
+    method: Literal["full", "lora", "qlora"] = "lora"
+    freeze_layers: Union[int, Literal["all"]] = 0
+    lora: LoraConfig = LoraConfig()
+    qlora: QloraConfig = QloraConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if isinstance(self.freeze_layers, int):
+            if self.freeze_layers < 0:
+                raise ValueError("freeze_layers must be 0 or more, or 'all'")
+            if self.model.init and self.freeze_layers > self.model.init.num_layers:
+                raise ValueError(
+                    f"freeze_layers {self.freeze_layers} is more than the model's "
+                    f"{self.model.init.num_layers} layers; use at most "
+                    f"{self.model.init.num_layers}, or 'all' for feature extraction"
+                )
+        elif self.method != "full":
+            raise ValueError(
+                "freeze_layers 'all' leaves no block for adapters; use method: full with "
+                "freeze_layers: all for feature extraction (only the final norm and head "
+                "train), or a number of blocks for lora/qlora"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `dotted.key=value` overrides, validate. Errors are UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            hint = suggest_key(loc)
+            lines.append(f"  {key}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
+            continue
+        if err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(_dedupe(lines))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names union members in locations ("int", "literal['all']"): not keys.
+    return isinstance(part, str) and (part in {"int", "str", "float", "bool"} or "[" in part)
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [x for x in lines if not (x in seen or seen.add(x))]
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the contract, for suggestions."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(all_keys(sub, dotted + "."))
+    return keys
+
+
+def _section_type(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def suggest_key(loc: list[str]) -> Optional[str]:
+    keys = all_keys()
+    dotted = ".".join(loc)
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # The right key in another section ("rank" at the top level -> lora.rank).
+    leaf = loc[-1]
+    by_leaf = [k for k in keys if difflib.SequenceMatcher(None, k.rsplit(".", 1)[-1], leaf).ratio() > 0.75]
+    return by_leaf[0] if by_leaf else None
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# ---------------------------------------------------------------- snapshots
+
+SECRET_WORDS = ("secret", "password", "access_key", "credential", "api_key")
+
+
+def is_secret_key(key: Any) -> bool:
+    key = str(key).lower()
+    return any(w in key for w in SECRET_WORDS) or key == "token" or key.endswith("_token")
+
+
+def redacted(data: Any) -> Any:
+    """A copy with values of secret-looking keys replaced, for snapshots and logs."""
+    if isinstance(data, dict):
+        return {
+            k: ("***" if v is not None and is_secret_key(k) else redacted(v))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(redacted(cfg.model_dump(mode="json")), sort_keys=False)

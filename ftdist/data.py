@@ -1,0 +1,304 @@
+"""JSONL examples -> token rows the loop can batch.
+
+Three formats, each row one example:
+  text               {"text": "..."}                         loss on every token
+  prompt_completion  {"prompt": "...", "completion": "..."}  loss on the completion only
+  chat               {"messages": [{"role", "content"}...]}   loss on assistant turns only
+
+Targets are shifted here, per example (targets[i] is the token after ids[i], or -100),
+so that packing several examples into one row never asks a token to predict the first
+token of the next example. Each packed row carries per-token document ids, from which
+the loop builds a block-diagonal causal mask, and positions that restart per example.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ftdist.config import DataConfig
+from ftdist.errors import UserError
+
+IGNORE = -100
+FORMATS = ("text", "prompt_completion", "chat")
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    targets: list[int]
+
+
+@dataclass
+class Rows:
+    """Fixed rows of tokens. doc[i] == -1 marks padding."""
+
+    ids: list[np.ndarray]
+    targets: list[np.ndarray]
+    positions: list[np.ndarray]
+    doc: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def target_tokens(self) -> int:
+        return int(sum((t != IGNORE).sum() for t in self.targets))
+
+
+@dataclass
+class Dataset:
+    train: Rows
+    eval: Optional[Rows]
+    retention: Optional[Rows]
+    format: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str, fmt: str = "auto", skip_bad_rows: bool = False) -> tuple[list[dict], str, int]:
+    """Validated records, the format they share, and how many bad rows were skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"data file not found: {path} (check data.train / data.eval / data.retention)")
+    records: list[dict] = []
+    skipped = 0
+    with file.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                row_fmt = check_record(record)
+                if fmt == "auto":
+                    fmt = row_fmt
+                elif row_fmt != fmt:
+                    raise ValueError(f"row is {row_fmt} but the file is {fmt} (data.format or its first row)")
+            except (ValueError, TypeError) as e:
+                if skip_bad_rows:
+                    skipped += 1
+                    continue
+                reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise UserError(
+                    f"{path}:{line_no}: {reason}; fix the row, or set data.skip_bad_rows: true to skip bad rows"
+                ) from None
+            records.append(record)
+    if not records:
+        raise UserError(f"{path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
+    return records, fmt, skipped
+
+
+def check_record(record: Any) -> str:
+    if not isinstance(record, dict):
+        raise ValueError("each row must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must be a non-empty list of {"role", "content"}')
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f'messages[{i}] must be {{"role": str, "content": str}}')
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("a chat row needs at least one assistant message (the loss is on them)")
+        return "chat"
+    if "prompt" in record or "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f'"{key}" must be a string')
+        if not record["completion"]:
+            raise ValueError('"completion" is empty')
+        return "prompt_completion"
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise ValueError('"text" must be a non-empty string')
+        return "text"
+    raise ValueError('expected a "text", "prompt"+"completion" or "messages" key, got ' + str(sorted(record)))
+
+
+def read_text_file(path: str) -> list[dict]:
+    """Plain text (paragraphs split on blank lines) or JSONL, for retention data."""
+    if path.endswith(".jsonl"):
+        return read_jsonl(path, "text")[0]
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"data file not found: {path} (check data.retention)")
+    paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise UserError(f"{path}: no text")
+    return [{"text": p} for p in paragraphs]
+
+
+def corpus_texts(records: list[dict]) -> list[str]:
+    """All strings of the records, for training a tokenizer."""
+    texts = []
+    for r in records:
+        if "messages" in r:
+            texts.extend(m["content"] for m in r["messages"])
+        elif "prompt" in r:
+            texts.append(r["prompt"] + r["completion"])
+        else:
+            texts.append(r["text"])
+    return texts
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def encode(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[bool]]:
+    """Token ids and, per token, whether the model is trained to produce it."""
+    eos = tokenizer.eos_token_id
+    if fmt == "text":
+        ids = tokenizer(record["text"])["input_ids"] + [eos]
+        return ids, [True] * len(ids)
+    if fmt == "prompt_completion":
+        prompt = tokenizer(record["prompt"])["input_ids"]
+        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
+    return encode_chat(tokenizer, record["messages"])
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.format chat needs a tokenizer with a chat template; set model.tokenizer to one")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    # Character spans of assistant turns: what the template adds between the
+    # generation prompt before turn i and the rendering through turn i.
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def to_example(ids: list[int], mask: list[bool], max_length: int) -> tuple[Optional[Example], bool]:
+    """Shift targets within the example; truncate to max_length. Returns (example, truncated)."""
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    targets = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+    if all(t == IGNORE for t in targets):
+        return None, truncated
+    return Example(ids, targets), truncated
+
+
+def tokenize_records(tokenizer, records: list[dict], fmt: str, max_length: int) -> tuple[list[Example], dict]:
+    examples, truncated, dropped = [], 0, 0
+    for r in records:
+        ex, cut = to_example(*encode(tokenizer, r, fmt), max_length)
+        truncated += cut
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, {"examples": len(examples), "truncated": truncated, "dropped_no_target": dropped}
+
+
+# ---------------------------------------------------------------- rows
+
+
+def pack(examples: list[Example], max_length: int, packing: bool, pad_id: int) -> Rows:
+    """Greedy, in order: examples fill rows of max_length; without packing one per row."""
+    rows = Rows([], [], [], [])
+    if not packing:
+        for ex in examples:
+            n = len(ex.ids)
+            rows.ids.append(np.array(ex.ids))
+            rows.targets.append(np.array(ex.targets))
+            rows.positions.append(np.arange(n))
+            rows.doc.append(np.zeros(n, dtype=np.int64))
+        return rows
+    ids, targets, positions, doc = [], [], [], []
+
+    def flush():
+        pad = max_length - len(ids)
+        rows.ids.append(np.array(ids + [pad_id] * pad))
+        rows.targets.append(np.array(targets + [IGNORE] * pad))
+        rows.positions.append(np.array(positions + list(range(pad))))
+        rows.doc.append(np.array(doc + [-1] * pad))
+
+    for ex in examples:
+        if len(ids) + len(ex.ids) > max_length:
+            flush()
+            ids, targets, positions, doc = [], [], [], []
+        doc_id = (doc[-1] + 1) if doc else 0
+        ids += ex.ids
+        targets += ex.targets
+        positions += list(range(len(ex.ids)))
+        doc += [doc_id] * len(ex.ids)
+    if ids:
+        flush()
+    return rows
+
+
+def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows -> model inputs: ids, positions, a block-diagonal causal mask, targets."""
+    length = max(len(rows.ids[i]) for i in index)
+
+    def stack(arrays, fill):
+        out = np.full((len(index), length), fill, dtype=np.int64)
+        for j, i in enumerate(index):
+            out[j, : len(arrays[i])] = arrays[i]
+        return torch.from_numpy(out)
+
+    doc = stack(rows.doc, -1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    return {
+        "input_ids": stack(rows.ids, pad_id),
+        "position_ids": stack(rows.positions, 0),
+        "attention_mask": (same_doc & causal)[:, None],
+        "targets": stack(rows.targets, IGNORE),
+    }
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
+    records, fmt, skipped = read_jsonl(cfg.train, cfg.format, cfg.skip_bad_rows)
+    random.Random(seed).shuffle(records)
+    if cfg.eval:
+        train_records = records
+        eval_records, _, eval_skipped = read_jsonl(cfg.eval, fmt, cfg.skip_bad_rows)
+        skipped += eval_skipped
+    elif cfg.eval_fraction > 0 and len(records) > 1:
+        n_eval = max(1, round(len(records) * cfg.eval_fraction))
+        eval_records, train_records = records[:n_eval], records[n_eval:]
+    else:
+        train_records, eval_records = records, []
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_examples, stats = tokenize_records(tokenizer, train_records, fmt, cfg.max_length)
+    if not train_examples:
+        raise UserError(f"{cfg.train}: no example has a token to learn after truncation to data.max_length")
+    train = pack(train_examples, cfg.max_length, cfg.packing, pad_id)
+    stats.update(format=fmt, skipped_rows=skipped, train_rows=len(train), train_target_tokens=train.target_tokens())
+
+    eval_rows = None
+    if eval_records:
+        eval_examples, _ = tokenize_records(tokenizer, eval_records, fmt, cfg.max_length)
+        eval_rows = pack(eval_examples, cfg.max_length, cfg.packing, pad_id)
+        stats["eval_rows"] = len(eval_rows)
+
+    retention_rows = None
+    if cfg.retention:
+        ret_examples, _ = tokenize_records(tokenizer, read_text_file(cfg.retention), "text", cfg.max_length)
+        retention_rows = pack(ret_examples, cfg.max_length, cfg.packing, pad_id)
+        stats["retention_rows"] = len(retention_rows)
+    return Dataset(train, eval_rows, retention_rows, fmt, stats)
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a function of (seed, epoch) alone, so resumable."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI turns these into one message and exit code 2."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, data, paths). Its message says how."""

@@ -1,0 +1,58 @@
+"""Load a trained model (full model or adapter directory) and generate text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ftdist.errors import UserError
+
+
+def load_trained(path: str | Path, device: torch.device):
+    """A model directory (config.json) or a PEFT adapter directory (adapter_config.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        meta_file = path / "ftdist.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        kwargs: dict = {"dtype": torch.float32}
+        if meta.get("method") == "qlora":
+            # The adapters learned against the 4-bit base: generate with that same base.
+            q = meta["qlora"]
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"], bnb_4bit_use_double_quant=q["double_quant"],
+                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
+            )
+            kwargs["device_map"] = {"": "cpu" if device.type == "cpu" else 0}
+        try:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot load the base model {base} of this adapter: {e}") from None
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        raise UserError(f"{path}: neither a model (config.json) nor an adapter (adapter_config.json) directory")
+    if not any(p.device.type == device.type for p in model.parameters()):
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             seed: int = 0, device: torch.device = torch.device("cpu")) -> str:
+    """The completion only (the prompt is not repeated). temperature 0 = greedy."""
+    torch.manual_seed(seed)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

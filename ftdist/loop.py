@@ -1,0 +1,270 @@
+"""THE training loop: local mode and every Ray worker run this same function.
+
+Read top to bottom: build model and data, plan the steps, restore the newest complete
+checkpoint, then step (accumulate, clip, update), log, evaluate, checkpoint; finally
+save the model, measure forgetting and plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from ftdist import checkpoint
+from ftdist.config import Config
+from ftdist.context import LocalContext
+from ftdist.data import IGNORE, Rows, build_dataset, collate, corpus_texts, epoch_order, read_jsonl
+from ftdist.errors import UserError
+from ftdist.metrics import MetricsLog, Progress, perplexity
+from ftdist.model import build_model, compute_dtype, resolve_base
+
+FINAL_DIR = "final"
+
+
+@dataclass
+class Plan:
+    rows: int
+    batches_per_epoch: int
+    total_steps: int
+    accumulation_steps: int  # micro-batches per rank per step
+
+    def describe(self, cfg: Config, world_size: int) -> str:
+        return (
+            f"{self.rows} training rows of up to {cfg.data.max_length} tokens; batch {cfg.train.batch_size} "
+            f"= {world_size} x {self.accumulation_steps} micro-batches of {cfg.train.micro_batch_size}; "
+            f"{self.total_steps} steps"
+        )
+
+
+def make_plan(cfg: Config, n_rows: int, world_size: int) -> Plan:
+    t = cfg.train
+    if t.batch_size % (t.micro_batch_size * world_size):
+        raise UserError(
+            f"train.batch_size {t.batch_size} is not a multiple of train.micro_batch_size "
+            f"{t.micro_batch_size} x {world_size} workers"
+        )
+    per_epoch = n_rows // t.batch_size
+    if per_epoch == 0:
+        raise UserError(
+            f"data.train gives {n_rows} rows of data.max_length tokens, fewer than train.batch_size "
+            f"{t.batch_size}: add data or lower train.batch_size"
+        )
+    total = t.max_steps or per_epoch * t.epochs
+    return Plan(n_rows, per_epoch, total, t.batch_size // (t.micro_batch_size * world_size))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen (check method and freeze_layers)")
+    # Weight decay on matrices only, not on norms and biases.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
+    names = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+    extra = {"min_lr_rate": cfg.train.min_lr_ratio} if cfg.train.schedule == "cosine" else None
+    scheduler = get_scheduler(
+        names[cfg.train.schedule], optimizer, num_warmup_steps=min(cfg.train.warmup_steps, total_steps),
+        num_training_steps=total_steps, scheduler_specific_kwargs=extra,
+    )
+    return optimizer, scheduler
+
+
+def autocast(cfg: Config, device: torch.device):
+    dtype = compute_dtype(cfg, device)
+    if dtype == torch.float32 or cfg.method == "qlora":  # bitsandbytes computes in its own dtype
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over target tokens, and their count."""
+    targets = batch["targets"].to(device)
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+    ).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> float:
+    """Token-weighted mean loss over all rows (each rank takes its share)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    mine = list(range(ctx.rank, len(rows), ctx.world_size))
+    size = cfg.train.micro_batch_size
+    with autocast(cfg, ctx.device):
+        for i in range(0, len(mine), size):
+            loss, n = loss_sum(model, collate(rows, mine[i : i + size], pad_id), ctx.device)
+            total, count = total + float(loss), count + n
+    model.train(was_training)
+    total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
+    return total / max(count, 1)
+
+
+def train(cfg: Config, ctx: LocalContext) -> dict:
+    run_dir = ctx.run_dir
+    seed_everything(cfg.train.seed)
+
+    # -- model and data
+    base_path = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))
+    bundle = build_model(cfg, base_path, ctx.device)
+    model, tokenizer = bundle.model, bundle.tokenizer
+    pad_id = tokenizer.pad_token_id
+    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+    plan = make_plan(cfg, len(data.train), ctx.world_size)
+    optimizer, scheduler = build_optimizer(cfg, model, plan.total_steps)
+
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+    say = functools.partial(print, flush=True) if ctx.is_main and ctx.show_progress else (lambda *_: None)
+    info = bundle.info
+    say(
+        f"model: {info['method']}, {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
+        f"({100 * info['trainable_params'] / info['total_params']:.2f}%), "
+        f"{info['frozen_blocks']} of {info['num_layers']} blocks frozen"
+    )
+    say(f"data: {data.format}, " + plan.describe(cfg, ctx.world_size))
+    if data.stats.get("skipped_rows"):
+        say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
+
+    # -- resume from the newest complete checkpoint, or start
+    state = {"step": 0, "tokens_seen": 0, "best_eval_loss": None, "retention_before": None}
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = checkpoint.load_checkpoint(latest, model, optimizer, scheduler)
+        log.truncate_after(state["step"])
+        say(f"resuming from {latest} (step {state['step']})")
+    else:
+        log.reset()
+        if data.retention is not None:
+            state["retention_before"] = evaluate(model, data.retention, cfg, ctx, pad_id)
+        log.append({"step": 0, "event": "start", **info, **data.stats,
+                    "retention_loss_before": state["retention_before"]})
+    progress = Progress(plan.total_steps, state["step"], cfg.train.log_every, enabled=ctx.is_main and ctx.show_progress)
+
+    # -- train
+    model.train()
+    micro = cfg.train.micro_batch_size
+    rows_per_rank = cfg.train.batch_size // ctx.world_size
+    for step in range(state["step"] + 1, plan.total_steps + 1):
+        started = time.perf_counter()
+        epoch, index = divmod(step - 1, plan.batches_per_epoch)
+        global_rows = epoch_order(plan.rows, cfg.train.seed, epoch)[index * cfg.train.batch_size :][: cfg.train.batch_size]
+        my_rows = global_rows[ctx.rank * rows_per_rank :][:rows_per_rank].tolist()
+        batches = [collate(data.train, my_rows[i : i + micro], pad_id) for i in range(0, len(my_rows), micro)]
+        local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+        # Normalise by the global target-token count: the same loss however it is split.
+        global_targets = ctx.all_reduce_sum(local_targets)
+        step_loss = 0.0
+        with autocast(cfg, ctx.device):
+            for batch in batches:
+                loss, _ = loss_sum(model, batch, ctx.device)
+                (loss * ctx.world_size / global_targets).backward()
+                step_loss += float(loss)
+        params = [p for p in model.parameters() if p.requires_grad]
+        clip = cfg.train.grad_clip or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens = ctx.all_reduce_sum(sum(int((b["attention_mask"].diagonal(dim1=-2, dim2=-1)).sum()) for b in batches))
+        state["step"], state["tokens_seen"] = step, state["tokens_seen"] + tokens
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": step, "epoch": epoch, "loss": ctx.all_reduce_sum(step_loss) / global_targets,
+            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state["tokens_seen"],
+        }
+        log.append(record)
+        progress.step(record)
+        ctx.report(record)
+
+        if data.eval is not None and (step % cfg.train.eval_every == 0 or step == plan.total_steps):
+            eval_loss = evaluate(model, data.eval, cfg, ctx, pad_id)
+            best = state["best_eval_loss"]
+            state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
+            log.append({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
+            progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+
+        if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps and ctx.is_main:
+            state["data_position"] = {"epoch": epoch, "batch": index + 1}
+            checkpoint.save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.checkpoint.keep)
+    progress.close()
+
+    # -- finish: final model, forgetting, summary, plot
+    summary = {"steps": plan.total_steps, "tokens_seen": state["tokens_seen"], **info}
+    final_eval = [r for r in log_records(run_dir) if "eval_loss" in r]
+    if final_eval:
+        summary.update(eval_loss=final_eval[-1]["eval_loss"], eval_ppl=final_eval[-1]["eval_ppl"],
+                       best_eval_loss=state["best_eval_loss"])
+    if data.retention is not None:
+        after = evaluate(model, data.retention, cfg, ctx, pad_id)
+        summary.update(retention_loss_before=state["retention_before"], retention_loss_after=after,
+                       forgetting=after - state["retention_before"])
+    if ctx.is_main:
+        save_final(run_dir, cfg, model, tokenizer, base_path, summary)
+        from ftdist.report import plot_loss
+
+        plot_loss(run_dir)
+    return summary
+
+
+def tokenizer_corpus(cfg: Config) -> list[str]:
+    """The text a fresh tokenizer learns from: the training data (and retention text)."""
+    from ftdist.data import read_text_file
+
+    records = read_jsonl(cfg.data.train, cfg.data.format, skip_bad_rows=True)[0]
+    if cfg.data.retention:
+        records += read_text_file(cfg.data.retention)
+    return corpus_texts(records)
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    from ftdist.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str, summary: dict) -> Path:
+    """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer."""
+    final = run_dir / FINAL_DIR
+    tmp = run_dir / (FINAL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
+            "dtype": cfg.model.dtype}
+    (tmp / "ftdist.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    summary["final_size_bytes"] = checkpoint.size_bytes(final)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+    return final
+
+
+def _jsonable(value):
+    return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)

@@ -1,0 +1,275 @@
+"""build the model a run trains: load or init, quantize (QLoRA), add adapters, freeze.
+
+`freeze_layers` is the fine-tuning spectrum as one knob:
+  full  + 0      full fine-tuning
+  full  + N      layer freezing: the lowest N blocks and the input embeddings get no updates
+  full  + all    feature extraction: only the final norm and the head train
+  lora/qlora + N adapters only on blocks N and up (the base is frozen anyway)
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ftdist.config import Config, ModelInit
+from ftdist.errors import UserError
+
+BASE_DIR = "base"  # inside the run directory: the initial weights of a model.init run
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: object
+    base_path: str
+    info: dict = field(default_factory=dict)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in. Trainable weights always stay float32 (master weights)."""
+    name = cfg.model.dtype
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------- the base weights
+
+
+def resolve_base(cfg: Config, run_dir: Path, texts_for_tokenizer) -> str:
+    """Where the base model lives: model.name_or_path, or run_dir/base built from model.init."""
+    if cfg.model.name_or_path:
+        return check_model_source(cfg.model.name_or_path)
+    base = run_dir / BASE_DIR
+    if not (base / "config.json").is_file():
+        build_initial_model(cfg.model.init, cfg.model.tokenizer, cfg.train.seed, texts_for_tokenizer(), base)
+    return str(base)
+
+
+def check_model_source(name_or_path: str) -> str:
+    if name_or_path.startswith("s3://"):
+        raise UserError(
+            f"model.name_or_path {name_or_path}: s3:// models are not supported yet; "
+            "copy the model to a local directory and point model.name_or_path there"
+        )
+    path = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        path = path.expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.name_or_path {name_or_path}: no config.json there; "
+                "point it at a Hugging Face model directory (or a hub id)"
+            )
+        return str(path)
+    return name_or_path  # a hub id
+
+
+def init_model_config(init: ModelInit, tokenizer=None):
+    from transformers import AutoConfig
+
+    special = {}
+    if tokenizer is not None:
+        special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
+    return AutoConfig.for_model(
+        init.arch,
+        hidden_size=init.hidden_size,
+        intermediate_size=init.intermediate_size or 4 * init.hidden_size,
+        num_hidden_layers=init.num_layers,
+        num_attention_heads=init.num_heads,
+        num_key_value_heads=init.num_kv_heads or init.num_heads,
+        vocab_size=init.vocab_size,
+        max_position_embeddings=init.max_position_embeddings,
+        tie_word_embeddings=init.tie_word_embeddings,
+        **special,
+    )
+
+
+def build_initial_model(init: ModelInit, tokenizer_path: Optional[str], seed: int, texts, out: Path) -> None:
+    """Random weights from the config plus a tokenizer, saved as one HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftdist.tokenizer import train_tokenizer
+
+    if tokenizer_path:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    else:
+        tokenizer = train_tokenizer(texts, init.vocab_size)
+    if len(tokenizer) > init.vocab_size:
+        raise UserError(
+            f"model.init.vocab_size {init.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens; raise it to at least {len(tokenizer)}"
+        )
+    model_config = init_model_config(init, tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    # Written aside, then renamed: a crash never leaves a half-written base behind.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(cfg: Config, base_path: str):
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer if (cfg.model.tokenizer and not cfg.model.init) else base_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.tokenizer: cannot load a tokenizer from {source}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch.float32}
+    if cfg.method == "qlora":
+        dtype = compute_dtype(cfg, device)
+        kwargs = {
+            "dtype": dtype,
+            "device_map": {"": device.index if device.type == "cuda" else "cpu"},
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=cfg.qlora.quant_type,
+                bnb_4bit_use_double_quant=cfg.qlora.double_quant,
+                bnb_4bit_compute_dtype=dtype,
+                # Storage dtype = compute dtype: what sharded (ZeRO-3) training needs.
+                bnb_4bit_quant_storage=dtype,
+            ),
+        }
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot load a causal LM from {base_path}: {e}") from None
+    if cfg.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+# ---------------------------------------------------------------- structure
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList with one entry per hidden layer."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return name, module
+    raise UserError(f"cannot find the transformer blocks of {type(model).__name__}; freeze_layers needs them")
+
+
+def n_frozen_blocks(cfg: Config, n_layers: int) -> int:
+    n = n_layers if cfg.freeze_layers == "all" else cfg.freeze_layers
+    if n > n_layers:
+        raise UserError(
+            f"freeze_layers {n} is more than the model's {n_layers} layers; use at most {n_layers}, "
+            "or 'all' for feature extraction"
+        )
+    return n
+
+
+def freeze_full(model: nn.Module, cfg: Config) -> dict:
+    """Full fine-tuning with the lowest blocks (and the input embeddings) frozen."""
+    _, blocks = decoder_blocks(model)
+    n = n_frozen_blocks(cfg, len(blocks))
+    model.requires_grad_(True)
+    if n == 0:
+        return {"frozen_blocks": 0}
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+    block_params = {id(p) for p in blocks.parameters()}
+    for module in model.modules():  # token and position embeddings outside the blocks
+        if isinstance(module, nn.Embedding) and not any(id(p) in block_params for p in module.parameters()):
+            module.requires_grad_(False)
+    if cfg.freeze_layers == "all":
+        # Feature extraction: only the final norm and the head learn.
+        model.get_output_embeddings().requires_grad_(True)
+    return {"frozen_blocks": n}
+
+
+def linear_names(blocks: nn.ModuleList) -> list[str]:
+    """Leaf names of the linear layers inside the blocks (q_proj, ..., down_proj)."""
+    import bitsandbytes as bnb
+
+    names = set()
+    for name, module in blocks.named_modules():
+        if isinstance(module, (nn.Linear, bnb.nn.Linear4bit)):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, dict]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    blocks_name, blocks = decoder_blocks(model)
+    n = n_frozen_blocks(cfg, len(blocks))
+    if n >= len(blocks):
+        raise UserError(
+            f"freeze_layers {n} leaves no block for adapters (the model has {len(blocks)}); "
+            "lower freeze_layers, or use method: full for feature extraction"
+        )
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = cfg.lora.target_modules
+    # PEFT refuses layers_to_transform with the string "all-linear": name the layers.
+    target_list = linear_names(blocks) if targets == "all-linear" else list(targets)
+    known = set(linear_names(blocks))
+    unknown = [t for t in target_list if t not in known]
+    if unknown:
+        raise UserError(
+            f"lora.target_modules: {unknown} are not linear layers of this model; choose from {sorted(known)} or 'all-linear'"
+        )
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target_list,
+        layers_to_transform=list(range(n, len(blocks))) if n else None,
+        layers_pattern=blocks_name.split(".")[-1] if n else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), {"frozen_blocks": n, "lora_targets": target_list}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        n = math.prod(quant_state.shape) if quant_state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundle:
+    tokenizer = load_tokenizer(cfg, base_path)
+    model = load_base_model(cfg, base_path, device)
+    if cfg.method == "full":
+        info = freeze_full(model, cfg)
+    else:
+        model, info = add_adapters(model, cfg)
+    trainable, total = count_parameters(model)
+    info.update(method=cfg.method, trainable_params=trainable, total_params=total,
+                num_layers=model.config.num_hidden_layers)
+    return ModelBundle(model, tokenizer, base_path, info)
