@@ -251,10 +251,12 @@ def _section_type(annotation: Any) -> Optional[type[BaseModel]]:
 def suggest_key(loc: list[str]) -> Optional[str]:
     keys = all_keys()
     dotted = ".".join(loc)
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == loc[-1] and k != dotted]
+    if same_leaf:  # the right key in another section ("rank" at the top level -> lora.rank)
+        return same_leaf[0]
     close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
     if close:
         return close[0]
-    # The right key in another section ("rank" at the top level -> lora.rank).
     leaf = loc[-1]
     by_leaf = [k for k in keys if difflib.SequenceMatcher(None, k.rsplit(".", 1)[-1], leaf).ratio() > 0.75]
     return by_leaf[0] if by_leaf else None

@@ -259,6 +259,7 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
         "position_ids": stack(rows.positions, 0),
         "attention_mask": (same_doc & causal)[:, None],
         "targets": stack(rows.targets, IGNORE),
+        "n_tokens": int((doc >= 0).sum()),  # real tokens, padding excluded
     }
 
 

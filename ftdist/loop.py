@@ -125,6 +125,36 @@ def evaluate(model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> 
     return total / max(count, 1)
 
 
+def step_batches(cfg: Config, plan: Plan, rows: Rows, epoch: int, index: int, ctx: LocalContext,
+                 pad_id: int) -> list[dict]:
+    """This rank's micro-batches of global batch `index` of `epoch`."""
+    size = cfg.train.batch_size
+    global_rows = epoch_order(plan.rows, cfg.train.seed, epoch)[index * size : (index + 1) * size]
+    per_rank = size // ctx.world_size
+    mine = global_rows[ctx.rank * per_rank : (ctx.rank + 1) * per_rank].tolist()
+    micro = cfg.train.micro_batch_size
+    return [collate(rows, mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
+
+
+def optimizer_step(cfg: Config, model, batches: list[dict], optimizer, scheduler, ctx: LocalContext) -> tuple[float, float]:
+    """Accumulate gradients over the micro-batches, clip, update. Returns (loss, grad norm)."""
+    local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    # Normalise by the global target-token count: the same loss however the batch is split.
+    global_targets = ctx.all_reduce_sum(local_targets)
+    loss_total = 0.0
+    with autocast(cfg, ctx.device):
+        for batch in batches:
+            loss, _ = loss_sum(model, batch, ctx.device)
+            (loss * ctx.world_size / global_targets).backward()
+            loss_total += float(loss.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf")))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ctx.all_reduce_sum(loss_total) / global_targets, grad_norm
+
+
 def train(cfg: Config, ctx: LocalContext) -> dict:
     run_dir = ctx.run_dir
     seed_everything(cfg.train.seed)
@@ -165,37 +195,30 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
                     "retention_loss_before": state["retention_before"]})
     progress = Progress(plan.total_steps, state["step"], cfg.train.log_every, enabled=ctx.is_main and ctx.show_progress)
 
+    def run_eval(step: int) -> None:
+        eval_loss = evaluate(model, data.eval, cfg, ctx, pad_id)
+        if step > 0:
+            best = state["best_eval_loss"]
+            state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
+        log.append({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
+        progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+
+    if state["step"] == 0 and data.eval is not None:
+        run_eval(0)  # the baseline every later evaluation is compared with
+
     # -- train
     model.train()
-    micro = cfg.train.micro_batch_size
-    rows_per_rank = cfg.train.batch_size // ctx.world_size
     for step in range(state["step"] + 1, plan.total_steps + 1):
         started = time.perf_counter()
         epoch, index = divmod(step - 1, plan.batches_per_epoch)
-        global_rows = epoch_order(plan.rows, cfg.train.seed, epoch)[index * cfg.train.batch_size :][: cfg.train.batch_size]
-        my_rows = global_rows[ctx.rank * rows_per_rank :][:rows_per_rank].tolist()
-        batches = [collate(data.train, my_rows[i : i + micro], pad_id) for i in range(0, len(my_rows), micro)]
-        local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-        # Normalise by the global target-token count: the same loss however it is split.
-        global_targets = ctx.all_reduce_sum(local_targets)
-        step_loss = 0.0
-        with autocast(cfg, ctx.device):
-            for batch in batches:
-                loss, _ = loss_sum(model, batch, ctx.device)
-                (loss * ctx.world_size / global_targets).backward()
-                step_loss += float(loss)
-        params = [p for p in model.parameters() if p.requires_grad]
-        clip = cfg.train.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = step_batches(cfg, plan, data.train, epoch, index, ctx, pad_id)
+        step_loss, grad_norm = optimizer_step(cfg, model, batches, optimizer, scheduler, ctx)
 
-        tokens = ctx.all_reduce_sum(sum(int((b["attention_mask"].diagonal(dim1=-2, dim2=-1)).sum()) for b in batches))
+        tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches))
         state["step"], state["tokens_seen"] = step, state["tokens_seen"] + tokens
         elapsed = time.perf_counter() - started
         record = {
-            "step": step, "epoch": epoch, "loss": ctx.all_reduce_sum(step_loss) / global_targets,
+            "step": step, "epoch": epoch, "loss": step_loss,
             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state["tokens_seen"],
         }
@@ -204,11 +227,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         ctx.report(record)
 
         if data.eval is not None and (step % cfg.train.eval_every == 0 or step == plan.total_steps):
-            eval_loss = evaluate(model, data.eval, cfg, ctx, pad_id)
-            best = state["best_eval_loss"]
-            state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
-            log.append({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
-            progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+            run_eval(step)
 
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps and ctx.is_main:
             state["data_position"] = {"epoch": epoch, "batch": index + 1}

@@ -160,10 +160,27 @@ def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Mod
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path: cannot load a causal LM from {base_path}: {e}") from None
-    if cfg.method != "qlora":
+    if cfg.method == "qlora":
+        keep_4bit_trainable(model)
+    else:
         model.to(device)
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, the first forward in eval mode repacks each 4-bit weight
+    for a fast inference kernel that autograd cannot pass through: training after an
+    evaluation then silently stops gradients below that layer (and crashes on biased
+    layers, as in Qwen2). Found here with bitsandbytes 0.50.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 # ---------------------------------------------------------------- structure

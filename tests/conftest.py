@@ -1,0 +1,78 @@
+"""Shared helpers: tiny configs on the bundled demo data, run in-process or through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftdist.config import Config, apply_override, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+
+
+def tiny_config(tmp_path: Path, *overrides: str, name: str = "t") -> Config:
+    """A run of a few seconds: tiny Llama, bundled digit-reversal data, 30 steps."""
+    raw = {
+        "run": {"name": name, "output": str(tmp_path / "runs")},
+        "model": {"init": {"arch": "llama", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "vocab_size": 384}},
+        "method": "full",
+        "freeze_layers": 0,
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.05},
+        "data": {"train": str(DEMO / "train.jsonl"), "eval": str(DEMO / "eval.jsonl"), "max_length": 64},
+        "train": {"lr": 3e-3, "max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5,
+                  "eval_every": 15, "log_every": 10},
+        "checkpoint": {"every_steps": 10, "keep": 2},
+    }
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> Path:
+    import yaml
+
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ftdist", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def tmp_run(tmp_path):
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory):
+    """A tiny base model "pretrained" on general English text, per architecture.
+
+    Adapters on random weights barely move the loss; on a base that knows some language
+    they learn the new task, as they do on a real pretrained LLM.
+    """
+    built: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in built:
+            import json
+
+            from ftdist.launch import train_local
+
+            tmp = tmp_path_factory.mktemp(f"base-{arch}")
+            corpus = tmp / "general.jsonl"
+            paragraphs = [p for p in (DEMO / "general.txt").read_text().split("\n\n") if p.strip()]
+            corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs * 4))
+            cfg = tiny_config(tmp, f"model.init.arch={arch}", f"data.train={corpus}", "data.eval=null",
+                              "data.eval_fraction=0", "train.max_steps=40", "checkpoint.every_steps=1000",
+                              name=f"base-{arch}")
+            built[arch] = Path(train_local(cfg, show_progress=False)["final_dir"])
+        return built[arch]
+
+    return get

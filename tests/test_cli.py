@@ -1,0 +1,172 @@
+"""The CLI as a user meets it: exit codes, one clear message per user error, no traceback;
+resume after a kill; generate and report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftdist.metrics import read_metrics
+from tests.conftest import DEMO, REPO, run_cli, tiny_config, write_config
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [x for x in result.stderr.splitlines() if x.startswith("ftdist: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def config_file(tmp_path, *overrides):
+    return str(write_config(tmp_path, tiny_config(tmp_path, *overrides)))
+
+
+def test_help_for_each_command():
+    for command in ("train", "generate", "report"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: ftdist " + command in result.stdout
+
+
+def test_typo_in_a_key(tmp_path):
+    path = config_file(tmp_path)
+    assert_user_error(run_cli("train", path, "--local", "--set", "train.lrr=1e-3"),
+                      "train.lrr: unknown key", "did you mean train.lr?")
+
+
+def test_typo_in_the_yaml_file(tmp_path):
+    path = Path(config_file(tmp_path))
+    path.write_text(path.read_text().replace("micro_batch_size:", "micro_batchsize:"))
+    assert_user_error(run_cli("train", str(path), "--local"), str(path), "train.micro_batchsize: unknown key",
+                      "did you mean train.micro_batch_size?")
+
+
+def test_wrong_type(tmp_path):
+    assert_user_error(run_cli("train", config_file(tmp_path), "--local", "--set", "train.batch_size=many"),
+                      "train.batch_size", "'many'")
+
+
+def test_missing_config_and_data_files(tmp_path):
+    assert_user_error(run_cli("train", str(tmp_path / "nope.yaml"), "--local"), "config file not found")
+    assert_user_error(run_cli("train", config_file(tmp_path, f"data.train={tmp_path / 'nope.jsonl'}"), "--local"),
+                      "data.train: file not found", "nope.jsonl")
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    rows = (DEMO / "train.jsonl").read_text().splitlines()[:200]
+    rows[41] = '{"prompt": "reverse 12 ="}'
+    data.write_text("\n".join(rows) + "\n")
+    assert_user_error(run_cli("train", config_file(tmp_path, f"data.train={data}"), "--local"),
+                      f"{data}:42:", '"completion" must be a string', "data.skip_bad_rows")
+
+
+def test_model_directory_without_config(tmp_path):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    assert_user_error(run_cli("train", config_file(tmp_path, "model.init=null", f"model.name_or_path={empty}"),
+                              "--local"), "model.name_or_path", "no config.json")
+
+
+def test_qlora_float16_on_cpu_is_refused_up_front(tmp_path):
+    assert_user_error(run_cli("train", config_file(tmp_path, "method=qlora", "model.dtype=float16"), "--local"),
+                      "model.dtype float16 needs a GPU")
+
+
+def test_model_that_does_not_fit(tmp_path):
+    huge = ["model.init.hidden_size=16384", "model.init.num_layers=64", "model.init.num_heads=128",
+            "model.init.vocab_size=128000"]
+    result = run_cli("train", config_file(tmp_path, *huge), "--local")
+    assert_user_error(result, "needs about", "GiB", "use method: qlora or lora")
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_generate_and_report_errors(tmp_path):
+    assert_user_error(run_cli("generate", str(tmp_path / "nope"), "--prompt", "x"), "no such directory")
+    assert_user_error(run_cli("report", str(tmp_path)), "no metrics.jsonl")
+
+
+STEP_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_seen")
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [{k: r[k] for k in STEP_KEYS} for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, method):
+    """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped."""
+    common = (f"method={method}", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
+    whole = write_config(tmp_path, tiny_config(tmp_path, *common, name="whole"), "whole.yaml")
+    assert run_cli("train", str(whole), "--local").returncode == 0
+
+    cut = write_config(tmp_path, tiny_config(tmp_path, *common, name="cut"), "cut.yaml")
+    run_dir = tmp_path / "runs" / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(cut), "--local"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    # Kill between checkpoints: after step 25 is logged, so steps 21-25 must be redone.
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+        if done and max(done) >= 25:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(r["step"] for r in step_records(run_dir)) < 40
+
+    result = run_cli("train", str(cut), "--local")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    resumed, uninterrupted = step_records(run_dir), step_records(tmp_path / "runs" / "whole")
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    for a, b in zip(resumed, uninterrupted):
+        for key in STEP_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
+    assert [r["eval_loss"] for r in eval_records(run_dir)] == pytest.approx(
+        [r["eval_loss"] for r in eval_records(tmp_path / "runs" / "whole")], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_and_restart(tmp_path):
+    path = config_file(tmp_path, "train.max_steps=6", "checkpoint.every_steps=3")
+    assert run_cli("train", path, "--local").returncode == 0
+    again = run_cli("train", path, "--local")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    changed = run_cli("train", path, "--local", "--set", "train.lr=1e-4")
+    assert_user_error(changed, "different config", "train.lr", "--restart")
+    restarted = run_cli("train", path, "--local", "--restart", "--set", "train.lr=1e-4")
+    assert restarted.returncode == 0 and "resuming" not in restarted.stdout
+
+
+@pytest.mark.slow
+def test_train_generate_report_through_the_cli(tmp_path):
+    path = config_file(tmp_path, "train.max_steps=12", f"data.retention={DEMO / 'general.txt'}")
+    result = run_cli("train", path, "--local")
+    assert result.returncode == 0, result.stderr
+    assert "step 10/12" in result.stdout and "forgetting" in result.stdout  # plain lines when not a TTY
+    run_dir = tmp_path / "runs" / "t"
+    assert {"config.yaml", "metrics.jsonl", "final", "loss.png", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-10"] and (run_dir / "checkpoints" / "step-10" / "COMPLETE").exists()
+
+    gen = run_cli("generate", str(run_dir / "final"), "--prompt", "reverse 123 =", "--max-new-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.startswith("reverse 123 =")
+
+    rep = run_cli("report", str(run_dir))
+    assert rep.returncode == 0 and "eval_loss" in rep.stdout and "forgetting" in rep.stdout
+    for plot in ("loss.png", "lr.png", "throughput.png"):
+        assert (run_dir / plot).stat().st_size > 1000
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 12

@@ -1,0 +1,113 @@
+"""JSONL formats, loss masks, packing with document masking, malformed rows."""
+
+import json
+
+import pytest
+import torch
+
+from ftdist.data import IGNORE, Example, collate, encode, pack, read_jsonl, to_example
+from ftdist.errors import UserError
+from ftdist.tokenizer import IM_END, train_tokenizer
+from tests.conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [json.loads(line)["prompt"] for line in (DEMO / "train.jsonl").read_text().splitlines()[:500]]
+    return train_tokenizer(texts + (DEMO / "general.txt").read_text().split("\n\n"), 384)
+
+
+def labelled_text(tokenizer, ids, mask):
+    return tokenizer.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_prompt_completion_trains_on_the_completion_only(tokenizer):
+    ids, mask = encode(tokenizer, {"prompt": "reverse 123 =", "completion": " 321"}, "prompt_completion")
+    assert labelled_text(tokenizer, ids, mask) == " 321<|endoftext|>"
+    assert not mask[0]
+
+
+def test_text_trains_on_every_token(tokenizer):
+    ids, mask = encode(tokenizer, {"text": "The river rises."}, "text")
+    assert all(mask) and tokenizer.decode(ids) == "The river rises.<|endoftext|>"
+
+
+def test_chat_trains_on_assistant_turns_only(tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse 12 ="},
+                {"role": "assistant", "content": "21"}, {"role": "user", "content": "reverse 345 ="},
+                {"role": "assistant", "content": "543"}]
+    ids, mask = encode(tokenizer, {"messages": messages}, "chat")
+    learned = labelled_text(tokenizer, ids, mask)
+    assert learned.replace(IM_END, "|").replace("\n", "") == "21|543|"
+    assert "reverse" not in learned and "be brief" not in learned
+
+
+def test_targets_are_shifted_within_the_example():
+    ex, truncated = to_example([5, 6, 7, 8], [False, False, True, True], max_length=10)
+    assert ex.targets == [IGNORE, 7, 8, IGNORE] and not truncated
+    ex, truncated = to_example([5, 6, 7, 8], [False, False, True, True], max_length=3)
+    assert ex.ids == [5, 6, 7] and ex.targets == [IGNORE, 7, IGNORE] and truncated
+
+
+def test_packing_restarts_positions_and_masks_across_documents():
+    examples = [Example([1, 2, 3], [2, 3, IGNORE]), Example([4, 5], [5, IGNORE]), Example([6, 7, 8, 9], [7, 8, 9, IGNORE])]
+    rows = pack(examples, max_length=6, packing=True, pad_id=0)
+    assert len(rows) == 2
+    assert rows.ids[0].tolist() == [1, 2, 3, 4, 5, 0]
+    assert rows.positions[0].tolist() == [0, 1, 2, 0, 1, 0]
+    assert rows.doc[0].tolist() == [0, 0, 0, 1, 1, -1]
+    batch = collate(rows, [0], pad_id=0)
+    mask = batch["attention_mask"][0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False]  # token 5 sees only its own document
+    assert mask[2].tolist() == [True, True, True, False, False, False]
+    assert batch["targets"][0].tolist() == [2, 3, IGNORE, 5, IGNORE, IGNORE]
+
+
+def test_packed_rows_give_the_same_loss_as_separate_examples():
+    """Document masking for real: a packed row equals its examples run one by one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ftdist.loop import loss_sum
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, vocab_size=50)).eval()
+    examples = [to_example(list(range(1 + k, 9 + k)), [True] * 8, 16)[0] for k in range(3)]
+    packed = pack(examples, 16, packing=True, pad_id=0)
+    single = pack(examples, 16, packing=False, pad_id=0)
+    with torch.no_grad():
+        packed_loss = sum(float(loss_sum(model, collate(packed, [i], 0), torch.device("cpu"))[0]) for i in range(len(packed)))
+        single_loss = sum(float(loss_sum(model, collate(single, [i], 0), torch.device("cpu"))[0]) for i in range(len(single)))
+    assert len(packed) == 2 and len(single) == 3
+    assert packed_loss == pytest.approx(single_loss, rel=1e-5)
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"prompt": "a", "completion": "b"', "not valid JSON"),
+    ('{"prompt": "a"}', '"completion" must be a string'),
+    ('{"foo": 1}', 'expected a "text"'),
+    ('{"text": "x"}', "row is text but the file is prompt_completion"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "needs at least one assistant message"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, line, reason):
+    path = write(tmp_path, ['{"prompt": "a", "completion": "b"}', line])
+    with pytest.raises(UserError) as e:
+        read_jsonl(str(path))
+    assert f"{path}:2:" in str(e.value) and reason in str(e.value) and "skip_bad_rows" in str(e.value)
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    path = write(tmp_path, ['{"text": "a"}', "not json", '{"text": ""}', '{"text": "b"}'])
+    records, fmt, skipped = read_jsonl(str(path), skip_bad_rows=True)
+    assert fmt == "text" and len(records) == 2 and skipped == 2
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data file not found"):
+        read_jsonl(str(tmp_path / "nope.jsonl"))
