@@ -1,21 +1,15 @@
 """ftdist local mode vs a minimal hand-written PyTorch loop: steady-state step time.
 
-Both sides train the same tiny Llama (jobs/configs/tiny-demo.yaml, method full) from the
-same base weights on the same rows, micro-batches and tokens, for STEPS steps. A step is
-timed from building its micro-batches to the optimizer update; the first WARMUP steps
-are dropped and the median of the rest is taken. The pair (ftdist, torch) runs REPEATS
-times alternately in one process; the reported ratio is the median of the per-repeat
-ratios ftdist / torch (goal: at most GOAL). A repeat during which other processes used
-more than NOISY cores is marked noisy and left out of the ratio while a clean one exists;
-with none clean, the ratio is over all repeats and the goal verdict is null.
+Both sides train the same tiny Llama (tiny-demo config, method full, constant lr) from the
+same base weights on the same micro-batches for STEPS steps, so their losses match. ftdist
+runs `train_local` and reports `step_time_s` in metrics.jsonl; the torch loop is written
+out below. A step is timed from building its micro-batches to the optimizer update; the
+median after WARMUP steps is the step time. The pair runs REPEATS times alternately; the
+result is the median ratio ftdist / torch (goal: at most GOAL) over the repeats that were
+not noisy (other processes used more than NOISY cores), or over all with a null verdict.
 
-ftdist's side is `train_local` and the `step_time_s` of metrics.jsonl. The torch side is
-written out below: HF model, AdamW, cross-entropy sum / target tokens, clip, step.
-The learning rate is constant on both sides, so the loss curves should match too.
-
-Run: .venv/bin/python bench/local_vs_torch.py [--threads N]  (or `make bench`); torch
-keeps its default thread count unless --threads is given. Writes
-bench/results/local_vs_torch.{json,md}.
+Run: .venv/bin/python bench/local_vs_torch.py [--threads N] [--repeats N]  (`make bench`).
+Writes bench/results/local_vs_torch.{json,md}.
 """
 
 from __future__ import annotations
@@ -61,10 +55,8 @@ def bench_config(output: str):
 def measured(fn, *args):
     """fn(*args) and the CPU load (in cores) that other processes put on the machine meanwhile."""
     def sample():
-        t = psutil.cpu_times()
-        own = psutil.Process().cpu_times()
+        t, own = psutil.cpu_times(), psutil.Process().cpu_times()
         return sum(t) - t.idle - getattr(t, "iowait", 0.0), own.user + own.system, time.perf_counter()
-
     before = sample()
     out = fn(*args)
     busy, own, wall = (b - a for a, b in zip(before, sample()))
@@ -135,15 +127,17 @@ def write_results(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own default)")
-    if (threads := parser.parse_args().threads):
-        torch.set_num_threads(threads)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"(ftdist, torch) pairs (default {REPEATS})")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.chdir(ROOT)  # the config's data paths are relative to the repository
     transformers.logging.disable_progress_bar()
     began = time.perf_counter()
     repeats = []
     with tempfile.TemporaryDirectory(prefix="ftdist-bench-") as tmp:
         cfg = bench_config(tmp)
-        for r in range(1, REPEATS + 1):
+        for r in range(1, args.repeats + 1):
             (ft_times, ft_losses, run_dir), ft_other = measured(run_ftdist, cfg)
             (th_times, th_losses), th_other = measured(run_torch, cfg, str(run_dir / "base"))
             ft, th = statistics.median(ft_times[WARMUP:]), statistics.median(th_times[WARMUP:])

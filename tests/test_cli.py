@@ -170,3 +170,19 @@ def test_train_generate_report_through_the_cli(tmp_path):
     for plot in ("loss.png", "lr.png", "throughput.png"):
         assert (run_dir / plot).stat().st_size > 1000
     assert json.loads((run_dir / "report.json").read_text())["steps"] == 12
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_a_hint_and_keeps_the_checkpoints(tmp_path):
+    path = config_file(tmp_path, "train.max_steps=400", "checkpoint.every_steps=5")
+    run_dir = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", path, "--local"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (run_dir / "checkpoints" / "step-5" / "COMPLETE").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+    assert (run_dir / "checkpoints" / "step-5" / "COMPLETE").exists()

@@ -1,0 +1,40 @@
+"""metrics.jsonl handling and what a person sees while training."""
+
+import io
+
+from ftdist.metrics import MetricsLog, Progress, read_metrics
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+RECORD = {"loss": 1.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0}
+
+
+def test_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    progress = Progress(total=20, start=0, log_every=10, stream=out)
+    for step in range(1, 21):
+        progress.step({"step": step, **RECORD})
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["10/20", "20/20"]
+
+
+def test_a_progress_bar_on_a_terminal():
+    out = FakeTerminal()
+    progress = Progress(total=20, start=5, log_every=10, stream=out)
+    progress.step({"step": 6, **RECORD})
+    progress.close()
+    assert "6/20" in out.getvalue() and "loss=1.5000" in out.getvalue()
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 8):
+        log.append({"step": step, "loss": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "lo')  # a line cut short by a crash
+    log.truncate_after(5)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
