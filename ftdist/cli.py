@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "complete checkpoint.")
     train.add_argument("config", help="YAML config (see README: Config reference)")
     train.add_argument("--local", action="store_true",
-                       help="run in this process, on this machine's CPU or GPU")
+                       help="run in this process, on this machine's CPU (or its GPU if it has one); "
+                            "for now the only mode, so also what happens without it")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--restart", action="store_true",
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user message through the tokenizer's chat template")
 
     rep = sub.add_parser("report", help="plots and a summary of a run",
                          description="Write loss.png, lr.png, throughput.png and report.json into the run "
@@ -70,8 +73,14 @@ def cmd_generate(args) -> int:
     device = default_device()
     model, tokenizer = load_trained(args.model, device)
     for prompt in args.prompt:
-        text = generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.seed, device)
-        print(f"{prompt}{text}")
+        text = prompt
+        if args.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise UserError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        answer = generate(model, tokenizer, text, args.max_new_tokens, args.temperature, args.seed, device)
+        print(f"{prompt} -> {answer.strip()}" if args.chat else f"{prompt}{answer}")
     return 0
 
 

@@ -27,6 +27,9 @@ def plot_loss(run_dir: Path) -> Path:
     eval_steps, eval_loss = series(records, "eval_loss")
     if eval_steps:
         ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
+    losses = [v for v in series(records, "loss")[1] + eval_loss if v > 0]
+    if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(run_dir.name)
@@ -97,7 +100,7 @@ def report(run_dir: Path) -> tuple[dict, list[Path]]:
 def format_summary(summary: dict) -> str:
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         if isinstance(v, int) and v > 9999:
             return f"{v:,}"
         return str(v)

@@ -165,6 +165,9 @@ def test_train_generate_report_through_the_cli(tmp_path):
     gen = run_cli("generate", str(run_dir / "final"), "--prompt", "reverse 123 =", "--max-new-tokens", "4")
     assert gen.returncode == 0 and gen.stdout.startswith("reverse 123 =")
 
+    chat = run_cli("generate", str(run_dir / "final"), "--chat", "--prompt", "reverse 123 =", "--max-new-tokens", "4")
+    assert chat.returncode == 0 and chat.stdout.startswith("reverse 123 = ->")
+
     rep = run_cli("report", str(run_dir))
     assert rep.returncode == 0 and "eval_loss" in rep.stdout and "forgetting" in rep.stdout
     for plot in ("loss.png", "lr.png", "throughput.png"):
@@ -186,3 +189,11 @@ def test_ctrl_c_exits_130_with_a_hint_and_keeps_the_checkpoints(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
     assert (run_dir / "checkpoints" / "step-5" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from ftdist.config import load_config
+
+    cfg = load_config(path)
+    assert (REPO / cfg.data.train).is_file()

@@ -158,3 +158,10 @@ def test_chat_and_text_formats_train(tmp_path):
         _, run_dir, _ = run(tmp_path, f"data.train={DEMO / (name + '.jsonl')}", "data.eval=null",
                             "data.eval_fraction=0.1", f"data.format={fmt}", "train.max_steps=20", name=name)
         assert_learned(run_dir)
+
+
+def test_without_packing_and_with_bf16_autocast_on_cpu(tmp_path):
+    _, run_dir, _ = run(tmp_path, "data.packing=false", "train.max_steps=20", name="unpacked")
+    assert_learned(run_dir)
+    _, run_dir, _ = run(tmp_path, "model.dtype=bfloat16", "train.max_steps=20", name="bf16")
+    assert_learned(run_dir)

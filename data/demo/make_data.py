@@ -28,11 +28,6 @@ def main() -> None:
             ex = example(rng)
             messages = [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["completion"].strip()}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    # A related skill in plain text, for "pretraining" a base that adapters then fine-tune.
-    with (HERE / "copy.jsonl").open("w") as f:
-        for _ in range(2000):
-            digits = example(rng)["prompt"].split()[1]
-            f.write(json.dumps({"text": f"copy {digits} = {digits}"}) + "\n")
     with (HERE / "text.jsonl").open("w") as f:
         for _ in range(300):
             ex = example(rng)
