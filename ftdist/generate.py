@@ -12,7 +12,10 @@ from ftdist.errors import UserError
 
 def load_trained(path: str | Path, device: torch.device):
     """A model directory (config.json) or a PEFT adapter directory (adapter_config.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftdist.config import QloraConfig
+    from ftdist.model import quantized_load_kwargs
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
@@ -24,12 +27,7 @@ def load_trained(path: str | Path, device: torch.device):
         kwargs: dict = {"dtype": torch.float32}
         if meta.get("method") == "qlora":
             # The adapters learned against the 4-bit base: generate with that same base.
-            q = meta["qlora"]
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"], bnb_4bit_use_double_quant=q["double_quant"],
-                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
-            )
-            kwargs["device_map"] = {"": "cpu" if device.type == "cpu" else 0}
+            kwargs = quantized_load_kwargs(QloraConfig(**meta["qlora"]), torch.float32, device)
         try:
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
         except OSError as e:

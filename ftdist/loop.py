@@ -181,7 +181,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
 
     # -- resume from the newest complete checkpoint, or start
-    state = {"step": 0, "tokens_seen": 0, "best_eval_loss": None, "retention_before": None}
+    state = {"step": 0, "tokens_seen": 0, "eval_loss": None, "best_eval_loss": None, "retention_before": None}
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is not None:
         state = checkpoint.load_checkpoint(latest, model, optimizer, scheduler)
@@ -200,6 +200,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         if step > 0:
             best = state["best_eval_loss"]
             state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
+            state["eval_loss"] = eval_loss
         log.append({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
         progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
 
@@ -236,9 +237,8 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
 
     # -- finish: final model, forgetting, summary, plot
     summary = {"steps": plan.total_steps, "tokens_seen": state["tokens_seen"], **info}
-    final_eval = [r for r in log_records(run_dir) if "eval_loss" in r]
-    if final_eval:
-        summary.update(eval_loss=final_eval[-1]["eval_loss"], eval_ppl=final_eval[-1]["eval_ppl"],
+    if data.eval is not None:  # evaluated at the last step, so state holds the final numbers
+        summary.update(eval_loss=state["eval_loss"], eval_ppl=perplexity(state["eval_loss"]),
                        best_eval_loss=state["best_eval_loss"])
     if data.retention is not None:
         after = evaluate(model, data.retention, cfg, ctx, pad_id)
@@ -260,12 +260,6 @@ def tokenizer_corpus(cfg: Config) -> list[str]:
     if cfg.data.retention:
         records += read_text_file(cfg.data.retention)
     return corpus_texts(records)
-
-
-def log_records(run_dir: Path) -> list[dict]:
-    from ftdist.metrics import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str, summary: dict) -> Path:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ftdist.config import Config, ModelInit
+from ftdist.config import Config, ModelInit, QloraConfig
 from ftdist.errors import UserError
 
 BASE_DIR = "base"  # inside the run directory: the initial weights of a model.init run
@@ -138,24 +138,30 @@ def load_tokenizer(cfg: Config, base_path: str):
     return tokenizer
 
 
+def quantized_load_kwargs(qlora: QloraConfig, dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained arguments for a 4-bit NF4/FP4 base (training and generation alike)."""
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "dtype": dtype,
+        "device_map": {"": (device.index or 0) if device.type == "cuda" else "cpu"},
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=qlora.quant_type,
+            bnb_4bit_use_double_quant=qlora.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            # Storage dtype = compute dtype: what sharded (ZeRO-3) training needs.
+            bnb_4bit_quant_storage=dtype,
+        ),
+    }
+
+
 def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
     if cfg.method == "qlora":
-        dtype = compute_dtype(cfg, device)
-        kwargs = {
-            "dtype": dtype,
-            "device_map": {"": device.index if device.type == "cuda" else "cpu"},
-            "quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=cfg.qlora.quant_type,
-                bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-                bnb_4bit_compute_dtype=dtype,
-                # Storage dtype = compute dtype: what sharded (ZeRO-3) training needs.
-                bnb_4bit_quant_storage=dtype,
-            ),
-        }
+        kwargs = quantized_load_kwargs(cfg.qlora, compute_dtype(cfg, device), device)
     try:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     except (OSError, ValueError) as e:

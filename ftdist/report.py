@@ -23,11 +23,12 @@ def plot_loss(run_dir: Path) -> Path:
     plt = _pyplot()
     records = read_metrics(run_dir / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*series(records, "loss"), label="train loss", linewidth=1)
+    train_steps, train_loss = series(records, "loss")
+    ax.plot(train_steps, train_loss, label="train loss", linewidth=1)
     eval_steps, eval_loss = series(records, "eval_loss")
     if eval_steps:
         ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
-    losses = [v for v in series(records, "loss")[1] + eval_loss if v > 0]
+    losses = [v for v in train_loss + eval_loss if v > 0]
     if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
         ax.set_yscale("log")
     ax.set_xlabel("step")

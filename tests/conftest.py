@@ -45,11 +45,6 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Co
                           timeout=timeout)
 
 
-@pytest.fixture
-def tmp_run(tmp_path):
-    return tmp_path
-
-
 @pytest.fixture(scope="session")
 def pretrained_base(tmp_path_factory):
     """A tiny base model "pretrained" on general English text, per architecture.

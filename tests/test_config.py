@@ -2,7 +2,7 @@
 
 import pytest
 
-from ftdist.config import Config, format_validation_error, load_config, redacted, validate_config
+from ftdist.config import Config, load_config, redacted
 from ftdist.errors import UserError
 from tests.conftest import tiny_config, write_config
 
