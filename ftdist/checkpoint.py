@@ -1,9 +1,13 @@
 """Checkpoints in <run>/checkpoints/step-<N>/, complete only once their marker exists.
 
-  full:       model.safetensors (every weight)
-  lora/qlora: adapter/ (a PEFT adapter directory: the adapters alone, megabytes)
-  both:       optimizer.pt, scheduler.pt, rng.pt, state.json (step, data position, ...)
-  COMPLETE    written last; a directory without it is ignored and later removed
+  local mode, full:       model.safetensors (every weight)
+  local mode, lora/qlora: adapter/ (a PEFT adapter directory: the adapters alone, megabytes)
+  local mode:             optimizer.pt, scheduler.pt
+  Ray workers:            deepspeed/ (DeepSpeed's files: each rank writes its own partition;
+                          adapter runs leave the frozen base out)
+  every mode:             rng-<rank>.pt, state.json (step, data position, ...)
+  COMPLETE                written last, once every rank is done; a directory without it is
+                          ignored and later removed
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -47,40 +50,28 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def is_adapter_model(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engine, state: dict, keep: int, ctx) -> Path:
+    """Collective: every rank calls it; rank 0 marks the checkpoint complete last."""
     path = checkpoints_root(run_dir) / f"{PREFIX}{step}"
-    shutil.rmtree(path, ignore_errors=True)  # a partial one left by a crash
-    path.mkdir(parents=True)
-    if is_adapter_model(model):
-        model.save_pretrained(path / "adapter")
-    else:
-        save_model(model, str(path / "model.safetensors"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(scheduler.state_dict(), path / "scheduler.pt")
-    torch.save(rng_state(), path / "rng.pt")
-    (path / "state.json").write_text(json.dumps(state, indent=2))
-    (path / MARKER).write_text(str(step))
-    prune(run_dir, keep)
+    if ctx.is_main:
+        shutil.rmtree(path, ignore_errors=True)  # a partial one left by a crash
+        path.mkdir(parents=True)
+    ctx.barrier()
+    engine.save(path, ctx.is_main)
+    torch.save(rng_state(), path / f"rng-{ctx.rank}.pt")
+    ctx.barrier()
+    if ctx.is_main:
+        (path / "state.json").write_text(json.dumps(state, indent=2))
+        (path / MARKER).write_text(str(step))
+        prune(run_dir, keep)
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    if is_adapter_model(model):
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-    else:
-        load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+def load_checkpoint(path: Path, engine, rank: int) -> dict:
+    engine.load(path)
+    rng_file = path / f"rng-{rank}.pt"
+    if rng_file.is_file():  # absent when this rank did not exist in the saving run
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "state.json").read_text())
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ftdist.errors import UserError
+from ftdist.quiet import quiet_libraries
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "complete checkpoint.")
     train.add_argument("config", help="YAML config (see README: Config reference)")
     train.add_argument("--local", action="store_true",
-                       help="run in this process, on this machine's CPU (or its GPU if it has one); "
-                            "for now the only mode, so also what happens without it")
+                       help="run in this process, on this machine's CPU (or its GPU if it has one), without "
+                            "Ray (also what distributed.workers: 0 means)")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster to join (default: RAY_ADDRESS, the cluster a `ray job submit` job "
+                            "runs in, or a Ray started on this machine; else a new local one)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--restart", action="store_true",
@@ -51,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from ftdist.launch import train_local
     from ftdist.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    summary = train_local(cfg, restart=args.restart)
+    if args.local or cfg.distributed.workers == 0:
+        from ftdist.launch import train_local
+
+        summary = train_local(cfg, restart=args.restart)
+    else:
+        from ftdist.distributed import train_ray
+
+        summary = train_ray(cfg, restart=args.restart, address=args.address)
     print(f"done: model in {summary['final_dir']}")
     for key in ("eval_loss", "eval_ppl", "forgetting"):
         if summary.get(key) is not None:
@@ -91,21 +101,6 @@ def cmd_report(args) -> int:
     print(format_summary(summary))
     print("plots: " + ", ".join(str(p) for p in plots))
     return 0
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter (progress bars of HF saves, advisory warnings) out of the user's view."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,6 +121,30 @@ class CheckpointConfig(Section):
     keep: int = Field(3, gt=0)
 
 
+class DistributedConfig(Section):
+    """Ray Train + DeepSpeed ZeRO. workers: 0 is local mode (one process, no Ray)."""
+
+    workers: int = Field(2, ge=0)
+    use_gpu: Union[Literal["auto"], bool] = "auto"  # auto: GPUs when the cluster has them
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # raw DeepSpeed keys, merged last
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self) -> "DistributedConfig":
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage}); "
+                             "set zero_stage: 3, or offload_optimizer: cpu alone for stages 1-2")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps the optimizer on "
+                             "each device)")
+        return self
+
+
 class Config(Section):
     run: RunConfig
     model: ModelConfig
@@ -131,9 +155,16 @@ class Config(Section):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
+        if self.method == "qlora" and self.distributed.workers > 0 and self.distributed.zero_stage == 3:
+            raise ValueError(
+                "method qlora with distributed.zero_stage 3 is not supported: use zero_stage 2 (the 4-bit base "
+                "is small and frozen, so ZeRO-2 shards what grows: the adapters' gradients and optimizer "
+                "states), or method lora with zero_stage 3"
+            )
         if isinstance(self.freeze_layers, int):
             if self.freeze_layers < 0:
                 raise ValueError("freeze_layers must be 0 or more, or 'all'")

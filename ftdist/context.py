@@ -1,15 +1,19 @@
-"""What differs between the modes the one loop runs in: rank, world, device, where to write.
+"""What differs between the modes the one loop runs in: rank, world, device, where the
+data comes from, which engine steps, how to talk to the other ranks.
 
-Local mode is one process; Ray workers get a context of their own (same interface), so
-the loop never asks "am I under Ray?".
+Local mode is one process; each Ray Train worker gets a RayContext with the same
+interface, so the loop never asks "am I under Ray?".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+
+from ftdist.config import Config
 
 
 @dataclass
@@ -19,6 +23,7 @@ class LocalContext:
     rank: int = 0
     world_size: int = 1
     show_progress: bool = True
+    ds_config: Optional[dict[str, Any]] = None  # None: the plain engine
 
     @property
     def is_main(self) -> bool:
@@ -27,8 +32,60 @@ class LocalContext:
     def all_reduce_sum(self, value: float) -> float:
         return value
 
+    def barrier(self) -> None:
+        pass
+
     def report(self, metrics: dict) -> None:
         """Hand metrics to the orchestrator (nothing to do in one process)."""
+
+    def topology(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "nodes": 1}
+
+    def load_data(self, cfg: Config, tokenizer):
+        from ftdist.data import build_dataset
+
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed)
+
+
+@dataclass
+class RayContext(LocalContext):
+    """A Ray Train worker: torch.distributed is set up by Ray (gloo on CPU, NCCL on GPU),
+    data arrives as this worker's Ray Data shard, DeepSpeed steps."""
+
+    data_stats: dict[str, Any] = field(default_factory=dict)
+
+    def all_reduce_sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        # NCCL reduces only GPU tensors; float64 keeps token counts exact.
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        total = tensor.item()
+        return int(total) if isinstance(value, int) else total
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def topology(self) -> dict[str, Any]:
+        """How many Ray nodes this process group spans (by node id: nodes may share an IP)."""
+        import ray
+        import torch.distributed as dist
+
+        node_ids: list = [None] * self.world_size
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+        return {"world_size": self.world_size, "nodes": len(set(node_ids))}
+
+    def load_data(self, cfg: Config, tokenizer):
+        from ftdist.raydata import dataset_from_shards
+
+        return dataset_from_shards(cfg, self.data_stats)
 
 
 def default_device() -> torch.device:

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ftdist import memory
 from ftdist.config import Config
 from ftdist.context import LocalContext, default_device
 from ftdist.errors import UserError
+from ftdist.memory import GiB, MemoryEstimate
 from ftdist.rundir import is_finished, prepare_run_dir
-
-# Bytes per parameter while training (weights + gradient + AdamW's two moments, fp32).
-BYTES_TRAINABLE = 4 + 4 + 8
-BYTES_FROZEN = {"full": 4, "lora": 4, "qlora": 0.5 + 0.1}  # NF4 plus quantization constants
-ACTIVATION_MARGIN = 1.3
 
 
 def check_paths(cfg: Config) -> None:
@@ -59,40 +56,30 @@ def model_config_of(cfg: Config):
         raise UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
 
 
-def estimate_training_bytes(cfg: Config, model_config) -> tuple[int, int]:
-    """(bytes needed, parameter count): weights, gradients and optimizer states, with a margin."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        shell = AutoModelForCausalLM.from_config(model_config)
-    n = sum(p.numel() for p in shell.parameters())
-    if cfg.method == "full":
-        need = n * BYTES_TRAINABLE
-    else:
-        need = n * BYTES_FROZEN[cfg.method] + 0.05 * n * BYTES_TRAINABLE  # adapters: a few % at most
-    return int(need * ACTIVATION_MARGIN), n
-
-
-def check_fits(cfg: Config, device: torch.device) -> None:
+def check_fits(cfg: Config, device: torch.device, workers: int = 1, zero_stage: int = 0,
+               available: float | None = None) -> MemoryEstimate:
+    """The memory estimate per device; a UserError with advice when it exceeds `available`."""
     import psutil
+
+    from ftdist.model import compute_dtype
 
     model_config = model_config_of(cfg)
     layers = model_config.num_hidden_layers
     if isinstance(cfg.freeze_layers, int) and cfg.freeze_layers > layers:
         raise UserError(f"freeze_layers {cfg.freeze_layers} is more than the model's {layers} layers; "
                         f"use at most {layers}, or 'all' for feature extraction")
-    need, n = estimate_training_bytes(cfg, model_config)
-    if device.type == "cuda":
-        have = torch.cuda.mem_get_info(device)[0]
-    else:
-        have = psutil.virtual_memory().available
-    if need > have:
-        advice = "use method: qlora or lora" if cfg.method == "full" else "use a smaller model"
+    dtype = compute_dtype(cfg, device)
+    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
+    if available is None:
+        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if est.device_total > available:
+        tips = memory.advice(cfg, model_config, workers, dtype, available)
         raise UserError(
-            f"the model ({n / 1e9:.2f}B parameters, method {cfg.method}) needs about {need / 2**30:.1f} GiB "
-            f"to train but {device.type} has {have / 2**30:.1f} GiB free; {advice}, or run on a Ray cluster"
+            f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
+            f"{est.device_total / GiB:.1f} GiB per {device.type} device to train ({est.describe()}) but "
+            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips)
         )
+    return est
 
 
 def preflight(cfg: Config, device: torch.device) -> None:
@@ -102,17 +89,27 @@ def preflight(cfg: Config, device: torch.device) -> None:
 
 
 def train_local(cfg: Config, restart: bool = False, show_progress: bool = True) -> dict:
-    from ftdist.loop import FINAL_DIR, train
+    from ftdist.loop import train
 
     device = default_device()
     preflight(cfg, device)
     run_dir = prepare_run_dir(cfg, restart)
     if is_finished(run_dir):
-        print(f"{run_dir} is already finished; rerun with --restart to train again", flush=True)
-        import json
+        return finished_summary(run_dir)
+    train(cfg, LocalContext(run_dir=run_dir, device=device, show_progress=show_progress))
+    return read_summary(run_dir)
 
-        summary = json.loads((run_dir / "summary.json").read_text())
-    else:
-        summary = train(cfg, LocalContext(run_dir=run_dir, device=device, show_progress=show_progress))
+
+def finished_summary(run_dir: Path) -> dict:
+    print(f"{run_dir} is already finished; rerun with --restart to train again", flush=True)
+    return read_summary(run_dir)
+
+
+def read_summary(run_dir: Path) -> dict:
+    import json
+
+    from ftdist.loop import FINAL_DIR
+
+    summary = json.loads((run_dir / "summary.json").read_text())
     summary.update(run_dir=str(run_dir), final_dir=str(run_dir / FINAL_DIR))
     return summary

@@ -1,14 +1,16 @@
 """THE training loop: local mode and every Ray worker run this same function.
 
-Read top to bottom: build model and data, plan the steps, restore the newest complete
-checkpoint, then step (accumulate, clip, update), log, evaluate, checkpoint; finally
-save the model, measure forgetting and plot.
+Read top to bottom: build model and data, plan the steps, wrap them in an engine (plain
+AdamW locally, DeepSpeed in Ray workers), restore the newest complete checkpoint, then
+step (accumulate, clip, update), log, evaluate, checkpoint; finally save the model,
+measure forgetting and plot. Every rank runs every line; only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import json
 import random
 import shutil
@@ -24,7 +26,8 @@ from transformers import get_scheduler
 from ftdist import checkpoint
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import IGNORE, Rows, build_dataset, collate, corpus_texts, epoch_order, read_jsonl
+from ftdist.data import IGNORE, Rows, collate, corpus_texts, epoch_order, read_jsonl
+from ftdist.engine import build_engine
 from ftdist.errors import UserError
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import build_model, compute_dtype, resolve_base
@@ -96,30 +99,38 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over target tokens, and their count."""
+def loss_sum(forward, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens."""
     targets = batch["targets"].to(device)
-    logits = model(
+    logits = forward(
         input_ids=batch["input_ids"].to(device),
         position_ids=batch["position_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
     ).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def target_count(batch: dict) -> int:
+    return int((batch["targets"] != IGNORE).sum())
 
 
 @torch.no_grad()
-def evaluate(model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> float:
-    """Token-weighted mean loss over all rows (each rank takes its share)."""
+def evaluate(engine, model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> float:
+    """Token-weighted mean loss over all rows; each rank takes every world_size-th row."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     mine = list(range(ctx.rank, len(rows), ctx.world_size))
     size = cfg.train.micro_batch_size
+    # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
+    n_batches = math.ceil(math.ceil(len(rows) / ctx.world_size) / size)
     with autocast(cfg, ctx.device):
-        for i in range(0, len(mine), size):
-            loss, n = loss_sum(model, collate(rows, mine[i : i + size], pad_id), ctx.device)
-            total, count = total + float(loss), count + n
+        for i in range(n_batches):
+            index = mine[i * size : (i + 1) * size]
+            batch = collate(rows, index or [0], pad_id)
+            loss = loss_sum(engine.forward, batch, ctx.device)
+            if index:  # a rank with no rows left runs row 0 and ignores it
+                total, count = total + float(loss), count + target_count(batch)
     model.train(was_training)
     total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
     return total / max(count, 1)
@@ -127,31 +138,27 @@ def evaluate(model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> 
 
 def step_batches(cfg: Config, plan: Plan, rows: Rows, epoch: int, index: int, ctx: LocalContext,
                  pad_id: int) -> list[dict]:
-    """This rank's micro-batches of global batch `index` of `epoch`."""
-    size = cfg.train.batch_size
-    global_rows = epoch_order(plan.rows, cfg.train.seed, epoch)[index * size : (index + 1) * size]
-    per_rank = size // ctx.world_size
-    mine = global_rows[ctx.rank * per_rank : (ctx.rank + 1) * per_rank].tolist()
+    """This rank's micro-batches of global batch `index` of `epoch`, from this rank's rows
+    (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
+    per_rank = cfg.train.batch_size // ctx.world_size
+    order = epoch_order(len(rows), cfg.train.seed + ctx.rank, epoch)
+    mine = order[index * per_rank : (index + 1) * per_rank].tolist()
     micro = cfg.train.micro_batch_size
     return [collate(rows, mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
 
 
-def optimizer_step(cfg: Config, model, batches: list[dict], optimizer, scheduler, ctx: LocalContext) -> tuple[float, float]:
+def optimizer_step(cfg: Config, engine, batches: list[dict], ctx: LocalContext) -> tuple[float, float]:
     """Accumulate gradients over the micro-batches, clip, update. Returns (loss, grad norm)."""
-    local_targets = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
     # Normalise by the global target-token count: the same loss however the batch is split.
-    global_targets = ctx.all_reduce_sum(local_targets)
+    # Gradients are averaged over ranks by DeepSpeed, hence the factor world_size.
+    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches))
     loss_total = 0.0
     with autocast(cfg, ctx.device):
         for batch in batches:
-            loss, _ = loss_sum(model, batch, ctx.device)
-            (loss * ctx.world_size / global_targets).backward()
+            loss = loss_sum(engine.forward, batch, ctx.device)
+            engine.backward(loss * ctx.world_size / global_targets)
             loss_total += float(loss.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf")))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = engine.step()
     return ctx.all_reduce_sum(loss_total) / global_targets, grad_norm
 
 
@@ -164,9 +171,10 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     bundle = build_model(cfg, base_path, ctx.device)
     model, tokenizer = bundle.model, bundle.tokenizer
     pad_id = tokenizer.pad_token_id
-    data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-    plan = make_plan(cfg, len(data.train), ctx.world_size)
+    data = ctx.load_data(cfg, tokenizer)
+    plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
     optimizer, scheduler = build_optimizer(cfg, model, plan.total_steps)
+    engine = build_engine(cfg, model, optimizer, scheduler, ctx.ds_config)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     say = functools.partial(print, flush=True) if ctx.is_main and ctx.show_progress else (lambda *_: None)
@@ -184,19 +192,20 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     state = {"step": 0, "tokens_seen": 0, "eval_loss": None, "best_eval_loss": None, "retention_before": None}
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is not None:
-        state = checkpoint.load_checkpoint(latest, model, optimizer, scheduler)
+        state = checkpoint.load_checkpoint(latest, engine, ctx.rank)
         log.truncate_after(state["step"])
+        log.append({"step": state["step"], "event": "resume", "checkpoint": latest.name})
         say(f"resuming from {latest} (step {state['step']})")
     else:
         log.reset()
         if data.retention is not None:
-            state["retention_before"] = evaluate(model, data.retention, cfg, ctx, pad_id)
-        log.append({"step": 0, "event": "start", **info, **data.stats,
+            state["retention_before"] = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
+        log.append({"step": 0, "event": "start", **info, **data.stats, **ctx.topology(),
                     "retention_loss_before": state["retention_before"]})
     progress = Progress(plan.total_steps, state["step"], cfg.train.log_every, enabled=ctx.is_main and ctx.show_progress)
 
     def run_eval(step: int) -> None:
-        eval_loss = evaluate(model, data.eval, cfg, ctx, pad_id)
+        eval_loss = evaluate(engine, model, data.eval, cfg, ctx, pad_id)
         if step > 0:
             best = state["best_eval_loss"]
             state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
@@ -213,26 +222,27 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         started = time.perf_counter()
         epoch, index = divmod(step - 1, plan.batches_per_epoch)
         batches = step_batches(cfg, plan, data.train, epoch, index, ctx, pad_id)
-        step_loss, grad_norm = optimizer_step(cfg, model, batches, optimizer, scheduler, ctx)
+        step_loss, grad_norm = optimizer_step(cfg, engine, batches, ctx)
 
         tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches))
         state["step"], state["tokens_seen"] = step, state["tokens_seen"] + tokens
         elapsed = time.perf_counter() - started
         record = {
             "step": step, "epoch": epoch, "loss": step_loss,
-            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "lr": engine.lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state["tokens_seen"],
         }
         log.append(record)
         progress.step(record)
-        ctx.report(record)
+        if step % cfg.train.log_every == 0:
+            ctx.report(record)  # a barrier under Ray: not every step
 
         if data.eval is not None and (step % cfg.train.eval_every == 0 or step == plan.total_steps):
             run_eval(step)
 
-        if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps and ctx.is_main:
+        if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             state["data_position"] = {"epoch": epoch, "batch": index + 1}
-            checkpoint.save_checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg.checkpoint.keep)
+            checkpoint.save_checkpoint(run_dir, step, engine, state, cfg.checkpoint.keep, ctx)
     progress.close()
 
     # -- finish: final model, forgetting, summary, plot
@@ -241,11 +251,12 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         summary.update(eval_loss=state["eval_loss"], eval_ppl=perplexity(state["eval_loss"]),
                        best_eval_loss=state["best_eval_loss"])
     if data.retention is not None:
-        after = evaluate(model, data.retention, cfg, ctx, pad_id)
+        after = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
         summary.update(retention_loss_before=state["retention_before"], retention_loss_after=after,
                        forgetting=after - state["retention_before"])
+    model_state = engine.model_state()  # collective under ZeRO-3
     if ctx.is_main:
-        save_final(run_dir, cfg, model, tokenizer, base_path, summary)
+        save_final(run_dir, cfg, model, tokenizer, base_path, summary, model_state)
         from ftdist.report import plot_loss
 
         plot_loss(run_dir)
@@ -262,12 +273,16 @@ def tokenizer_corpus(cfg: Config) -> list[str]:
     return corpus_texts(records)
 
 
-def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str, summary: dict) -> Path:
+def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str, summary: dict,
+               model_state: dict | None = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer."""
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if model_state is None:
+        model.save_pretrained(tmp)
+    else:  # gathered from ZeRO-3 partitions
+        model.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
             "dtype": cfg.model.dtype}

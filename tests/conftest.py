@@ -71,3 +71,28 @@ def pretrained_base(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for every Ray test of the session (start-up costs seconds)."""
+    import ray
+
+    from ftdist.distributed import connect
+
+    # With the dashboard: Ray Train's placement-group cleaner polls the State API it serves.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    connect(None)  # ftdist's driver set-up (quiet streams) on the running instance
+    yield ray
+    ray.shutdown()
+
+
+def small_data(tmp_path: Path, train_rows: int = 32, eval_rows: int = 16) -> tuple[Path, Path]:
+    """The first rows of the demo data, for runs whose batches must be known exactly."""
+    out = []
+    for name, n in (("train", train_rows), ("eval", eval_rows)):
+        path = tmp_path / f"{name}-{n}.jsonl"
+        path.write_text("".join((DEMO / f"{name}.jsonl").read_text().splitlines(keepends=True)[:n]))
+        out.append(path)
+    return out[0], out[1]

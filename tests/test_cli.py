@@ -83,7 +83,7 @@ def test_model_that_does_not_fit(tmp_path):
     huge = ["model.init.hidden_size=16384", "model.init.num_layers=64", "model.init.num_heads=128",
             "model.init.vocab_size=128000"]
     result = run_cli("train", config_file(tmp_path, *huge), "--local")
-    assert_user_error(result, "needs about", "GiB", "use method: qlora or lora")
+    assert_user_error(result, "needs about", "GiB", "per cpu device", "use method: qlora")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
@@ -196,4 +196,5 @@ def test_example_configs_are_valid(path):
     from ftdist.config import load_config
 
     cfg = load_config(path)
-    assert (REPO / cfg.data.train).is_file()
+    if not Path(cfg.data.train).is_absolute():  # cluster examples point at the user's shared storage
+        assert (REPO / cfg.data.train).is_file()

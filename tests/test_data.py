@@ -76,8 +76,8 @@ def test_packed_rows_give_the_same_loss_as_separate_examples():
     packed = pack(examples, 16, packing=True, pad_id=0)
     single = pack(examples, 16, packing=False, pad_id=0)
     with torch.no_grad():
-        packed_loss = sum(float(loss_sum(model, collate(packed, [i], 0), torch.device("cpu"))[0]) for i in range(len(packed)))
-        single_loss = sum(float(loss_sum(model, collate(single, [i], 0), torch.device("cpu"))[0]) for i in range(len(single)))
+        packed_loss = sum(float(loss_sum(model, collate(packed, [i], 0), torch.device("cpu"))) for i in range(len(packed)))
+        single_loss = sum(float(loss_sum(model, collate(single, [i], 0), torch.device("cpu"))) for i in range(len(single)))
     assert len(packed) == 2 and len(single) == 3
     assert packed_loss == pytest.approx(single_loss, rel=1e-5)
 

@@ -38,3 +38,23 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
         f.write('{"step": 8, "lo')  # a line cut short by a crash
     log.truncate_after(5)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_ray_noise_and_its_tracebacks_are_filtered_but_progress_is_kept():
+    import io
+
+    from ftdist.quiet import NoiseFilter
+
+    out = io.StringIO()
+    stream = NoiseFilter(out)
+    stream.write("(TrainController pid=1) Failed to stop PlacementGroupCleaner gracefully.\n"
+                 "(TrainController pid=1) Traceback (most recent call last):\n"
+                 '(TrainController pid=1)   File "x.py", line 1, in f\n'
+                 "(TrainController pid=1) ray.exceptions.GetTimeoutError: Get timed out\n"
+                 "(RayTrainWorker pid=2) step 10/60  loss 4.5856  lr 3.00e-03\n"
+                 "[2026-11-23 14:51:42,393 E 11662 11690] core_worker.cc:2465: Actor with class name\n"
+                 "(RayTrainWorker pid=2) step 20/60  loss 2.4")
+    stream.write("800\n")
+    stream.flush()
+    assert out.getvalue() == ("(RayTrainWorker pid=2) step 10/60  loss 4.5856  lr 3.00e-03\n"
+                              "(RayTrainWorker pid=2) step 20/60  loss 2.4800\n")

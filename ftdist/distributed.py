@@ -1,0 +1,234 @@
+"""Ray mode: preflight on the driver, then a Ray Train TorchTrainer whose workers each run
+the one loop inside DeepSpeed.
+
+Driver: check config, data and cluster; print the plan and a memory estimate per device
+(failing fast with advice when it does not fit); build the base model files and the Ray
+datasets; fit. Workers: `worker_loop`, the same `loop.train` local mode runs, with a
+RayContext. A worker that dies restarts the group (distributed.max_failures times), and
+the loop resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ftdist.config import Config
+from ftdist.data import read_jsonl
+from ftdist.errors import UserError
+from ftdist.launch import check_dtype, check_fits, check_paths, finished_summary, read_summary
+from ftdist.memory import GiB
+from ftdist.rundir import is_finished, prepare_run_dir
+
+GPU_PROBE_TIMEOUT_S = 120
+
+
+def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
+              show_progress: bool = True) -> dict:
+    from ftdist.engine import deepspeed_config
+    from ftdist.loop import tokenizer_corpus
+    from ftdist.model import resolve_base
+    from ftdist.raydata import ray_datasets
+
+    check_paths(cfg)
+    fmt, skipped = check_data(cfg)
+    connect(address)
+    use_gpu, device_type, per_device = cluster_budget(cfg)
+    d = cfg.distributed
+    device = torch.device(device_type)
+    check_dtype(cfg, device)
+    estimate = check_fits(cfg, device, d.workers, d.zero_stage, available=per_device)
+    say = print if show_progress else (lambda *_, **__: None)
+    say(describe_plan(cfg, device_type), flush=True)
+    say(f"memory (estimate): {estimate.describe()}, of {per_device / GiB:.1f} GiB", flush=True)
+
+    run_dir = prepare_run_dir(cfg, restart)
+    if is_finished(run_dir):
+        return finished_summary(run_dir)
+    base_path = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))  # once, before the workers
+    datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, fmt).items()}
+    stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
+    if stats["train_rows"] < cfg.train.batch_size:
+        raise UserError(f"data.train gives {stats['train_rows']} rows of data.max_length tokens, fewer than "
+                        f"train.batch_size {cfg.train.batch_size}: add data or lower train.batch_size")
+
+    fit(cfg, run_dir, {
+        "config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "show_progress": show_progress,
+        "ds_config": deepspeed_config(cfg, d.workers), "data_stats": stats,
+    }, datasets, use_gpu)
+    return read_summary(run_dir)
+
+
+def fit(cfg: Config, run_dir: Path, loop_config: dict, datasets: dict, use_gpu: bool) -> None:
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ftdist.quiet import WORKER_ENV
+    from ftdist.raydata import SPLIT
+
+    d = cfg.distributed
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
+                                     resources_per_worker=d.resources_per_worker or None,
+                                     placement_strategy=d.placement),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=d.max_failures),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=SPLIT),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; a user error inside is still one message
+        user_error = find_user_error(e)
+        if user_error is not None:
+            raise UserError(str(user_error)) from None
+        raise
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Each Ray Train worker: the one loop, with this worker's context."""
+    from ftdist.quiet import quiet_libraries, quiet_ray_data
+
+    quiet_libraries()
+    quiet_ray_data()
+    import ray.train
+    import ray.train.torch
+
+    from ftdist.context import RayContext
+    from ftdist.loop import train
+
+    context = ray.train.get_context()
+    ctx = RayContext(
+        run_dir=Path(config["run_dir"]), device=ray.train.torch.get_device(),
+        rank=context.get_world_rank(), world_size=context.get_world_size(),
+        show_progress=config["show_progress"], ds_config=config["ds_config"], data_stats=config["data_stats"],
+    )
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    train(Config.model_validate(config["config"]), ctx)
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def check_data(cfg: Config) -> tuple[str, int]:
+    """Validate every data row here, where an error can name its file and line: Ray Data
+    reports a bad row only as a failed task. Returns (format, rows skipped)."""
+    _, fmt, skipped = read_jsonl(cfg.data.train, cfg.data.format, cfg.data.skip_bad_rows)
+    if cfg.data.eval:
+        skipped += read_jsonl(cfg.data.eval, fmt, cfg.data.skip_bad_rows)[2]
+    for path in (cfg.data.train, cfg.data.eval):
+        if path and skipped:
+            line = first_non_json_line(path)
+            if line:
+                # Ray Data's JSON reader fails a whole file on one unparsable line.
+                raise UserError(f"{path}:{line}: not valid JSON; data.skip_bad_rows skips rows with wrong keys "
+                                "but not broken lines on a Ray cluster: fix or delete the line")
+    return fmt, skipped
+
+
+def first_non_json_line(path: str) -> Optional[int]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return number
+    return None
+
+
+def connect(address: Optional[str]) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or the one this job runs in), or start one."""
+    import ray
+
+    from ftdist.quiet import WORKER_ENV, filter_driver_streams, quiet_ray_data
+
+    filter_driver_streams()
+    quiet_ray_data()
+    os.environ.update(WORKER_ENV)  # inherited by a local Ray this process starts
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    except ConnectionError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e}; start it with `ray start --head` "
+                        "or drop --address to start a local one") from None
+
+
+def cluster_budget(cfg: Config) -> tuple[bool, str, float]:
+    """(use GPUs, device type, memory bytes per worker device), and a check that the cluster
+    can place the workers at all: Ray would otherwise wait for them forever."""
+    import ray
+
+    d = cfg.distributed
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0)
+    use_gpu = gpus >= 1 if d.use_gpu == "auto" else d.use_gpu
+    need = dict(d.resources_per_worker) or {"CPU": 1.0}
+    if use_gpu:
+        need.setdefault("GPU", 1.0)
+    for resource, amount in need.items():
+        if amount * d.workers > total.get(resource, 0):
+            raise UserError(
+                f"distributed.workers {d.workers} x {amount:g} {resource} (distributed.resources_per_worker) need "
+                f"{amount * d.workers:g} {resource} but the Ray cluster has {total.get(resource, 0):g}; "
+                "lower distributed.workers or resources_per_worker, or add nodes")
+    if d.placement == "STRICT_SPREAD" and d.workers > len(nodes):
+        raise UserError(f"distributed.placement STRICT_SPREAD puts each of {d.workers} workers on its own node, "
+                        f"but the cluster has {len(nodes)} nodes; use SPREAD or PACK, or add nodes")
+    if use_gpu:
+        return True, "cuda", gpu_memory()
+    per_node = max(1, math.ceil(d.workers / len(nodes))) if d.placement != "PACK" else d.workers
+    return False, "cpu", min(n["Resources"].get("memory", 0) for n in nodes) / max(1, min(per_node, d.workers))
+
+
+def gpu_memory() -> float:
+    """Free memory of one of the cluster's GPUs, measured by a task that holds one."""
+    import ray
+
+    @ray.remote(num_gpus=1)
+    def probe() -> float:
+        return float(torch.cuda.mem_get_info()[0])
+
+    try:
+        return ray.get(probe.remote(), timeout=GPU_PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"no GPU of the Ray cluster became free within {GPU_PROBE_TIMEOUT_S} s to measure its "
+                        "memory; free one, or set distributed.use_gpu: false") from None
+
+
+def describe_plan(cfg: Config, device_type: str) -> str:
+    d, t = cfg.distributed, cfg.train
+    accumulation = t.batch_size // (t.micro_batch_size * d.workers)
+    offload = [f"{what} offloaded to CPU" for what, value in
+               (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if value == "cpu"]
+    return (f"plan: {d.workers} workers on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "
+            f"DeepSpeed ZeRO-{d.zero_stage}{', ' + ', '.join(offload) if offload else ''}, placement {d.placement}; "
+            f"global batch {t.batch_size} = {d.workers} workers x {accumulation} accumulation steps x "
+            f"micro batch {t.micro_batch_size}")
+
+
+def find_user_error(error: BaseException, depth: int = 0) -> Optional[BaseException]:
+    """The UserError somewhere inside Ray's wrappers of a worker's exception, if any."""
+    if error is None or depth > 8:
+        return None
+    if isinstance(error, UserError):  # Ray's wrapper subclasses the cause: prefer the clean original
+        cause = getattr(error, "cause", None)
+        return cause if isinstance(cause, UserError) else error
+    inner = [error.__cause__, error.__context__, getattr(error, "cause", None),
+             getattr(error, "controller_failure", None), *getattr(error, "worker_failures", {}).values()]
+    for candidate in inner:
+        found = find_user_error(candidate, depth + 1) if isinstance(candidate, BaseException) else None
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,121 @@
+"""Data for Ray workers through Ray Data: read JSONL, tokenize and pack in map_batches,
+shard across workers (ray.train.get_dataset_shard).
+
+The driver builds the datasets once (`ray_datasets`); each worker turns its shard of the
+training rows, and the whole eval and retention sets (each rank evaluates every
+world_size-th row of them), into the same `Dataset` local mode builds in-process, so the
+loop cannot tell the two apart. A shard is held in the worker's memory, which keeps the
+per-epoch order a function of (seed, rank, epoch) and therefore resumable.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ftdist.config import Config
+from ftdist.data import Dataset, Rows, check_record, pack, read_text_file, tokenize_records
+
+PACK_BATCH_ROWS = 512  # examples packed together per map_batches call
+COLUMNS = ("ids", "targets", "positions", "doc")
+SPLIT = ["train"]  # eval and retention go whole to every worker
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(path: str):
+    """Once per Ray worker process: tasks that pack batches reuse their process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize_and_pack(batch, tokenizer_path: str, fmt: str, max_length: int, packing: bool, skip_bad_rows: bool):
+    """map_batches function: JSON records -> packed token rows (one Arrow row each)."""
+    import pyarrow as pa
+
+    tokenizer = cached_tokenizer(tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    records = []
+    for record in batch.to_pylist():
+        record = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent keys with null
+        try:
+            if check_record(record) != fmt:
+                raise ValueError(fmt)
+        except (ValueError, TypeError):
+            if skip_bad_rows:  # rows the driver's check let through only with skip_bad_rows
+                continue
+            raise
+        records.append(record)
+    examples, stats = tokenize_records(tokenizer, records, fmt, max_length)
+    rows = pack(examples, max_length, packing, pad_id)
+    table = {name: [a.astype(np.int32).tolist() for a in getattr(rows, name)] for name in COLUMNS}
+    table["truncated"] = ([stats["truncated"]] + [0] * (len(rows) - 1)) if len(rows) else []
+    return pa.table(table, schema=pa.schema([*(pa.field(n, pa.list_(pa.int32())) for n in COLUMNS),
+                                             pa.field("truncated", pa.int64())]))
+
+
+def ray_datasets(cfg: Config, tokenizer_path: str, fmt: str) -> dict[str, Any]:
+    """The driver's side: lazy Ray datasets of packed rows for train, eval, retention."""
+    import ray.data
+
+    d = cfg.data
+
+    def packed(ds, row_fmt: str):
+        return ds.map_batches(
+            tokenize_and_pack, fn_args=(tokenizer_path, row_fmt, d.max_length, d.packing, d.skip_bad_rows),
+            batch_size=PACK_BATCH_ROWS, batch_format="pyarrow")
+
+    # Shuffle examples before packing, as local mode does, so that rows mix the data.
+    records = ray.data.read_json(on_driver(d.train)).random_shuffle(seed=cfg.train.seed)
+    datasets = {}
+    if d.eval:
+        datasets["eval"] = packed(ray.data.read_json(on_driver(d.eval)), fmt)
+    elif d.eval_fraction > 0:
+        records, held_out = records.train_test_split(test_size=d.eval_fraction)  # already shuffled
+        datasets["eval"] = packed(held_out, fmt)
+    datasets["train"] = packed(records, fmt)
+    if d.retention:
+        datasets["retention"] = packed(ray.data.from_items(read_text_file(d.retention)), "text")
+    return datasets
+
+
+def on_driver(path: str) -> str:
+    """Absolute, as read tasks run in other processes (and on other nodes: there the path
+    must exist too, as it does in a `ray job submit` working dir or on shared storage)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def rows_of(shard) -> tuple[Optional[Rows], int]:
+    """A worker's shard (a Ray DataIterator) read into memory, and how many of its examples
+    were truncated; (None, 0) for no shard."""
+    if shard is None:
+        return None, 0
+    rows = Rows([], [], [], [])
+    truncated = 0
+    for batch in shard.iter_batches(batch_size=256, batch_format="pyarrow"):
+        for name in COLUMNS:
+            getattr(rows, name).extend(np.asarray(x, dtype=np.int64) for x in batch.column(name).to_pylist())
+        truncated += sum(batch.column("truncated").to_pylist())
+    return rows, truncated
+
+
+def dataset_from_shards(cfg: Config, stats: dict[str, Any]) -> Dataset:
+    """The worker's side: its Ray Data shards as the loop's Dataset."""
+    import ray.train
+
+    def shard(name: str):
+        try:
+            return ray.train.get_dataset_shard(name)
+        except KeyError:
+            return None
+
+    (train, truncated), (eval_rows, _), (retention, _) = (rows_of(shard(n)) for n in ("train", "eval", "retention"))
+    stats = dict(stats, shard_rows=len(train), shard_target_tokens=train.target_tokens(), shard_truncated=truncated)
+    if eval_rows is not None:
+        stats["eval_rows"] = len(eval_rows)
+    if retention is not None:
+        stats["retention_rows"] = len(retention)
+    return Dataset(train, eval_rows, retention, stats.get("format", cfg.data.format), stats)

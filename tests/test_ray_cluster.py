@@ -1,0 +1,170 @@
+"""Ray beyond one process: a killed worker, two nodes, and `ray job submit`.
+
+Each test bounds its waits; clusters it starts are stopped by it (never `ray stop`, which
+would also stop the session's shared Ray).
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ftdist.checkpoint import list_checkpoints
+from ftdist.distributed import train_ray
+from ftdist.metrics import read_metrics
+from tests.conftest import REPO, run_cli, tiny_config, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+BIN = Path(sys.executable).parent
+
+
+def step_numbers(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def train_worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray_local):
+    cfg = tiny_config(tmp_path, "distributed.workers=2", "distributed.max_failures=1", "distributed.zero_stage=2",
+                      "train.max_steps=300", "checkpoint.every_steps=20", "train.eval_every=100",
+                      "train.log_every=10", name="killed")
+    run_dir = tmp_path / "runs" / "killed"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["summary"] = train_ray(cfg, show_progress=False)
+        except BaseException as e:  # reported below, in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    killed_after = None
+    while time.monotonic() < deadline and thread.is_alive():
+        complete = list_checkpoints(run_dir)
+        steps = step_numbers(run_dir)
+        if complete and steps and steps[-1] >= int(complete[-1].name.split("-")[1]) + 5:
+            killed_after = steps[-1]
+            os.kill(train_worker_pids()[-1], signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    assert killed_after is not None, "training ended before a worker could be killed"
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] < killed_after  # restarted from an earlier checkpoint
+    assert step_numbers(run_dir) == list(range(1, 301))  # every step exactly once, none missing
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_line(process: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{''.join(seen)}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_two_nodes_strict_spread_train_together(tmp_path):
+    cluster = subprocess.Popen([sys.executable, str(REPO / "cluster" / "local_cluster.py"), "--nodes", "2",
+                                "--cpus-per-node", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        address = wait_for_line(cluster, r"address: (\S+)", 120).group(1)
+        cfg = tiny_config(tmp_path, "distributed.workers=2", "distributed.placement=STRICT_SPREAD",
+                          "distributed.max_failures=0", "train.max_steps=20", name="two-nodes")
+        result = run_cli("train", str(write_config(tmp_path, cfg)), "--address", address, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        stop(cluster)
+    run_dir = tmp_path / "runs" / "two-nodes"
+    start = read_metrics(run_dir / "metrics.jsonl")[0]
+    assert start["world_size"] == 2 and start["nodes"] == 2  # one worker on each node, one process group
+    assert step_numbers(run_dir) == list(range(1, 21))
+    assert "plan: 2 workers on cpu (gloo), DeepSpeed ZeRO-2, placement STRICT_SPREAD" in result.stdout
+
+
+def test_ray_job_submit_runs_the_tiny_job(tmp_path):
+    port, dashboard = free_port(), free_port()
+    # Ray 2.60 protects its dashboard with a token (~/.ray/auth_token); clients send it in token mode.
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             # free ports, not Ray's fixed defaults: the session's own Ray may hold those
+                             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    api = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{api}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): up
+                break
+            except OSError:
+                time.sleep(1)
+        out = tmp_path / "out"
+        ray = [str(BIN / "ray"), "job"]
+        submit_command = ray + ["submit", "--no-wait", "--address", api, "--working-dir", str(REPO),
+                                "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
+                                "ftdist", "train", "jobs/configs/tiny-ray.yaml", "--set", f"run.output={out}"]
+        for _ in range(20):  # the dashboard answers a little before its job agent does
+            submit = subprocess.run(submit_command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
+        # --follow streams the job's output until it ends: what a user watches.
+        logs = subprocess.run(ray + ["logs", "--follow", "--address", api, job_id],
+                              capture_output=True, text=True, timeout=900, env=env).stdout
+        status = subprocess.run(ray + ["status", "--address", api, job_id],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert "succeeded" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr + logs[-3000:]
+    finally:
+        stop(head)
+    # Readable progress: the plan, steps with loss, evaluations, where the model went; no Ray noise.
+    assert "plan: 2 workers on cpu (gloo)" in logs
+    assert re.search(r"step \d+/\d+\s+loss \d", logs) and "eval loss" in logs and "done: model in" in logs
+    assert "PlacementGroupCleaner" not in logs and "core_worker.cc" not in logs
+    run_dir = out / "tiny-ray"
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "loss.png").is_file()

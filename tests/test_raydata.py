@@ -1,0 +1,82 @@
+"""The Ray Data path gives the loop the same rows local mode builds in-process."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftdist.data import build_dataset
+from ftdist.distributed import check_data
+from ftdist.errors import UserError
+from ftdist.loop import tokenizer_corpus
+from ftdist.model import load_tokenizer, resolve_base
+from ftdist.raydata import ray_datasets, rows_of
+from tests.conftest import DEMO, tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+def prepared(tmp_path: Path, *overrides: str):
+    cfg = tiny_config(tmp_path, *overrides)
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    base = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))
+    fmt, _ = check_data(cfg)
+    datasets = {k: v.materialize() for k, v in ray_datasets(cfg, base, fmt).items()}
+    return cfg, base, datasets
+
+
+def as_set(rows) -> set[tuple]:
+    return {(tuple(i), tuple(t)) for i, t in zip(rows.ids, rows.targets)}
+
+
+def test_rows_through_ray_data_equal_local_rows(tmp_path, ray_local):
+    cfg, base, datasets = prepared(tmp_path, "data.packing=false")
+    local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
+    train, _ = rows_of(datasets["train"].iterator())
+    evaluation, _ = rows_of(datasets["eval"].iterator())
+    assert as_set(train) == as_set(local.train) and len(train) == len(local.train)
+    assert as_set(evaluation) == as_set(local.eval)
+
+
+def test_packed_rows_hold_every_target_token(tmp_path, ray_local):
+    cfg, base, datasets = prepared(tmp_path)  # packing on
+    local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
+    train, _ = rows_of(datasets["train"].iterator())
+    assert train.target_tokens() == local.train.target_tokens()  # packed differently, nothing lost
+    assert all(len(ids) == cfg.data.max_length for ids in train.ids)
+
+
+def test_eval_fraction_holds_out_part_of_train(tmp_path, ray_local):
+    cfg, _, datasets = prepared(tmp_path, "data.eval=null", "data.eval_fraction=0.1", "data.packing=false")
+    train, _ = rows_of(datasets["train"].iterator())
+    held_out, _ = rows_of(datasets["eval"].iterator())
+    total = sum(1 for line in (DEMO / "train.jsonl").read_text().splitlines() if line.strip())
+    assert len(train) + len(held_out) == total and abs(len(held_out) - total * 0.1) <= 1
+    assert not as_set(train) & as_set(held_out)
+
+
+def test_bad_rows_skipped_or_named_by_line(tmp_path, ray_local):
+    lines = (DEMO / "train.jsonl").read_text().splitlines()[:40]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines[:10] + [json.dumps({"prompt": 1, "completion": "x"})] + lines[10:]) + "\n")
+    cfg, _, datasets = prepared(tmp_path, f"data.train={data}", "data.skip_bad_rows=true", "data.packing=false")
+    train, _ = rows_of(datasets["train"].iterator())
+    assert len(train) == 40  # the bad row is gone, every good one is there
+
+    data.write_text("\n".join(lines[:10] + ["{not json"] + lines[10:]) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:11: not valid JSON"):
+        check_data(tiny_config(tmp_path, f"data.train={data}", "data.skip_bad_rows=true"))
+
+
+def test_a_user_error_inside_a_worker_reaches_the_user_as_one_message():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from ftdist.distributed import find_user_error
+
+    raised_in_worker = RayTaskError("train_fn", "Traceback ...", UserError("data.train: no rows")).as_instanceof_cause()
+    wrapped = WorkerGroupError("worker 1 failed", {1: raised_in_worker})
+    found = find_user_error(wrapped)
+    assert isinstance(found, UserError) and str(found) == "data.train: no rows"
+    assert find_user_error(WorkerGroupError("x", {0: RuntimeError("boom")})) is None
