@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/local_vs_torch.py
+	$(BIN)/python bench/ray_vs_local.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,7 +10,6 @@ the loop resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -125,25 +124,7 @@ def check_data(cfg: Config) -> tuple[str, int]:
     _, fmt, skipped = read_jsonl(cfg.data.train, cfg.data.format, cfg.data.skip_bad_rows)
     if cfg.data.eval:
         skipped += read_jsonl(cfg.data.eval, fmt, cfg.data.skip_bad_rows)[2]
-    for path in (cfg.data.train, cfg.data.eval):
-        if path and skipped:
-            line = first_non_json_line(path)
-            if line:
-                # Ray Data's JSON reader fails a whole file on one unparsable line.
-                raise UserError(f"{path}:{line}: not valid JSON; data.skip_bad_rows skips rows with wrong keys "
-                                "but not broken lines on a Ray cluster: fix or delete the line")
     return fmt, skipped
-
-
-def first_non_json_line(path: str) -> Optional[int]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError:
-                    return number
-    return None
 
 
 def connect(address: Optional[str]) -> None:

@@ -11,6 +11,8 @@ per-epoch order a function of (seed, rank, epoch) and therefore resumable.
 from __future__ import annotations
 
 import functools
+import json
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,23 +34,31 @@ def cached_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def tokenize_and_pack(batch, tokenizer_path: str, fmt: str, max_length: int, packing: bool, skip_bad_rows: bool):
-    """map_batches function: JSON records -> packed token rows (one Arrow row each)."""
+def tokenize_and_pack(batch, tokenizer_path: str, fmt: str, max_length: int, packing: bool, skip_bad_rows: bool,
+                      seed: int, from_lines: bool):
+    """map_batches function: records (or JSON lines) -> packed token rows (one Arrow row each).
+
+    Examples are shuffled before packing, as local mode does, so that a row mixes the data;
+    the loop reshuffles whole rows every epoch.
+    """
     import pyarrow as pa
 
     tokenizer = cached_tokenizer(tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = []
-    for record in batch.to_pylist():
-        record = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent keys with null
+    for item in batch.to_pylist():
         try:
+            record = json.loads(item["text"]) if from_lines else item
+            if not from_lines:
+                record = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent keys with null
             if check_record(record) != fmt:
                 raise ValueError(fmt)
         except (ValueError, TypeError):
-            if skip_bad_rows:  # rows the driver's check let through only with skip_bad_rows
+            if skip_bad_rows:  # the driver's check let bad rows through only with skip_bad_rows
                 continue
             raise
         records.append(record)
+    random.Random(seed).shuffle(records)
     examples, stats = tokenize_records(tokenizer, records, fmt, max_length)
     rows = pack(examples, max_length, packing, pad_id)
     table = {name: [a.astype(np.int32).tolist() for a in getattr(rows, name)] for name in COLUMNS}
@@ -58,27 +68,35 @@ def tokenize_and_pack(batch, tokenizer_path: str, fmt: str, max_length: int, pac
 
 
 def ray_datasets(cfg: Config, tokenizer_path: str, fmt: str) -> dict[str, Any]:
-    """The driver's side: lazy Ray datasets of packed rows for train, eval, retention."""
+    """The driver's side: lazy Ray datasets of packed rows for train, eval, retention.
+
+    Files are read with `read_json`; with data.skip_bad_rows they are read as lines and
+    parsed in map_batches instead, because Arrow's JSON reader fails a whole file on one
+    unparsable line or wrongly typed value, which is exactly what skipping is for.
+    """
     import ray.data
 
     d = cfg.data
+    from_lines = d.skip_bad_rows
 
-    def packed(ds, row_fmt: str):
+    def read(path: str):
+        return ray.data.read_text(on_driver(path)) if from_lines else ray.data.read_json(on_driver(path))
+
+    def packed(ds, row_fmt: str, lines: bool = from_lines):
         return ds.map_batches(
-            tokenize_and_pack, fn_args=(tokenizer_path, row_fmt, d.max_length, d.packing, d.skip_bad_rows),
-            batch_size=PACK_BATCH_ROWS, batch_format="pyarrow")
+            tokenize_and_pack, batch_size=PACK_BATCH_ROWS, batch_format="pyarrow",
+            fn_args=(tokenizer_path, row_fmt, d.max_length, d.packing, d.skip_bad_rows, cfg.train.seed, lines))
 
-    # Shuffle examples before packing, as local mode does, so that rows mix the data.
-    records = ray.data.read_json(on_driver(d.train)).random_shuffle(seed=cfg.train.seed)
+    records = read(d.train)
     datasets = {}
     if d.eval:
-        datasets["eval"] = packed(ray.data.read_json(on_driver(d.eval)), fmt)
+        datasets["eval"] = packed(read(d.eval), fmt)
     elif d.eval_fraction > 0:
-        records, held_out = records.train_test_split(test_size=d.eval_fraction)  # already shuffled
+        records, held_out = records.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=cfg.train.seed)
         datasets["eval"] = packed(held_out, fmt)
     datasets["train"] = packed(records, fmt)
     if d.retention:
-        datasets["retention"] = packed(ray.data.from_items(read_text_file(d.retention)), "text")
+        datasets["retention"] = packed(ray.data.from_items(read_text_file(d.retention)), "text", lines=False)
     return datasets
 
 
