@@ -38,7 +38,9 @@ def train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray_local):
+    # ZeRO-2 with the optimizer offloaded to CPU: the restart also reloads offloaded optimizer states.
     cfg = tiny_config(tmp_path, "distributed.workers=2", "distributed.max_failures=1", "distributed.zero_stage=2",
+                      "distributed.offload_optimizer=cpu",
                       "train.max_steps=150", "checkpoint.every_steps=20", "train.eval_every=100",
                       "train.log_every=10", name="killed")
     run_dir = tmp_path / "runs" / "killed"
