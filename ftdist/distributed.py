@@ -30,7 +30,7 @@ GPU_PROBE_TIMEOUT_S = 120
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
               show_progress: bool = True) -> dict:
     from ftdist.engine import deepspeed_config
-    from ftdist.loop import tokenizer_corpus
+    from ftdist.loop import make_plan, tokenizer_corpus
     from ftdist.model import resolve_base
     from ftdist.raydata import ray_datasets
 
@@ -52,9 +52,7 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     base_path = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))  # once, before the workers
     datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, fmt).items()}
     stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
-    if stats["train_rows"] < cfg.train.batch_size:
-        raise UserError(f"data.train gives {stats['train_rows']} rows of data.max_length tokens, fewer than "
-                        f"train.batch_size {cfg.train.batch_size}: add data or lower train.batch_size")
+    make_plan(cfg, stats["train_rows"], d.workers)  # the loop's own batch checks, before any worker starts
 
     fit(cfg, run_dir, {
         "config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "show_progress": show_progress,
