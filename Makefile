@@ -27,6 +27,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/local_vs_torch.py
 	$(BIN)/python bench/ray_vs_local.py
+	$(BIN)/python bench/checkpoint_stall.py
 
 clean:
 	rm -rf $(VENV) runs

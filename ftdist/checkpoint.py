@@ -1,13 +1,20 @@
-"""Checkpoints in <run>/checkpoints/step-<N>/, complete only once their marker exists.
+"""Checkpoints in <run>/checkpoints/step-<N>/: written locally, committed in the background.
 
-  local mode, full:       model.safetensors (every weight)
+  local mode, full:       model.safetensors (the trained weights)
   local mode, lora/qlora: adapter/ (a PEFT adapter directory: the adapters alone, megabytes)
   local mode:             optimizer.pt, scheduler.pt
   Ray workers:            deepspeed/ (DeepSpeed's files: each rank writes its own partition;
                           adapter runs leave the frozen base out)
-  every mode:             rng-<rank>.pt, state.json (step, data position, ...)
-  COMPLETE                written last, once every rank is done; a directory without it is
-                          ignored and later removed
+  every mode:             rng-<rank>.pt, state.json (step, data position, world size, ...),
+                          metrics.jsonl (the log up to this step: a resume continues it)
+  done-<rank>             one per rank, once its files are written (and, for s3:// runs, uploaded)
+  COMPLETE                written last by rank 0, once every rank's done-<rank> is there;
+                          a directory without it is never resumed from, and is removed
+
+Saving costs the training thread only the copy into memory (local mode) or the local write
+(DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
+Uploader. Resuming at another world size or ZeRO stage goes through DeepSpeed's universal
+checkpoint (engine.load).
 """
 
 from __future__ import annotations
@@ -15,75 +22,173 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ftdist.errors import UserError
+from ftdist.storage import NotYet, RunStore, Uploader, retrying
+
 MARKER = "COMPLETE"
 PREFIX = "step-"
+ROOT = "checkpoints"
+METRICS = "metrics.jsonl"
 
 
-def checkpoints_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+def step_dir(step: int) -> str:
+    return f"{ROOT}/{PREFIX}{step}"
 
 
-def _step_of(path: Path) -> Optional[int]:
-    suffix = path.name.removeprefix(PREFIX)
-    return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
+def step_of(name: str) -> Optional[int]:
+    suffix = name.removeprefix(PREFIX)
+    return int(suffix) if name.startswith(PREFIX) and suffix.isdigit() else None
 
 
-def list_checkpoints(run_dir: Path, complete_only: bool = True) -> list[Path]:
-    """Oldest first."""
-    root = checkpoints_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
-    if complete_only:
-        found = [p for p in found if (p / MARKER).is_file()]
-    return sorted(found, key=_step_of)
+def all_steps(store: RunStore) -> list[int]:
+    """Steps of every checkpoint directory in the store, complete or not, oldest first."""
+    return sorted(s for s in (step_of(n) for n in store.list_dirs(ROOT)) if s is not None)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    complete = list_checkpoints(run_dir)
-    return complete[-1] if complete else None
+def complete_markers(store: RunStore) -> list[dict]:
+    """The COMPLETE markers ({step, eval_loss, world_size}) of complete checkpoints, oldest first."""
+    markers = []
+    for step in all_steps(store):
+        marker = f"{step_dir(step)}/{MARKER}"
+        if store.exists(marker):
+            markers.append({"step": step, **json.loads(store.read_text(marker) or "{}")})
+    return markers
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, state: dict, keep: int, ctx) -> Path:
-    """Collective: every rank calls it; rank 0 marks the checkpoint complete last."""
-    path = checkpoints_root(run_dir) / f"{PREFIX}{step}"
-    if ctx.is_main:
-        shutil.rmtree(path, ignore_errors=True)  # a partial one left by a crash
+def latest_step(store: RunStore) -> Optional[int]:
+    markers = complete_markers(store)
+    return markers[-1]["step"] if markers else None
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, ctx, uploader: Uploader) -> Path:
+    """Collective: every rank calls it. Returns once this rank's part is staged locally."""
+    rel = step_dir(step)
+    path = store.local / rel
+    shared = not store.remote  # ranks of a local run write into one directory
+    if ctx.is_main or not shared:
+        shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
-    ctx.barrier()
-    engine.save(path, ctx.is_main)
+    if shared:
+        ctx.barrier()
+    write_rest = engine.save(path, ctx.is_main)
     torch.save(rng_state(), path / f"rng-{ctx.rank}.pt")
-    ctx.barrier()
     if ctx.is_main:
         (path / "state.json").write_text(json.dumps(state, indent=2))
-        (path / MARKER).write_text(str(step))
-        prune(run_dir, keep)
+        metrics = store.local / METRICS
+        if metrics.is_file():
+            shutil.copyfile(metrics, path / METRICS)
+    uploader.submit(partial(commit, store, step, ctx.rank, ctx.world_size, write_rest, keep, state.get("eval_loss")))
     return path
 
 
-def load_checkpoint(path: Path, engine, rank: int) -> dict:
-    engine.load(path)
+def commit(store: RunStore, step: int, rank: int, world_size: int, write_rest: Optional[Callable[[], None]],
+           keep: int, eval_loss: Optional[float]) -> dict:
+    """In the background: finish writing, upload this rank's files, mark them done; rank 0
+    then waits for every rank, writes COMPLETE and prunes."""
+    started = time.perf_counter()
+    rel = step_dir(step)
+    if write_rest is not None:
+        write_rest()
+    size = size_bytes(store.local / rel)
+    uploading = time.perf_counter()
+    sent = store.upload(rel)
+    upload_s = time.perf_counter() - uploading
+    if rank == 0 and store.remote:  # the log so far, readable in the store while training goes on
+        store.upload_file(store.local / rel / METRICS, METRICS)
+    store.write_text(f"{rel}/done-{rank}", json.dumps({"bytes": sent}))
+    if rank == 0:
+        wait_for_ranks(store, rel, world_size)
+        store.write_text(f"{rel}/{MARKER}", json.dumps({"eval_loss": eval_loss, "world_size": world_size}))
+        prune(store, keep)
+    if store.remote:  # older local copies of this rank are in the store now
+        for old in (store.local / ROOT).glob(PREFIX + "*"):
+            if (step_of(old.name) or step) < step:
+                shutil.rmtree(old, ignore_errors=True)
+    return {"step": step, "bytes": size, "uploaded": sent, "upload_s": upload_s,
+            "seconds": time.perf_counter() - started}
+
+
+def wait_for_ranks(store: RunStore, rel: str, world_size: int) -> None:
+    """Until every rank's done-<rank> marker exists (bounded by storage.retry_deadline_s)."""
+    def all_done() -> None:
+        missing = [r for r in range(world_size) if not store.fs.exists(store.path(f"{rel}/done-{r}"))]
+        if missing:
+            raise NotYet(f"ranks {missing} have not finished writing {rel}")
+
+    retrying(all_done, f"waiting for every rank's part of {store.path(rel)}", store.storage.retry_deadline_s)
+
+
+def prune(store: RunStore, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints and the one with the best eval loss; drop
+    the rest, and partial ones older than the newest complete (dead uploads or crashes)."""
+    markers = complete_markers(store)
+    if not markers:
+        return
+    kept = {m["step"] for m in markers[-keep:]}
+    evaluated = [m for m in markers if m.get("eval_loss") is not None]
+    if evaluated:
+        kept.add(min(evaluated, key=lambda m: m["eval_loss"])["step"])
+    newest = markers[-1]["step"]
+    for step in all_steps(store):
+        if step < newest and step not in kept:
+            store.remove(step_dir(step))
+
+
+def remove_partial(store: RunStore) -> None:
+    """Before a run (re)starts: checkpoints without a marker are the remains of a crash or a
+    cut upload. Removing them keeps their stale done-<rank> markers from completing a new one."""
+    complete = {m["step"] for m in complete_markers(store)}
+    for step in all_steps(store):
+        if step not in complete:
+            store.remove(step_dir(step))
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> Path:
+    """This rank's local copy of checkpoint `step` (downloaded for s3:// runs): its own files,
+    or every rank's when the world size changed (DeepSpeed's universal conversion reads all)."""
+    rel = step_dir(step)
+    path = store.local / rel
+    if not store.remote:
+        return path
+    saved_world = json.loads(store.read_text(f"{rel}/{MARKER}") or "{}").get("world_size", world_size)
+    shutil.rmtree(path, ignore_errors=True)
+
+    def needed(name: str) -> bool:
+        if saved_world != world_size:
+            return True
+        leaf = name.rsplit("/", 1)[-1]
+        other_rank = any(leaf.startswith((f"zero_pp_rank_{r}_", f"rng-{r}.")) for r in range(saved_world) if r != rank)
+        return not other_rank
+
+    store.download(rel, path, keep=needed)
+    return path
+
+
+def read_state(path: Path) -> dict:
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise UserError(f"{path}: checkpoint without state.json; remove it or rerun with --restart")
+    return json.loads(state_file.read_text())
+
+
+def restore_rng(path: Path, rank: int) -> None:
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.is_file():  # absent when this rank did not exist in the saving run
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "state.json").read_text())
-
-
-def prune(run_dir: Path, keep: int) -> None:
-    """Drop all but the newest `keep` complete checkpoints, and partial ones older than them."""
-    complete = list_checkpoints(run_dir)
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    newest = _step_of(complete[-1]) if complete else None
-    for path in list_checkpoints(run_dir, complete_only=False):
-        if not (path / MARKER).is_file() and newest is not None and _step_of(path) < newest:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def size_bytes(path: Path) -> int:

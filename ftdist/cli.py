@@ -1,4 +1,4 @@
-"""ftdist train | generate | report.
+"""ftdist train | generate | report | export.
 
 Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
 without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
                            description="Fine-tune a model. The same command again resumes from the newest "
@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write loss.png, lr.png, throughput.png and report.json into the run "
                                      "directory and print a summary.")
     rep.add_argument("run_dir", help="a run directory (<run.output>/<run.name>)")
+
+    exp = sub.add_parser("export", help="write a trained model or adapter directory to use without ftdist",
+                         description="Export a run's final model (or, before it finishes, its newest complete "
+                                     "checkpoint), or one checkpoint: a Hugging Face model directory for method "
+                                     "full, a PEFT adapter directory for lora/qlora, each with its tokenizer.")
+    exp.add_argument("source", help="a run directory (<run.output>/<run.name>) or a checkpoint "
+                                    "(<run>/checkpoints/step-N)")
+    exp.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    exp.add_argument("--merge", action="store_true",
+                     help="lora/qlora: write one standalone model, the adapters merged into the base (for qlora "
+                          "the 4-bit base dequantized, the weights the adapters were trained against)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    exp.add_argument("--endpoint-url", default=None,
+                     help="s3:// sources on an S3-compatible store: its endpoint (as storage.endpoint_url)")
+    exp.add_argument("--region", default=None, help="s3:// sources: the bucket's region (as storage.region)")
     return parser
 
 
@@ -103,12 +118,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ftdist.export import export
+
+    from ftdist.config import StorageConfig
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
+    print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         quiet_libraries()
-        return {"train": cmd_train, "generate": cmd_generate, "report": cmd_report}[args.command](args)
+        return {"train": cmd_train, "generate": cmd_generate, "report": cmd_report,
+                "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"ftdist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

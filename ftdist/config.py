@@ -145,6 +145,17 @@ class DistributedConfig(Section):
         return self
 
 
+class StorageConfig(Section):
+    """Object storage for s3:// paths (run.output, model.name_or_path, data.*). Credentials come
+    from the standard AWS environment variables or profile, never from this file."""
+
+    endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, Ceph, moto); None: AWS
+    region: Optional[str] = None
+    anon: bool = False  # unsigned requests, for public buckets
+    retry_deadline_s: float = Field(300.0, gt=0)  # how long calls to the store retry before the run stops
+    cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
+
+
 class Config(Section):
     run: RunConfig
     model: ModelConfig
@@ -156,6 +167,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":

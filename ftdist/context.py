@@ -14,16 +14,22 @@ from typing import Any, Optional
 import torch
 
 from ftdist.config import Config
+from ftdist.storage import RunStore
 
 
 @dataclass
 class LocalContext:
-    run_dir: Path
+    store: RunStore  # the run directory, and this rank's local copy of it (store.local)
     device: torch.device
     rank: int = 0
     world_size: int = 1
     show_progress: bool = True
     ds_config: Optional[dict[str, Any]] = None  # None: the plain engine
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this rank writes: the run itself, or its local copy of an s3:// run."""
+        return self.store.local
 
     @property
     def is_main(self) -> bool:

@@ -20,9 +20,10 @@ import torch
 from ftdist.config import Config
 from ftdist.data import read_jsonl
 from ftdist.errors import UserError
-from ftdist.launch import check_dtype, check_fits, check_paths, finished_summary, read_summary
+from ftdist.launch import check_dtype, check_fits, check_paths, finished_summary, localize_data, read_summary
 from ftdist.memory import GiB
 from ftdist.rundir import is_finished, prepare_run_dir
+from ftdist.storage import RunStore
 
 GPU_PROBE_TIMEOUT_S = 120
 
@@ -35,6 +36,7 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     from ftdist.raydata import ray_datasets
 
     check_paths(cfg)
+    run_cfg, cfg = cfg, localize_data(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
     fmt, skipped = check_data(cfg)
     connect(address)
     use_gpu, device_type, per_device = cluster_budget(cfg)
@@ -46,22 +48,22 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     say(describe_plan(cfg, device_type), flush=True)
     say(f"memory (estimate): {estimate.describe()}, of {per_device / GiB:.1f} GiB", flush=True)
 
-    run_dir = prepare_run_dir(cfg, restart)
-    if is_finished(run_dir):
-        return finished_summary(run_dir)
-    base_path = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))  # once, before the workers
+    store = prepare_run_dir(run_cfg, restart)
+    if is_finished(store):
+        return finished_summary(store)
+    base_path = resolve_base(cfg, store, lambda: tokenizer_corpus(cfg))  # once, before the workers
     datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, fmt).items()}
     stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
     make_plan(cfg, stats["train_rows"], d.workers)  # the loop's own batch checks, before any worker starts
 
-    fit(cfg, run_dir, {
-        "config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "show_progress": show_progress,
-        "ds_config": deepspeed_config(cfg, d.workers), "data_stats": stats,
+    fit(cfg, store, {
+        "config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
+        "show_progress": show_progress, "ds_config": deepspeed_config(cfg, d.workers), "data_stats": stats,
     }, datasets, use_gpu)
-    return read_summary(run_dir)
+    return read_summary(store)
 
 
-def fit(cfg: Config, run_dir: Path, loop_config: dict, datasets: dict, use_gpu: bool) -> None:
+def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool) -> None:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -75,7 +77,7 @@ def fit(cfg: Config, run_dir: Path, loop_config: dict, datasets: dict, use_gpu: 
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
                                      resources_per_worker=d.resources_per_worker or None,
                                      placement_strategy=d.placement),
-        run_config=RunConfig(name=cfg.run.name, storage_path=str(run_dir / "ray"),
+        run_config=RunConfig(name=cfg.run.name, storage_path=str(store.root / "ray"),  # Ray's own bookkeeping
                              failure_config=FailureConfig(max_failures=d.max_failures),
                              worker_runtime_env={"env_vars": WORKER_ENV}),
         datasets=datasets,
@@ -103,14 +105,16 @@ def worker_loop(config: dict[str, Any]) -> None:
     from ftdist.loop import train
 
     context = ray.train.get_context()
+    cfg = Config.model_validate(config["config"])
+    rank = context.get_world_rank()
     ctx = RayContext(
-        run_dir=Path(config["run_dir"]), device=ray.train.torch.get_device(),
-        rank=context.get_world_rank(), world_size=context.get_world_size(),
+        store=RunStore(config["run"]["url"], Path(config["run"]["root"]), cfg.storage, rank),
+        device=ray.train.torch.get_device(), rank=rank, world_size=context.get_world_size(),
         show_progress=config["show_progress"], ds_config=config["ds_config"], data_stats=config["data_stats"],
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
-    train(Config.model_validate(config["config"]), ctx)
+    train(cfg, ctx)
 
 
 # ---------------------------------------------------------------- preflight

@@ -16,20 +16,30 @@ from ftdist.context import LocalContext, default_device
 from ftdist.errors import UserError
 from ftdist.memory import GiB, MemoryEstimate
 from ftdist.rundir import is_finished, prepare_run_dir
+from ftdist.storage import RunStore, fetch, is_remote
 
 
 def check_paths(cfg: Config) -> None:
     for key in ("train", "eval", "retention"):
         value = getattr(cfg.data, key)
-        if value is None:
+        if value is None or is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if value.startswith("s3://"):
-            raise UserError(f"data.{key} {value}: s3:// data is not supported yet; use a local file")
         if not Path(value).is_file():
             raise UserError(f"data.{key}: file not found: {value}")
-    if cfg.model.tokenizer and not cfg.model.tokenizer.startswith("s3://") and cfg.model.tokenizer.startswith((".", "/")):
+    if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
+
+
+def localize_data(cfg: Config) -> Config:
+    """The config with s3:// data files replaced by local copies (fetched once into the cache):
+    data is read where the run starts (this process, or the Ray driver)."""
+    local = {}
+    for key in ("train", "eval", "retention"):
+        value = getattr(cfg.data, key)
+        if value is not None and is_remote(value):
+            local[key] = str(fetch(value, cfg.storage, "data"))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
 
 
 def check_dtype(cfg: Config, device: torch.device) -> None:
@@ -49,7 +59,7 @@ def model_config_of(cfg: Config):
 
     if cfg.model.init:
         return init_model_config(cfg.model.init)
-    source = check_model_source(cfg.model.name_or_path)
+    source = check_model_source(cfg.model.name_or_path, cfg.storage)
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -93,23 +103,23 @@ def train_local(cfg: Config, restart: bool = False, show_progress: bool = True) 
 
     device = default_device()
     preflight(cfg, device)
-    run_dir = prepare_run_dir(cfg, restart)
-    if is_finished(run_dir):
-        return finished_summary(run_dir)
-    train(cfg, LocalContext(run_dir=run_dir, device=device, show_progress=show_progress))
-    return read_summary(run_dir)
+    store = prepare_run_dir(cfg, restart)
+    if is_finished(store):
+        return finished_summary(store)
+    train(localize_data(cfg), LocalContext(store=store, device=device, show_progress=show_progress))
+    return read_summary(store)
 
 
-def finished_summary(run_dir: Path) -> dict:
-    print(f"{run_dir} is already finished; rerun with --restart to train again", flush=True)
-    return read_summary(run_dir)
+def finished_summary(store: RunStore) -> dict:
+    print(f"{store.url} is already finished; rerun with --restart to train again", flush=True)
+    return read_summary(store)
 
 
-def read_summary(run_dir: Path) -> dict:
+def read_summary(store: RunStore) -> dict:
     import json
 
     from ftdist.loop import FINAL_DIR
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary.update(run_dir=str(run_dir), final_dir=str(run_dir / FINAL_DIR))
+    summary = json.loads(store.read_text("summary.json"))
+    summary.update(run_dir=store.url, final_dir=store.path(FINAL_DIR))
     return summary

@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from ftdist.engine import build_engine
 from ftdist.errors import UserError
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import build_model, compute_dtype, resolve_base
+from ftdist.storage import StoreUnavailable, Uploader
 
 FINAL_DIR = "final"
 
@@ -77,11 +79,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen (check method and freeze_layers)")
-    # Weight decay on matrices only, not on norms and biases.
+    # Weight decay on matrices only, not on norms and biases. Without weight decay one group:
+    # DeepSpeed's universal checkpoint re-partitions ZeRO-3 states of several groups wrongly.
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    ] if cfg.train.weight_decay else [{"params": params, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
     names = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
     extra = {"min_lr_rate": cfg.train.min_lr_ratio} if cfg.train.schedule == "cosine" else None
@@ -163,20 +166,43 @@ def optimizer_step(cfg: Config, engine, batches: list[dict], ctx: LocalContext) 
 
 
 def train(cfg: Config, ctx: LocalContext) -> dict:
-    run_dir = ctx.run_dir
+    store, run_dir = ctx.store, ctx.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
     # -- model and data
-    base_path = resolve_base(cfg, run_dir, lambda: tokenizer_corpus(cfg))
+    base_path = resolve_base(cfg, store, lambda: tokenizer_corpus(cfg))
     bundle = build_model(cfg, base_path, ctx.device)
     model, tokenizer = bundle.model, bundle.tokenizer
     pad_id = tokenizer.pad_token_id
     data = ctx.load_data(cfg, tokenizer)
     plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
     optimizer, scheduler = build_optimizer(cfg, model, plan.total_steps)
-    engine = build_engine(cfg, model, optimizer, scheduler, ctx.ds_config)
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+    # -- the newest complete checkpoint (rank 0 decides, so all ranks agree); its state says
+    # how the engine must load it (another world size or ZeRO stage: universal checkpoint)
+    resume_step = int(ctx.all_reduce_sum((checkpoint.latest_step(store) or 0) if ctx.is_main else 0))
+    if ctx.is_main:
+        checkpoint.remove_partial(store)
+    ctx.barrier()
+    saved, resume_path = None, None
+    if resume_step:
+        resume_path = checkpoint.fetch_checkpoint(store, resume_step, ctx.rank, ctx.world_size)
+        saved = checkpoint.read_state(resume_path)
+    engine = build_engine(cfg, model, optimizer, scheduler, ctx.ds_config, saved)
+    uploader = Uploader()
+    try:
+        return run_steps(cfg, ctx, bundle, data, plan, engine, uploader, base_path, saved, resume_path)
+    finally:
+        uploader.close()
+
+
+def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, uploader: Uploader,
+              base_path: str, saved: Optional[dict], resume_path: Optional[Path]) -> dict:
+    store, run_dir = ctx.store, ctx.run_dir
+    model, tokenizer = bundle.model, bundle.tokenizer
+    pad_id = tokenizer.pad_token_id
+    log = MetricsLog(run_dir / checkpoint.METRICS, enabled=ctx.is_main)
     say = functools.partial(print, flush=True) if ctx.is_main and ctx.show_progress else (lambda *_: None)
     info = bundle.info
     say(
@@ -190,12 +216,18 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
 
     # -- resume from the newest complete checkpoint, or start
     state = {"step": 0, "tokens_seen": 0, "eval_loss": None, "best_eval_loss": None, "retention_before": None}
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = checkpoint.load_checkpoint(latest, engine, ctx.rank)
+    layout = {"engine": engine.kind, "world_size": ctx.world_size,
+              "zero_stage": (ctx.ds_config or {}).get("zero_optimization", {}).get("stage")}
+    if saved is not None:
+        engine.load(resume_path, saved)
+        checkpoint.restore_rng(resume_path, ctx.rank)
+        state = {k: saved[k] for k in state}
+        if ctx.is_main and (resume_path / checkpoint.METRICS).is_file():  # the log as it was at the checkpoint
+            shutil.copyfile(resume_path / checkpoint.METRICS, log.path)
         log.truncate_after(state["step"])
-        log.append({"step": state["step"], "event": "resume", "checkpoint": latest.name})
-        say(f"resuming from {latest} (step {state['step']})")
+        log.append({"step": state["step"], "event": "resume", "checkpoint": resume_path.name,
+                    "from_world_size": saved.get("world_size"), **layout})
+        say(f"resuming from {store.path(checkpoint.step_dir(state['step']))} (step {state['step']})")
     else:
         log.reset()
         if data.retention is not None:
@@ -203,6 +235,23 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         log.append({"step": 0, "event": "start", **info, **data.stats, **ctx.topology(),
                     "retention_loss_before": state["retention_before"]})
     progress = Progress(plan.total_steps, state["step"], cfg.train.log_every, enabled=ctx.is_main and ctx.show_progress)
+    base_size = checkpoint.size_bytes(Path(base_path)) if Path(base_path).is_dir() else None
+    sizes: dict = {}
+
+    def note_uploads(step: int) -> None:
+        """Surface the background jobs: a failure stops the run; finished checkpoints are logged."""
+        try:
+            uploader.check()
+        except StoreUnavailable as e:
+            raise StoreUnavailable(f"{e}. Training stopped at step {step}; checkpoints not yet in the store are "
+                                   f"kept in {run_dir / checkpoint.ROOT}. Run the same command again once the "
+                                   "store is back: it resumes from the newest complete checkpoint") from None
+        for done in uploader.drain():
+            sizes.update(checkpoint_bytes=done["bytes"], base_model_bytes=base_size)
+            log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
+                        "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
+            progress.write(f"checkpoint step {done['step']} complete: {describe_size(done['bytes'], base_size, info)}"
+                           f" in {done['seconds']:.1f} s")
 
     def run_eval(step: int) -> None:
         eval_loss = evaluate(engine, model, data.eval, cfg, ctx, pad_id)
@@ -242,11 +291,16 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
 
         if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
             state["data_position"] = {"epoch": epoch, "batch": index + 1}
-            checkpoint.save_checkpoint(run_dir, step, engine, state, cfg.checkpoint.keep, ctx)
+            saving = time.perf_counter()
+            checkpoint.save_checkpoint(store, step, engine, {**state, **layout}, cfg.checkpoint.keep, ctx, uploader)
+            log.append({"step": step, "event": "checkpoint_staged", "stall_s": time.perf_counter() - saving})
+        note_uploads(step)
     progress.close()
+    uploader.flush()  # every checkpoint complete before the run counts as finished
+    note_uploads(plan.total_steps)
 
     # -- finish: final model, forgetting, summary, plot
-    summary = {"steps": plan.total_steps, "tokens_seen": state["tokens_seen"], **info}
+    summary = {"steps": plan.total_steps, "tokens_seen": state["tokens_seen"], **info, **sizes}
     if data.eval is not None:  # evaluated at the last step, so state holds the final numbers
         summary.update(eval_loss=state["eval_loss"], eval_ppl=perplexity(state["eval_loss"]),
                        best_eval_loss=state["best_eval_loss"])
@@ -260,7 +314,22 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
         from ftdist.report import plot_loss
 
         plot_loss(run_dir)
+        publish(store)
     return summary
+
+
+def describe_size(size: int, base_size: Optional[int], info: dict) -> str:
+    text = f"{size / 2**20:.1f} MiB"
+    if info["method"] != "full":
+        text += " (adapters and their optimizer state"
+        text += f"; the base model is {base_size / 2**20:.1f} MiB)" if base_size else ")"
+    return text
+
+
+def publish(store) -> None:
+    """Rank 0, at the end: the final model, summary, log and plots into the store (s3:// runs)."""
+    for rel in [FINAL_DIR, "summary.json", checkpoint.METRICS, *(p.name for p in store.local.glob("*.png"))]:
+        store.upload(rel)
 
 
 def tokenizer_corpus(cfg: Config) -> list[str]:

@@ -45,22 +45,51 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------- the base weights
 
 
-def resolve_base(cfg: Config, run_dir: Path, texts_for_tokenizer) -> str:
-    """Where the base model lives: model.name_or_path, or run_dir/base built from model.init."""
+def resolve_base(cfg: Config, store, texts_for_tokenizer) -> str:
+    """Where the base model lives: model.name_or_path (s3:// fetched into the cache), or
+    <run>/base built from model.init. For s3:// runs the built base goes into the store too,
+    so that every node (and a resumed run on a fresh machine) loads the very same weights."""
     if cfg.model.name_or_path:
-        return check_model_source(cfg.model.name_or_path)
-    base = run_dir / BASE_DIR
-    if not (base / "config.json").is_file():
-        build_initial_model(cfg.model.init, cfg.model.tokenizer, cfg.train.seed, texts_for_tokenizer(), base)
+        return check_model_source(cfg.model.name_or_path, cfg.storage)
+    base = store.root / BASE_DIR
+    if (base / "config.json").is_file():
+        return str(base)
+    if not store.remote:
+        build_initial_model(cfg.model.init, tokenizer_source(cfg), cfg.train.seed, texts_for_tokenizer(), base)
+        return str(base)
+    from filelock import FileLock
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store.root / (BASE_DIR + ".lock"))):  # ranks on one node: one download
+        if not (base / "config.json").is_file():
+            tmp = base.with_name(BASE_DIR + ".download")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if store.exists(f"{BASE_DIR}/config.json"):
+                store.download(BASE_DIR, tmp)
+                tmp.rename(base)
+            else:
+                build_initial_model(cfg.model.init, tokenizer_source(cfg), cfg.train.seed, texts_for_tokenizer(), base)
+                store.upload(BASE_DIR, source=base)
     return str(base)
 
 
-def check_model_source(name_or_path: str) -> str:
-    if name_or_path.startswith("s3://"):
-        raise UserError(
-            f"model.name_or_path {name_or_path}: s3:// models are not supported yet; "
-            "copy the model to a local directory and point model.name_or_path there"
-        )
+def tokenizer_source(cfg: Config) -> Optional[str]:
+    from ftdist.storage import fetch, is_remote
+
+    name = cfg.model.tokenizer
+    return str(fetch(name, cfg.storage, "models")) if name and is_remote(name) else name
+
+
+def check_model_source(name_or_path: str, storage) -> str:
+    """A local model directory, a hub id, or an s3:// directory (fetched once into the cache)."""
+    from ftdist.storage import fetch, is_remote
+
+    if is_remote(name_or_path):
+        local = fetch(name_or_path, storage, "models")
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name_or_path {name_or_path}: no config.json there; point it at a Hugging Face "
+                            "model directory in the bucket")
+        return str(local)
     path = Path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
     if looks_local:
@@ -128,7 +157,7 @@ def build_initial_model(init: ModelInit, tokenizer_path: Optional[str], seed: in
 def load_tokenizer(cfg: Config, base_path: str):
     from transformers import AutoTokenizer
 
-    source = cfg.model.tokenizer if (cfg.model.tokenizer and not cfg.model.init) else base_path
+    source = tokenizer_source(cfg) if (cfg.model.tokenizer and not cfg.model.init) else base_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:

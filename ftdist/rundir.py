@@ -1,52 +1,50 @@
-"""The run directory <run.output>/<run.name>/: created, snapshotted, resumed or restarted."""
+"""The run directory <run.output>/<run.name> (local or s3://): created, snapshotted, resumed or restarted."""
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import yaml
 
 from ftdist.config import Config, config_yaml
 from ftdist.errors import UserError
+from ftdist.storage import RunStore, open_run_store
 
 SNAPSHOT = "config.yaml"
-# Keys that may change between an interrupted run and its resumption.
+# Keys that may change between an interrupted run and its resumption: how long and how
+# often, where and on how many workers it runs (checkpoints load at any world size).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
-                     "checkpoint.every_steps", "checkpoint.keep"}
+                     "checkpoint.every_steps", "checkpoint.keep",
+                     "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
+                     "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
+                     "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir"}
 
 
-def run_dir_of(cfg: Config) -> Path:
-    if cfg.run.output.startswith("s3://"):
-        raise UserError(f"run.output {cfg.run.output}: s3:// outputs are not supported yet; use a local directory")
-    return (Path(cfg.run.output).expanduser() / cfg.run.name).resolve()
-
-
-def prepare_run_dir(cfg: Config, restart: bool) -> Path:
-    """Create the directory (or clear it with restart) and write the config snapshot.
+def prepare_run_dir(cfg: Config, restart: bool) -> RunStore:
+    """Create the run (or clear it with restart) and write the config snapshot.
 
     Resuming a run that was started with a different config would mix two experiments:
     that is refused with the differing keys named.
     """
-    run_dir = run_dir_of(cfg)
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    snapshot = run_dir / SNAPSHOT
+    store = open_run_store(cfg)
+    if restart:
+        store.remove("")
+        shutil.rmtree(store.root, ignore_errors=True)
     new_text = config_yaml(cfg)
-    if snapshot.exists():
-        changed = sorted(k for k in diff_keys(yaml.safe_load(snapshot.read_text()), yaml.safe_load(new_text))
-                         if k not in RESUMABLE_CHANGES)
+    if store.exists(SNAPSHOT):
+        old = yaml.safe_load(store.read_text(SNAPSHOT))
+        changed = sorted(k for k in diff_keys(old, yaml.safe_load(new_text)) if k not in RESUMABLE_CHANGES)
         if changed:
             raise UserError(
-                f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
+                f"{store.url} holds a run with a different config ({', '.join(changed)}); "
                 "rerun with --restart to start over, or set another run.name"
             )
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        store.local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"run.output: cannot create {run_dir}: {e.strerror}") from None
-    snapshot.write_text(new_text)
-    return run_dir
+        raise UserError(f"run.output: cannot create {store.local}: {e.strerror}") from None
+    store.write_text(SNAPSHOT, new_text)
+    return store
 
 
 def diff_keys(old, new, prefix: str = "") -> set[str]:
@@ -56,5 +54,5 @@ def diff_keys(old, new, prefix: str = "") -> set[str]:
     return set() if old == new else {prefix.rstrip(".")}
 
 
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "final" / "ftdist.json").is_file()
+def is_finished(store: RunStore) -> bool:
+    return store.exists("final/ftdist.json")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,13 @@ from ftdist.config import Config, apply_override, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
+
+# Credentials for the loopback S3 server (moto accepts any). Set before anything starts, so
+# Ray's processes inherit them as a cluster's nodes would; tests check the secret never shows.
+FAKE_KEY_ID = "AKIAFTDISTTEST000001"
+FAKE_SECRET = "ftdist-test-secret-q8v3NwLk1Zx"
+os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
 
 def tiny_config(tmp_path: Path, *overrides: str, name: str = "t") -> Config:
@@ -43,6 +53,24 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ftdist", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """The CLI in the background, stdout and stderr together (for tests that kill it)."""
+    return subprocess.Popen([sys.executable, "-m", "ftdist", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +124,59 @@ def small_data(tmp_path: Path, train_rows: int = 32, eval_rows: int = 16) -> tup
         path.write_text("".join((DEMO / f"{name}.jsonl").read_text().splitlines(keepends=True)[:n]))
         out.append(path)
     return out[0], out[1]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A local run's complete checkpoint directories, oldest first."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """A real S3 server (moto_server) on a free loopback port, for the whole session."""
+    from tests.s3server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log")
+    yield server
+    server.stop()
+
+
+@dataclass
+class S3:
+    """One test's bucket, reached through a relay the test can take down (`relay.down()`);
+    `fs` talks to the server directly, so the test can look while the relay is down."""
+
+    server: object
+    relay: object
+    bucket: str
+    cache: Path
+
+    @property
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.server.url, use_listings_cache=False, skip_instance_cache=True)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def overrides(self, output: str = "runs") -> list[str]:
+        return [f"run.output={self.url(output)}", f"storage.endpoint_url={self.relay.url}",
+                "storage.region=us-east-1", f"storage.cache_dir={self.cache}"]
+
+    def put(self, local: Path, *parts: str) -> str:
+        self.fs.put(str(local), self.url(*parts), recursive=local.is_dir())
+        return self.url(*parts)
+
+
+@pytest.fixture
+def s3(moto_server, tmp_path):
+    from tests.s3server import Relay
+
+    moto_server.reset()
+    relay = Relay(moto_server.port)
+    store = S3(moto_server, relay, "ftdist-test", tmp_path / "cache")
+    store.fs.mkdir(store.bucket)
+    yield store
+    relay.down()

@@ -9,7 +9,9 @@ smaller, while one step changes the loss by several percent, so a wrong gradient
 (e.g. a missing 1/world_size or 1/accumulation) or a dropped shard fails by far.
 """
 
+import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,21 +23,24 @@ from ftdist.distributed import train_ray
 from ftdist.errors import UserError
 from ftdist.launch import train_local
 from ftdist.metrics import read_metrics
-from tests.conftest import small_data, tiny_config
+from tests.conftest import small_data, start_cli, tiny_config, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REL_TOL = 1e-3
 METHOD_LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2"}
-CASES = [(m, s) for m in ("full", "lora", "qlora") for s in (0, 1, 2, 3) if (m, s) != ("qlora", 3)]
+# full at ZeRO-2 and ZeRO-3 runs in the resume test below, across world sizes and stages.
+CASES = [(m, s) for m in ("full", "lora", "qlora") for s in (0, 1, 2, 3)
+         if (m, s) not in {("qlora", 3), ("full", 2), ("full", 3)}]
 
 
-def equivalence_config(tmp_path: Path, method: str, base: Path | None, *extra: str, name: str) -> Config:
+def equivalence_config(tmp_path: Path, method: str, base: Path | None, *extra: str, name: str,
+                       steps: int = 8) -> Config:
     train, eval_ = small_data(tmp_path)
     model = ("model.init=null", f"model.name_or_path={base}") if base else ()
     return tiny_config(tmp_path, f"method={method}", f"train.lr={METHOD_LR[method]}", *model,
                        f"data.train={train}", f"data.eval={eval_}", "data.packing=false",
-                       "train.batch_size=32", "train.micro_batch_size=4", "train.max_steps=8",
+                       "train.batch_size=32", "train.micro_batch_size=4", f"train.max_steps={steps}",
                        "train.warmup_steps=2", "train.eval_every=4", "train.log_every=1",
                        "checkpoint.every_steps=4", "distributed.workers=2", "distributed.max_failures=0",
                        "lora.dropout=0",  # dropout masks are random per rank: not comparable
@@ -49,12 +54,12 @@ def curve(run_dir: Path, key: str) -> list[float]:
 _local_runs: dict = {}
 
 
-def local_reference(tmp_path_factory, method: str, base: Path | None) -> Path:
-    if method not in _local_runs:
+def local_reference(tmp_path_factory, method: str, base: Path | None, steps: int = 8) -> Path:
+    if (method, steps) not in _local_runs:
         tmp = tmp_path_factory.mktemp(f"local-{method}")
-        cfg = equivalence_config(tmp, method, base, name=f"local-{method}")
-        _local_runs[method] = Path(train_local(cfg, show_progress=False)["run_dir"])
-    return _local_runs[method]
+        cfg = equivalence_config(tmp, method, base, name=f"local-{method}", steps=steps)
+        _local_runs[method, steps] = Path(train_local(cfg, show_progress=False)["run_dir"])
+    return _local_runs[method, steps]
 
 
 @pytest.mark.parametrize("method, stage", CASES)
@@ -92,6 +97,56 @@ def test_two_workers_match_local_mode(tmp_path, tmp_path_factory, ray_local, pre
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
     if method != "full":  # adapters trained, not the zero-initialised B matrices
         assert any(float(t.abs().max()) > 0 for k, t in ours.items() if "lora_B" in k)
+
+
+# (workers, killed?) per driver: ZeRO-2 goes from 2 workers to 1, ZeRO-3 from 1 to 2.
+ELASTIC = {2: [(2, True), (1, False)], 3: [(1, True), (2, False)]}
+
+
+@pytest.mark.parametrize("stage", sorted(ELASTIC))
+def test_a_killed_driver_resumes_from_s3_at_another_world_size(tmp_path, tmp_path_factory, ray_local, s3, stage):
+    """Drivers one after another on one run in the store, each but the last SIGKILLed once a new
+    checkpoint is complete, each with another number of workers: DeepSpeed's universal
+    checkpoint re-partitions the ZeRO states. The curve and the final weights must still be
+    local mode's (see the module docstring for the tolerance)."""
+    steps = 16
+    local = local_reference(tmp_path_factory, "full", None, steps=steps)
+    cfg = equivalence_config(tmp_path, "full", None, f"distributed.zero_stage={stage}", *s3.overrides(),
+                             name="elastic", steps=steps)
+    config = str(write_config(tmp_path, cfg))
+    address = ray_local.get_runtime_context().gcs_address
+    run = s3.url("runs", "elastic")
+
+    def complete() -> list[int]:
+        root = f"{run}/checkpoints"
+        found = s3.fs.ls(root) if s3.fs.exists(root) else []
+        return sorted(int(p.rsplit("-", 1)[1]) for p in found if s3.fs.exists(f"{p}/COMPLETE"))
+
+    newest = 0
+    for workers, killed in ELASTIC[stage]:
+        if not killed:
+            update = {"distributed": cfg.distributed.model_copy(update={"workers": workers})}
+            assert train_ray(cfg.model_copy(update=update), show_progress=False)["run_dir"] == run
+            break
+        proc = start_cli("train", config, "--address", address, "--set", f"distributed.workers={workers}")
+        newest = wait_until(lambda: [s for s in complete() if s > newest], 300, "a new checkpoint", proc)[-1]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert newest < steps, "the run finished before its driver was killed"
+
+    records = [json.loads(line) for line in s3.fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    resumes = [(r["from_world_size"], r["world_size"], r["zero_stage"]) for r in records if r.get("event") == "resume"]
+    sizes = [w for w, _ in ELASTIC[stage]]
+    assert resumes == [(a, b, stage) for a, b in zip(sizes, sizes[1:])]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [step for step, _ in losses] == list(range(1, steps + 1))  # every step once
+    assert [loss for _, loss in losses] == pytest.approx(curve(local, "loss"), rel=REL_TOL)
+
+    (tmp_path / "final.safetensors").write_bytes(s3.fs.cat_file(f"{run}/final/model.safetensors"))
+    ours, theirs = load_file(str(tmp_path / "final.safetensors")), load_file(str(local / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
 
 
 def test_qlora_with_zero3_is_refused_up_front(tmp_path):

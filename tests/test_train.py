@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from ftdist.launch import train_local
 from ftdist.metrics import read_metrics
-from tests.conftest import tiny_config
+from tests.conftest import complete_checkpoints, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -102,12 +102,12 @@ def test_qlora_base_is_4bit_and_frozen(tmp_path):
 
 
 def test_adapter_checkpoints_are_a_small_fraction_of_full_ones(tmp_path):
-    from ftdist.checkpoint import latest_checkpoint, size_bytes
+    from ftdist.checkpoint import size_bytes
 
     bigger = ("model.init.hidden_size=256", "model.init.num_layers=2", "train.max_steps=12")
     _, full_dir, _ = run(tmp_path, *bigger, "method=full", name="full")
     _, lora_dir, _ = run(tmp_path, *bigger, "method=lora", "lora.rank=4", name="lora")
-    full_ckpt, lora_ckpt = latest_checkpoint(full_dir), latest_checkpoint(lora_dir)
+    full_ckpt, lora_ckpt = complete_checkpoints(full_dir)[-1], complete_checkpoints(lora_dir)[-1]
     ratio = size_bytes(lora_ckpt) / size_bytes(full_ckpt)
     # rank 4 on a 256-wide model: the adapters are about 2% of the weights; with their
     # AdamW state against the full model's, the checkpoint is well under 5%.

@@ -1,0 +1,429 @@
+"""ftdist export: a run's trained weights as a directory other tools load without ftdist.
+
+  method full        a Hugging Face model directory (config.json, model.safetensors)
+  lora / qlora       a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+  lora + --merge     one standalone model: the adapters merged into the base
+  qlora + --merge    the same, merged into the 4-bit base *dequantized*: the weights the
+                     adapters were trained against, not the original ones
+
+Each export also holds the tokenizer and an ftdist.json saying what it is (method, merged,
+source, step), so `ftdist generate OUT` loads it as it loads runs/NAME/final.
+
+The weights come from final/ (a finished run), else from the run's newest complete
+checkpoint, or from the one checkpoint named. Checkpoints hold the weights in one of three
+layouts: model.safetensors (local mode, full), adapter/ (local mode, lora/qlora), or
+deepspeed/ (Ray workers: DeepSpeed's own files, consolidated here with its zero_to_fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import yaml
+
+from ftdist.checkpoint import MARKER, PREFIX, size_bytes
+from ftdist.checkpoint import ROOT as CHECKPOINTS
+from ftdist.config import Config, StorageConfig, validate_config
+from ftdist.errors import UserError
+from ftdist.rundir import SNAPSHOT
+from ftdist.storage import is_remote
+
+FINAL_DIR = "final"  # loop.FINAL_DIR (loop imports the training stack; a refusal should not wait for it)
+META = "ftdist.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DEEPSPEED_DIR = "deepspeed"
+
+
+@dataclass
+class Source:
+    """The weights to export: final/ or one checkpoint directory of a run."""
+
+    run_dir: Path
+    weights: Path
+    cfg: Config
+    step: Optional[int]
+
+    @property
+    def is_final(self) -> bool:
+        return self.weights.name == FINAL_DIR
+
+    def describe(self) -> str:
+        if not self.is_final:
+            return f"{self.run_dir} (checkpoint {self.weights.name})"
+        return f"{self.run_dir} (final model" + (f", step {self.step})" if self.step is not None else ")")
+
+
+def export(source: str, out: str, merge: bool = False, force: bool = False,
+           storage: Optional[StorageConfig] = None) -> str:
+    """Write the export and return the one line that says what was written where."""
+    if not is_remote(source):
+        return export_local(Path(source).expanduser(), source, out, merge, force)
+    with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
+        return export_local(local_copy(source, storage or StorageConfig(), Path(tmp)), source, out, merge, force)
+
+
+def export_local(path: Path, source: str, out: str, merge: bool, force: bool) -> str:
+    src = resolve_source(path)
+    method = src.cfg.method
+    if merge and method == "full":
+        raise UserError(f"{source}: --merge folds LoRA adapters into their base, but this run trained every "
+                        "weight (method full); drop --merge")
+    out_dir = check_output(Path(out).expanduser(), src, force)
+    base = base_model_of(src)
+    meta = {"method": "full" if merge else method, "trained_method": method, "merged": merge,
+            "source": source if is_remote(source) else str(src.weights), "step": src.step, "base_model": base,
+            "qlora": src.cfg.qlora.model_dump(), "dtype": "float32"}
+
+    def fill(folder: Path) -> None:
+        if method == "full" or merge:
+            model = full_model(src, base) if method == "full" else merged_model(src, base)
+            model.config.use_cache = True  # training turns the KV cache off; generation wants it
+            model.save_pretrained(folder)
+        else:
+            write_adapter(src, base, folder)
+        load_tokenizer_of(src, base).save_pretrained(folder)
+        (folder / META).write_text(json.dumps(meta, indent=2))
+
+    write_atomically(out_dir, fill)
+    return summary_line(src, out_dir, merge, base)
+
+
+# ---------------------------------------------------------------- what to export
+
+
+def local_copy(source: str, storage: StorageConfig, dest: Path) -> Path:
+    """Download what an export of an s3:// run or checkpoint reads: the config, the summary,
+    the base of a model.init run, and final/ or the one checkpoint wanted. Returns the local
+    path that stands for `source`."""
+    from ftdist.checkpoint import latest_step, step_dir
+    from ftdist.storage import RunStore
+
+    source = source.rstrip("/")
+    head, parent, leaf = (source.rsplit("/", 2) + ["", ""])[:3]
+    is_checkpoint = parent == CHECKPOINTS and leaf.startswith(PREFIX)
+    run = RunStore(head if is_checkpoint else source, dest, storage)
+    if not run.exists(SNAPSHOT):
+        raise UserError(f"{run.url}: not an ftdist run (no {SNAPSHOT} there); give a run "
+                        "(<run.output>/<run.name>) or one of its checkpoints")
+    for rel in (SNAPSHOT, "summary.json"):
+        if run.exists(rel):
+            run.download(rel, dest / rel)
+    if run.exists("base/config.json"):
+        run.download("base", dest / "base")
+    if is_checkpoint:
+        wanted = f"{CHECKPOINTS}/{leaf}"
+    elif run.exists(f"{FINAL_DIR}/{META}"):
+        wanted = FINAL_DIR
+    else:
+        step = latest_step(run)
+        wanted = step_dir(step) if step is not None else None
+    if wanted is not None and run.exists(wanted):
+        run.download(wanted, dest / wanted)
+    return dest / f"{CHECKPOINTS}/{leaf}" if is_checkpoint else dest
+
+
+def resolve_source(path: Path) -> Source:
+    """A checkpoint directory (state.json) or a run directory (config.yaml)."""
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory; give a run directory (<run.output>/<run.name>) or one of its "
+                        f"checkpoints (<run>/{CHECKPOINTS}/{PREFIX}N)")
+    path = path.resolve()  # "." and "step-3/.." have parents too
+    if (path / "state.json").is_file():
+        return checkpoint_source(path)
+    if path.name == FINAL_DIR and (path / META).is_file():  # runs/NAME/final: the run's final model
+        path = path.parent
+    if not (path / SNAPSHOT).is_file():
+        raise UserError(f"{path}: neither a run directory (no {SNAPSHOT}) nor a checkpoint (no state.json); give "
+                        f"<run.output>/<run.name> or <run>/{CHECKPOINTS}/{PREFIX}N")
+    cfg = run_config(path)
+    if (path / FINAL_DIR / META).is_file():
+        return Source(path, path / FINAL_DIR, cfg, final_step(path))
+    complete = complete_checkpoints(path)
+    if not complete:
+        raise UserError(f"{path}: the run has no final model and no complete checkpoint yet; train it further "
+                        "(the same `ftdist train` command resumes it), then export")
+    return checkpoint_source(complete[-1])
+
+
+def checkpoint_source(path: Path) -> Source:
+    run_dir = path.parent.parent  # <run>/checkpoints/step-N
+    if not (path / MARKER).is_file():
+        # Written last, once every rank's files are there: without it the weights may be half written.
+        raise UserError(f"{path}: a partial checkpoint (no {MARKER} marker: its save did not finish); export "
+                        f"another checkpoint, or the run directory {run_dir} for its final model or newest "
+                        "complete checkpoint")
+    if not (run_dir / SNAPSHOT).is_file():
+        raise UserError(f"{path}: no {SNAPSHOT} in {run_dir}, so the model this checkpoint belongs to is unknown; "
+                        f"export a checkpoint inside its run directory (<run>/{CHECKPOINTS}/{PREFIX}N)")
+    step = json.loads((path / "state.json").read_text()).get("step")
+    return Source(run_dir, path, run_config(run_dir), step)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Oldest first; a checkpoint counts once its marker exists."""
+    found = []
+    for path in (run_dir / CHECKPOINTS).glob(PREFIX + "*"):
+        suffix = path.name.removeprefix(PREFIX)
+        if suffix.isdigit() and (path / MARKER).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def run_config(run_dir: Path) -> Config:
+    snapshot = run_dir / SNAPSHOT
+    return validate_config(yaml.safe_load(snapshot.read_text()) or {}, source=str(snapshot))
+
+
+def final_step(run_dir: Path) -> Optional[int]:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+
+
+def base_model_of(src: Source) -> str:
+    """The base the run trained from: <run>/base for model.init runs, else model.name_or_path.
+
+    Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
+    a run directory is moved or copied to another machine.
+    """
+    from ftdist.model import BASE_DIR, check_model_source
+
+    if src.cfg.model.init is not None:
+        base = src.run_dir / BASE_DIR
+        if not (base / "config.json").is_file():
+            raise UserError(f"{base}: the base model of this model.init run is missing; it is written when "
+                            "training starts, so copy the run directory whole")
+        return str(base)
+    return check_model_source(src.cfg.model.name_or_path, src.cfg.storage)
+
+
+def load_tokenizer_of(src: Source, base: str):
+    """The tokenizer the run trained with."""
+    from ftdist.model import load_tokenizer
+
+    if src.is_final:  # saved with the final model, as training used it
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(src.weights)
+    return load_tokenizer(src.cfg, base)
+
+
+# ---------------------------------------------------------------- where to write
+
+
+def check_output(out: Path, src: Source, force: bool) -> Path:
+    resolved, run = out.resolve(), src.run_dir.resolve()
+    if resolved == run or run in resolved.parents or resolved in run.parents:
+        # --force would delete (part of) the very run being exported.
+        raise UserError(f"--out {out}: overlaps the run directory {src.run_dir}; export to a directory outside it")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise UserError(f"--out {out}: exists and is not empty; choose a new directory, or add --force to "
+                        "replace it")
+    return out
+
+
+def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a directory aside, then rename it into place: a failed export leaves no half-written OUT."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    tmp.rename(out)
+
+
+# ---------------------------------------------------------------- full models
+
+
+def full_model(src: Source, base: str):
+    """The trained model, float32 on the CPU."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    if src.is_final:
+        return AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch.float32)
+    model = load_base(base)  # the architecture; every weight is then replaced
+    if (src.weights / "model.safetensors").is_file():
+        state = load_file(str(src.weights / "model.safetensors"))
+    else:
+        state = deepspeed_weights(src.weights, adapters_only=False)
+    load_weights(model, state, src.weights)
+    return model
+
+
+def load_base(base: str, cfg: Optional[Config] = None):
+    """The base in float32 on the CPU. For a qlora run (cfg given), the 4-bit base dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32}
+    device = torch.device("cpu")
+    if cfg is not None and cfg.method == "qlora":
+        from ftdist.context import default_device
+        from ftdist.model import compute_dtype, quantized_load_kwargs
+
+        # Quantized as in training (settings, compute dtype, device type): the adapters learned
+        # against these 4-bit weights, not the original ones.
+        device = default_device()
+        kwargs = quantized_load_kwargs(cfg.qlora, compute_dtype(cfg, device), device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the base model {base}: {e}") from None
+    if "quantization_config" in kwargs:
+        # Float weights holding exactly the values the 4-bit ones stand for; float32, so that
+        # merging small adapter updates into them loses nothing to rounding.
+        model = model.dequantize().to("cpu", torch.float32)
+    return model
+
+
+def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy a checkpoint's state into the model; each of its weights must be there."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ
+        raise UserError(f"{where}: the weights do not fit the run's base model ({str(e).splitlines()[-1].strip()}); "
+                        "was the run's config.yaml or base changed?") from None
+    missing = sorted(set(result.missing_keys) - tied_names(model))
+    if missing or result.unexpected_keys:
+        raise UserError(f"{where}: the weights do not fit the run's base model (missing {missing[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]}); was the run's config.yaml or base changed?")
+
+
+def tied_names(model) -> set[str]:
+    """Second names of shared tensors (tied input and output embeddings): checkpoints hold each once."""
+    seen: set[int] = set()
+    tied = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def adapter_dir(src: Source) -> Optional[Path]:
+    """The PEFT adapter directory of final/ or a local-mode checkpoint; None for DeepSpeed's."""
+    for folder in (src.weights, src.weights / "adapter"):
+        if (folder / ADAPTER_FILES[0]).is_file():
+            return folder
+    return None
+
+
+def write_adapter(src: Source, base: str, folder: Path) -> None:
+    saved = adapter_dir(src)
+    if saved is not None:  # already PEFT's format: copied byte for byte
+        for name in ADAPTER_FILES:
+            shutil.copy2(saved / name, folder / name)
+        return
+    # DeepSpeed's files: the adapter structure on an empty (meta) copy of the base, no weights
+    # loaded (a QLoRA base may not fit in memory as floats), and the trained tensors saved through it.
+    model = with_new_adapters(src.cfg, skeleton(base))
+    model.save_pretrained(folder, state_dict=adapter_weights(src, model))
+
+
+def merged_model(src: Source, base: str):
+    """The base with the adapters folded into its weights: a plain model, float32 on the CPU."""
+    from peft import PeftModel
+
+    model = load_base(base, src.cfg)
+    saved = adapter_dir(src)
+    if saved is not None:
+        model = PeftModel.from_pretrained(model, saved)
+    else:
+        model = with_new_adapters(src.cfg, model)
+        model.load_state_dict(adapter_weights(src, model), strict=False)
+    return model.merge_and_unload()
+
+
+def skeleton(base: str):
+    """The base's modules on the meta device: structure and names, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)  # keeps `base` as the name PEFT records
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def with_new_adapters(cfg: Config, model):
+    """The adapters the run trained, as training added them (targets, frozen blocks), untrained."""
+    from ftdist.model import add_adapters
+
+    # As lora: on a float (or meta) base the qlora preparation for 4-bit weights has nothing to do.
+    model, _ = add_adapters(model, cfg.model_copy(update={"method": "lora"}))
+    return model
+
+
+def adapter_weights(src: Source, model) -> dict[str, torch.Tensor]:
+    """The trained adapter tensors of a DeepSpeed checkpoint, by the model's parameter names."""
+    state = deepspeed_weights(src.weights, adapters_only=True)
+    expected = {name: param.shape for name, param in model.named_parameters() if param.requires_grad}
+    wrong = [name for name, shape in expected.items() if name not in state or state[name].shape != shape]
+    if wrong:
+        raise UserError(f"{src.weights}: {len(wrong)} of the run's {len(expected)} adapter tensors are missing "
+                        f"from the checkpoint or shaped otherwise (e.g. {wrong[0]}); was the run's config.yaml "
+                        "changed?")
+    return {name: state[name] for name in expected}
+
+
+# ---------------------------------------------------------------- DeepSpeed checkpoints
+
+
+def deepspeed_weights(checkpoint: Path, adapters_only: bool) -> dict[str, torch.Tensor]:
+    """One consolidated float32 state dict, named as the training model's parameters."""
+    tag = deepspeed_tag_dir(checkpoint)
+    try:
+        if any(tag.glob("*_optim_states.pt")):
+            # ZeRO 1-3: the float32 master weights live partitioned in each rank's optimizer
+            # states; DeepSpeed's own helper joins them (and, for ZeRO-3, the parameters).
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name,
+                                                                exclude_frozen_parameters=adapters_only)
+        # ZeRO-0 partitions nothing: rank 0's model states file holds the whole module.
+        states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: t.float() if t.is_floating_point() else t for name, t in states["module"].items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{checkpoint}: cannot read its DeepSpeed files ({e}); export another checkpoint") from None
+
+
+def deepspeed_tag_dir(checkpoint: Path) -> Path:
+    """The folder of DeepSpeed's *_model_states.pt files: deepspeed/ (the tag the engine saves
+    under), or deepspeed/deepspeed/ when the engine's save folder is itself deepspeed/."""
+    for tag in (checkpoint / DEEPSPEED_DIR / DEEPSPEED_DIR, checkpoint / DEEPSPEED_DIR):
+        if any(tag.glob("*model_states.pt")):
+            return tag
+    raise UserError(f"{checkpoint}: no weights in this checkpoint (no model.safetensors, adapter/ or "
+                    f"{DEEPSPEED_DIR}/); export another checkpoint")
+
+
+# ---------------------------------------------------------------- the last line
+
+
+def summary_line(src: Source, out: Path, merge: bool, base: str) -> str:
+    method = src.cfg.method
+    size = f"{size_bytes(out) / 1e6:.1f} MB"
+    if method == "full":
+        return f"exported the full model of {src.describe()} to {out}: {size}"
+    if merge:
+        into = "its dequantized 4-bit base" if method == "qlora" else "its base"
+        return f"exported the {method} adapters of {src.describe()} merged into {into} to {out}: model {size}"
+    base_dir = Path(base)
+    base_size = f"{size_bytes(base_dir) / 1e6:.1f} MB at {base}" if base_dir.is_dir() else base
+    return f"exported the {method} adapters of {src.describe()} to {out}: adapter {size} (base model {base_size})"

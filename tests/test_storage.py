@@ -1,0 +1,202 @@
+"""Runs on object storage, against a real S3 server (moto_server on loopback), in local mode:
+everything lands in the bucket, a killed driver resumes from the store on a fresh machine,
+an outage is ridden out, a store gone for good stops the run with the local copy kept,
+partial checkpoints are never resumed from, and credentials never show."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftdist.checkpoint import prune
+from ftdist.config import StorageConfig
+from ftdist.metrics import read_metrics
+from ftdist.storage import RunStore
+from tests.conftest import DEMO, FAKE_SECRET, REPO, run_cli, start_cli, tiny_config, wait_until, write_config
+
+pytestmark = pytest.mark.s3
+
+
+def logged_steps(path: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(path) if "loss" in r]
+
+
+def complete_steps(s3, run: str) -> list[int]:
+    root = s3.url("runs", run, "checkpoints")
+    if not s3.fs.exists(root):
+        return []
+    steps = [int(p.rsplit("-", 1)[1]) for p in s3.fs.ls(root) if s3.fs.exists(f"{p}/COMPLETE")]
+    return sorted(steps)
+
+
+def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tmp_path, s3, pretrained_base):
+    train = s3.put(DEMO / "train.jsonl", "data", "train.jsonl")
+    evaluation = s3.put(DEMO / "eval.jsonl", "data", "eval.jsonl")
+    base = s3.put(pretrained_base("llama"), "models", "base")
+    cfg = tiny_config(tmp_path, "method=lora", "lora.rank=2", "model.init=null", f"model.name_or_path={base}",
+                      f"data.train={train}", f"data.eval={evaluation}", "train.max_steps=6",
+                      "checkpoint.every_steps=3", "train.eval_every=3", *s3.overrides(), name="lora-s3")
+    config = write_config(tmp_path, cfg)
+    result = run_cli("train", str(config), "--local")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+
+    run = s3.url("runs", "lora-s3")
+    names = {p.rsplit("/", 1)[1] for p in s3.fs.ls(run)}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "final", "loss.png", "checkpoints"} <= names
+    assert s3.fs.exists(f"{run}/final/adapter_model.safetensors") and s3.fs.exists(f"{run}/final/ftdist.json")
+    checkpoint = f"{run}/checkpoints/step-3"
+    files = {p.rsplit("/", 1)[1] for p in s3.fs.ls(checkpoint)}
+    assert {"COMPLETE", "done-0", "state.json", "adapter", "optimizer.pt", "rng-0.pt"} <= files
+    assert "model.safetensors" not in files  # adapters only: the base is not in the checkpoint
+    assert f"done: model in {run}/final" in result.stdout
+
+    # The checkpoint's size, next to the base model's: megabytes against (here) a few more.
+    summary = json.loads(s3.fs.cat_file(f"{run}/summary.json"))
+    assert 0 < summary["checkpoint_bytes"] < summary["base_model_bytes"] / 3  # rank 2 on a 64-wide model
+    assert "checkpoint step 3 complete:" in result.stdout and "(adapters and their optimizer state; the base model is" in result.stdout
+
+    # The local copy is a cache: nothing of the run needs it once the run is finished.
+    again = run_cli("train", str(config), "--local")
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+    # Export straight from the store: the adapters of final/, and a merged standalone model.
+    export_dir = tmp_path / "export"
+    exported = run_cli("export", run, "--out", str(export_dir), "--endpoint-url", s3.relay.url)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    (tmp_path / "final.safetensors").write_bytes(s3.fs.cat_file(f"{run}/final/adapter_model.safetensors"))
+    ours, theirs = load_file(str(export_dir / "adapter_model.safetensors")), load_file(str(tmp_path / "final.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    merged = run_cli("export", run, "--out", str(tmp_path / "merged"), "--merge", "--endpoint-url", s3.relay.url)
+    assert merged.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), merged.stderr
+
+    # Credentials never appear: not in the output, the snapshot, the log or the local cache.
+    texts = [out, again.stdout, again.stderr, s3.fs.cat_file(f"{run}/config.yaml").decode(),
+             s3.fs.cat_file(f"{run}/metrics.jsonl").decode()]
+    texts += [p.read_text(errors="ignore") for p in s3.cache.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt")]
+    assert not any(FAKE_SECRET in t for t in texts)
+
+
+def test_a_killed_driver_resumes_from_the_store_on_a_fresh_machine_never_from_a_partial_checkpoint(tmp_path, s3):
+    common = ("train.max_steps=60", "checkpoint.every_steps=10", "train.log_every=1", "train.eval_every=20",
+              "checkpoint.keep=2")
+    cfg = tiny_config(tmp_path, *common, *s3.overrides(), name="killed")
+    config = write_config(tmp_path, cfg)
+    proc = start_cli("train", str(config), "--local")
+    local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
+    complete = wait_until(lambda: complete_steps(s3, "killed"), 120, "a complete checkpoint in the store", proc)
+    wait_until(lambda: len(logged_steps(local_log)) >= complete[-1] + 3, 60, "steps past the checkpoint", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = logged_steps(local_log)[-1]
+    newest = complete_steps(s3, "killed")[-1]
+    assert killed_at < 60, "the run finished before it was killed"
+
+    # What a cut upload leaves behind: a newer step directory with some of the files and a
+    # done marker, but no COMPLETE. It must never be resumed from.
+    run = s3.url("runs", "killed")
+    cut = f"{run}/checkpoints/step-{newest + 10}"
+    s3.fs.pipe_file(f"{cut}/state.json", json.dumps({"step": newest + 10}).encode())
+    s3.fs.pipe_file(f"{cut}/done-0", b"{}")
+    s3.fs.pipe_file(f"{cut}/model.safetensors", b"cut short")
+    shutil.rmtree(s3.cache)  # a fresh machine: only the store is left
+
+    result = run_cli("train", str(config), "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(x) for x in s3.fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert [r["checkpoint"] for r in resumes] == [f"step-{newest}"]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 61))  # every step exactly once, those after the checkpoint redone
+    assert all(s3.fs.exists(f"{run}/checkpoints/{d.rsplit('/', 1)[1]}/COMPLETE") for d in s3.fs.ls(f"{run}/checkpoints"))
+
+    # The same model as a run that was never interrupted.
+    plain = tiny_config(tmp_path, *common, name="uninterrupted")
+    assert run_cli("train", str(write_config(tmp_path, plain, "plain.yaml")), "--local").returncode == 0
+    resumed = s3.fs.cat_file(f"{run}/final/model.safetensors")
+    (tmp_path / "resumed.safetensors").write_bytes(resumed)
+    a = load_file(str(tmp_path / "resumed.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "uninterrupted" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # the same steps on the same batches with restored optimizer and RNG state
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_path, s3):
+    cfg = tiny_config(tmp_path, "train.max_steps=400", "checkpoint.every_steps=100", "train.log_every=1",
+                      "train.eval_every=1000", *s3.overrides(), name="outage")
+    proc = start_cli("train", str(write_config(tmp_path, cfg)), "--local")
+    local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
+    wait_until(lambda: len(logged_steps(local_log)) >= 60, 120, "step 60", proc)
+    s3.relay.down()  # the checkpoint at step 100 is written while the store is away
+    down_at = logged_steps(local_log)[-1]
+    wait_until(lambda: (s3.cache / "").exists() and list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.pt")),
+               120, "the checkpoint at step 100 staged locally", proc)
+    time.sleep(4)
+    steps_while_down = logged_steps(local_log)[-1] - down_at
+    assert not complete_steps(s3, "outage")
+    s3.relay.up()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert steps_while_down > 40, steps_while_down  # training went on
+    records = [json.loads(x) for x in s3.fs.cat_file(s3.url("runs", "outage", "metrics.jsonl")).decode().splitlines()]
+    done = {r["step"]: r for r in records if r.get("event") == "checkpoint"}
+    assert {100, 200, 300} <= set(done)
+    assert done[100]["seconds"] > 2  # it waited for the store and retried, then completed
+    assert complete_steps(s3, "outage") == [200, 300]  # keep: 2 (no eval yet, so no best to keep)
+
+
+def test_a_store_gone_past_the_deadline_stops_the_run_with_the_local_copy_kept(tmp_path, s3):
+    cfg = tiny_config(tmp_path, "train.max_steps=400", "checkpoint.every_steps=50", "train.log_every=1",
+                      "storage.retry_deadline_s=2", *s3.overrides(), name="gone")
+    proc = start_cli("train", str(write_config(tmp_path, cfg)), "--local")
+    local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
+    wait_until(lambda: len(logged_steps(local_log)) >= 10, 120, "step 10", proc)
+    s3.relay.down()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    message = [line for line in out.splitlines() if line.startswith("ftdist: error:")]
+    assert len(message) == 1 and "did not answer for 2 s (storage.retry_deadline_s)" in message[0], out
+    kept = next(s3.cache.rglob("rank-0/checkpoints/step-50"), None)
+    assert kept is not None, out
+    assert str(kept.parent) in message[0] and (kept / "model.safetensors").is_file() and (kept / "optimizer.pt").is_file()
+
+
+def test_missing_credentials_and_a_missing_bucket_are_one_clear_message(tmp_path, s3):
+    cfg = tiny_config(tmp_path, "train.max_steps=2", *s3.overrides(), name="creds")
+    config = write_config(tmp_path, cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "ftdist", "train", str(config), "--local"], cwd=REPO,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "no AWS credentials found" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
+
+    cfg = tiny_config(tmp_path, "train.max_steps=2", *s3.overrides(), "run.output=s3://no-such-bucket/runs", name="nb")
+    result = run_cli("train", str(write_config(tmp_path, cfg, "nb.yaml")), "--local")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "s3://no-such-bucket/runs/nb" in result.stderr and FAKE_SECRET not in result.stderr + result.stdout
+
+
+def test_prune_keeps_the_newest_and_the_best_and_drops_partial_leftovers(tmp_path):
+    store = RunStore(str(tmp_path), tmp_path, StorageConfig())
+    losses = {10: 2.0, 20: 0.5, 30: 1.0, 40: 1.5, 50: 1.2}
+    for step, loss in losses.items():
+        store.write_text(f"checkpoints/step-{step}/COMPLETE", json.dumps({"eval_loss": loss}))
+    store.write_text("checkpoints/step-15/done-0", "{}")  # a dead partial, older than the newest
+    store.write_text("checkpoints/step-60/done-0", "{}")  # one in progress: left alone
+    prune(store, keep=2)
+    left = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    assert left == [20, 40, 50, 60]  # the newest two, the best (step 20), the one in progress
