@@ -23,7 +23,7 @@ from ftdist.errors import UserError
 from ftdist.launch import check_dtype, check_fits, check_paths, finished_summary, localize_data, read_summary
 from ftdist.memory import GiB
 from ftdist.rundir import is_finished, prepare_run_dir
-from ftdist.storage import RunStore
+from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
 
@@ -108,13 +108,21 @@ def worker_loop(config: dict[str, Any]) -> None:
     cfg = Config.model_validate(config["config"])
     rank = context.get_world_rank()
     ctx = RayContext(
-        store=RunStore(config["run"]["url"], Path(config["run"]["root"]), cfg.storage, rank),
+        store=worker_store(config["run"], cfg, rank),
         device=ray.train.torch.get_device(), rank=rank, world_size=context.get_world_size(),
         show_progress=config["show_progress"], ds_config=config["ds_config"], data_stats=config["data_stats"],
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     train(cfg, ctx)
+
+
+def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:
+    """This worker's RunStore: a local run is the driver's (shared) directory; an s3:// run is
+    worked on in this node's own cache (each node has its own home and disk)."""
+    url = run["url"]
+    root = cache_path(cfg.storage, "runs", url) if is_remote(url) else Path(run["root"])
+    return RunStore(url, root, cfg.storage, rank)
 
 
 # ---------------------------------------------------------------- preflight

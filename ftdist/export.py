@@ -32,6 +32,7 @@ import yaml
 from ftdist.checkpoint import MARKER, PREFIX, size_bytes
 from ftdist.checkpoint import ROOT as CHECKPOINTS
 from ftdist.config import Config, StorageConfig, validate_config
+from ftdist.engine import tied_names
 from ftdist.errors import UserError
 from ftdist.rundir import SNAPSHOT
 from ftdist.storage import is_remote
@@ -301,17 +302,6 @@ def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
     if missing or result.unexpected_keys:
         raise UserError(f"{where}: the weights do not fit the run's base model (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}); was the run's config.yaml or base changed?")
-
-
-def tied_names(model) -> set[str]:
-    """Second names of shared tensors (tied input and output embeddings): checkpoints hold each once."""
-    seen: set[int] = set()
-    tied = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            tied.add(name)
-        seen.add(tensor.data_ptr())
-    return tied
 
 
 # ---------------------------------------------------------------- adapters

@@ -193,6 +193,10 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     uploader = Uploader()
     try:
         return run_steps(cfg, ctx, bundle, data, plan, engine, uploader, base_path, saved, resume_path)
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"{e}. Training stopped; checkpoints not yet in the store are kept in "
+                               f"{run_dir / checkpoint.ROOT}. Run the same command again once the store is back: "
+                               "it resumes from the newest complete checkpoint") from None
     finally:
         uploader.close()
 
@@ -240,12 +244,7 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
 
     def note_uploads(step: int) -> None:
         """Surface the background jobs: a failure stops the run; finished checkpoints are logged."""
-        try:
-            uploader.check()
-        except StoreUnavailable as e:
-            raise StoreUnavailable(f"{e}. Training stopped at step {step}; checkpoints not yet in the store are "
-                                   f"kept in {run_dir / checkpoint.ROOT}. Run the same command again once the "
-                                   "store is back: it resumes from the newest complete checkpoint") from None
+        uploader.check()
         for done in uploader.drain():
             sizes.update(checkpoint_bytes=done["bytes"], base_model_bytes=base_size)
             log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
@@ -327,9 +326,13 @@ def describe_size(size: int, base_size: Optional[int], info: dict) -> str:
 
 
 def publish(store) -> None:
-    """Rank 0, at the end: the final model, summary, log and plots into the store (s3:// runs)."""
-    for rel in [FINAL_DIR, "summary.json", checkpoint.METRICS, *(p.name for p in store.local.glob("*.png"))]:
+    """Rank 0, at the end: summary, log, plots and the final model into the store (s3:// runs).
+    final/ftdist.json goes last: it is what marks the run finished."""
+    for rel in ["summary.json", checkpoint.METRICS, *(p.name for p in store.local.glob("*.png"))]:
         store.upload(rel)
+    marker = f"{FINAL_DIR}/ftdist.json"
+    store.upload(FINAL_DIR, skip={marker})
+    store.upload(marker)
 
 
 def tokenizer_corpus(cfg: Config) -> list[str]:

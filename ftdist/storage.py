@@ -200,15 +200,17 @@ class RunStore:
             return
         self.call(lambda: self.fs.pipe_file(self.path(rel), text.encode()), f"writing {self.path(rel)}")
 
-    def upload(self, rel: str, source: Optional[Path] = None) -> int:
-        """Copy local `rel` (a file or a tree; or `source`, to `rel`) up. Returns bytes sent
-        (0 for local runs: the local copy is the run)."""
+    def upload(self, rel: str, source: Optional[Path] = None, skip: set[str] = frozenset()) -> int:
+        """Copy local `rel` (a file or a tree; or `source`, to `rel`) up, but the files named in
+        `skip` (as `rel/...`). Returns bytes sent (0 for local runs: the local copy is the run)."""
         source = source or self.local / rel
         if not self.remote or not source.exists():
             return 0
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-        targets = [self.path(rel) if f == source else self.path(join(rel, str(f.relative_to(source))))
-                   for f in files]
+        names = [rel if f == source else join(rel, str(f.relative_to(source))) for f in files]
+        files, targets = [f for f, n in zip(files, names) if n not in skip], [self.path(n) for n in names if n not in skip]
+        if not files:
+            return 0
         # One call for all files: s3fs sends them concurrently.
         self.call(lambda: self.fs.put([str(f) for f in files], targets), f"uploading {self.path(rel)}")
         return sum(f.stat().st_size for f in files)
@@ -339,5 +341,9 @@ class Uploader:
         self.check()
 
     def close(self) -> None:
-        self.jobs.put(None)
+        """Let queued jobs finish (briefly: after a failure or Ctrl-C nothing may hang on a store)."""
+        try:
+            self.jobs.put(None, timeout=5)
+        except queue.Full:
+            return
         self.thread.join(timeout=5)

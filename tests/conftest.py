@@ -109,7 +109,8 @@ def ray_local():
     from ftdist.distributed import connect
 
     # With the dashboard: Ray Train's placement-group cleaner polls the State API it serves.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    # 4 logical CPUs on the 2 cores: test_distributed runs two 2-worker trainers at a time.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
              logging_config=ray.LoggingConfig(log_level="WARNING"))
     connect(None)  # ftdist's driver set-up (quiet streams) on the running instance
     yield ray

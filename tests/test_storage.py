@@ -132,16 +132,21 @@ def test_a_killed_driver_resumes_from_the_store_on_a_fresh_machine_never_from_a_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_path, s3):
-    cfg = tiny_config(tmp_path, "train.max_steps=400", "checkpoint.every_steps=100", "train.log_every=1",
-                      "train.eval_every=1000", *s3.overrides(), name="outage")
+def start_until_step(tmp_path: Path, s3, name: str, step: int, *overrides: str) -> tuple[subprocess.Popen, Path]:
+    """`ftdist train --local` in the background on the bucket, once `step` is logged: (process, local log)."""
+    cfg = tiny_config(tmp_path, "train.max_steps=400", "train.log_every=1", *overrides, *s3.overrides(), name=name)
     proc = start_cli("train", str(write_config(tmp_path, cfg)), "--local")
     local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
-    wait_until(lambda: len(logged_steps(local_log)) >= 60, 120, "step 60", proc)
+    wait_until(lambda: len(logged_steps(local_log)) >= step, 120, f"step {step}", proc)
+    return proc, local_log
+
+
+def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_path, s3):
+    proc, local_log = start_until_step(tmp_path, s3, "outage", 60, "checkpoint.every_steps=100", "train.eval_every=1000")
     s3.relay.down()  # the checkpoint at step 100 is written while the store is away
     down_at = logged_steps(local_log)[-1]
-    wait_until(lambda: (s3.cache / "").exists() and list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.pt")),
-               120, "the checkpoint at step 100 staged locally", proc)
+    wait_until(lambda: list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.pt")), 120,
+               "the checkpoint at step 100 staged locally", proc)
     time.sleep(4)
     steps_while_down = logged_steps(local_log)[-1] - down_at
     assert not complete_steps(s3, "outage")
@@ -157,11 +162,7 @@ def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_
 
 
 def test_a_store_gone_past_the_deadline_stops_the_run_with_the_local_copy_kept(tmp_path, s3):
-    cfg = tiny_config(tmp_path, "train.max_steps=400", "checkpoint.every_steps=50", "train.log_every=1",
-                      "storage.retry_deadline_s=2", *s3.overrides(), name="gone")
-    proc = start_cli("train", str(write_config(tmp_path, cfg)), "--local")
-    local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
-    wait_until(lambda: len(logged_steps(local_log)) >= 10, 120, "step 10", proc)
+    proc, _ = start_until_step(tmp_path, s3, "gone", 10, "checkpoint.every_steps=50", "storage.retry_deadline_s=2")
     s3.relay.down()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out
