@@ -32,8 +32,10 @@ from tests.conftest import REPO
 
 K8S = REPO / "k8s"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-# The KubeRay CRDs live in the shared folder beside the repository (../shared).
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+# The KubeRay CRDs live in the shared folder beside the repository (../shared), or in a
+# checkout's own shared/ where it carries one.
+CRDS = next((p for p in (REPO.parent / "shared" / "kuberay-crds", REPO / "shared" / "kuberay-crds") if p.is_dir()),
+            REPO.parent / "shared" / "kuberay-crds")
 KUBERNETES_VERSION = "1.32"  # the schemas kubernetes-validate checks core objects against
 
 OVERLAYS = ["gpu", "gpu-cluster", "cpu-smoke"]
