@@ -104,7 +104,7 @@ def commit(store: RunStore, step: int, rank: int, world_size: int, write_rest: O
     uploading = time.perf_counter()
     sent = store.upload(rel)
     upload_s = time.perf_counter() - uploading
-    if rank == 0 and store.remote:  # the log so far, readable in the store while training goes on
+    if rank == 0:  # the log so far, readable in the store while training goes on (s3:// runs)
         store.upload_file(store.local / rel / METRICS, METRICS)
     store.write_text(f"{rel}/done-{rank}", json.dumps({"bytes": sent}))
     if rank == 0:
@@ -145,13 +145,16 @@ def prune(store: RunStore, keep: int) -> None:
             store.remove(step_dir(step))
 
 
-def remove_partial(store: RunStore) -> None:
-    """Before a run (re)starts: checkpoints without a marker are the remains of a crash or a
-    cut upload. Removing them keeps their stale done-<rank> markers from completing a new one."""
-    complete = {m["step"] for m in complete_markers(store)}
+def start_point(store: RunStore) -> Optional[int]:
+    """Before a run (re)starts: the newest complete checkpoint's step (None: none). Directories
+    without a marker are the remains of a crash or a cut upload; they are removed, so that their
+    stale done-<rank> markers can never complete a new checkpoint."""
+    markers = complete_markers(store)
+    complete = {m["step"] for m in markers}
     for step in all_steps(store):
         if step not in complete:
             store.remove(step_dir(step))
+    return markers[-1]["step"] if markers else None
 
 
 # ---------------------------------------------------------------- resuming

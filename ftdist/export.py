@@ -29,13 +29,13 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ftdist.checkpoint import MARKER, PREFIX, size_bytes
+from ftdist.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
 from ftdist.checkpoint import ROOT as CHECKPOINTS
 from ftdist.config import Config, StorageConfig, validate_config
 from ftdist.engine import tied_names
 from ftdist.errors import UserError
 from ftdist.rundir import SNAPSHOT
-from ftdist.storage import is_remote
+from ftdist.storage import RunStore, is_remote
 
 FINAL_DIR = "final"  # loop.FINAL_DIR (loop imports the training stack; a refusal should not wait for it)
 META = "ftdist.json"
@@ -104,9 +104,6 @@ def local_copy(source: str, storage: StorageConfig, dest: Path) -> Path:
     """Download what an export of an s3:// run or checkpoint reads: the config, the summary,
     the base of a model.init run, and final/ or the one checkpoint wanted. Returns the local
     path that stands for `source`."""
-    from ftdist.checkpoint import latest_step, step_dir
-    from ftdist.storage import RunStore
-
     source = source.rstrip("/")
     head, parent, leaf = (source.rsplit("/", 2) + ["", ""])[:3]
     is_checkpoint = parent == CHECKPOINTS and leaf.startswith(PREFIX)
@@ -147,11 +144,11 @@ def resolve_source(path: Path) -> Source:
     cfg = run_config(path)
     if (path / FINAL_DIR / META).is_file():
         return Source(path, path / FINAL_DIR, cfg, final_step(path))
-    complete = complete_checkpoints(path)
-    if not complete:
+    step = latest_step(RunStore(str(path), path, cfg.storage))
+    if step is None:
         raise UserError(f"{path}: the run has no final model and no complete checkpoint yet; train it further "
                         "(the same `ftdist train` command resumes it), then export")
-    return checkpoint_source(complete[-1])
+    return checkpoint_source(path / step_dir(step))
 
 
 def checkpoint_source(path: Path) -> Source:
@@ -166,16 +163,6 @@ def checkpoint_source(path: Path) -> Source:
                         f"export a checkpoint inside its run directory (<run>/{CHECKPOINTS}/{PREFIX}N)")
     step = json.loads((path / "state.json").read_text()).get("step")
     return Source(run_dir, path, run_config(run_dir), step)
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Oldest first; a checkpoint counts once its marker exists."""
-    found = []
-    for path in (run_dir / CHECKPOINTS).glob(PREFIX + "*"):
-        suffix = path.name.removeprefix(PREFIX)
-        if suffix.isdigit() and (path / MARKER).is_file():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
 
 
 def run_config(run_dir: Path) -> Config:

@@ -173,23 +173,19 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     # -- model and data
     base_path = resolve_base(cfg, store, lambda: tokenizer_corpus(cfg))
     bundle = build_model(cfg, base_path, ctx.device)
-    model, tokenizer = bundle.model, bundle.tokenizer
-    pad_id = tokenizer.pad_token_id
-    data = ctx.load_data(cfg, tokenizer)
+    data = ctx.load_data(cfg, bundle.tokenizer)
     plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
-    optimizer, scheduler = build_optimizer(cfg, model, plan.total_steps)
+    optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
 
     # -- the newest complete checkpoint (rank 0 decides, so all ranks agree); its state says
     # how the engine must load it (another world size or ZeRO stage: universal checkpoint)
-    resume_step = int(ctx.all_reduce_sum((checkpoint.latest_step(store) or 0) if ctx.is_main else 0))
-    if ctx.is_main:
-        checkpoint.remove_partial(store)
-    ctx.barrier()
+    # (all_reduce_sum is collective: no barrier needed after rank 0's clean-up)
+    resume_step = int(ctx.all_reduce_sum((checkpoint.start_point(store) or 0) if ctx.is_main else 0))
     saved, resume_path = None, None
     if resume_step:
         resume_path = checkpoint.fetch_checkpoint(store, resume_step, ctx.rank, ctx.world_size)
         saved = checkpoint.read_state(resume_path)
-    engine = build_engine(cfg, model, optimizer, scheduler, ctx.ds_config, saved)
+    engine = build_engine(cfg, bundle.model, optimizer, scheduler, ctx.ds_config, saved)
     uploader = Uploader()
     try:
         return run_steps(cfg, ctx, bundle, data, plan, engine, uploader, base_path, saved, resume_path)
