@@ -1,4 +1,4 @@
-"""ftdist train | generate | report | export.
+"""ftdist train | tune | generate | report | export.
 
 Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
 without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,generate,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
                            description="Fine-tune a model. The same command again resumes from the newest "
@@ -36,6 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--restart", action="store_true",
                        help="delete this run's directory and start over instead of resuming")
+
+    tun = sub.add_parser("tune", help="search hyperparameters (the config's tune: section) with Ray Tune",
+                         description="Run the trials of the config's tune: section, each a Ray Train run, with "
+                                     "early stopping; write the results table, best.yaml and plots into "
+                                     "<run.output>/<tune.name>. The same command again continues an interrupted "
+                                     "search without rerunning finished trials.")
+    tun.add_argument("config", help="YAML config with a tune: section (see README: Tuning)")
+    tun.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
+    tun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
+    tun.add_argument("--restart", action="store_true",
+                     help="delete the experiment's directory and search again from scratch")
 
     gen = sub.add_parser("generate", help="generate text with a trained model",
                          description="Generate with a model or adapter directory, e.g. runs/NAME/final.")
@@ -89,6 +101,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ftdist.config import load_config, load_raw
+    from ftdist.tune.experiment import tune
+    from ftdist.tune.results import best_row, collect, format_table, write_report
+
+    raw = load_raw(args.config, args.overrides)
+    experiment, results = tune(load_config(args.config, args.overrides), raw, restart=args.restart,
+                               address=args.address)
+    rows = collect(experiment, results)
+    print(format_table(experiment.cfg, rows))
+    for row in rows:
+        if row.error:
+            print(f"  {row.trial} failed: {row.error}")
+    summary = write_report(experiment, rows)
+    store = experiment.store
+    print(f"results: {store.path('results.csv')}; plots: {store.path('eval_curves.png')}, "
+          f"{store.path('metric_vs_params.png')}")
+    unfinished = [r.trial for r in rows if r.status == "not finished"]
+    if unfinished:
+        print(f"ftdist: interrupted with {len(unfinished)} trial(s) not finished; run the same command again to "
+              "continue (finished trials are kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    best = summary["best"]
+    if best is None:
+        raise UserError(f"no trial of {store.url} finished; see the table above and the trials' logs")
+    print(f"best: {best['trial']} ({experiment.cfg.tune.metric} {best['metric']:.4f}): "
+          + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    print(f"  config: {best['config']} (run it with `ftdist train`)\n  model: {best['final_model']}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from ftdist.context import default_device
     from ftdist.generate import generate, load_trained
@@ -133,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         quiet_libraries()
-        return {"train": cmd_train, "generate": cmd_generate, "report": cmd_report,
+        return {"train": cmd_train, "tune": cmd_tune, "generate": cmd_generate, "report": cmd_report,
                 "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"ftdist: error: {e}", file=sys.stderr)

@@ -156,6 +156,98 @@ class StorageConfig(Section):
     cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
 
 
+class SpaceSpec(Section):
+    """One searched key: exactly one of a list of choices or a range [low, high]
+    (randint: integers low..high-1, as Ray Tune's; loguniform: sampled evenly in log space)."""
+
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _one_valid_domain(self) -> "SpaceSpec":
+        given = [k for k in SPACE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SPACE_KINDS)} (got {', '.join(given) or 'none'}), "
+                             "e.g. {choice: [8, 16]} or {loguniform: [1.0e-5, 1.0e-3]}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is empty: list at least one value")
+        for kind in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, kind)
+            if bounds is not None:
+                low, high = bounds
+                if not low < high:
+                    raise ValueError(f"{kind} [{low}, {high}]: low must be less than high")
+                if kind == "loguniform" and low <= 0:
+                    raise ValueError(f"loguniform [{low}, {high}]: both bounds must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SPACE_KINDS if getattr(self, k) is not None)
+
+    def candidates(self) -> list[Any]:
+        """The values that bound what a trial can get: every choice, or a range's two ends."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        return list(getattr(self, self.kind))
+
+
+SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
+# What a search may vary: how the model is fine-tuned. Data, base model, storage and the run's
+# name are the experiment's, the same for every trial (they share one base and one dataset).
+TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.")
+FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order"}
+
+
+class SchedulerConfig(Section):
+    """asha: stop trials whose metric lags the others' at steps grace_period, x reduction_factor, ...;
+    max_t is the longest a trial may run, in steps. none: every trial runs to the end."""
+
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(20, gt=0)
+    reduction_factor: float = Field(3, gt=1)
+    max_t: int = Field(200, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> "SchedulerConfig":
+        if self.type == "asha" and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period {self.grace_period} is more than max_t {self.max_t}")
+        return self
+
+
+class TuneConfig(Section):
+    """`ftdist tune`: a Ray Tune search over config keys; each trial is one Ray Train run."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # outputs in <run.output>/<name>/
+    num_samples: int = Field(8, gt=0)
+    metric: Literal["eval_loss", "eval_loss_plus_forgetting"] = "eval_loss"
+    forgetting_weight: float = Field(0.0, ge=0)  # eval_loss_plus_forgetting = eval_loss + weight * forgetting
+    mode: Literal["min", "max"] = "min"
+    search: Literal["random", "optuna"] = "random"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    max_concurrent_trials: int = Field(2, gt=0)
+    space: dict[str, SpaceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_tunable_keys(self) -> "TuneConfig":
+        leaves = set(all_keys(leaves_only=True))
+        for key in self.space:
+            if key not in leaves:
+                hint = difflib.get_close_matches(key, sorted(leaves), n=1, cutoff=0.6)
+                what = "a section, not a key" if key in set(all_keys()) else "not a config key"
+                raise ValueError(f"space key {key!r} is {what}" + (f"; did you mean {hint[0]}?" if hint else ""))
+            if not key.startswith(TUNABLE_PREFIXES) or key in FIXED_IN_SEARCH:
+                why = FIXED_IN_SEARCH.get(key, "data, model, storage, run and distributed keys are the "
+                                               "experiment's, the same for every trial")
+                raise ValueError(f"space key {key!r} cannot be searched: {why}; search method, freeze_layers, "
+                                 "lora.*, qlora.*, train.* or checkpoint.* keys")
+        return self
+
+
 class Config(Section):
     run: RunConfig
     model: ModelConfig
@@ -168,6 +260,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     storage: StorageConfig = StorageConfig()
+    tune: Optional[TuneConfig] = None  # read by `ftdist tune` only
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
@@ -192,6 +285,13 @@ class Config(Section):
                 "freeze_layers: all for feature extraction (only the final norm and head "
                 "train), or a number of blocks for lora/qlora"
             )
+        if self.tune is not None:
+            if self.data.eval is None and self.data.eval_fraction == 0:
+                raise ValueError("tune compares trials by their eval loss: set data.eval, or data.eval_fraction "
+                                 "above 0")
+            if self.tune.metric == "eval_loss_plus_forgetting" and self.data.retention is None:
+                raise ValueError("tune.metric eval_loss_plus_forgetting measures forgetting on data.retention: set "
+                                 "data.retention (held-out general text), or use tune.metric eval_loss")
         return self
 
 
@@ -200,6 +300,11 @@ class Config(Section):
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read YAML, apply `dotted.key=value` overrides, validate. Errors are UserErrors."""
+    return validate_config(load_raw(path, overrides), source=str(path))
+
+
+def load_raw(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML as written, with the overrides applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -211,7 +316,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
@@ -270,15 +375,16 @@ def _dedupe(lines: list[str]) -> list[str]:
     return [x for x in lines if not (x in seen or seen.add(x))]
 
 
-def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the contract, for suggestions."""
+def all_keys(model: Optional[type[BaseModel]] = None, prefix: str = "", leaves_only: bool = False) -> list[str]:
+    """Every dotted key of the contract (sections too, unless leaves_only), for suggestions."""
     keys = []
-    for name, field in model.model_fields.items():
+    for name, field in (model or Config).model_fields.items():
         dotted = f"{prefix}{name}"
-        keys.append(dotted)
         sub = _section_type(field.annotation)
-        if sub is not None:
-            keys.extend(all_keys(sub, dotted + "."))
+        if sub is None or not leaves_only:
+            keys.append(dotted)
+        if sub is not None and sub is not SpaceSpec:
+            keys.extend(all_keys(sub, dotted + ".", leaves_only))
     return keys
 
 

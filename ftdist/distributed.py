@@ -63,7 +63,8 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     return read_summary(store)
 
 
-def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool) -> None:
+def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool,
+        callbacks: Optional[list] = None) -> None:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -79,7 +80,7 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
                                      placement_strategy=d.placement),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(store.root / "ray"),  # Ray's own bookkeeping
                              failure_config=FailureConfig(max_failures=d.max_failures),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
+                             worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=SPLIT),
     )

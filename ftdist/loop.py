@@ -254,8 +254,14 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
             best = state["best_eval_loss"]
             state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
             state["eval_loss"] = eval_loss
-        log.append({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
-        progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+        record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+        if data.retention is not None and step > 0:  # forgetting as training goes, not only at the end
+            record["forgetting"] = evaluate(engine, model, data.retention, cfg, ctx, pad_id) - state["retention_before"]
+        log.append(record)
+        # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
+        ctx.report({**record, "tokens_seen": state["tokens_seen"], "trainable_params": info["trainable_params"]})
+        progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
+                       + (f", forgetting {record['forgetting']:+.4f}" if "forgetting" in record else ""))
 
     if state["step"] == 0 and data.eval is not None:
         run_eval(0)  # the baseline every later evaluation is compared with
@@ -278,8 +284,6 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
         }
         log.append(record)
         progress.step(record)
-        if step % cfg.train.log_every == 0:
-            ctx.report(record)  # a barrier under Ray: not every step
 
         if data.eval is not None and (step % cfg.train.eval_every == 0 or step == plan.total_steps):
             run_eval(step)

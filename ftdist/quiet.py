@@ -12,6 +12,15 @@ import sys
 # Lines Ray, DeepSpeed and torch print that say nothing to someone training a model.
 NOISE = re.compile("|".join([
     r"PlacementGroupCleaner",
+    r"placement_group_cleaner\.py",
+    r"PYTHON worker processes have been started",  # Tune starts a driver actor per trial: expected
+    r"No CUDA runtime is found",
+    r"Requesting resources: \{",
+    r"Attempting to start training worker group",
+    r"^Started training worker group of size",
+    r"^- \(ip=[\d.]+, pid=\d+\) world_rank=",
+    r"generated new fontManager",
+    r"To visualize your results with TensorBoard",
     r"core_worker\.cc",
     r"Setting accelerator to CPU",
     r"\[real_accelerator\.py",

@@ -17,10 +17,15 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "tra
                      "checkpoint.every_steps", "checkpoint.keep",
                      "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
-                     "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir"}
+                     "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
+                     "tune."}  # a prefix: `ftdist train` does not read the tune: section
+# A search's trials must stay comparable: only where and how fast they run may change.
+TUNE_RESUMABLE_CHANGES = {"distributed.use_gpu", "distributed.resources_per_worker", "distributed.placement",
+                          "distributed.max_failures", "storage.endpoint_url", "storage.region",
+                          "storage.retry_deadline_s", "storage.cache_dir", "tune.max_concurrent_trials"}
 
 
-def prepare_run_dir(cfg: Config, restart: bool) -> RunStore:
+def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_CHANGES) -> RunStore:
     """Create the run (or clear it with restart) and write the config snapshot.
 
     Resuming a run that was started with a different config would mix two experiments:
@@ -31,9 +36,10 @@ def prepare_run_dir(cfg: Config, restart: bool) -> RunStore:
         store.remove("")
         shutil.rmtree(store.root, ignore_errors=True)
     new_text = config_yaml(cfg)
-    if store.exists(SNAPSHOT):
-        old = yaml.safe_load(store.read_text(SNAPSHOT))
-        changed = sorted(k for k in diff_keys(old, yaml.safe_load(new_text)) if k not in RESUMABLE_CHANGES)
+    old_text = store.read_text(SNAPSHOT) if store.exists(SNAPSHOT) else None
+    if old_text is not None:
+        old = yaml.safe_load(old_text)
+        changed = sorted(k for k in diff_keys(old, yaml.safe_load(new_text)) if not may_change(k, resumable))
         if changed:
             raise UserError(
                 f"{store.url} holds a run with a different config ({', '.join(changed)}); "
@@ -43,8 +49,13 @@ def prepare_run_dir(cfg: Config, restart: bool) -> RunStore:
         store.local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run.output: cannot create {store.local}: {e.strerror}") from None
-    store.write_text(SNAPSHOT, new_text)
+    if new_text != old_text:  # a finished run opened again is left as it was
+        store.write_text(SNAPSHOT, new_text)
     return store
+
+
+def may_change(key: str, resumable: set[str]) -> bool:
+    return key in resumable or any(p.endswith(".") and key.startswith(p) for p in resumable)
 
 
 def diff_keys(old, new, prefix: str = "") -> set[str]:

@@ -38,9 +38,13 @@ CRDS = next((p for p in (REPO.parent / "shared" / "kuberay-crds", REPO / "shared
             REPO.parent / "shared" / "kuberay-crds")
 KUBERNETES_VERSION = "1.32"  # the schemas kubernetes-validate checks core objects against
 
-OVERLAYS = ["gpu", "gpu-cluster", "cpu-smoke"]
+OVERLAYS = ["gpu", "gpu-tune", "gpu-cluster", "cpu-smoke"]
 KUSTOMIZATIONS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
-JOB_KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/cpu-smoke"]  # those that render the RayJob
+# Those that render a RayJob: (kustomization, the RayJob, the ftdist command it runs, its config file)
+JOBS = [("base", "ftdist-train", "train", "base/train.yaml"),
+        ("overlays/gpu", "ftdist-train", "train", "base/train.yaml"),
+        ("overlays/cpu-smoke", "ftdist-train", "train", "overlays/cpu-smoke/train.yaml"),
+        ("overlays/gpu-tune", "ftdist-tune", "tune", "base/tune.yaml")]
 RAY_KINDS = ("RayCluster", "RayJob")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
 
@@ -396,8 +400,8 @@ def test_kustomizations_render(path):
     ids = [(o["kind"], o["metadata"]["name"]) for o in objs]
     assert len(ids) == len(set(ids)), f"duplicate objects: {ids}"
     assert {"ServiceAccount", "ConfigMap"} <= set(kinds)
-    expected = {"base": ["RayCluster", "RayJob"], "overlays/gpu": ["RayJob"], "overlays/cpu-smoke": ["RayJob"],
-                "overlays/gpu-cluster": ["RayCluster"]}[path]
+    expected = {"base": ["RayCluster", "RayJob"], "overlays/gpu": ["RayJob"], "overlays/gpu-tune": ["RayJob"],
+                "overlays/cpu-smoke": ["RayJob"], "overlays/gpu-cluster": ["RayCluster"]}[path]
     assert [k for k in kinds if k in RAY_KINDS] == expected
     # The real Secret is made by hand: an overlay that carried the example would overwrite it.
     assert ("Secret" in kinds) == (path == "overlays/cpu-smoke")
@@ -444,7 +448,7 @@ def test_core_objects_and_pod_templates_validate_against_kubernetes_schemas(path
             checked.add(obj["kind"])
     assert {"ServiceAccount", "ConfigMap"} <= checked
     assert any(c.endswith("/head") for c in checked) and any(c.endswith("/workers") for c in checked)
-    if path in JOB_KUSTOMIZATIONS:
+    if path in [job[0] for job in JOBS]:
         assert "RayJob/submitter" in checked
 
 
@@ -470,12 +474,13 @@ def test_kubernetes_validation_rejects_broken_copies():
 # ---------------------------------------------------------------- the RayJob
 
 
-@pytest.mark.parametrize("path", JOB_KUSTOMIZATIONS)
-def test_the_rayjob_runs_ftdist_train_on_its_own_cluster_and_retries_resume(path, tmp_path):
+@pytest.mark.parametrize("path, name, command, source", JOBS)
+def test_the_rayjob_runs_ftdist_on_its_own_cluster_and_retries_resume(path, name, command, source, tmp_path):
     objs = render(path)
+    assert [o["metadata"]["name"] for o in objs if o["kind"] == "RayJob"] == [name]  # one job per overlay
     job = one(objs, "RayJob")
     spec = job["spec"]
-    assert "generateName" not in job["metadata"] and job["metadata"]["name"] == "ftdist-train"
+    assert "generateName" not in job["metadata"] and job["metadata"]["name"] == name
     assert "rayClusterSpec" in spec and "clusterSelector" not in spec  # its own cluster, deleted after
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] >= 1
@@ -486,19 +491,24 @@ def test_the_rayjob_runs_ftdist_train_on_its_own_cluster_and_retries_resume(path
     argv = shlex.split(spec["entrypoint"])
     assert argv[0] == "ftdist"
     args = build_parser().parse_args(argv[1:])
-    assert args.command == "train" and not args.local and not args.restart and args.overrides == []
-    assert args.config == "/config/train.yaml"
+    assert args.command == command and not getattr(args, "local", False) and not args.restart
+    assert args.overrides == [] and args.config == f"/config/{command}.yaml"
     head = cluster_spec(job)["headGroupSpec"]["template"]
     text = mounted_file(objs, head, head["spec"]["containers"][0], args.config)
     assert text is not None, "the config is not mounted in the head pod (where the entrypoint runs)"
-    source = K8S / ("overlays/cpu-smoke" if "cpu-smoke" in path else "base") / "train.yaml"
-    assert text == source.read_text()
-    (tmp_path / "train.yaml").write_text(text)
-    cfg = load_config(tmp_path / "train.yaml")
+    assert text == (K8S / source).read_text()
+    (tmp_path / "config.yaml").write_text(text)
+    cfg = load_config(tmp_path / "config.yaml")
     # A retry runs the same command on the same run directory in the store, and resumes there.
     assert cfg.run.output.startswith("s3://") and not re.search(r"\d{8}|\d{4}-\d\d-\d\d", cfg.run.output + cfg.run.name)
-    assert cfg.distributed.workers >= 2
-    assert fit_problems(objs, job, cfg) == []
+    if command == "train":
+        assert cfg.distributed.workers >= 2
+        assert fit_problems(objs, job, cfg) == []
+    else:  # the search's experiment is as fixed as a run; its concurrent trials fit the cluster together
+        assert cfg.tune is not None and not re.search(r"\d{8}|\d{4}-\d\d-\d\d", cfg.tune.name)
+        assert cfg.tune.max_concurrent_trials >= 2
+        together = cfg.distributed.model_copy(update={"workers": cfg.distributed.workers * cfg.tune.max_concurrent_trials})
+        assert fit_problems(objs, job, cfg.model_copy(update={"distributed": together})) == []
     # The job's env is what `ray job submit --runtime-env cluster/runtime_env.yaml` gives.
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": runtime_env["env_vars"]}

@@ -1,0 +1,182 @@
+"""The `ftdist tune` driver: preflight, one base model and one dataset for all trials, then a
+Ray Tune experiment (new, or restored from <run.output>/<tune.name>/tuner), then the report.
+
+Resources: a trial's Ray Train run places its own workers (Train V2 gives each run its own
+placement group), so a trial is admitted only while the cluster can hold the workers of
+every running trial: at most cluster // (workers x resources per worker) trials run at
+once. Trials then never wait on each other for CPUs or GPUs, which is how concurrent
+trials deadlock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ftdist.config import Config
+from ftdist.errors import UserError
+from ftdist.storage import RunStore
+
+TRIAL_DRIVER_MEMORY = 256 * 2**20
+TUNER_DIR = "tuner"  # Ray Tune's experiment state, under the experiment's directory
+
+
+@dataclass
+class Experiment:
+    cfg: Config  # as the user wrote it (s3:// data paths kept)
+    raw: dict  # the same, as plain data: trials and best.yaml start from it
+    store: RunStore  # <run.output>/<tune.name>
+    concurrency: int
+
+
+def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] = None) -> tuple[Experiment, Any]:
+    """Run (or continue) the experiment; returns it with Tune's ResultGrid."""
+    from ray import tune as ray_tune
+
+    from ftdist.distributed import check_data, cluster_budget, connect
+    from ftdist.engine import deepspeed_config  # noqa: F401  (fail here, not in a trial, if DeepSpeed is missing)
+    from ftdist.launch import check_dtype, check_fits, check_paths, localize_data, model_config_of
+    from ftdist.loop import make_plan, tokenizer_corpus
+    from ftdist.model import BASE_DIR, resolve_base
+    from ftdist.raydata import ray_datasets
+    from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
+    from ftdist.tune.space import check_space, ray_domains
+    from ftdist.tune.trial import run_trial
+
+    if cfg.tune is None:
+        raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
+    t, d = cfg.tune, cfg.distributed
+    if d.workers == 0:
+        raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
+    check_paths(cfg)
+    local_cfg = localize_data(cfg)
+    fmt, skipped = check_data(local_cfg)
+    check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
+    connect(address)
+    use_gpu, device_type, per_device = cluster_budget(cfg)
+    check_dtype(cfg, torch.device(device_type))
+    check_fits(local_cfg, torch.device(device_type), d.workers, d.zero_stage, available=per_device)
+    concurrency = trial_concurrency(cfg, use_gpu)
+
+    store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
+    base_path = resolve_base(local_cfg, store, lambda: tokenizer_corpus(local_cfg))  # one base for every trial
+    datasets = {name: ds.materialize() for name, ds in ray_datasets(local_cfg, base_path, fmt).items()}
+    stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
+    plan = make_plan(local_cfg, stats["train_rows"], d.workers)
+    if t.scheduler.type == "asha" and t.scheduler.max_t < plan.total_steps:
+        raise UserError(f"tune.scheduler.max_t {t.scheduler.max_t} is less than the {plan.total_steps} steps a trial "
+                        f"runs: ASHA would cut every trial at step {t.scheduler.max_t}; set max_t to "
+                        f"{plan.total_steps}, or train.max_steps to {t.scheduler.max_t}")
+
+    experiment = {
+        "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu, "data_stats": stats,
+        # Trials load the experiment's base: one set of initial weights for every trial.
+        "model_source": trial_model_source(cfg, store.path(BASE_DIR), base_path),
+    }
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, experiment=experiment, datasets=datasets),
+        # The trial's own process only waits on its Train run: no CPU (its workers hold those), but
+        # Tune needs some resource in a trial's bundle; a little memory takes nothing from the workers.
+        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    say = print
+    say(f"tune: {t.num_samples} trials of {d.workers} worker(s), {concurrency} at a time; search {t.search}, "
+        f"scheduler {t.scheduler.type}; {plan.total_steps} steps per trial; outputs in {store.url}", flush=True)
+
+    storage_path, fs = tune_storage(store)
+    path = f"{storage_path}/{TUNER_DIR}"
+    if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
+        say(f"tune: continuing the experiment in {store.path(TUNER_DIR)} (finished trials are kept)", flush=True)
+        tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+    else:
+        tuner = ray_tune.Tuner(
+            trainable, param_space=ray_domains(t.space),
+            tune_config=ray_tune.TuneConfig(
+                metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                search_alg=search_algorithm(cfg, concurrency), scheduler=scheduler(cfg),
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=ray_tune.RunConfig(name=TUNER_DIR, storage_path=storage_path, storage_filesystem=fs,
+                                          failure_config=ray_tune.FailureConfig(max_failures=0), verbose=1))
+    results = tuner.fit()
+    return Experiment(cfg, raw, store, concurrency), results
+
+
+def experiment_config(cfg: Config) -> Config:
+    """The config whose run directory is the experiment's: <run.output>/<tune.name>."""
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.tune.name})})
+
+
+def trial_model_source(cfg: Config, experiment_base: str, base_path: str) -> dict:
+    """The model section's source for every trial: the experiment's base (model.init), or the
+    user's model as an absolute path or URL (a trial's process need not share this one's
+    working directory)."""
+    from pathlib import Path
+
+    from ftdist.storage import is_remote
+
+    if cfg.model.init:
+        return {"name_or_path": experiment_base, "init": None, "tokenizer": None}
+    name = cfg.model.name_or_path
+    source = {"name_or_path": name if is_remote(name) or not Path(base_path).is_dir() else str(Path(base_path).resolve())}
+    if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer) and Path(cfg.model.tokenizer).exists():
+        source["tokenizer"] = str(Path(cfg.model.tokenizer).resolve())
+    return source
+
+
+def trial_name(trial) -> str:
+    """trial-00003: the index Tune gives the trial (stable across a restored experiment)."""
+    return "trial-" + trial.trial_id.rsplit("_", 1)[-1]
+
+
+def trial_concurrency(cfg: Config, use_gpu: bool) -> int:
+    """Trials the cluster can run at once, each with all its workers placed."""
+    import ray
+
+    d, total = cfg.distributed, ray.cluster_resources()
+    need = dict(d.resources_per_worker) or {"CPU": 1.0}
+    if use_gpu:
+        need.setdefault("GPU", 1.0)
+    fits = min(math.floor(total.get(r, 0) / (amount * d.workers)) for r, amount in need.items() if amount > 0)
+    if fits < cfg.tune.max_concurrent_trials:
+        print(f"tune: the cluster holds {fits} trial(s) of {d.workers} worker(s) at once; running {fits} at a time "
+              f"instead of tune.max_concurrent_trials {cfg.tune.max_concurrent_trials}", flush=True)
+    return max(1, min(fits, cfg.tune.max_concurrent_trials))
+
+
+def search_algorithm(cfg: Config, concurrency: int):
+    """Seeded by train.seed: the same config samples the same trials."""
+    if cfg.tune.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrency)  # TPE
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=concurrency)
+
+
+def scheduler(cfg: Config):
+    s = cfg.tune.scheduler
+    if s.type == "none":
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+    from ray.tune.schedulers import ASHAScheduler
+
+    # time_attr "step": grace_period and max_t count optimizer steps, as the rest of the config does.
+    # stop_last_trials off: a trial that reaches max_t ends by itself, after saving its final model.
+    return ASHAScheduler(time_attr="step", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                         max_t=s.max_t, stop_last_trials=False)
+
+
+def tune_storage(store: RunStore) -> tuple[str, Any]:
+    """Where Ray Tune keeps the experiment (in TUNER_DIR there): the experiment's directory,
+    local or in the bucket through s3fs (pyarrow names bucket paths without s3://)."""
+    if not store.remote:
+        return str(store.root), None
+    import pyarrow.fs
+
+    return store.fs._strip_protocol(store.url), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))

@@ -1,0 +1,65 @@
+"""The search space of `tune.space`: dotted config keys, each with a domain.
+
+Every value a trial can get is checked against the config before any trial starts (each
+choice, each end of a range), so a bad space fails at once and names its key instead of
+failing trials one by one on a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ftdist.config import Config, SpaceSpec, format_validation_error
+from ftdist.errors import UserError
+
+
+def with_params(raw: dict, params: dict[str, Any]) -> dict:
+    """A copy of the raw config with each searched key set to the trial's value."""
+    out = copy.deepcopy(raw)
+    for key, value in params.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def check_space(raw: dict, cfg: Config, num_layers: int) -> None:
+    """Every candidate value of every key gives a valid config; else a UserError naming the key."""
+    from pydantic import ValidationError
+
+    for key, spec in cfg.tune.space.items():
+        for value in spec.candidates():
+            try:
+                trial = Config.model_validate(with_params(raw, {key: value}))
+            except ValidationError as e:
+                detail = format_validation_error(e, "").split("\n", 1)[-1].strip()
+                raise UserError(f"tune.space.{key}: the value {value!r} gives an invalid config: {detail}") from None
+            frozen = num_layers if trial.freeze_layers == "all" else trial.freeze_layers
+            if frozen > num_layers:
+                raise UserError(f"tune.space.{key}: the value {value!r} freezes {frozen} blocks but the model has "
+                                f"{num_layers}; keep freeze_layers at most {num_layers}")
+            if trial.method != "full" and frozen >= num_layers:
+                raise UserError(f"tune.space.{key}: the value {value!r} freezes all {num_layers} blocks of a "
+                                f"{trial.method} run, leaving no block for adapters; keep freeze_layers below "
+                                f"{num_layers} (randint's high end is exclusive)")
+
+
+def ray_domains(space: dict[str, SpaceSpec]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "choice": lambda v: tune.choice(v),
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
+    return {key: make[spec.kind](getattr(spec, spec.kind)) for key, spec in space.items()}
+
+
+def log_scale(spec: SpaceSpec) -> bool:
+    return spec.kind == "loguniform"
