@@ -19,10 +19,10 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "tra
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
                      "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
                      "tune."}  # a prefix: `ftdist train` does not read the tune: section
-# A search's trials must stay comparable: only where and how fast they run may change.
-TUNE_RESUMABLE_CHANGES = {"distributed.use_gpu", "distributed.resources_per_worker", "distributed.placement",
-                          "distributed.max_failures", "storage.endpoint_url", "storage.region",
-                          "storage.retry_deadline_s", "storage.cache_dir", "tune.max_concurrent_trials"}
+# A search's trials must stay comparable, and a restored search keeps the trial admission it
+# started with: only retries and how the store is reached may change.
+TUNE_RESUMABLE_CHANGES = {"distributed.max_failures", "storage.endpoint_url", "storage.region",
+                          "storage.retry_deadline_s", "storage.cache_dir"}
 
 
 def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_CHANGES) -> RunStore:

@@ -34,21 +34,30 @@ class Experiment:
 
 def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] = None) -> tuple[Experiment, Any]:
     """Run (or continue) the experiment; returns it with Tune's ResultGrid."""
-    from ray import tune as ray_tune
-
-    from ftdist.distributed import check_data, cluster_budget, connect
-    from ftdist.engine import deepspeed_config  # noqa: F401  (fail here, not in a trial, if DeepSpeed is missing)
-    from ftdist.launch import check_dtype, check_fits, check_paths, localize_data, model_config_of
-    from ftdist.loop import make_plan, tokenizer_corpus
-    from ftdist.model import BASE_DIR, resolve_base
-    from ftdist.raydata import ray_datasets
     from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
-    from ftdist.tune.space import check_space, ray_domains
-    from ftdist.tune.trial import run_trial
+
+    local_cfg, fmt, skipped, use_gpu = preflight(cfg, raw, address)
+    concurrency = trial_concurrency(cfg, use_gpu)
+    store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
+    experiment, datasets, steps = shared_inputs(cfg, local_cfg, raw, store, fmt, skipped, use_gpu)
+    t = cfg.tune
+    print(f"tune: {t.num_samples} trials of {cfg.distributed.workers} worker(s), {concurrency} at a time; search "
+          f"{t.search}, scheduler {t.scheduler.type}; {steps} steps per trial; outputs in {store.url}", flush=True)
+    tuner = build_tuner(cfg, store, experiment, datasets, concurrency)
+    return Experiment(cfg, raw, store, concurrency), tuner.fit()
+
+
+def preflight(cfg: Config, raw: dict, address: Optional[str]) -> tuple[Config, str, int, bool]:
+    """Everything that can be wrong, before the first trial: the config and its space, the
+    data, the cluster. Returns the config with local data paths, the data format, rows skipped
+    and whether trials use GPUs."""
+    from ftdist.distributed import check_data, cluster_budget, connect
+    from ftdist.launch import check_dtype, check_fits, check_paths, localize_data, model_config_of
+    from ftdist.tune.space import check_space
 
     if cfg.tune is None:
         raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
-    t, d = cfg.tune, cfg.distributed
+    d = cfg.distributed
     if d.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
     check_paths(cfg)
@@ -59,49 +68,62 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     use_gpu, device_type, per_device = cluster_budget(cfg)
     check_dtype(cfg, torch.device(device_type))
     check_fits(local_cfg, torch.device(device_type), d.workers, d.zero_stage, available=per_device)
-    concurrency = trial_concurrency(cfg, use_gpu)
+    return local_cfg, fmt, skipped, use_gpu
 
-    store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
-    base_path = resolve_base(local_cfg, store, lambda: tokenizer_corpus(local_cfg))  # one base for every trial
+
+def shared_inputs(cfg: Config, local_cfg: Config, raw: dict, store: RunStore, fmt: str, skipped: int,
+                  use_gpu: bool) -> tuple[dict, dict, int]:
+    """What every trial shares, made once: the base model (built into the experiment for
+    model.init), the Ray datasets, and the experiment's description. Returns those and the
+    steps of one trial."""
+    from ftdist.loop import make_plan, tokenizer_corpus
+    from ftdist.model import BASE_DIR, resolve_base
+    from ftdist.raydata import ray_datasets
+
+    t = cfg.tune
+    base_path = resolve_base(local_cfg, store, lambda: tokenizer_corpus(local_cfg))
     datasets = {name: ds.materialize() for name, ds in ray_datasets(local_cfg, base_path, fmt).items()}
     stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
-    plan = make_plan(local_cfg, stats["train_rows"], d.workers)
+    plan = make_plan(local_cfg, stats["train_rows"], cfg.distributed.workers)
     if t.scheduler.type == "asha" and t.scheduler.max_t < plan.total_steps:
         raise UserError(f"tune.scheduler.max_t {t.scheduler.max_t} is less than the {plan.total_steps} steps a trial "
-                        f"runs: ASHA would cut every trial at step {t.scheduler.max_t}; set max_t to "
-                        f"{plan.total_steps}, or train.max_steps to {t.scheduler.max_t}")
-
+                        f"runs: ASHA's rungs would not reach the end; set max_t to {plan.total_steps}, or "
+                        f"train.max_steps to {t.scheduler.max_t}")
     experiment = {
         "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu, "data_stats": stats,
-        # Trials load the experiment's base: one set of initial weights for every trial.
         "model_source": trial_model_source(cfg, store.path(BASE_DIR), base_path),
     }
+    return experiment, datasets, plan.total_steps
+
+
+def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, concurrency: int):
+    """A Tuner for the experiment: restored from its state in the store when there is one
+    (finished trials kept, unfinished ones run again and resume), else a new one."""
+    from ray import tune as ray_tune
+
+    from ftdist.tune.space import ray_domains
+    from ftdist.tune.trial import run_trial
+
+    t = cfg.tune
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(run_trial, experiment=experiment, datasets=datasets),
         # The trial's own process only waits on its Train run: no CPU (its workers hold those), but
         # Tune needs some resource in a trial's bundle; a little memory takes nothing from the workers.
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    say = print
-    say(f"tune: {t.num_samples} trials of {d.workers} worker(s), {concurrency} at a time; search {t.search}, "
-        f"scheduler {t.scheduler.type}; {plan.total_steps} steps per trial; outputs in {store.url}", flush=True)
-
     storage_path, fs = tune_storage(store)
     path = f"{storage_path}/{TUNER_DIR}"
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
-        say(f"tune: continuing the experiment in {store.path(TUNER_DIR)} (finished trials are kept)", flush=True)
-        tuner = ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=fs)
-    else:
-        tuner = ray_tune.Tuner(
-            trainable, param_space=ray_domains(t.space),
-            tune_config=ray_tune.TuneConfig(
-                metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                search_alg=search_algorithm(cfg, concurrency), scheduler=scheduler(cfg),
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=ray_tune.RunConfig(name=TUNER_DIR, storage_path=storage_path, storage_filesystem=fs,
-                                          failure_config=ray_tune.FailureConfig(max_failures=0), verbose=1))
-    results = tuner.fit()
-    return Experiment(cfg, raw, store, concurrency), results
+        print(f"tune: continuing the experiment in {store.path(TUNER_DIR)} (trials that ended are kept)", flush=True)
+        return ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=fs)
+    return ray_tune.Tuner(
+        trainable, param_space=ray_domains(t.space),
+        tune_config=ray_tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+            search_alg=search_algorithm(cfg, concurrency), scheduler=scheduler(cfg),
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=ray_tune.RunConfig(name=TUNER_DIR, storage_path=storage_path, storage_filesystem=fs,
+                                      failure_config=ray_tune.FailureConfig(max_failures=0), verbose=1))
 
 
 def experiment_config(cfg: Config) -> Config:
