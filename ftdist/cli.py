@@ -102,12 +102,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ftdist.config import load_config, load_raw
+    from ftdist.config import load_raw, validate_config
     from ftdist.tune.experiment import tune
-    from ftdist.tune.results import best_row, collect, format_table, write_report
+    from ftdist.tune.results import collect, format_table, write_report
 
-    raw = load_raw(args.config, args.overrides)
-    experiment, results = tune(load_config(args.config, args.overrides), raw, restart=args.restart,
+    raw = load_raw(args.config, args.overrides)  # trials and best.yaml start from the config as written
+    experiment, results = tune(validate_config(raw, source=args.config), raw, restart=args.restart,
                                address=args.address)
     rows = collect(experiment, results)
     print(format_table(experiment.cfg, rows))

@@ -334,16 +334,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    try:
+        set_dotted(raw, key.strip(), value)
+    except KeyError as e:
+        raise UserError(f"--set {item!r}: {e.args[0]} is not a section") from None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key "a.b.c", creating absent sections; KeyError(part) where a
+    part names a value that is not a section."""
     node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
+    *parents, leaf = key.split(".")
+    for part in parents:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: {part} is not a section")
+            raise KeyError(part)
         node = child
-    node[parts[-1]] = value
+    node[leaf] = value
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

@@ -166,9 +166,7 @@ def cluster_budget(cfg: Config) -> tuple[bool, str, float]:
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0)
     use_gpu = gpus >= 1 if d.use_gpu == "auto" else d.use_gpu
-    need = dict(d.resources_per_worker) or {"CPU": 1.0}
-    if use_gpu:
-        need.setdefault("GPU", 1.0)
+    need = worker_resources(cfg, use_gpu)
     for resource, amount in need.items():
         if amount * d.workers > total.get(resource, 0):
             raise UserError(
@@ -182,6 +180,14 @@ def cluster_budget(cfg: Config) -> tuple[bool, str, float]:
         return True, "cuda", gpu_memory()
     per_node = max(1, math.ceil(d.workers / len(nodes))) if d.placement != "PACK" else d.workers
     return False, "cpu", min(n["Resources"].get("memory", 0) for n in nodes) / max(1, min(per_node, d.workers))
+
+
+def worker_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:
+    """What Ray places each training worker with: resources_per_worker, else one CPU (and a GPU)."""
+    need = dict(cfg.distributed.resources_per_worker) or {"CPU": 1.0}
+    if use_gpu:
+        need.setdefault("GPU", 1.0)
+    return need
 
 
 def gpu_memory() -> float:

@@ -248,6 +248,8 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
             progress.write(f"checkpoint step {done['step']} complete: {describe_size(done['bytes'], base_size, info)}"
                            f" in {done['seconds']:.1f} s")
 
+    retention_loss: dict[int, float] = {}  # by step, measured with each evaluation
+
     def run_eval(step: int) -> None:
         eval_loss = evaluate(engine, model, data.eval, cfg, ctx, pad_id)
         if step > 0:
@@ -256,7 +258,8 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
             state["eval_loss"] = eval_loss
         record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
         if data.retention is not None and step > 0:  # forgetting as training goes, not only at the end
-            record["forgetting"] = evaluate(engine, model, data.retention, cfg, ctx, pad_id) - state["retention_before"]
+            retention_loss[step] = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
+            record["forgetting"] = retention_loss[step] - state["retention_before"]
         log.append(record)
         # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
         ctx.report({**record, "tokens_seen": state["tokens_seen"], "trainable_params": info["trainable_params"]})
@@ -304,7 +307,9 @@ def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, 
         summary.update(eval_loss=state["eval_loss"], eval_ppl=perplexity(state["eval_loss"]),
                        best_eval_loss=state["best_eval_loss"])
     if data.retention is not None:
-        after = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
+        after = retention_loss.get(plan.total_steps)
+        if after is None:  # no eval data: no evaluation at the last step
+            after = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
         summary.update(retention_loss_before=state["retention_before"], retention_loss_after=after,
                        forgetting=after - state["retention_before"])
     model_state = engine.model_state()  # collective under ZeRO-3

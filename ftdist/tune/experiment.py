@@ -29,7 +29,6 @@ class Experiment:
     cfg: Config  # as the user wrote it (s3:// data paths kept)
     raw: dict  # the same, as plain data: trials and best.yaml start from it
     store: RunStore  # <run.output>/<tune.name>
-    concurrency: int
 
 
 def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] = None) -> tuple[Experiment, Any]:
@@ -44,7 +43,7 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     print(f"tune: {t.num_samples} trials of {cfg.distributed.workers} worker(s), {concurrency} at a time; search "
           f"{t.search}, scheduler {t.scheduler.type}; {steps} steps per trial; outputs in {store.url}", flush=True)
     tuner = build_tuner(cfg, store, experiment, datasets, concurrency)
-    return Experiment(cfg, raw, store, concurrency), tuner.fit()
+    return Experiment(cfg, raw, store), tuner.fit()
 
 
 def preflight(cfg: Config, raw: dict, address: Optional[str]) -> tuple[Config, str, int, bool]:
@@ -157,10 +156,10 @@ def trial_concurrency(cfg: Config, use_gpu: bool) -> int:
     """Trials the cluster can run at once, each with all its workers placed."""
     import ray
 
+    from ftdist.distributed import worker_resources
+
     d, total = cfg.distributed, ray.cluster_resources()
-    need = dict(d.resources_per_worker) or {"CPU": 1.0}
-    if use_gpu:
-        need.setdefault("GPU", 1.0)
+    need = worker_resources(cfg, use_gpu)
     fits = min(math.floor(total.get(r, 0) / (amount * d.workers)) for r, amount in need.items() if amount > 0)
     if fits < cfg.tune.max_concurrent_trials:
         print(f"tune: the cluster holds {fits} trial(s) of {d.workers} worker(s) at once; running {fits} at a time "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ftdist.config import Config, SpaceSpec, format_validation_error
+from ftdist.config import Config, SpaceSpec, format_validation_error, set_dotted
 from ftdist.errors import UserError
 
 
@@ -18,13 +18,7 @@ def with_params(raw: dict, params: dict[str, Any]) -> dict:
     """A copy of the raw config with each searched key set to the trial's value."""
     out = copy.deepcopy(raw)
     for key, value in params.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
+        set_dotted(out, key, value)  # space keys are leaf keys: their parents are sections
     return out
 
 
@@ -60,6 +54,3 @@ def ray_domains(space: dict[str, SpaceSpec]) -> dict[str, Any]:
     }
     return {key: make[spec.kind](getattr(spec, spec.kind)) for key, spec in space.items()}
 
-
-def log_scale(spec: SpaceSpec) -> bool:
-    return spec.kind == "loguniform"
