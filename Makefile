@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# The torch build installed first, pinned for every later install: a resolver (pip 26 among
+# them) may otherwise swap it for another build, e.g. CUDA's multi-GB one on a CPU machine.
+TORCH_PIN := $(VENV)/torch-pin.txt
 
 .PHONY: setup demo test bench clean
 
-# torch goes in first and alone: a plain `torch` requirement would pull a CUDA build.
 $(BIN)/ftdist: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > $(TORCH_PIN)
+	$(BIN)/pip install --quiet --constraint $(TORCH_PIN) -e '.[test]'
 	touch $@
 
 setup: $(BIN)/ftdist
@@ -27,6 +30,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/local_vs_torch.py
 	$(BIN)/python bench/ray_vs_local.py
+	$(BIN)/python bench/ray_vs_hf_recipe.py
 	$(BIN)/python bench/checkpoint_stall.py
 
 clean:

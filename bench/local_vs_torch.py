@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from ftdist.config import load_config
 from ftdist.data import IGNORE, build_dataset, collate, epoch_order
-from ftdist.launch import train_local
+from ftdist.local import train_local
 from ftdist.metrics import read_metrics
 from ftdist.model import load_tokenizer
 

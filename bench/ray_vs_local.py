@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from ftdist.config import load_config
-from ftdist.launch import train_local
+from ftdist.local import train_local
 from ftdist.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

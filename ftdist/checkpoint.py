@@ -1,11 +1,9 @@
 """Checkpoints in <run>/checkpoints/step-<N>/: written locally, committed in the background.
 
-  local mode, full:       model.safetensors (the trained weights)
-  local mode, lora/qlora: adapter/ (a PEFT adapter directory: the adapters alone, megabytes)
-  local mode:             optimizer.pt, scheduler.pt
-  Ray workers:            deepspeed/ (DeepSpeed's files: each rank writes its own partition;
-                          adapter runs leave the frozen base out)
-  every mode:             rng-<rank>.pt, state.json (step, data position, world size, ...),
+  the engine's files      (engine.py) local mode: model.safetensors or adapter/ (adapters alone,
+                          megabytes), optimizer.pt, scheduler.pt; Ray workers: deepspeed/, each
+                          rank its own partition (adapter runs leave the frozen base out)
+  every mode:             rng-<rank>.pt, state.json (the loop's TrainState and the engine's layout),
                           metrics.jsonl (the log up to this step: a resume continues it)
   done-<rank>             one per rank, once its files are written (and, for s3:// runs, uploaded)
   COMPLETE                written last by rank 0, once every rank's done-<rank> is there;
@@ -21,22 +19,26 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ftdist.engine import deepspeed_file_rank
 from ftdist.errors import UserError
+from ftdist.layout import CHECKPOINTS as ROOT
+from ftdist.layout import METRICS
 from ftdist.storage import NotYet, RunStore, Uploader, retrying
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
-ROOT = "checkpoints"
-METRICS = "metrics.jsonl"
+RNG_FILE = re.compile(r"^rng-(\d+)\.pt$")
 
 
 def step_dir(step: int) -> str:
@@ -160,6 +162,22 @@ def start_point(store: RunStore) -> Optional[int]:
 # ---------------------------------------------------------------- resuming
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path  # this rank's local copy of the checkpoint
+    saved: dict  # its state.json: the loop's state and the saving engine's layout
+
+
+def resume_point(ctx) -> Optional[ResumePoint]:
+    """The newest complete checkpoint, the same on every rank (rank 0 decides and cleans up the
+    partial ones; all_reduce_sum is collective, so no barrier is needed after it), or None."""
+    step = int(ctx.all_reduce_sum((start_point(ctx.store) or 0) if ctx.is_main else 0))
+    if not step:
+        return None
+    path = fetch_checkpoint(ctx.store, step, ctx.rank, ctx.world_size)
+    return ResumePoint(path, read_state(path))
+
+
 def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> Path:
     """This rank's local copy of checkpoint `step` (downloaded for s3:// runs): its own files,
     or every rank's when the world size changed (DeepSpeed's universal conversion reads all)."""
@@ -174,8 +192,9 @@ def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> 
         if saved_world != world_size:
             return True
         leaf = name.rsplit("/", 1)[-1]
-        other_rank = any(leaf.startswith((f"zero_pp_rank_{r}_", f"rng-{r}.")) for r in range(saved_world) if r != rank)
-        return not other_rank
+        rng = RNG_FILE.match(leaf)
+        owner = int(rng.group(1)) if rng else deepspeed_file_rank(leaf)
+        return owner is None or owner == rank
 
     store.download(rel, path, keep=needed)
     return path
@@ -211,3 +230,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def describe_size(size: int, base_size: Optional[int], method: str) -> str:
+    text = f"{size / 2**20:.1f} MiB"
+    if method != "full":
+        text += " (adapters and their optimizer state"
+        text += f"; the base model is {base_size / 2**20:.1f} MiB)" if base_size else ")"
+    return text

@@ -7,7 +7,6 @@ without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -86,8 +85,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.local or cfg.distributed.workers == 0:
-        from ftdist.launch import train_local
+        from ftdist.local import train_local
+        from ftdist.quiet import without_deepspeed
 
+        without_deepspeed()
         summary = train_local(cfg, restart=args.restart)
     else:
         from ftdist.distributed import train_ray

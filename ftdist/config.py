@@ -273,12 +273,10 @@ class Config(Section):
         if isinstance(self.freeze_layers, int):
             if self.freeze_layers < 0:
                 raise ValueError("freeze_layers must be 0 or more, or 'all'")
-            if self.model.init and self.freeze_layers > self.model.init.num_layers:
-                raise ValueError(
-                    f"freeze_layers {self.freeze_layers} is more than the model's "
-                    f"{self.model.init.num_layers} layers; use at most "
-                    f"{self.model.init.num_layers}, or 'all' for feature extraction"
-                )
+            problem = self.model.init and freeze_depth_problem(self.freeze_layers, self.method,
+                                                                self.model.init.num_layers)
+            if problem:
+                raise ValueError(problem)
         elif self.method != "full":
             raise ValueError(
                 "freeze_layers 'all' leaves no block for adapters; use method: full with "
@@ -293,6 +291,24 @@ class Config(Section):
                 raise ValueError("tune.metric eval_loss_plus_forgetting measures forgetting on data.retention: set "
                                  "data.retention (held-out general text), or use tune.metric eval_loss")
         return self
+
+
+def frozen_blocks(freeze_layers: Union[int, str], num_layers: int) -> int:
+    """How many of the lowest blocks `freeze_layers` freezes in a model of `num_layers`."""
+    return num_layers if freeze_layers == "all" else int(freeze_layers)
+
+
+def freeze_depth_problem(freeze_layers: Union[int, str], method: str, num_layers: int) -> Optional[str]:
+    """What is wrong with this freeze depth for a model of `num_layers` blocks, or None.
+    The one home of the rule: config validation, preflight, the tune space and model building."""
+    n = frozen_blocks(freeze_layers, num_layers)
+    if n > num_layers:
+        return (f"freeze_layers {n} is more than the model's {num_layers} layers; use at most {num_layers}, "
+                "or 'all' for feature extraction")
+    if method != "full" and n >= num_layers:
+        return (f"freeze_layers {n} leaves no block for {method} adapters (the model has {num_layers}); lower "
+                "freeze_layers, or use method: full for feature extraction")
+    return None
 
 
 # ---------------------------------------------------------------- loading

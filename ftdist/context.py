@@ -1,8 +1,8 @@
 """What differs between the modes the one loop runs in: rank, world, device, where the
-data comes from, which engine steps, how to talk to the other ranks.
+data comes from, which engine steps, how to talk to the other ranks and the orchestrator.
 
-Local mode is one process; each Ray Train worker gets a RayContext with the same
-interface, so the loop never asks "am I under Ray?".
+Local mode is one process with the plain engine; each Ray Train worker gets a RayContext
+with the same interface and a DeepSpeed engine, so the loop never asks "am I under Ray?".
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ class LocalContext:
     rank: int = 0
     world_size: int = 1
     show_progress: bool = True
-    ds_config: Optional[dict[str, Any]] = None  # None: the plain engine
 
     @property
     def run_dir(self) -> Path:
@@ -51,6 +50,12 @@ class LocalContext:
         from ftdist.data import build_dataset
 
         return build_dataset(cfg.data, tokenizer, cfg.train.seed)
+
+    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
+        """`resume`: the state.json of the checkpoint the run continues from, if any."""
+        from ftdist.engine import PlainEngine
+
+        return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
 
 
 @dataclass
@@ -92,6 +97,11 @@ class RayContext(LocalContext):
         from ftdist.raydata import dataset_from_shards
 
         return dataset_from_shards(cfg, self.data_stats)
+
+    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
+        from ftdist.engine import deepspeed_engine
+
+        return deepspeed_engine(cfg, model, optimizer, scheduler, self.world_size, resume)
 
 
 def default_device() -> torch.device:

@@ -1,9 +1,7 @@
-"""JSONL examples -> token rows the loop can batch.
+"""Validated records (records.py) -> token rows the loop can batch.
 
-Three formats, each row one example:
-  text               {"text": "..."}                         loss on every token
-  prompt_completion  {"prompt": "...", "completion": "..."}  loss on the completion only
-  chat               {"messages": [{"role", "content"}...]}   loss on assistant turns only
+Per format: text, loss on every token; prompt_completion, on the completion only; chat, on
+the assistant turns only (rendered with the tokenizer's chat template).
 
 Targets are shifted here, per example (targets[i] is the token after ids[i], or -100),
 so that packing several examples into one row never asks a token to predict the first
@@ -13,10 +11,8 @@ the loop builds a block-diagonal causal mask, and positions that restart per exa
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -24,9 +20,9 @@ import torch
 
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
+from ftdist.records import read_jsonl, read_text_file
 
 IGNORE = -100
-FORMATS = ("text", "prompt_completion", "chat")
 
 
 @dataclass
@@ -58,94 +54,6 @@ class Dataset:
     retention: Optional[Rows]
     format: str
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str, fmt: str = "auto", skip_bad_rows: bool = False) -> tuple[list[dict], str, int]:
-    """Validated records, the format they share, and how many bad rows were skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"data file not found: {path} (check data.train / data.eval / data.retention)")
-    records: list[dict] = []
-    skipped = 0
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                row_fmt = check_record(record)
-                if fmt == "auto":
-                    fmt = row_fmt
-                elif row_fmt != fmt:
-                    raise ValueError(f"row is {row_fmt} but the file is {fmt} (data.format or its first row)")
-            except (ValueError, TypeError) as e:
-                if skip_bad_rows:
-                    skipped += 1
-                    continue
-                reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise UserError(
-                    f"{path}:{line_no}: {reason}; fix the row, or set data.skip_bad_rows: true to skip bad rows"
-                ) from None
-            records.append(record)
-    if not records:
-        raise UserError(f"{path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
-    return records, fmt, skipped
-
-
-def check_record(record: Any) -> str:
-    if not isinstance(record, dict):
-        raise ValueError("each row must be a JSON object")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError('"messages" must be a non-empty list of {"role", "content"}')
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f'messages[{i}] must be {{"role": str, "content": str}}')
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("a chat row needs at least one assistant message (the loss is on them)")
-        return "chat"
-    if "prompt" in record or "completion" in record:
-        for key in ("prompt", "completion"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f'"{key}" must be a string')
-        if not record["completion"]:
-            raise ValueError('"completion" is empty')
-        return "prompt_completion"
-    if "text" in record:
-        if not isinstance(record["text"], str) or not record["text"]:
-            raise ValueError('"text" must be a non-empty string')
-        return "text"
-    raise ValueError('expected a "text", "prompt"+"completion" or "messages" key, got ' + str(sorted(record)))
-
-
-def read_text_file(path: str) -> list[dict]:
-    """Plain text (paragraphs split on blank lines) or JSONL, for retention data."""
-    if path.endswith(".jsonl"):
-        return read_jsonl(path, "text")[0]
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"data file not found: {path} (check data.retention)")
-    paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    if not paragraphs:
-        raise UserError(f"{path}: no text")
-    return [{"text": p} for p in paragraphs]
-
-
-def corpus_texts(records: list[dict]) -> list[str]:
-    """All strings of the records, for training a tokenizer."""
-    texts = []
-    for r in records:
-        if "messages" in r:
-            texts.extend(m["content"] for m in r["messages"])
-        elif "prompt" in r:
-            texts.append(r["prompt"] + r["completion"])
-        else:
-            texts.append(r["text"])
-    return texts
 
 
 # ---------------------------------------------------------------- tokenizing

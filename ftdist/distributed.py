@@ -1,28 +1,30 @@
 """Ray mode: preflight on the driver, then a Ray Train TorchTrainer whose workers each run
 the one loop inside DeepSpeed.
 
-Driver: check config, data and cluster; print the plan and a memory estimate per device
-(failing fast with advice when it does not fit); build the base model files and the Ray
-datasets; fit. Workers: `worker_loop`, the same `loop.train` local mode runs, with a
-RayContext. A worker that dies restarts the group (distributed.max_failures times), and
-the loop resumes from the newest complete checkpoint.
+Driver: check config and data (preflight.py), then the cluster; print the plan and a memory
+estimate per device (failing fast with advice when it does not fit); build the base model
+files and the Ray datasets (`shared_inputs`, which a search's trials share too); fit.
+Workers: `worker_loop`, the same `loop.train` local mode runs, with a RayContext (whose
+engine is DeepSpeed). A worker that dies restarts the group (distributed.max_failures
+times), and the loop resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ftdist.config import Config
-from ftdist.data import read_jsonl
 from ftdist.errors import UserError
-from ftdist.launch import check_dtype, check_fits, check_paths, finished_summary, localize_data, read_summary
 from ftdist.memory import GiB
-from ftdist.rundir import is_finished, prepare_run_dir
+from ftdist.plan import Plan, accumulation_steps
+from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
+from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
 from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
@@ -30,37 +32,69 @@ GPU_PROBE_TIMEOUT_S = 120
 
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
               show_progress: bool = True) -> dict:
-    from ftdist.engine import deepspeed_config
-    from ftdist.loop import make_plan, tokenizer_corpus
-    from ftdist.model import resolve_base
-    from ftdist.raydata import ray_datasets
-
-    check_paths(cfg)
-    run_cfg, cfg = cfg, localize_data(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
-    fmt, skipped = check_data(cfg)
-    connect(address)
-    use_gpu, device_type, per_device = cluster_budget(cfg)
-    d = cfg.distributed
-    device = torch.device(device_type)
-    check_dtype(cfg, device)
-    estimate = check_fits(cfg, device, d.workers, d.zero_stage, available=per_device)
+    checked = check_inputs(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
+    use_gpu, device_type, per_device = preflight_cluster(checked.cfg, address)
     say = print if show_progress else (lambda *_, **__: None)
     say(describe_plan(cfg, device_type), flush=True)
-    say(f"memory (estimate): {estimate.describe()}, of {per_device / GiB:.1f} GiB", flush=True)
+    say(f"memory (estimate): {per_device.estimate.describe()}, of {per_device.available / GiB:.1f} GiB", flush=True)
 
-    store = prepare_run_dir(run_cfg, restart)
+    store = prepare_run_dir(cfg, restart)
     if is_finished(store):
         return finished_summary(store)
-    base_path = resolve_base(cfg, store, lambda: tokenizer_corpus(cfg))  # once, before the workers
-    datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, fmt).items()}
-    stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
-    make_plan(cfg, stats["train_rows"], d.workers)  # the loop's own batch checks, before any worker starts
-
-    fit(cfg, store, {
-        "config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
-        "show_progress": show_progress, "ds_config": deepspeed_config(cfg, d.workers), "data_stats": stats,
-    }, datasets, use_gpu)
+    inputs = shared_inputs(checked, store)
+    fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, show_progress), inputs.datasets,
+        use_gpu)
     return read_summary(store)
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    available: float  # bytes free on one worker's device
+    estimate: Any  # memory.MemoryEstimate for this run on it
+
+
+def preflight_cluster(cfg: Config, address: Optional[str]) -> tuple[bool, str, DeviceBudget]:
+    """Join the cluster, check it can place the workers, and that the run fits their devices.
+    Returns (use GPUs, device type, the per-device budget)."""
+    connect(address)
+    use_gpu, device_type, per_device = cluster_budget(cfg)
+    device = torch.device(device_type)
+    check_dtype(cfg, device)
+    d = cfg.distributed
+    estimate = check_fits(cfg, device, d.workers, d.zero_stage, available=per_device)
+    return use_gpu, device_type, DeviceBudget(per_device, estimate)
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """What every worker (and every trial of a search) reads, made once on the driver."""
+
+    base_path: str
+    datasets: dict  # Ray datasets of packed rows, materialized
+    data_stats: dict
+    plan: Plan
+
+
+def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
+    """The base model files (built once for model.init, before any worker) and the Ray
+    datasets; the loop's own batch checks run on them before any worker starts."""
+    from ftdist.model import resolve_base
+    from ftdist.plan import make_plan
+    from ftdist.raydata import ray_datasets
+
+    cfg = checked.cfg
+    base_path = resolve_base(cfg, store)
+    datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, checked.data_format).items()}
+    stats = {"format": checked.data_format, "skipped_rows": checked.skipped_rows,
+             "train_rows": datasets["train"].count()}
+    plan = make_plan(cfg, stats["train_rows"], cfg.distributed.workers)
+    return SharedInputs(base_path, datasets, stats, plan)
+
+
+def worker_config(cfg: Config, store: RunStore, data_stats: dict, show_progress: bool) -> dict:
+    """What `worker_loop` receives: the config, where the run lives, what the driver counted."""
+    return {"config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
+            "show_progress": show_progress, "data_stats": data_stats}
 
 
 def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool,
@@ -111,7 +145,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = RayContext(
         store=worker_store(config["run"], cfg, rank),
         device=ray.train.torch.get_device(), rank=rank, world_size=context.get_world_size(),
-        show_progress=config["show_progress"], ds_config=config["ds_config"], data_stats=config["data_stats"],
+        show_progress=config["show_progress"], data_stats=config["data_stats"],
     )
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
@@ -126,16 +160,7 @@ def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:
     return RunStore(url, root, cfg.storage, rank)
 
 
-# ---------------------------------------------------------------- preflight
-
-
-def check_data(cfg: Config) -> tuple[str, int]:
-    """Validate every data row here, where an error can name its file and line: Ray Data
-    reports a bad row only as a failed task. Returns (format, rows skipped)."""
-    _, fmt, skipped = read_jsonl(cfg.data.train, cfg.data.format, cfg.data.skip_bad_rows)
-    if cfg.data.eval:
-        skipped += read_jsonl(cfg.data.eval, fmt, cfg.data.skip_bad_rows)[2]
-    return fmt, skipped
+# ---------------------------------------------------------------- the cluster
 
 
 def connect(address: Optional[str]) -> None:
@@ -207,7 +232,7 @@ def gpu_memory() -> float:
 
 def describe_plan(cfg: Config, device_type: str) -> str:
     d, t = cfg.distributed, cfg.train
-    accumulation = t.batch_size // (t.micro_batch_size * d.workers)
+    accumulation = accumulation_steps(t, d.workers)
     offload = [f"{what} offloaded to CPU" for what, value in
                (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if value == "cpu"]
     return (f"plan: {d.workers} workers on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "

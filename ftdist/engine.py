@@ -1,16 +1,23 @@
-"""One small interface over a plain optimizer (local mode) and a DeepSpeed engine (Ray workers).
+"""One small interface over a plain optimizer (local mode) and a DeepSpeed ZeRO engine (Ray workers).
 
-The loop calls, per step: `forward` for each micro-batch, `backward(loss)` with the loss
-already normalised by the global target-token count, then `step()`; `save`/`load` for
-checkpoints and `model_state()` for the final model. Which engine runs is decided at the
-edge (launch) and handed in as a DeepSpeed config, or None for the plain one.
+Per optimizer step the loop calls `step(micro_batches, loss)`: the engine runs forward and
+backward for each micro-batch (`loss(forward, batch)` is that micro-batch's loss, already
+normalised for the whole global batch), then clips and updates, and returns the gradient
+norm. An engine also owns its layout (kind, world size, ZeRO stage: written into every
+checkpoint, compared on resume), its checkpoint files (`save`, `load`, and the readers
+export uses), and `model_state()` for the final model. Which engine a rank runs is its
+context's choice (context.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import re
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,6 +26,34 @@ from safetensors.torch import load_file, save_file
 
 from ftdist.config import Config
 from ftdist.errors import UserError
+from ftdist.plan import accumulation_steps
+
+# A micro-batch's loss: loss(forward, batch) -> scalar tensor to backpropagate.
+MicroLoss = Callable[[Callable, dict], torch.Tensor]
+
+# Checkpoint files. Local mode: model.safetensors (full) or adapter/ (a PEFT adapter directory),
+# optimizer.pt, scheduler.pt. Ray workers: deepspeed/, DeepSpeed's own files, each rank its partition.
+PLAIN_WEIGHTS = "model.safetensors"
+PLAIN_ADAPTER_DIR = "adapter"
+DEEPSPEED_DIR = "deepspeed"
+_DEEPSPEED_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an engine lays out training state: what a checkpoint must match to load directly."""
+
+    engine: str  # plain | deepspeed
+    world_size: int
+    zero_stage: Optional[int]  # None for the plain engine
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of_checkpoint(cls, saved: dict) -> "Layout":
+        """The layout a checkpoint's state.json records."""
+        return cls(saved.get("engine", "plain"), saved.get("world_size", 1), saved.get("zero_stage"))
 
 
 def is_adapter_model(model: torch.nn.Module) -> bool:
@@ -27,18 +62,32 @@ def is_adapter_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def refuse_other_engine(path: Path, saved: dict, kind: str) -> None:
+    """Checkpoints of local mode and of Ray workers are not interchangeable."""
+    written_by = Layout.of_checkpoint(saved).engine
+    if written_by == kind:
+        return
+    if written_by == "deepspeed":
+        raise UserError(f"{path} was written by Ray workers (DeepSpeed); resume it without --local and with "
+                        "distributed.workers > 0, or start over with --restart")
+    raise UserError(f"{path} was written by local mode; resume it with --local (or distributed.workers: 0), "
+                    "or start over with --restart")
+
+
 class PlainEngine:
     """AdamW + scheduler on one process: what local mode runs."""
+
+    kind = "plain"
 
     def __init__(self, model, optimizer, scheduler, grad_clip: Optional[float]):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip = grad_clip or float("inf")
         self.forward = model
+        self.layout = Layout(self.kind, 1, None)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
+    def step(self, micro_batches: list[dict], loss: MicroLoss) -> float:
+        for batch in micro_batches:
+            loss(self.forward, batch).backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         self.optimizer.step()
@@ -49,8 +98,6 @@ class PlainEngine:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
-
-    kind = "plain"
 
     def save(self, path: Path, is_main: bool) -> Optional[Callable[[], None]]:
         """Copy the states in memory (milliseconds) and return the function that writes them,
@@ -69,26 +116,24 @@ class PlainEngine:
 
         def write() -> None:
             if adapter:
-                self.model.save_pretrained(path / "adapter", state_dict=weights)
+                self.model.save_pretrained(path / PLAIN_ADAPTER_DIR, state_dict=weights)
             else:
-                save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+                save_file(weights, str(path / PLAIN_WEIGHTS), metadata={"format": "pt"})
             torch.save(optimizer, path / "optimizer.pt")
             torch.save(scheduler, path / "scheduler.pt")
         return write
 
     def load(self, path: Path, saved: dict) -> None:
-        if saved.get("engine", self.kind) != self.kind:
-            raise UserError(f"{path} was written by Ray workers (DeepSpeed); resume it without --local and with "
-                            "distributed.workers > 0, or start over with --restart")
+        refuse_other_engine(path, saved, self.kind)
         if is_adapter_model(self.model):
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.model, load_file(str(path / PLAIN_ADAPTER_DIR / "adapter_model.safetensors")))
         else:
-            missing, unexpected = self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+            missing, unexpected = self.model.load_state_dict(load_file(str(path / PLAIN_WEIGHTS)), strict=False)
             tied = tied_names(self.model)
             if unexpected or set(missing) - tied:
-                raise UserError(f"{path}/model.safetensors does not fit this model (missing "
+                raise UserError(f"{path}/{PLAIN_WEIGHTS} does not fit this model (missing "
                                 f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); rerun with --restart")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -105,24 +150,24 @@ class DeepSpeedEngine:
     (ZeRO 1-3) partitioning of optimizer states, gradients and parameters.
     """
 
-    TAG = "deepspeed"
+    kind = "deepspeed"
 
-    def __init__(self, model, optimizer, scheduler, ds_config: dict[str, Any]):
+    def __init__(self, model, optimizer, scheduler, ds_config: dict[str, Any], world_size: int):
         import deepspeed
 
         self.model = model  # the unwrapped (PEFT) model, for saving
-        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.layout = Layout(self.kind, world_size, ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.forward = self.engine
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # The loss is already normalised for the whole global batch: no 1/accumulation scaling.
-        self.engine.backward(loss, scale_wrt_gas=False)
-        # DeepSpeed counts micro-batches in step(); it updates at the accumulation boundary.
-        self.engine.step()
-
-    def step(self) -> float:
+    def step(self, micro_batches: list[dict], loss: MicroLoss) -> float:
+        for batch in micro_batches:
+            # The loss is already normalised for the whole global batch: no 1/accumulation scaling.
+            self.engine.backward(loss(self.forward, batch), scale_wrt_gas=False)
+            # DeepSpeed steps once per micro-batch and updates only at the accumulation boundary,
+            # which the last micro-batch of the step is (gradient_accumulation_steps is the plan's).
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -130,23 +175,19 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    kind = "deepspeed"
-
     def save(self, path: Path, is_main: bool) -> None:
         # Collective: every rank writes its own partition of the states, here and now.
-        self.engine.save_checkpoint(str(path), tag=self.TAG, save_latest=False,
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, save_latest=False,
                                     exclude_frozen_parameters=is_adapter_model(self.model))
 
     def load(self, path: Path, saved: dict) -> None:
-        if saved.get("engine", self.kind) != self.kind:
-            raise UserError(f"{path} was written by local mode; resume it with --local (or distributed.workers: 0), "
-                            "or start over with --restart")
+        refuse_other_engine(path, saved, self.kind)
         folder = path
         if self.engine.load_universal_checkpoint():  # another world size or stage: convert first
             folder = Path(tempfile.mkdtemp(prefix="ftdist-universal-"))
-            to_universal(path / self.TAG, folder / self.TAG)
+            to_universal(path / DEEPSPEED_DIR, folder / DEEPSPEED_DIR)
         try:
-            loaded, _ = self.engine.load_checkpoint(str(folder), tag=self.TAG, load_module_strict=False,
+            loaded, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_module_strict=False,
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         finally:
             if folder != path:
@@ -157,7 +198,7 @@ class DeepSpeedEngine:
     def model_state(self) -> Optional[dict[str, torch.Tensor]]:
         """Under ZeRO-3 the parameters are partitioned: gather each (collectively) and keep
         a full CPU copy on rank 0. Adapter models gather only their trainable adapters."""
-        if self.stage != 3:
+        if self.layout.zero_stage != 3:
             return None
         import deepspeed
         import torch.distributed as dist
@@ -179,12 +220,15 @@ class DeepSpeedEngine:
         return state
 
 
-def build_engine(cfg: Config, model, optimizer, scheduler, ds_config: Optional[dict], resume: Optional[dict] = None):
-    """`resume`: the state.json of the checkpoint this run continues from, if any."""
-    if ds_config is None:
-        return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
-    if resume is not None and needs_universal(resume, ds_config):
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+def deepspeed_engine(cfg: Config, model, optimizer, scheduler, world_size: int,
+                     resume: Optional[dict] = None) -> DeepSpeedEngine:
+    """A ZeRO engine for this rank. `resume`: the state.json of the checkpoint this run
+    continues from, if any; another layout than this run's loads through DeepSpeed's
+    universal checkpoint."""
+    ds_config = deepspeed_config(cfg, world_size)
+    stage = ds_config["zero_optimization"]["stage"]
+    if resume is not None and needs_universal(Layout.of_checkpoint(resume), Layout("deepspeed", world_size, stage),
+                                              resume.get("step")):
         if stage == 3 and len(optimizer.param_groups) > 1:
             raise UserError(
                 f"the checkpoint at step {resume.get('step')} was saved by {resume.get('world_size')} workers; "
@@ -192,31 +236,28 @@ def build_engine(cfg: Config, model, optimizer, scheduler, ds_config: Optional[d
                 "(DeepSpeed's universal checkpoint mis-restores ZeRO-3 states of several parameter groups): "
                 f"resume with distributed.workers: {resume.get('world_size')}")
         ds_config = merge(ds_config, {"checkpoint": {"load_universal": True}})
-    return DeepSpeedEngine(model, optimizer, scheduler, ds_config)
+    return DeepSpeedEngine(model, optimizer, scheduler, ds_config, world_size)
 
 
-def needs_universal(saved: dict, ds_config: dict) -> bool:
+def needs_universal(saved: Layout, current: Layout, step: Optional[int] = None) -> bool:
     """ZeRO partitions depend on the world size and stage: loading another layout needs
     DeepSpeed's universal checkpoint. Stage 0 keeps whole states on rank 0 and loads anywhere."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    world = ds_config["train_batch_size"] // (ds_config["train_micro_batch_size_per_gpu"]
-                                              * ds_config["gradient_accumulation_steps"])
-    saved_stage, saved_world = saved.get("zero_stage", stage), saved.get("world_size", world)
-    if saved.get("engine") != "deepspeed" or (saved_stage == 0 and stage == 0):
+    if saved.engine != "deepspeed":
+        return False
+    saved_stage = current.zero_stage if saved.zero_stage is None else saved.zero_stage
+    if saved_stage == 0 and current.zero_stage == 0:
         return False
     family = {0: "stage 0", 1: "stages 1-2", 2: "stages 1-2", 3: "stage 3"}
-    if family[saved_stage] != family[stage]:  # each family lays states and model files out its own way
-        raise UserError(f"the checkpoint at step {saved.get('step')} was saved with distributed.zero_stage "
+    if family[saved_stage] != family[current.zero_stage]:  # each family lays states and files out its own way
+        raise UserError(f"the checkpoint at step {step} was saved with distributed.zero_stage "
                         f"{saved_stage}; resume it with ZeRO {family[saved_stage]} (any number of workers), "
                         "or start over with --restart")
-    return saved_world != world or saved_stage != stage
+    return saved.world_size != current.world_size or saved_stage != current.zero_stage
 
 
 def to_universal(checkpoint: Path, out: Path) -> None:
     """DeepSpeed's own conversion (ds_to_universal) of a ZeRO checkpoint into per-parameter files."""
     import argparse
-    import contextlib
-    import io
 
     from deepspeed.checkpoint import ds_to_universal
 
@@ -224,6 +265,42 @@ def to_universal(checkpoint: Path, out: Path) -> None:
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it narrates every step
         ds_to_universal.main(args)
+
+
+def deepspeed_file_rank(name: str) -> Optional[int]:
+    """The rank whose partition a DeepSpeed checkpoint file holds (None: a file of every rank)."""
+    match = _DEEPSPEED_RANK_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def deepspeed_weights(checkpoint: Path, adapters_only: bool) -> dict[str, torch.Tensor]:
+    """One consolidated float32 state dict from a checkpoint's DeepSpeed files, named as the
+    training model's parameters (for export)."""
+    tag = deepspeed_tag_dir(checkpoint)
+    try:
+        if any(tag.glob("*_optim_states.pt")):
+            # ZeRO 1-3: the float32 master weights live partitioned in each rank's optimizer
+            # states; DeepSpeed's own helper joins them (and, for ZeRO-3, the parameters).
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name,
+                                                                exclude_frozen_parameters=adapters_only)
+        # ZeRO-0 partitions nothing: rank 0's model states file holds the whole module.
+        states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {name: t.float() if t.is_floating_point() else t for name, t in states["module"].items()}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{checkpoint}: cannot read its DeepSpeed files ({e}); export another checkpoint") from None
+
+
+def deepspeed_tag_dir(checkpoint: Path) -> Path:
+    """The folder of DeepSpeed's *_model_states.pt files: deepspeed/ (the tag the engine saves
+    under), or deepspeed/deepspeed/ when the engine's save folder is itself deepspeed/."""
+    for tag in (checkpoint / DEEPSPEED_DIR / DEEPSPEED_DIR, checkpoint / DEEPSPEED_DIR):
+        if any(tag.glob("*model_states.pt")):
+            return tag
+    raise UserError(f"{checkpoint}: no weights in this checkpoint (no {PLAIN_WEIGHTS}, {PLAIN_ADAPTER_DIR}/ or "
+                    f"{DEEPSPEED_DIR}/); export another checkpoint")
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,7 +321,7 @@ def tied_names(model: torch.nn.Module) -> set[str]:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config a run's `distributed` section and batch sizes mean."""
+    """The DeepSpeed config a run's `distributed` section and batch plan mean."""
     d, t = cfg.distributed, cfg.train
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer == "cpu":
@@ -254,7 +331,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     config = {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.batch_size // (t.micro_batch_size * world_size),
+        "gradient_accumulation_steps": accumulation_steps(t, world_size),
         "gradient_clipping": t.grad_clip or 0.0,
         "zero_optimization": zero,
         # Our torch AdamW is the client optimizer: DeepSpeed's fused Adam ops need a compiler.

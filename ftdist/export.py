@@ -17,8 +17,6 @@ deepspeed/ (Ray workers: DeepSpeed's own files, consolidated here with its zero_
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import tempfile
@@ -30,17 +28,14 @@ import torch
 import yaml
 
 from ftdist.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
-from ftdist.checkpoint import ROOT as CHECKPOINTS
 from ftdist.config import Config, StorageConfig, validate_config
-from ftdist.engine import tied_names
+from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, tied_names
 from ftdist.errors import UserError
-from ftdist.rundir import SNAPSHOT
+from ftdist.layout import BASE_DIR, CHECKPOINTS, FINAL_DIR, SNAPSHOT, SUMMARY
+from ftdist.layout import FINAL_META as META
 from ftdist.storage import RunStore, is_remote
 
-FINAL_DIR = "final"  # loop.FINAL_DIR (loop imports the training stack; a refusal should not wait for it)
-META = "ftdist.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-DEEPSPEED_DIR = "deepspeed"
 
 
 @dataclass
@@ -111,11 +106,11 @@ def local_copy(source: str, storage: StorageConfig, dest: Path) -> Path:
     if not run.exists(SNAPSHOT):
         raise UserError(f"{run.url}: not an ftdist run (no {SNAPSHOT} there); give a run "
                         "(<run.output>/<run.name>) or one of its checkpoints")
-    for rel in (SNAPSHOT, "summary.json"):
+    for rel in (SNAPSHOT, SUMMARY):
         if run.exists(rel):
             run.download(rel, dest / rel)
-    if run.exists("base/config.json"):
-        run.download("base", dest / "base")
+    if run.exists(f"{BASE_DIR}/config.json"):
+        run.download(BASE_DIR, dest / BASE_DIR)
     if is_checkpoint:
         wanted = f"{CHECKPOINTS}/{leaf}"
     elif run.exists(f"{FINAL_DIR}/{META}"):
@@ -171,7 +166,7 @@ def run_config(run_dir: Path) -> Config:
 
 
 def final_step(run_dir: Path) -> Optional[int]:
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY
     return json.loads(summary.read_text()).get("steps") if summary.is_file() else None
 
 
@@ -181,7 +176,7 @@ def base_model_of(src: Source) -> str:
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
-    from ftdist.model import BASE_DIR, check_model_source
+    from ftdist.model import check_model_source
 
     if src.cfg.model.init is not None:
         base = src.run_dir / BASE_DIR
@@ -211,17 +206,30 @@ def check_output(out: Path, src: Source, force: bool) -> Path:
     if resolved == run or run in resolved.parents or resolved in run.parents:
         # --force would delete (part of) the very run being exported.
         raise UserError(f"--out {out}: overlaps the run directory {src.run_dir}; export to a directory outside it")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
-        raise UserError(f"--out {out}: exists and is not empty; choose a new directory, or add --force to "
-                        "replace it")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not force:
+            raise UserError(f"--out {out}: exists and is not empty; choose a new directory, or add --force to "
+                            "replace an earlier export there")
+        if not is_export(out):
+            raise UserError(f"--out {out}: holds files ftdist did not write (no {META} of an ftdist export there), "
+                            "and --force replaces only an earlier export; choose a new directory")
     return out
 
 
+def is_export(path: Path) -> bool:
+    """A directory an earlier `ftdist export` wrote (its ftdist.json says what was exported)."""
+    try:
+        return path.is_dir() and "merged" in json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a directory aside, then rename it into place: a failed export leaves no half-written OUT."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Fill a new directory beside OUT, then rename it into place: a failed export leaves no
+    half-written OUT, and nothing but OUT (empty, or an earlier export) is ever replaced."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ftdist-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would stay on OUT
     try:
         fill(tmp)
     except BaseException:
@@ -229,8 +237,6 @@ def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
         raise
     if out.is_dir():
         shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
     tmp.rename(out)
 
 
@@ -245,8 +251,8 @@ def full_model(src: Source, base: str):
     if src.is_final:
         return AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch.float32)
     model = load_base(base)  # the architecture; every weight is then replaced
-    if (src.weights / "model.safetensors").is_file():
-        state = load_file(str(src.weights / "model.safetensors"))
+    if (src.weights / PLAIN_WEIGHTS).is_file():
+        state = load_file(str(src.weights / PLAIN_WEIGHTS))
     else:
         state = deepspeed_weights(src.weights, adapters_only=False)
     load_weights(model, state, src.weights)
@@ -255,27 +261,20 @@ def full_model(src: Source, base: str):
 
 def load_base(base: str, cfg: Optional[Config] = None):
     """The base in float32 on the CPU. For a qlora run (cfg given), the 4-bit base dequantized."""
-    from transformers import AutoModelForCausalLM
+    from ftdist.model import load_causal_lm
 
-    kwargs: dict = {"dtype": torch.float32}
-    device = torch.device("cpu")
-    if cfg is not None and cfg.method == "qlora":
-        from ftdist.context import default_device
-        from ftdist.model import compute_dtype, quantized_load_kwargs
+    if cfg is None or cfg.method != "qlora":
+        return load_causal_lm(base, torch.device("cpu"), what="the base model")
+    from ftdist.context import default_device
+    from ftdist.model import compute_dtype
 
-        # Quantized as in training (settings, compute dtype, device type): the adapters learned
-        # against these 4-bit weights, not the original ones.
-        device = default_device()
-        kwargs = quantized_load_kwargs(cfg.qlora, compute_dtype(cfg, device), device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the base model {base}: {e}") from None
-    if "quantization_config" in kwargs:
-        # Float weights holding exactly the values the 4-bit ones stand for; float32, so that
-        # merging small adapter updates into them loses nothing to rounding.
-        model = model.dequantize().to("cpu", torch.float32)
-    return model
+    # Quantized as in training (settings, compute dtype, device type): the adapters learned
+    # against these 4-bit weights, not the original ones.
+    device = default_device()
+    model = load_causal_lm(base, device, cfg.qlora, compute_dtype(cfg, device), what="the base model")
+    # Float weights holding exactly the values the 4-bit ones stand for; float32, so that
+    # merging small adapter updates into them loses nothing to rounding.
+    return model.dequantize().to("cpu", torch.float32)
 
 
 def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
@@ -296,7 +295,7 @@ def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
 
 def adapter_dir(src: Source) -> Optional[Path]:
     """The PEFT adapter directory of final/ or a local-mode checkpoint; None for DeepSpeed's."""
-    for folder in (src.weights, src.weights / "adapter"):
+    for folder in (src.weights, src.weights / PLAIN_ADAPTER_DIR):
         if (folder / ADAPTER_FILES[0]).is_file():
             return folder
     return None
@@ -342,7 +341,7 @@ def with_new_adapters(cfg: Config, model):
     from ftdist.model import add_adapters
 
     # As lora: on a float (or meta) base the qlora preparation for 4-bit weights has nothing to do.
-    model, _ = add_adapters(model, cfg.model_copy(update={"method": "lora"}))
+    model, _, _ = add_adapters(model, cfg.model_copy(update={"method": "lora"}))
     return model
 
 
@@ -356,38 +355,6 @@ def adapter_weights(src: Source, model) -> dict[str, torch.Tensor]:
                         f"from the checkpoint or shaped otherwise (e.g. {wrong[0]}); was the run's config.yaml "
                         "changed?")
     return {name: state[name] for name in expected}
-
-
-# ---------------------------------------------------------------- DeepSpeed checkpoints
-
-
-def deepspeed_weights(checkpoint: Path, adapters_only: bool) -> dict[str, torch.Tensor]:
-    """One consolidated float32 state dict, named as the training model's parameters."""
-    tag = deepspeed_tag_dir(checkpoint)
-    try:
-        if any(tag.glob("*_optim_states.pt")):
-            # ZeRO 1-3: the float32 master weights live partitioned in each rank's optimizer
-            # states; DeepSpeed's own helper joins them (and, for ZeRO-3, the parameters).
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name,
-                                                                exclude_frozen_parameters=adapters_only)
-        # ZeRO-0 partitions nothing: rank 0's model states file holds the whole module.
-        states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {name: t.float() if t.is_floating_point() else t for name, t in states["module"].items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{checkpoint}: cannot read its DeepSpeed files ({e}); export another checkpoint") from None
-
-
-def deepspeed_tag_dir(checkpoint: Path) -> Path:
-    """The folder of DeepSpeed's *_model_states.pt files: deepspeed/ (the tag the engine saves
-    under), or deepspeed/deepspeed/ when the engine's save folder is itself deepspeed/."""
-    for tag in (checkpoint / DEEPSPEED_DIR / DEEPSPEED_DIR, checkpoint / DEEPSPEED_DIR):
-        if any(tag.glob("*model_states.pt")):
-            return tag
-    raise UserError(f"{checkpoint}: no weights in this checkpoint (no model.safetensors, adapter/ or "
-                    f"{DEEPSPEED_DIR}/); export another checkpoint")
 
 
 # ---------------------------------------------------------------- the last line

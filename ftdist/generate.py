@@ -8,32 +8,29 @@ from pathlib import Path
 import torch
 
 from ftdist.errors import UserError
+from ftdist.layout import FINAL_META
 
 
 def load_trained(path: str | Path, device: torch.device):
     """A model directory (config.json) or a PEFT adapter directory (adapter_config.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ftdist.config import QloraConfig
-    from ftdist.model import quantized_load_kwargs
+    from ftdist.model import load_causal_lm
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        meta_file = path / "ftdist.json"
+        meta_file = path / FINAL_META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        kwargs: dict = {"dtype": torch.float32}
-        if meta.get("method") == "qlora":
-            # The adapters learned against the 4-bit base: generate with that same base.
-            kwargs = quantized_load_kwargs(QloraConfig(**meta["qlora"]), torch.float32, device)
-        try:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
-        except OSError as e:
-            raise UserError(f"{path}: cannot load the base model {base} of this adapter: {e}") from None
+        # The adapters learned against the 4-bit base: generate with that same base.
+        qlora = QloraConfig(**meta["qlora"]) if meta.get("method") == "qlora" else None
+        model = PeftModel.from_pretrained(
+            load_causal_lm(base, device, qlora, what=f"{path}: the base model of this adapter"), path)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_causal_lm(str(path), device, what=str(path))
     else:
         raise UserError(f"{path}: neither a model (config.json) nor an adapter (adapter_config.json) directory")
     if not any(p.device.type == device.type for p in model.parameters()):

@@ -1,375 +1,288 @@
-"""THE training loop: local mode and every Ray worker run this same function.
+"""THE training loop: local mode, every Ray Train worker and every Tune trial run this function.
 
-Read top to bottom: build model and data, plan the steps, wrap them in an engine (plain
-AdamW locally, DeepSpeed in Ray workers), restore the newest complete checkpoint, then
-step (accumulate, clip, update), log, evaluate, checkpoint; finally save the model,
-measure forgetting and plot. Every rank runs every line; only rank 0 writes files.
+    train(cfg, ctx)
+      build    model (load or init, 4-bit, adapters, freezing), data, batch plan, engine
+      restore  the newest complete checkpoint (weights, optimizer, schedule, RNG, log), or begin:
+               the retention loss before training and the baseline evaluation
+      steps    each step: this rank's micro-batches, one optimizer step, a log record;
+               evaluations and checkpoints at their intervals
+      finish   every checkpoint committed; final model, forgetting, summary, plots, publish
+
+What differs between modes arrives in `ctx` (rank, world size, device, data source, engine).
+Every rank runs every line; rank 0 writes the log, the final model and the summary, and every
+rank writes its own part of each checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import get_scheduler
 
 from ftdist import checkpoint
+from ftdist.checkpoint import ResumePoint
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import IGNORE, Rows, collate, corpus_texts, epoch_order, read_jsonl
-from ftdist.engine import build_engine
-from ftdist.errors import UserError
+from ftdist.data import Dataset, collate, epoch_order
+from ftdist.layout import METRICS
 from ftdist.metrics import MetricsLog, Progress, perplexity
-from ftdist.model import build_model, compute_dtype, resolve_base
+from ftdist.model import ModelBundle, build_model, resolve_base
+from ftdist.objective import autocast, evaluate, loss_sum, target_count
+from ftdist.optim import build_optimizer
+from ftdist.outputs import publish, save_final, write_summary
+from ftdist.plan import Plan, make_plan
 from ftdist.storage import StoreUnavailable, Uploader
-
-FINAL_DIR = "final"
 
 
 @dataclass
-class Plan:
-    rows: int
-    batches_per_epoch: int
-    total_steps: int
-    accumulation_steps: int  # micro-batches per rank per step
+class TrainState:
+    """The loop's own state: saved in each checkpoint's state.json, restored on resume."""
 
-    def describe(self, cfg: Config, world_size: int) -> str:
-        return (
-            f"{self.rows} training rows of up to {cfg.data.max_length} tokens; batch {cfg.train.batch_size} "
-            f"= {world_size} x {self.accumulation_steps} micro-batches of {cfg.train.micro_batch_size}; "
-            f"{self.total_steps} steps"
-        )
+    step: int = 0
+    tokens_seen: int = 0
+    eval_loss: Optional[float] = None  # at the latest evaluation after step 0
+    best_eval_loss: Optional[float] = None
+    retention_before: Optional[float] = None  # data.retention's loss before training
+    retention_loss: Optional[float] = None  # ... at the latest evaluation
+
+    @classmethod
+    def of_checkpoint(cls, saved: dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
-def make_plan(cfg: Config, n_rows: int, world_size: int) -> Plan:
-    t = cfg.train
-    if t.batch_size % (t.micro_batch_size * world_size):
-        raise UserError(
-            f"train.batch_size {t.batch_size} is not a multiple of train.micro_batch_size "
-            f"{t.micro_batch_size} x {world_size} workers"
-        )
-    per_epoch = n_rows // t.batch_size
-    if per_epoch == 0:
-        raise UserError(
-            f"data.train gives {n_rows} rows of data.max_length tokens, fewer than train.batch_size "
-            f"{t.batch_size}: add data or lower train.batch_size"
-        )
-    total = t.max_steps or per_epoch * t.epochs
-    return Plan(n_rows, per_epoch, total, t.batch_size // (t.micro_batch_size * world_size))
+@dataclass
+class Run:
+    """What one rank trains with, built once."""
+
+    cfg: Config
+    ctx: LocalContext
+    model: ModelBundle
+    base_path: str
+    data: Dataset
+    plan: Plan
+    engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
+    log: MetricsLog
+    uploader: Uploader
+    progress: Optional[Progress] = None
+    checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
+
+    def say(self, line: str) -> None:
+        if self.ctx.is_main and self.ctx.show_progress:
+            print(line, flush=True)
+
+    def evaluates_at(self, step: int) -> bool:
+        return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
+
+    def checkpoints_at(self, step: int) -> bool:
+        return step % self.cfg.checkpoint.every_steps == 0 and step < self.plan.total_steps
+
+
+def train(cfg: Config, ctx: LocalContext) -> dict:
+    """Train one rank's part of the run to the end; returns the summary."""
+    seed_everything(cfg.train.seed)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    resume = checkpoint.resume_point(ctx)
+    run = build(cfg, ctx, resume)
+    try:
+        state = restore(run, resume) if resume else TrainState()
+        run.progress = Progress(run.plan.total_steps, state.step, cfg.train.log_every,
+                                enabled=ctx.is_main and ctx.show_progress)
+        if state.step == 0:
+            begin(run, state)
+        for step in range(state.step + 1, run.plan.total_steps + 1):
+            train_step(run, state, step)
+            if run.evaluates_at(step):
+                evaluate_and_report(run, state, step)
+            if run.checkpoints_at(step):
+                save_checkpoint(run, state, step)
+            note_uploads(run, step)
+        return finish(run, state)
+    except StoreUnavailable as e:
+        raise StoreUnavailable(f"{e}. Training stopped; checkpoints not yet in the store are kept in "
+                               f"{ctx.run_dir / checkpoint.ROOT}. Run the same command again once the store is back: "
+                               "it resumes from the newest complete checkpoint") from None
+    finally:
+        run.uploader.close()
+
+
+# ---------------------------------------------------------------- build, restore, begin
+
+
+def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
+    base_path = resolve_base(cfg, ctx.store)
+    bundle = build_model(cfg, base_path, ctx.device)
+    data = ctx.load_data(cfg, bundle.tokenizer)
+    plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
+    optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
+    # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
+    engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
+    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main),
+              Uploader())
+    run.say(bundle.info.describe())
+    run.say(f"data: {data.format}, " + plan.describe(cfg))
+    if data.stats.get("skipped_rows"):
+        run.say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
+    return run
+
+
+def restore(run: Run, resume: ResumePoint) -> TrainState:
+    """Weights, optimizer, schedule and RNG as they were at the checkpoint; the log cut back to it."""
+    ctx = run.ctx
+    run.engine.load(resume.path, resume.saved)
+    checkpoint.restore_rng(resume.path, ctx.rank)
+    state = TrainState.of_checkpoint(resume.saved)
+    if ctx.is_main and (resume.path / METRICS).is_file():  # the log as it was at the checkpoint
+        shutil.copyfile(resume.path / METRICS, run.log.path)
+    run.log.truncate_after(state.step)
+    run.log.append({"step": state.step, "event": "resume", "checkpoint": resume.path.name,
+                    "from_world_size": resume.saved.get("world_size"), **run.engine.layout.record()})
+    run.say(f"resuming from {ctx.store.path(checkpoint.step_dir(state.step))} (step {state.step})")
+    return state
+
+
+def begin(run: Run, state: TrainState) -> None:
+    """A new run: a fresh log, the retention loss before training, the baseline evaluation."""
+    data = run.data
+    run.log.reset()
+    if data.retention is not None:
+        state.retention_before = evaluate(run.cfg, run.ctx, run.engine, data.retention, pad_id(run))
+    run.log.append({"step": 0, "event": "start", **run.model.info.record(), **data.stats, **run.ctx.topology(),
+                    "retention_loss_before": state.retention_before})
+    if data.eval is not None:
+        evaluate_and_report(run, state, 0)  # what every later evaluation is compared with
+
+
+# ---------------------------------------------------------------- one step
+
+
+def train_step(run: Run, state: TrainState, step: int) -> None:
+    started = time.perf_counter()
+    epoch, index = run.plan.position(step)
+    batches = step_batches(run, epoch, index)
+    loss, grad_norm = optimizer_step(run, batches)
+    ctx = run.ctx
+    tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches))
+    state.step, state.tokens_seen = step, state.tokens_seen + tokens
+    elapsed = time.perf_counter() - started
+    record = {"step": step, "epoch": epoch, "loss": loss, "lr": run.engine.lr, "grad_norm": grad_norm,
+              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state.tokens_seen}
+    run.log.append(record)
+    run.progress.step(record)
+
+
+def step_batches(run: Run, epoch: int, index: int) -> list[dict]:
+    """This rank's micro-batches of global batch `index` of `epoch`, from this rank's rows
+    (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
+    cfg, ctx, rows = run.cfg, run.ctx, run.data.train
+    per_rank = cfg.train.batch_size // ctx.world_size
+    order = epoch_order(len(rows), cfg.train.seed + ctx.rank, epoch)
+    mine = order[index * per_rank : (index + 1) * per_rank].tolist()
+    micro = cfg.train.micro_batch_size
+    return [collate(rows, mine[i : i + micro], pad_id(run)) for i in range(0, len(mine), micro)]
+
+
+def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
+    """One update over this rank's micro-batches. Returns (the global batch's loss, grad norm)."""
+    cfg, ctx = run.cfg, run.ctx
+    # Normalised by the global target-token count: the same loss however the batch is split.
+    # Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
+    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches))
+    summed = []
+
+    def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
+        with autocast(cfg, ctx.device):
+            loss = loss_sum(forward, batch, ctx.device)
+        summed.append(float(loss.detach()))
+        return loss * ctx.world_size / global_targets
+
+    grad_norm = run.engine.step(batches, micro_batch_loss)
+    return ctx.all_reduce_sum(sum(summed)) / global_targets, grad_norm
+
+
+# ---------------------------------------------------------------- evaluations, checkpoints
+
+
+def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
+    """Eval loss (and, with data.retention, forgetting) into the log, the orchestrator and the terminal."""
+    cfg, ctx, data = run.cfg, run.ctx, run.data
+    eval_loss = evaluate(cfg, ctx, run.engine, data.eval, pad_id(run))
+    record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+    if step > 0:
+        state.eval_loss = eval_loss
+        state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
+        if data.retention is not None:  # forgetting as training goes, not only at the end
+            state.retention_loss = evaluate(cfg, ctx, run.engine, data.retention, pad_id(run))
+            record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before)
+    run.log.append(record)
+    # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
+    ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.model.info.trainable_params})
+    run.progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
+                       + (f", forgetting {record['forgetting']:+.4f}" if "forgetting" in record else ""))
+
+
+def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
+    """Stage this rank's part of the checkpoint; the uploader commits it in the background."""
+    started = time.perf_counter()
+    checkpoint.save_checkpoint(run.ctx.store, step, run.engine, {**asdict(state), **run.engine.layout.record()},
+                               run.cfg.checkpoint.keep, run.ctx, run.uploader)
+    run.log.append({"step": step, "event": "checkpoint_staged", "stall_s": time.perf_counter() - started})
+
+
+def note_uploads(run: Run, step: int) -> None:
+    """Surface the background jobs: a failure stops the run; finished checkpoints are logged."""
+    run.uploader.check()
+    for done in run.uploader.drain():
+        base_dir = Path(run.base_path)
+        base_size = checkpoint.size_bytes(base_dir) if base_dir.is_dir() else None
+        run.checkpoint_sizes = {"checkpoint_bytes": done["bytes"], "base_model_bytes": base_size}
+        run.log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
+                        "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
+        size = checkpoint.describe_size(done["bytes"], base_size, run.model.info.method)
+        run.progress.write(f"checkpoint step {done['step']} complete: {size} in {done['seconds']:.1f} s")
+
+
+# ---------------------------------------------------------------- finish
+
+
+def finish(run: Run, state: TrainState) -> dict:
+    """Every checkpoint committed, then the final model, forgetting, summary and plots."""
+    cfg, ctx, data = run.cfg, run.ctx, run.data
+    run.progress.close()
+    run.uploader.flush()  # every checkpoint complete before the run counts as finished
+    note_uploads(run, run.plan.total_steps)
+    summary = {"steps": run.plan.total_steps, "tokens_seen": state.tokens_seen, **run.model.info.record(),
+               **(run.checkpoint_sizes or {})}
+    if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
+        summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
+                       best_eval_loss=state.best_eval_loss)
+    if data.retention is not None:
+        after = state.retention_loss if data.eval is not None else evaluate(cfg, ctx, run.engine, data.retention,
+                                                                            pad_id(run))
+        summary.update(retention_loss_before=state.retention_before, retention_loss_after=after,
+                       forgetting=after - state.retention_before)
+    model_state = run.engine.model_state()  # collective under ZeRO-3
+    if ctx.is_main:
+        from ftdist.report import plot_run
+
+        final = save_final(ctx.run_dir, cfg, run.model.model, run.model.tokenizer, run.base_path, model_state)
+        summary["final_size_bytes"] = checkpoint.size_bytes(final)
+        write_summary(ctx.run_dir, summary)
+        plot_run(ctx.run_dir)
+        publish(ctx.store)
+    return summary
+
+
+def pad_id(run: Run) -> int:
+    return run.model.tokenizer.pad_token_id
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("nothing to train: every parameter is frozen (check method and freeze_layers)")
-    # Weight decay on matrices only, not on norms and biases. Without weight decay one group:
-    # DeepSpeed's universal checkpoint re-partitions ZeRO-3 states of several groups wrongly.
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ] if cfg.train.weight_decay else [{"params": params, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr)
-    names = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
-    extra = {"min_lr_rate": cfg.train.min_lr_ratio} if cfg.train.schedule == "cosine" else None
-    scheduler = get_scheduler(
-        names[cfg.train.schedule], optimizer, num_warmup_steps=min(cfg.train.warmup_steps, total_steps),
-        num_training_steps=total_steps, scheduler_specific_kwargs=extra,
-    )
-    return optimizer, scheduler
-
-
-def autocast(cfg: Config, device: torch.device):
-    dtype = compute_dtype(cfg, device)
-    if dtype == torch.float32 or cfg.method == "qlora":  # bitsandbytes computes in its own dtype
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def loss_sum(forward, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens."""
-    targets = batch["targets"].to(device)
-    logits = forward(
-        input_ids=batch["input_ids"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-    ).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
-def target_count(batch: dict) -> int:
-    return int((batch["targets"] != IGNORE).sum())
-
-
-@torch.no_grad()
-def evaluate(engine, model, rows: Rows, cfg: Config, ctx: LocalContext, pad_id: int) -> float:
-    """Token-weighted mean loss over all rows; each rank takes every world_size-th row."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    mine = list(range(ctx.rank, len(rows), ctx.world_size))
-    size = cfg.train.micro_batch_size
-    # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
-    n_batches = math.ceil(math.ceil(len(rows) / ctx.world_size) / size)
-    with autocast(cfg, ctx.device):
-        for i in range(n_batches):
-            index = mine[i * size : (i + 1) * size]
-            batch = collate(rows, index or [0], pad_id)
-            loss = loss_sum(engine.forward, batch, ctx.device)
-            if index:  # a rank with no rows left runs row 0 and ignores it
-                total, count = total + float(loss), count + target_count(batch)
-    model.train(was_training)
-    total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
-    return total / max(count, 1)
-
-
-def step_batches(cfg: Config, plan: Plan, rows: Rows, epoch: int, index: int, ctx: LocalContext,
-                 pad_id: int) -> list[dict]:
-    """This rank's micro-batches of global batch `index` of `epoch`, from this rank's rows
-    (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
-    per_rank = cfg.train.batch_size // ctx.world_size
-    order = epoch_order(len(rows), cfg.train.seed + ctx.rank, epoch)
-    mine = order[index * per_rank : (index + 1) * per_rank].tolist()
-    micro = cfg.train.micro_batch_size
-    return [collate(rows, mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
-
-
-def optimizer_step(cfg: Config, engine, batches: list[dict], ctx: LocalContext) -> tuple[float, float]:
-    """Accumulate gradients over the micro-batches, clip, update. Returns (loss, grad norm)."""
-    # Normalise by the global target-token count: the same loss however the batch is split.
-    # Gradients are averaged over ranks by DeepSpeed, hence the factor world_size.
-    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches))
-    loss_total = 0.0
-    with autocast(cfg, ctx.device):
-        for batch in batches:
-            loss = loss_sum(engine.forward, batch, ctx.device)
-            engine.backward(loss * ctx.world_size / global_targets)
-            loss_total += float(loss.detach())
-    grad_norm = engine.step()
-    return ctx.all_reduce_sum(loss_total) / global_targets, grad_norm
-
-
-def train(cfg: Config, ctx: LocalContext) -> dict:
-    store, run_dir = ctx.store, ctx.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-
-    # -- model and data
-    base_path = resolve_base(cfg, store, lambda: tokenizer_corpus(cfg))
-    bundle = build_model(cfg, base_path, ctx.device)
-    data = ctx.load_data(cfg, bundle.tokenizer)
-    plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
-    optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
-
-    # -- the newest complete checkpoint (rank 0 decides, so all ranks agree); its state says
-    # how the engine must load it (another world size or ZeRO stage: universal checkpoint)
-    # (all_reduce_sum is collective: no barrier needed after rank 0's clean-up)
-    resume_step = int(ctx.all_reduce_sum((checkpoint.start_point(store) or 0) if ctx.is_main else 0))
-    saved, resume_path = None, None
-    if resume_step:
-        resume_path = checkpoint.fetch_checkpoint(store, resume_step, ctx.rank, ctx.world_size)
-        saved = checkpoint.read_state(resume_path)
-    engine = build_engine(cfg, bundle.model, optimizer, scheduler, ctx.ds_config, saved)
-    uploader = Uploader()
-    try:
-        return run_steps(cfg, ctx, bundle, data, plan, engine, uploader, base_path, saved, resume_path)
-    except StoreUnavailable as e:
-        raise StoreUnavailable(f"{e}. Training stopped; checkpoints not yet in the store are kept in "
-                               f"{run_dir / checkpoint.ROOT}. Run the same command again once the store is back: "
-                               "it resumes from the newest complete checkpoint") from None
-    finally:
-        uploader.close()
-
-
-def run_steps(cfg: Config, ctx: LocalContext, bundle, data, plan: Plan, engine, uploader: Uploader,
-              base_path: str, saved: Optional[dict], resume_path: Optional[Path]) -> dict:
-    store, run_dir = ctx.store, ctx.run_dir
-    model, tokenizer = bundle.model, bundle.tokenizer
-    pad_id = tokenizer.pad_token_id
-    log = MetricsLog(run_dir / checkpoint.METRICS, enabled=ctx.is_main)
-    say = functools.partial(print, flush=True) if ctx.is_main and ctx.show_progress else (lambda *_: None)
-    info = bundle.info
-    say(
-        f"model: {info['method']}, {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
-        f"({100 * info['trainable_params'] / info['total_params']:.2f}%), "
-        f"{info['frozen_blocks']} of {info['num_layers']} blocks frozen"
-    )
-    say(f"data: {data.format}, " + plan.describe(cfg, ctx.world_size))
-    if data.stats.get("skipped_rows"):
-        say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
-
-    # -- resume from the newest complete checkpoint, or start
-    state = {"step": 0, "tokens_seen": 0, "eval_loss": None, "best_eval_loss": None, "retention_before": None}
-    layout = {"engine": engine.kind, "world_size": ctx.world_size,
-              "zero_stage": (ctx.ds_config or {}).get("zero_optimization", {}).get("stage")}
-    if saved is not None:
-        engine.load(resume_path, saved)
-        checkpoint.restore_rng(resume_path, ctx.rank)
-        state = {k: saved[k] for k in state}
-        if ctx.is_main and (resume_path / checkpoint.METRICS).is_file():  # the log as it was at the checkpoint
-            shutil.copyfile(resume_path / checkpoint.METRICS, log.path)
-        log.truncate_after(state["step"])
-        log.append({"step": state["step"], "event": "resume", "checkpoint": resume_path.name,
-                    "from_world_size": saved.get("world_size"), **layout})
-        say(f"resuming from {store.path(checkpoint.step_dir(state['step']))} (step {state['step']})")
-    else:
-        log.reset()
-        if data.retention is not None:
-            state["retention_before"] = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
-        log.append({"step": 0, "event": "start", **info, **data.stats, **ctx.topology(),
-                    "retention_loss_before": state["retention_before"]})
-    progress = Progress(plan.total_steps, state["step"], cfg.train.log_every, enabled=ctx.is_main and ctx.show_progress)
-    base_size = checkpoint.size_bytes(Path(base_path)) if Path(base_path).is_dir() else None
-    sizes: dict = {}
-
-    def note_uploads(step: int) -> None:
-        """Surface the background jobs: a failure stops the run; finished checkpoints are logged."""
-        uploader.check()
-        for done in uploader.drain():
-            sizes.update(checkpoint_bytes=done["bytes"], base_model_bytes=base_size)
-            log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
-                        "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
-            progress.write(f"checkpoint step {done['step']} complete: {describe_size(done['bytes'], base_size, info)}"
-                           f" in {done['seconds']:.1f} s")
-
-    retention_loss: dict[int, float] = {}  # by step, measured with each evaluation
-
-    def run_eval(step: int) -> None:
-        eval_loss = evaluate(engine, model, data.eval, cfg, ctx, pad_id)
-        if step > 0:
-            best = state["best_eval_loss"]
-            state["best_eval_loss"] = eval_loss if best is None else min(best, eval_loss)
-            state["eval_loss"] = eval_loss
-        record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
-        if data.retention is not None and step > 0:  # forgetting as training goes, not only at the end
-            retention_loss[step] = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
-            record["forgetting"] = retention_loss[step] - state["retention_before"]
-        log.append(record)
-        # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
-        ctx.report({**record, "tokens_seen": state["tokens_seen"], "trainable_params": info["trainable_params"]})
-        progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
-                       + (f", forgetting {record['forgetting']:+.4f}" if "forgetting" in record else ""))
-
-    if state["step"] == 0 and data.eval is not None:
-        run_eval(0)  # the baseline every later evaluation is compared with
-
-    # -- train
-    model.train()
-    for step in range(state["step"] + 1, plan.total_steps + 1):
-        started = time.perf_counter()
-        epoch, index = divmod(step - 1, plan.batches_per_epoch)
-        batches = step_batches(cfg, plan, data.train, epoch, index, ctx, pad_id)
-        step_loss, grad_norm = optimizer_step(cfg, engine, batches, ctx)
-
-        tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches))
-        state["step"], state["tokens_seen"] = step, state["tokens_seen"] + tokens
-        elapsed = time.perf_counter() - started
-        record = {
-            "step": step, "epoch": epoch, "loss": step_loss,
-            "lr": engine.lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state["tokens_seen"],
-        }
-        log.append(record)
-        progress.step(record)
-
-        if data.eval is not None and (step % cfg.train.eval_every == 0 or step == plan.total_steps):
-            run_eval(step)
-
-        if step % cfg.checkpoint.every_steps == 0 and step < plan.total_steps:
-            state["data_position"] = {"epoch": epoch, "batch": index + 1}
-            saving = time.perf_counter()
-            checkpoint.save_checkpoint(store, step, engine, {**state, **layout}, cfg.checkpoint.keep, ctx, uploader)
-            log.append({"step": step, "event": "checkpoint_staged", "stall_s": time.perf_counter() - saving})
-        note_uploads(step)
-    progress.close()
-    uploader.flush()  # every checkpoint complete before the run counts as finished
-    note_uploads(plan.total_steps)
-
-    # -- finish: final model, forgetting, summary, plot
-    summary = {"steps": plan.total_steps, "tokens_seen": state["tokens_seen"], **info, **sizes}
-    if data.eval is not None:  # evaluated at the last step, so state holds the final numbers
-        summary.update(eval_loss=state["eval_loss"], eval_ppl=perplexity(state["eval_loss"]),
-                       best_eval_loss=state["best_eval_loss"])
-    if data.retention is not None:
-        after = retention_loss.get(plan.total_steps)
-        if after is None:  # no eval data: no evaluation at the last step
-            after = evaluate(engine, model, data.retention, cfg, ctx, pad_id)
-        summary.update(retention_loss_before=state["retention_before"], retention_loss_after=after,
-                       forgetting=after - state["retention_before"])
-    model_state = engine.model_state()  # collective under ZeRO-3
-    if ctx.is_main:
-        save_final(run_dir, cfg, model, tokenizer, base_path, summary, model_state)
-        from ftdist.report import plot_loss
-
-        plot_loss(run_dir)
-        publish(store)
-    return summary
-
-
-def describe_size(size: int, base_size: Optional[int], info: dict) -> str:
-    text = f"{size / 2**20:.1f} MiB"
-    if info["method"] != "full":
-        text += " (adapters and their optimizer state"
-        text += f"; the base model is {base_size / 2**20:.1f} MiB)" if base_size else ")"
-    return text
-
-
-def publish(store) -> None:
-    """Rank 0, at the end: summary, log, plots and the final model into the store (s3:// runs).
-    final/ftdist.json goes last: it is what marks the run finished."""
-    for rel in ["summary.json", checkpoint.METRICS, *(p.name for p in store.local.glob("*.png"))]:
-        store.upload(rel)
-    marker = f"{FINAL_DIR}/ftdist.json"
-    store.upload(FINAL_DIR, skip={marker})
-    store.upload(marker)
-
-
-def tokenizer_corpus(cfg: Config) -> list[str]:
-    """The text a fresh tokenizer learns from: the training data (and retention text)."""
-    from ftdist.data import read_text_file
-
-    records = read_jsonl(cfg.data.train, cfg.data.format, skip_bad_rows=True)[0]
-    if cfg.data.retention:
-        records += read_text_file(cfg.data.retention)
-    return corpus_texts(records)
-
-
-def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str, summary: dict,
-               model_state: dict | None = None) -> Path:
-    """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer."""
-    final = run_dir / FINAL_DIR
-    tmp = run_dir / (FINAL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if model_state is None:
-        model.save_pretrained(tmp)
-    else:  # gathered from ZeRO-3 partitions
-        model.save_pretrained(tmp, state_dict=model_state)
-    tokenizer.save_pretrained(tmp)
-    meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
-            "dtype": cfg.model.dtype}
-    (tmp / "ftdist.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    summary["final_size_bytes"] = checkpoint.size_bytes(final)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-    return final
-
-
-def _jsonable(value):
-    return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)

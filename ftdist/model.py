@@ -11,25 +11,44 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ftdist.config import Config, ModelInit, QloraConfig
+from ftdist.config import Config, ModelInit, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
+from ftdist.layout import BASE_DIR
 
-BASE_DIR = "base"  # inside the run directory: the initial weights of a model.init run
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run trains: logged at the start, kept in the summary."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    num_layers: int
+    frozen_blocks: int
+    lora_targets: Optional[tuple[str, ...]] = None  # adapter runs
+
+    def record(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        return (f"model: {self.method}, {self.trainable_params:,} trainable of {self.total_params:,} parameters "
+                f"({100 * self.trainable_params / self.total_params:.2f}%), "
+                f"{self.frozen_blocks} of {self.num_layers} blocks frozen")
 
 
 @dataclass
 class ModelBundle:
     model: nn.Module
     tokenizer: object
-    base_path: str
-    info: dict = field(default_factory=dict)
+    info: ModelInfo
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -45,7 +64,7 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------- the base weights
 
 
-def resolve_base(cfg: Config, store, texts_for_tokenizer) -> str:
+def resolve_base(cfg: Config, store) -> str:
     """Where the base model lives: model.name_or_path (s3:// fetched into the cache), or
     <run>/base built from model.init. For s3:// runs the built base goes into the store too,
     so that every node (and a resumed run on a fresh machine) loads the very same weights."""
@@ -55,7 +74,7 @@ def resolve_base(cfg: Config, store, texts_for_tokenizer) -> str:
     if (base / "config.json").is_file():
         return str(base)
     if not store.remote:
-        build_initial_model(cfg.model.init, tokenizer_source(cfg), cfg.train.seed, texts_for_tokenizer(), base)
+        build_initial_model(cfg, base)
         return str(base)
     from filelock import FileLock
 
@@ -68,7 +87,7 @@ def resolve_base(cfg: Config, store, texts_for_tokenizer) -> str:
                 store.download(BASE_DIR, tmp)
                 tmp.rename(base)
             else:
-                build_initial_model(cfg.model.init, tokenizer_source(cfg), cfg.train.seed, texts_for_tokenizer(), base)
+                build_initial_model(cfg, base)
                 store.upload(BASE_DIR, source=base)
     return str(base)
 
@@ -124,16 +143,19 @@ def init_model_config(init: ModelInit, tokenizer=None):
     )
 
 
-def build_initial_model(init: ModelInit, tokenizer_path: Optional[str], seed: int, texts, out: Path) -> None:
-    """Random weights from the config plus a tokenizer, saved as one HF directory."""
+def build_initial_model(cfg: Config, out: Path) -> None:
+    """Random weights from model.init plus a tokenizer (model.tokenizer, or one trained on the
+    run's text), saved as one HF directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ftdist.records import tokenizer_corpus
     from ftdist.tokenizer import train_tokenizer
 
+    init, tokenizer_path = cfg.model.init, tokenizer_source(cfg)
     if tokenizer_path:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     else:
-        tokenizer = train_tokenizer(texts, init.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data), init.vocab_size)
     if len(tokenizer) > init.vocab_size:
         raise UserError(
             f"model.init.vocab_size {init.vocab_size} is smaller than the tokenizer's "
@@ -141,7 +163,7 @@ def build_initial_model(init: ModelInit, tokenizer_path: Optional[str], seed: in
         )
     model_config = init_model_config(init, tokenizer)
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.train.seed)
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     # Written aside, then renamed: a crash never leaves a half-written base behind.
     tmp = out.with_name(out.name + ".tmp")
@@ -185,19 +207,26 @@ def quantized_load_kwargs(qlora: QloraConfig, dtype: torch.dtype, device: torch.
     }
 
 
-def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
+def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig] = None,
+                   dtype: torch.dtype = torch.float32, what: str = "model.name_or_path") -> nn.Module:
+    """A causal LM from a HF directory or hub id, float32 on the CPU; with `qlora`, its frozen
+    weights in 4 bits on `device` (compute in `dtype`), as training, export and generation load it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32}
-    if cfg.method == "qlora":
-        kwargs = quantized_load_kwargs(cfg.qlora, compute_dtype(cfg, device), device)
+    kwargs = {"dtype": torch.float32} if qlora is None else quantized_load_kwargs(qlora, dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path: cannot load a causal LM from {base_path}: {e}") from None
-    if cfg.method == "qlora":
+        raise UserError(f"{what}: cannot load a causal LM from {path}: {e}") from None
+    if qlora is not None:
         keep_4bit_trainable(model)
-    else:
+    return model
+
+
+def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
+    qlora = cfg.qlora if cfg.method == "qlora" else None
+    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device))
+    if qlora is None:
         model.to(device)
     model.config.use_cache = False
     return model
@@ -231,22 +260,20 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def n_frozen_blocks(cfg: Config, n_layers: int) -> int:
-    n = n_layers if cfg.freeze_layers == "all" else cfg.freeze_layers
-    if n > n_layers:
-        raise UserError(
-            f"freeze_layers {n} is more than the model's {n_layers} layers; use at most {n_layers}, "
-            "or 'all' for feature extraction"
-        )
-    return n
+    problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, n_layers)
+    if problem:
+        raise UserError(problem)
+    return frozen_blocks(cfg.freeze_layers, n_layers)
 
 
-def freeze_full(model: nn.Module, cfg: Config) -> dict:
-    """Full fine-tuning with the lowest blocks (and the input embeddings) frozen."""
+def freeze_full(model: nn.Module, cfg: Config) -> int:
+    """Full fine-tuning with the lowest blocks (and the input embeddings) frozen. Returns how
+    many blocks are frozen."""
     _, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     model.requires_grad_(True)
     if n == 0:
-        return {"frozen_blocks": 0}
+        return 0
     for block in blocks[:n]:
         block.requires_grad_(False)
     block_params = {id(p) for p in blocks.parameters()}
@@ -256,7 +283,7 @@ def freeze_full(model: nn.Module, cfg: Config) -> dict:
     if cfg.freeze_layers == "all":
         # Feature extraction: only the final norm and the head learn.
         model.get_output_embeddings().requires_grad_(True)
-    return {"frozen_blocks": n}
+    return n
 
 
 def linear_names(blocks: nn.ModuleList) -> list[str]:
@@ -270,16 +297,12 @@ def linear_names(blocks: nn.ModuleList) -> list[str]:
     return sorted(names)
 
 
-def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, dict]:
+def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[str]]:
+    """LoRA adapters on the blocks above the frozen ones: (PEFT model, blocks frozen, targets)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     blocks_name, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
-    if n >= len(blocks):
-        raise UserError(
-            f"freeze_layers {n} leaves no block for adapters (the model has {len(blocks)}); "
-            "lower freeze_layers, or use method: full for feature extraction"
-        )
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = cfg.lora.target_modules
@@ -300,7 +323,7 @@ def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, dict]:
         layers_pattern=blocks_name.split(".")[-1] if n else None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), {"frozen_blocks": n, "lora_targets": target_list}
+    return get_peft_model(model, lora), n, target_list
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -317,11 +340,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundle:
     tokenizer = load_tokenizer(cfg, base_path)
     model = load_base_model(cfg, base_path, device)
+    targets = None
     if cfg.method == "full":
-        info = freeze_full(model, cfg)
+        frozen = freeze_full(model, cfg)
     else:
-        model, info = add_adapters(model, cfg)
+        model, frozen, targets = add_adapters(model, cfg)
     trainable, total = count_parameters(model)
-    info.update(method=cfg.method, trainable_params=trainable, total_params=total,
-                num_layers=model.config.num_hidden_layers)
-    return ModelBundle(model, tokenizer, base_path, info)
+    info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
+                     tuple(targets) if targets else None)
+    return ModelBundle(model, tokenizer, info)

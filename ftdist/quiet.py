@@ -64,18 +64,34 @@ def quiet_ray_data() -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (progress bars of HF saves, advisory warnings) out of the user's view."""
+    """Keep library chatter (progress bars of HF saves, advisory warnings) out of the user's view.
+
+    Cheap: the libraries read these settings when they are imported, so the CLI can call this
+    before it imports any of them (a mistake in a config is then reported in well under a second)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("bitsandbytes", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:  # imported already: its verbosity was read at import
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def without_deepspeed() -> None:
+    """Local mode: let no library import DeepSpeed. accelerate (which PEFT and transformers use)
+    imports it whenever it is installed, which costs seconds and prints DeepSpeed's accelerator
+    warning in a run that uses no DeepSpeed. A None in sys.modules is Python's own way of saying
+    a module is absent: find_spec answers None and `import deepspeed` raises ImportError, so each
+    library takes its no-DeepSpeed path. Call before the training stack is imported."""
+    if "deepspeed" not in sys.modules:
+        sys.modules["deepspeed"] = None
 
 
 # A traceback that follows a noise line (Ray logs some of its clean-up failures with one).

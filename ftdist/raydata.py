@@ -19,7 +19,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ftdist.config import Config
-from ftdist.data import Dataset, Rows, check_record, pack, read_text_file, tokenize_records
+from ftdist.data import Dataset, Rows, pack, tokenize_records
+from ftdist.records import check_record, read_text_file
 
 PACK_BATCH_ROWS = 512  # examples packed together per map_batches call
 COLUMNS = ("ids", "targets", "positions", "doc")

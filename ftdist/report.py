@@ -1,11 +1,19 @@
-"""Plots and a summary from a run's metrics.jsonl."""
+"""Plots and a summary from a run's metrics.jsonl.
+
+  loss.png         training loss per step, eval loss at each evaluation
+  forgetting.png   (runs with data.retention) the trade-off: the task's eval loss falling while
+                   the loss on general text rises above its value before training
+  lr.png, throughput.png (ftdist report)
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from ftdist.errors import UserError
+from ftdist.layout import METRICS, REPORT, SUMMARY
 from ftdist.metrics import read_metrics, series
 
 
@@ -18,10 +26,16 @@ def _pyplot():
     return plt
 
 
+def plot_run(run_dir: Path) -> list[Path]:
+    """The plots a run writes when it finishes: loss.png, and forgetting.png with data.retention."""
+    forgetting = plot_forgetting(run_dir)
+    return [plot_loss(run_dir)] + ([forgetting] if forgetting else [])
+
+
 def plot_loss(run_dir: Path) -> Path:
-    """loss.png: training loss per step, eval loss at its checkpoints."""
+    """loss.png: training loss per step, eval loss at each evaluation."""
     plt = _pyplot()
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / METRICS)
     fig, ax = plt.subplots(figsize=(7, 4))
     train_steps, train_loss = series(records, "loss")
     ax.plot(train_steps, train_loss, label="train loss", linewidth=1)
@@ -43,10 +57,50 @@ def plot_loss(run_dir: Path) -> Path:
     return out
 
 
+def retention_curve(records: list[dict]) -> tuple[Optional[float], list[int], list[float]]:
+    """(retention loss before training, steps, retention loss at each evaluation after step 0)."""
+    start = next((r for r in records if r.get("event") == "start"), {})
+    before = start.get("retention_loss_before")
+    if before is None:
+        return None, [], []
+    points = [(r["step"], r.get("retention_loss", before + r["forgetting"])) for r in records
+              if r.get("forgetting") is not None]
+    return before, [s for s, _ in points], [v for _, v in points]
+
+
+def plot_forgetting(run_dir: Path) -> Optional[Path]:
+    """forgetting.png: what the task gained and what general text lost, per evaluation, in the
+    same unit (nats per token); None when the run measured no retention loss."""
+    records = read_metrics(run_dir / METRICS)
+    before, steps, retention = retention_curve(records)
+    if before is None:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    eval_steps, eval_loss = series(records, "eval_loss")
+    if eval_steps:
+        ax.plot(eval_steps, eval_loss, "o-", color="tab:blue", label="task: eval loss (data.eval)")
+    ax.axhline(before, color="tab:red", linestyle="--", linewidth=1, label="general text: before training")
+    ax.plot([0, *steps], [before, *retention], "s-", color="tab:red", label="general text: retention loss")
+    if steps:
+        ax.annotate(f"forgetting {retention[-1] - before:+.2f}", xy=(steps[-1], retention[-1]),
+                    xytext=(-10, -14), textcoords="offset points", ha="right", color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{run_dir.name}: the task learned, general text forgotten")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "forgetting.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(*series(read_metrics(run_dir / "metrics.jsonl"), key))
+    ax.plot(*series(read_metrics(run_dir / METRICS), key))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -58,7 +112,7 @@ def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:
 
 
 def summarize(run_dir: Path) -> dict:
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / METRICS)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     start = next((r for r in records if r.get("event") == "start"), {})
@@ -76,7 +130,7 @@ def summarize(run_dir: Path) -> dict:
         # Median, so that the first (warm-up) steps do not skew throughput.
         "median_tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2] if steps else None,
     }
-    final = run_dir / "summary.json"
+    final = run_dir / SUMMARY
     if final.exists():
         done = json.loads(final.read_text())
         for key in ("retention_loss_before", "retention_loss_after", "forgetting", "final_size_bytes"):
@@ -86,15 +140,15 @@ def summarize(run_dir: Path) -> dict:
 
 
 def report(run_dir: Path) -> tuple[dict, list[Path]]:
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl; give the directory of a run (<run.output>/<run.name>)")
+    if not (run_dir / METRICS).is_file():
+        raise UserError(f"{run_dir}: no {METRICS}; give the directory of a run (<run.output>/<run.name>)")
     plots = [
-        plot_loss(run_dir),
+        *plot_run(run_dir),
         plot_series(run_dir, "lr", "learning rate", "lr.png"),
         plot_series(run_dir, "tokens_per_s", "tokens / s", "throughput.png"),
     ]
     summary = summarize(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / REPORT).write_text(json.dumps(summary, indent=2))
     return summary, plots
 
 

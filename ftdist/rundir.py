@@ -1,16 +1,26 @@
-"""The run directory <run.output>/<run.name> (local or s3://): created, snapshotted, resumed or restarted."""
+"""The run directory <run.output>/<run.name> (local or s3://): claimed, snapshotted, resumed or
+restarted, and read back once finished.
+
+A directory becomes an ftdist run when ftdist creates it (or finds it empty) and writes its
+marker there. A non-empty directory without that marker is the user's: ftdist neither writes
+into it nor deletes anything in it. `--restart` deletes only the entries ftdist writes
+(layout.RUN_ENTRIES), so a file the user put in a run directory stays.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 
 import yaml
 
+from ftdist import __version__
 from ftdist.config import Config, config_yaml
 from ftdist.errors import UserError
+from ftdist.layout import FINAL_DIR, FINISHED, RUN_MARKER, SNAPSHOT, SUMMARY, TRIAL_PREFIX, is_ftdist_entry
 from ftdist.storage import RunStore, open_run_store
 
-SNAPSHOT = "config.yaml"
 # Keys that may change between an interrupted run and its resumption: how long and how
 # often, where and on how many workers it runs (checkpoints load at any world size).
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
@@ -26,15 +36,16 @@ TUNE_RESUMABLE_CHANGES = {"distributed.max_failures", "storage.endpoint_url", "s
 
 
 def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_CHANGES) -> RunStore:
-    """Create the run (or clear it with restart) and write the config snapshot.
+    """Claim the run directory (or clear ftdist's files in it with restart) and write the
+    config snapshot.
 
     Resuming a run that was started with a different config would mix two experiments:
     that is refused with the differing keys named.
     """
     store = open_run_store(cfg)
+    claim(store)
     if restart:
-        store.remove("")
-        shutil.rmtree(store.root, ignore_errors=True)
+        clear_run(store)
     new_text = config_yaml(cfg)
     old_text = store.read_text(SNAPSHOT) if store.exists(SNAPSHOT) else None
     if old_text is not None:
@@ -49,9 +60,34 @@ def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_
         store.local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run.output: cannot create {store.local}: {e.strerror}") from None
+    if not store.exists(RUN_MARKER):
+        store.write_text(RUN_MARKER, json.dumps({"ftdist": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     if new_text != old_text:  # a finished run opened again is left as it was
         store.write_text(SNAPSHOT, new_text)
     return store
+
+
+def claim(store: RunStore) -> None:
+    """Refuse a directory that holds something and is not an ftdist run."""
+    names = store.list_names("")
+    if names and RUN_MARKER not in names:
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(
+            f"{store.url} is not empty ({shown}) and is not an ftdist run (no {RUN_MARKER} there): ftdist writes "
+            "into, and deletes in, only directories it created; set run.name (or run.output) to a new or empty "
+            "directory")
+
+
+def clear_run(store: RunStore) -> None:
+    """--restart: delete what ftdist wrote in the run directory, keep everything else."""
+    for name in store.list_names(""):
+        if name == RUN_MARKER or not is_ftdist_entry(name):
+            continue
+        if name.startswith(TRIAL_PREFIX) and not store.exists(f"{name}/{RUN_MARKER}"):
+            continue  # a trial-N/ that ftdist did not make
+        store.remove(name)
+    if store.remote:  # the local working copy in the cache is ftdist's own
+        shutil.rmtree(store.root, ignore_errors=True)
 
 
 def may_change(key: str, resumable: set[str]) -> bool:
@@ -66,4 +102,15 @@ def diff_keys(old, new, prefix: str = "") -> set[str]:
 
 
 def is_finished(store: RunStore) -> bool:
-    return store.exists("final/ftdist.json")
+    return store.exists(FINISHED)
+
+
+def read_summary(store: RunStore) -> dict:
+    summary = json.loads(store.read_text(SUMMARY))
+    summary.update(run_dir=store.url, final_dir=store.path(FINAL_DIR))
+    return summary
+
+
+def finished_summary(store: RunStore) -> dict:
+    print(f"{store.url} is already finished; rerun with --restart to train again", flush=True)
+    return read_summary(store)

@@ -147,9 +147,6 @@ class RunStore:
     def local(self) -> Path:
         return self.root / f"rank-{self.rank}" if self.remote else self.root
 
-    def for_rank(self, rank: int) -> "RunStore":
-        return RunStore(self.url, self.root, self.storage, rank)
-
     @cached_property
     def fs(self):
         return filesystem(self.url, self.storage)
@@ -166,6 +163,14 @@ class RunStore:
 
     def read_text(self, rel: str) -> str:
         return self.call(lambda: self.fs.cat_file(self.path(rel)).decode(), f"reading {self.path(rel)}")
+
+    def list_names(self, rel: str = "") -> list[str]:
+        """Names of the files and directories in `rel` ([] when it does not exist)."""
+        def names() -> list[str]:
+            if not self.fs.exists(self.path(rel)) or not self.fs.isdir(self.path(rel)):
+                return []
+            return [e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.path(rel), detail=False)]
+        return self.call(names, f"listing {self.path(rel)}")
 
     def list_dirs(self, rel: str) -> list[str]:
         """Names of the directories in `rel` ([] when it does not exist)."""
@@ -273,12 +278,6 @@ def fetch(url: str, storage: StorageConfig, kind: str = "inputs") -> Path:
             retrying(lambda: fs.get_file(url, str(tmp)), what, storage.retry_deadline_s)
             tmp.replace(dest)
         done.write_text(url)
-    return dest
-
-
-def fetch_dir(url: str, storage: StorageConfig, dest: Path) -> Path:
-    """Copy an s3:// directory tree to `dest` (for export and tools)."""
-    RunStore(url, dest, storage).download("", dest)
     return dest
 
 

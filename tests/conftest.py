@@ -86,7 +86,7 @@ def pretrained_base(tmp_path_factory):
         if arch not in built:
             import json
 
-            from ftdist.launch import train_local
+            from ftdist.local import train_local
 
             tmp = tmp_path_factory.mktemp(f"base-{arch}")
             corpus = tmp / "general.jsonl"

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ftdist.data import IGNORE, Example, collate, encode, pack, read_jsonl, to_example
+from ftdist.data import IGNORE, Example, collate, encode, pack, to_example
+from ftdist.records import read_jsonl
 from ftdist.errors import UserError
 from ftdist.tokenizer import IM_END, train_tokenizer
 from tests.conftest import DEMO
@@ -67,7 +68,7 @@ def test_packed_rows_give_the_same_loss_as_separate_examples():
     """Document masking for real: a packed row equals its examples run one by one."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ftdist.loop import loss_sum
+    from ftdist.objective import loss_sum
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

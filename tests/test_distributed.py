@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from ftdist.config import Config
 from ftdist.distributed import train_ray
 from ftdist.errors import UserError
-from ftdist.launch import train_local
+from ftdist.local import train_local
 from ftdist.metrics import read_metrics
 from tests.conftest import run_cli, small_data, start_cli, tiny_config, wait_until, write_config
 

@@ -32,7 +32,7 @@ MERGE_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One short local-mode run per method. The adapter runs fine-tune the full run's base."""
-    from ftdist.launch import train_local
+    from ftdist.local import train_local
 
     tmp = tmp_path_factory.mktemp("export-runs")
     full = Path(train_local(tiny_config(tmp, "method=full", *SHORT, name="full"), show_progress=False)["run_dir"])
@@ -222,9 +222,9 @@ def make_deepspeed_runs(root: str, base: str) -> None:
     from safetensors.torch import save_file
 
     from ftdist.config import config_yaml
-    from ftdist.engine import DeepSpeedEngine, deepspeed_config
-    from ftdist.loop import build_optimizer
+    from ftdist.engine import deepspeed_engine
     from ftdist.model import build_model
+    from ftdist.optim import build_optimizer
 
     deepspeed.init_distributed("gloo")
     for method, stage in DEEPSPEED_CASES:
@@ -236,9 +236,9 @@ def make_deepspeed_runs(root: str, base: str) -> None:
         (run_dir / "config.yaml").write_text(config_yaml(cfg))
         model = build_model(cfg, base, torch.device("cpu")).model
         optimizer, scheduler = build_optimizer(cfg, model, 2)
-        engine = DeepSpeedEngine(model, optimizer, scheduler, deepspeed_config(cfg, 1))
+        engine = deepspeed_engine(cfg, model, optimizer, scheduler, world_size=1)
         for _ in range(2):
-            engine.backward(engine.forward(input_ids=BATCH, labels=BATCH).loss)
+            engine.step([BATCH], lambda forward, batch: forward(input_ids=batch, labels=batch).loss)
         checkpoint = run_dir / "checkpoints" / "step-2"
         checkpoint.mkdir(parents=True)
         engine.save(checkpoint, True)

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from ftdist.data import build_dataset
-from ftdist.distributed import check_data
+from ftdist.preflight import check_data
 from ftdist.errors import UserError
-from ftdist.loop import tokenizer_corpus
 from ftdist.model import load_tokenizer, resolve_base
 from ftdist.storage import RunStore
 from ftdist.raydata import ray_datasets, rows_of
@@ -21,7 +20,7 @@ def prepared(tmp_path: Path, *overrides: str):
     cfg = tiny_config(tmp_path, *overrides)
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
-    base = resolve_base(cfg, RunStore(str(run_dir), run_dir, cfg.storage), lambda: tokenizer_corpus(cfg))
+    base = resolve_base(cfg, RunStore(str(run_dir), run_dir, cfg.storage))
     fmt, _ = check_data(cfg)
     datasets = {k: v.materialize() for k, v in ray_datasets(cfg, base, fmt).items()}
     return cfg, base, datasets

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.launch import train_local
+from ftdist.local import train_local
 from ftdist.metrics import read_metrics
 from tests.conftest import complete_checkpoints, tiny_config
 

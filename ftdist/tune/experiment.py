@@ -14,14 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
 from ftdist.config import Config
 from ftdist.errors import UserError
+from ftdist.layout import BASE_DIR, TUNER_DIR
 from ftdist.storage import RunStore
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20
-TUNER_DIR = "tuner"  # Ray Tune's experiment state, under the experiment's directory
 
 
 @dataclass
@@ -35,10 +33,10 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     """Run (or continue) the experiment; returns it with Tune's ResultGrid."""
     from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
 
-    local_cfg, fmt, skipped, use_gpu = preflight(cfg, raw, address)
+    checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
     store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
-    experiment, datasets, steps = shared_inputs(cfg, local_cfg, raw, store, fmt, skipped, use_gpu)
+    experiment, datasets, steps = trial_inputs(cfg, checked, raw, store, use_gpu)
     t = cfg.tune
     print(f"tune: {t.num_samples} trials of {cfg.distributed.workers} worker(s), {concurrency} at a time; search "
           f"{t.search}, scheduler {t.scheduler.type}; {steps} steps per trial; outputs in {store.url}", flush=True)
@@ -46,53 +44,42 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     return Experiment(cfg, raw, store), tuner.fit()
 
 
-def preflight(cfg: Config, raw: dict, address: Optional[str]) -> tuple[Config, str, int, bool]:
+def preflight(cfg: Config, raw: dict, address: Optional[str]):
     """Everything that can be wrong, before the first trial: the config and its space, the
-    data, the cluster. Returns the config with local data paths, the data format, rows skipped
-    and whether trials use GPUs."""
-    from ftdist.distributed import check_data, cluster_budget, connect
-    from ftdist.launch import check_dtype, check_fits, check_paths, localize_data, model_config_of
+    data, the cluster. Returns the checked inputs (local data paths, format) and whether
+    trials use GPUs."""
+    from ftdist.distributed import preflight_cluster
+    from ftdist.preflight import check_inputs, model_config_of
     from ftdist.tune.space import check_space
 
     if cfg.tune is None:
         raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
-    d = cfg.distributed
-    if d.workers == 0:
+    if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
-    check_paths(cfg)
-    local_cfg = localize_data(cfg)
-    fmt, skipped = check_data(local_cfg)
+    checked = check_inputs(cfg)
     check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
-    connect(address)
-    use_gpu, device_type, per_device = cluster_budget(cfg)
-    check_dtype(cfg, torch.device(device_type))
-    check_fits(local_cfg, torch.device(device_type), d.workers, d.zero_stage, available=per_device)
-    return local_cfg, fmt, skipped, use_gpu
+    use_gpu, _, _ = preflight_cluster(checked.cfg, address)
+    return checked, use_gpu
 
 
-def shared_inputs(cfg: Config, local_cfg: Config, raw: dict, store: RunStore, fmt: str, skipped: int,
-                  use_gpu: bool) -> tuple[dict, dict, int]:
+def trial_inputs(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool) -> tuple[dict, dict, int]:
     """What every trial shares, made once: the base model (built into the experiment for
     model.init), the Ray datasets, and the experiment's description. Returns those and the
     steps of one trial."""
-    from ftdist.loop import make_plan, tokenizer_corpus
-    from ftdist.model import BASE_DIR, resolve_base
-    from ftdist.raydata import ray_datasets
+    from ftdist.distributed import shared_inputs
 
     t = cfg.tune
-    base_path = resolve_base(local_cfg, store, lambda: tokenizer_corpus(local_cfg))
-    datasets = {name: ds.materialize() for name, ds in ray_datasets(local_cfg, base_path, fmt).items()}
-    stats = {"format": fmt, "skipped_rows": skipped, "train_rows": datasets["train"].count()}
-    plan = make_plan(local_cfg, stats["train_rows"], cfg.distributed.workers)
-    if t.scheduler.type == "asha" and t.scheduler.max_t < plan.total_steps:
-        raise UserError(f"tune.scheduler.max_t {t.scheduler.max_t} is less than the {plan.total_steps} steps a trial "
-                        f"runs: ASHA's rungs would not reach the end; set max_t to {plan.total_steps}, or "
+    inputs = shared_inputs(checked, store)
+    steps = inputs.plan.total_steps
+    if t.scheduler.type == "asha" and t.scheduler.max_t < steps:
+        raise UserError(f"tune.scheduler.max_t {t.scheduler.max_t} is less than the {steps} steps a trial "
+                        f"runs: ASHA's rungs would not reach the end; set max_t to {steps}, or "
                         f"train.max_steps to {t.scheduler.max_t}")
     experiment = {
-        "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu, "data_stats": stats,
-        "model_source": trial_model_source(cfg, store.path(BASE_DIR), base_path),
+        "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu,
+        "data_stats": inputs.data_stats, "model_source": trial_model_source(cfg, store.path(BASE_DIR), inputs.base_path),
     }
-    return experiment, datasets, plan.total_steps
+    return experiment, inputs.datasets, steps
 
 
 def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, concurrency: int):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ftdist.config import Config, SpaceSpec, format_validation_error, set_dotted
+from ftdist.config import Config, SpaceSpec, format_validation_error, freeze_depth_problem, set_dotted
 from ftdist.errors import UserError
 
 
@@ -33,14 +33,10 @@ def check_space(raw: dict, cfg: Config, num_layers: int) -> None:
             except ValidationError as e:
                 detail = format_validation_error(e, "").split("\n", 1)[-1].strip()
                 raise UserError(f"tune.space.{key}: the value {value!r} gives an invalid config: {detail}") from None
-            frozen = num_layers if trial.freeze_layers == "all" else trial.freeze_layers
-            if frozen > num_layers:
-                raise UserError(f"tune.space.{key}: the value {value!r} freezes {frozen} blocks but the model has "
-                                f"{num_layers}; keep freeze_layers at most {num_layers}")
-            if trial.method != "full" and frozen >= num_layers:
-                raise UserError(f"tune.space.{key}: the value {value!r} freezes all {num_layers} blocks of a "
-                                f"{trial.method} run, leaving no block for adapters; keep freeze_layers below "
-                                f"{num_layers} (randint's high end is exclusive)")
+            problem = freeze_depth_problem(trial.freeze_layers, trial.method, num_layers)
+            if problem:
+                hint = " (randint's high end is exclusive)" if spec.kind == "randint" else ""
+                raise UserError(f"tune.space.{key}: the value {value!r} gives an invalid config: {problem}{hint}")
 
 
 def ray_domains(space: dict[str, SpaceSpec]) -> dict[str, Any]:

@@ -54,22 +54,17 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     shared datasets once)."""
     from ray import tune
 
-    from ftdist.distributed import fit
-    from ftdist.engine import deepspeed_config
-    from ftdist.launch import read_summary
+    from ftdist.distributed import fit, worker_config
     from ftdist.quiet import quiet_libraries
-    from ftdist.rundir import is_finished, prepare_run_dir
+    from ftdist.rundir import is_finished, prepare_run_dir, read_summary
 
     quiet_libraries()
     cfg = trial_config(experiment, params, tune.get_context().get_trial_name())
     store = prepare_run_dir(cfg, restart=False)  # the trial's directory: resumed if it exists
     t = experiment["tune"]
     if not is_finished(store):
-        fit(cfg, store, {
-            "config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
-            "show_progress": False, "ds_config": deepspeed_config(cfg, cfg.distributed.workers),
-            "data_stats": experiment["data_stats"],
-        }, datasets, experiment["use_gpu"], callbacks=[ReportEvaluations(t["metric"], t["forgetting_weight"])])
+        fit(cfg, store, worker_config(cfg, store, experiment["data_stats"], show_progress=False), datasets,
+            experiment["use_gpu"], callbacks=[ReportEvaluations(t["metric"], t["forgetting_weight"])])
     # The last result: the final evaluation again, marked finished (ASHA-stopped trials never get here).
     summary = read_summary(store)
     final = {"step": summary["steps"], "tokens_seen": summary["tokens_seen"],

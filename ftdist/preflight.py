@@ -1,26 +1,50 @@
-"""From a validated config to a finished run: preflight, run directory, the loop.
+"""Preflight: what can be wrong with a run, found before any weight is loaded. Local mode, the
+Ray driver and the tune driver run the same checks.
 
-Preflight runs before any weight is loaded: paths exist, the dtype suits the hardware,
-the model fits in memory. Each failure is a UserError that says what to change.
+  check_inputs  paths exist, every data row is valid (file:line on error), s3:// data fetched;
+                no torch imported yet, so a mistake is told in the first seconds
+  check_dtype   the compute dtype suits the device
+  check_fits    the model's freeze depth, and its memory estimate per device against what
+                is free (with what would make it fit)
+
+Each failure is a UserError that says what to change.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from ftdist import memory
-from ftdist.config import Config
-from ftdist.context import LocalContext, default_device
+from ftdist.config import Config, freeze_depth_problem
 from ftdist.errors import UserError
-from ftdist.memory import GiB, MemoryEstimate
-from ftdist.rundir import is_finished, prepare_run_dir
-from ftdist.storage import RunStore, fetch, is_remote
+from ftdist.records import read_jsonl
+from ftdist.storage import fetch, is_remote
+
+if TYPE_CHECKING:
+    import torch
+
+    from ftdist.memory import MemoryEstimate
+
+DATA_KEYS = ("train", "eval", "retention")
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    cfg: Config  # the run's config with local copies of s3:// data files
+    data_format: str  # the training rows' format (data.format, or what the rows are)
+    skipped_rows: int  # bad rows skipped (data.skip_bad_rows)
+
+
+def check_inputs(cfg: Config) -> CheckedInputs:
+    check_paths(cfg)
+    local = localize_data(cfg)
+    fmt, skipped = check_data(local)
+    return CheckedInputs(local, fmt, skipped)
 
 
 def check_paths(cfg: Config) -> None:
-    for key in ("train", "eval", "retention"):
+    for key in DATA_KEYS:
         value = getattr(cfg.data, key)
         if value is None or is_remote(value):  # fetched (and checked) by localize_data
             continue
@@ -29,20 +53,36 @@ def check_paths(cfg: Config) -> None:
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
+    source = cfg.model.name_or_path
+    if source and not is_remote(source) and (source.startswith((".", "/", "~")) or Path(source).exists()):
+        if not (Path(source).expanduser() / "config.json").is_file():
+            raise UserError(f"model.name_or_path {source}: no config.json there; point it at a Hugging Face "
+                            "model directory (or a hub id)")
 
 
 def localize_data(cfg: Config) -> Config:
     """The config with s3:// data files replaced by local copies (fetched once into the cache):
     data is read where the run starts (this process, or the Ray driver)."""
     local = {}
-    for key in ("train", "eval", "retention"):
+    for key in DATA_KEYS:
         value = getattr(cfg.data, key)
         if value is not None and is_remote(value):
             local[key] = str(fetch(value, cfg.storage, "data"))
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
 
 
-def check_dtype(cfg: Config, device: torch.device) -> None:
+def check_data(cfg: Config) -> tuple[str, int]:
+    """Validate every training and eval row here, where an error can name its file and line
+    (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped)."""
+    _, fmt, skipped = read_jsonl(cfg.data.train, cfg.data.format, cfg.data.skip_bad_rows)
+    if cfg.data.eval:
+        skipped += read_jsonl(cfg.data.eval, fmt, cfg.data.skip_bad_rows)[2]
+    return fmt, skipped
+
+
+def check_dtype(cfg: Config, device: "torch.device") -> None:
+    import torch
+
     if cfg.model.dtype == "float16" and device.type == "cpu":
         raise UserError(
             f"model.dtype float16 needs a GPU{' (for qlora too)' if cfg.method == 'qlora' else ''}; "
@@ -66,18 +106,20 @@ def model_config_of(cfg: Config):
         raise UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
 
 
-def check_fits(cfg: Config, device: torch.device, workers: int = 1, zero_stage: int = 0,
-               available: float | None = None) -> MemoryEstimate:
+def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,
+               available: Optional[float] = None) -> "MemoryEstimate":
     """The memory estimate per device; a UserError with advice when it exceeds `available`."""
     import psutil
+    import torch
 
+    from ftdist import memory
+    from ftdist.memory import GiB
     from ftdist.model import compute_dtype
 
     model_config = model_config_of(cfg)
-    layers = model_config.num_hidden_layers
-    if isinstance(cfg.freeze_layers, int) and cfg.freeze_layers > layers:
-        raise UserError(f"freeze_layers {cfg.freeze_layers} is more than the model's {layers} layers; "
-                        f"use at most {layers}, or 'all' for feature extraction")
+    problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, model_config.num_hidden_layers)
+    if problem:
+        raise UserError(problem)
     dtype = compute_dtype(cfg, device)
     est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
     if available is None:
@@ -90,36 +132,3 @@ def check_fits(cfg: Config, device: torch.device, workers: int = 1, zero_stage: 
             f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips)
         )
     return est
-
-
-def preflight(cfg: Config, device: torch.device) -> None:
-    check_paths(cfg)
-    check_dtype(cfg, device)
-    check_fits(cfg, device)
-
-
-def train_local(cfg: Config, restart: bool = False, show_progress: bool = True) -> dict:
-    from ftdist.loop import train
-
-    device = default_device()
-    preflight(cfg, device)
-    store = prepare_run_dir(cfg, restart)
-    if is_finished(store):
-        return finished_summary(store)
-    train(localize_data(cfg), LocalContext(store=store, device=device, show_progress=show_progress))
-    return read_summary(store)
-
-
-def finished_summary(store: RunStore) -> dict:
-    print(f"{store.url} is already finished; rerun with --restart to train again", flush=True)
-    return read_summary(store)
-
-
-def read_summary(store: RunStore) -> dict:
-    import json
-
-    from ftdist.loop import FINAL_DIR
-
-    summary = json.loads(store.read_text("summary.json"))
-    summary.update(run_dir=store.url, final_dir=store.path(FINAL_DIR))
-    return summary

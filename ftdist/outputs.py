@@ -1,0 +1,53 @@
+"""What a finished run leaves, written by rank 0: final/ (a plain HF model or a PEFT adapter,
+with the tokenizer and final/ftdist.json), summary.json and the plots; for s3:// runs all of
+it published to the store, final/ftdist.json last, since it marks the run finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ftdist.checkpoint import size_bytes
+from ftdist.config import Config
+from ftdist.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
+
+
+def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
+               model_state: Optional[dict] = None) -> Path:
+    """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
+    `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
+    final = run_dir / FINAL_DIR
+    tmp = run_dir / (FINAL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if model_state is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=model_state)
+    tokenizer.save_pretrained(tmp)
+    meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
+            "dtype": cfg.model.dtype}
+    (tmp / FINAL_META).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_jsonable))
+
+
+def publish(store) -> None:
+    """Summary, log, plots and the final model into the store (s3:// runs; no-ops locally)."""
+    for rel in [SUMMARY, METRICS, *(name for name in PLOTS if (store.local / name).is_file())]:
+        store.upload(rel)
+    store.upload(FINAL_DIR, skip={FINISHED})
+    store.upload(FINISHED)
+
+
+def _jsonable(value):
+    return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)
