@@ -64,6 +64,7 @@ class RayContext(LocalContext):
     data arrives as this worker's Ray Data shard, DeepSpeed steps."""
 
     data_stats: dict[str, Any] = field(default_factory=dict)
+    split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
 
     def all_reduce_sum(self, value: float) -> float:
         import torch.distributed as dist
@@ -96,7 +97,8 @@ class RayContext(LocalContext):
     def load_data(self, cfg: Config, tokenizer):
         from ftdist.raydata import dataset_from_shards
 
-        return dataset_from_shards(cfg, self.data_stats)
+        return dataset_from_shards(cfg, self.data_stats,
+                                   (self.rank, self.world_size) if self.split_in_workers else None)
 
     def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
         from ftdist.engine import deepspeed_engine

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from ftdist.config import Config
 from ftdist.errors import UserError
-from ftdist.memory import GiB
 from ftdist.plan import Plan, accumulation_steps
 from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
 from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
 from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
+# Ray Train's controller polls its worker group every 2 s by default: each run's start, end
+# and every restart waited up to that long for nothing. A poll is one cheap actor call.
+TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
@@ -36,14 +36,14 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     use_gpu, device_type, per_device = preflight_cluster(checked.cfg, address)
     say = print if show_progress else (lambda *_, **__: None)
     say(describe_plan(cfg, device_type), flush=True)
-    say(f"memory (estimate): {per_device.estimate.describe()}, of {per_device.available / GiB:.1f} GiB", flush=True)
+    say(f"memory (estimate): {per_device.estimate.describe()}, of {per_device.available / 2**30:.1f} GiB", flush=True)
 
     store = prepare_run_dir(cfg, restart)
     if is_finished(store):
         return finished_summary(store)
     inputs = shared_inputs(checked, store)
-    fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, show_progress), inputs.datasets,
-        use_gpu)
+    fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers, show_progress),
+        inputs.datasets, use_gpu)
     return read_summary(store)
 
 
@@ -58,6 +58,8 @@ def preflight_cluster(cfg: Config, address: Optional[str]) -> tuple[bool, str, D
     Returns (use GPUs, device type, the per-device budget)."""
     connect(address)
     use_gpu, device_type, per_device = cluster_budget(cfg)
+    import torch
+
     device = torch.device(device_type)
     check_dtype(cfg, device)
     d = cfg.distributed
@@ -73,6 +75,9 @@ class SharedInputs:
     datasets: dict  # Ray datasets of packed rows, materialized
     data_stats: dict
     plan: Plan
+    # Small data, packed by the driver: every worker reads all training rows and keeps its
+    # part, which spares Ray Data's split coordinator (an actor that holds up the workers' start).
+    split_in_workers: bool
 
 
 def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
@@ -80,7 +85,7 @@ def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     datasets; the loop's own batch checks run on them before any worker starts."""
     from ftdist.model import resolve_base
     from ftdist.plan import make_plan
-    from ftdist.raydata import ray_datasets
+    from ftdist.raydata import packs_on_driver, ray_datasets
 
     cfg = checked.cfg
     base_path = resolve_base(cfg, store)
@@ -88,13 +93,15 @@ def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     stats = {"format": checked.data_format, "skipped_rows": checked.skipped_rows,
              "train_rows": datasets["train"].count()}
     plan = make_plan(cfg, stats["train_rows"], cfg.distributed.workers)
-    return SharedInputs(base_path, datasets, stats, plan)
+    return SharedInputs(base_path, datasets, stats, plan, split_in_workers=packs_on_driver(cfg))
 
 
-def worker_config(cfg: Config, store: RunStore, data_stats: dict, show_progress: bool) -> dict:
-    """What `worker_loop` receives: the config, where the run lives, what the driver counted."""
+def worker_config(cfg: Config, store: RunStore, data_stats: dict, split_in_workers: bool,
+                  show_progress: bool) -> dict:
+    """What `worker_loop` receives: the config, where the run lives, what the driver counted
+    and how the training rows reach the workers (see SharedInputs)."""
     return {"config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
-            "show_progress": show_progress, "data_stats": data_stats}
+            "show_progress": show_progress, "data_stats": data_stats, "split_in_workers": split_in_workers}
 
 
 def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool,
@@ -116,7 +123,7 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
                              failure_config=FailureConfig(max_failures=d.max_failures),
                              worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=SPLIT),
+        dataset_config=DataConfig(datasets_to_split=[] if loop_config["split_in_workers"] else SPLIT),
     )
     try:
         trainer.fit()
@@ -146,8 +153,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         store=worker_store(config["run"], cfg, rank),
         device=ray.train.torch.get_device(), rank=rank, world_size=context.get_world_size(),
         show_progress=config["show_progress"], data_stats=config["data_stats"],
+        split_in_workers=config["split_in_workers"],
     )
     if ctx.device.type == "cuda":
+        import torch
+
         torch.cuda.set_device(ctx.device)
     train(cfg, ctx)
 
@@ -172,6 +182,8 @@ def connect(address: Optional[str]) -> None:
     filter_driver_streams()
     quiet_ray_data()
     os.environ.update(WORKER_ENV)  # inherited by a local Ray this process starts
+    for key, value in TRAIN_CONTROLLER_ENV.items():  # Ray Train hands these to its controller
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     try:
@@ -221,6 +233,8 @@ def gpu_memory() -> float:
 
     @ray.remote(num_gpus=1)
     def probe() -> float:
+        import torch
+
         return float(torch.cuda.mem_get_info()[0])
 
     try:

@@ -62,7 +62,7 @@ class Run:
 
     cfg: Config
     ctx: LocalContext
-    model: ModelBundle
+    bundle: ModelBundle  # the model, its tokenizer and what it trains
     base_path: str
     data: Dataset
     plan: Plan
@@ -152,7 +152,7 @@ def begin(run: Run, state: TrainState) -> None:
     run.log.reset()
     if data.retention is not None:
         state.retention_before = evaluate(run.cfg, run.ctx, run.engine, data.retention, pad_id(run))
-    run.log.append({"step": 0, "event": "start", **run.model.info.record(), **data.stats, **run.ctx.topology(),
+    run.log.append({"step": 0, "event": "start", **run.bundle.info.record(), **data.stats, **run.ctx.topology(),
                     "retention_loss_before": state.retention_before})
     if data.eval is not None:
         evaluate_and_report(run, state, 0)  # what every later evaluation is compared with
@@ -221,7 +221,7 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
             record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before)
     run.log.append(record)
     # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
-    ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.model.info.trainable_params})
+    ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params})
     run.progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
                        + (f", forgetting {record['forgetting']:+.4f}" if "forgetting" in record else ""))
 
@@ -243,7 +243,7 @@ def note_uploads(run: Run, step: int) -> None:
         run.checkpoint_sizes = {"checkpoint_bytes": done["bytes"], "base_model_bytes": base_size}
         run.log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
                         "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
-        size = checkpoint.describe_size(done["bytes"], base_size, run.model.info.method)
+        size = checkpoint.describe_size(done["bytes"], base_size, run.bundle.info.method)
         run.progress.write(f"checkpoint step {done['step']} complete: {size} in {done['seconds']:.1f} s")
 
 
@@ -256,7 +256,7 @@ def finish(run: Run, state: TrainState) -> dict:
     run.progress.close()
     run.uploader.flush()  # every checkpoint complete before the run counts as finished
     note_uploads(run, run.plan.total_steps)
-    summary = {"steps": run.plan.total_steps, "tokens_seen": state.tokens_seen, **run.model.info.record(),
+    summary = {"steps": run.plan.total_steps, "tokens_seen": state.tokens_seen, **run.bundle.info.record(),
                **(run.checkpoint_sizes or {})}
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
         summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
@@ -270,7 +270,7 @@ def finish(run: Run, state: TrainState) -> dict:
     if ctx.is_main:
         from ftdist.report import plot_run
 
-        final = save_final(ctx.run_dir, cfg, run.model.model, run.model.tokenizer, run.base_path, model_state)
+        final = save_final(ctx.run_dir, cfg, run.bundle.model, run.bundle.tokenizer, run.base_path, model_state)
         summary["final_size_bytes"] = checkpoint.size_bytes(final)
         write_summary(ctx.run_dir, summary)
         plot_run(ctx.run_dir)
@@ -279,7 +279,7 @@ def finish(run: Run, state: TrainState) -> dict:
 
 
 def pad_id(run: Run) -> int:
-    return run.model.tokenizer.pad_token_id
+    return run.bundle.tokenizer.pad_token_id
 
 
 def seed_everything(seed: int) -> None:

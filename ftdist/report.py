@@ -45,12 +45,16 @@ def plot_loss(run_dir: Path) -> Path:
     losses = [v for v in train_loss + eval_loss if v > 0]
     if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
         ax.set_yscale("log")
+    return save_loss_figure(plt, fig, ax, run_dir.name, run_dir / "loss.png")
+
+
+def save_loss_figure(plt, fig, ax, title: str, out: Path) -> Path:
+    """Axes, grid and legend of a loss-per-step figure; written to `out`."""
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(run_dir.name)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run_dir / "loss.png"
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -85,16 +89,8 @@ def plot_forgetting(run_dir: Path) -> Optional[Path]:
     if steps:
         ax.annotate(f"forgetting {retention[-1] - before:+.2f}", xy=(steps[-1], retention[-1]),
                     xytext=(-10, -14), textcoords="offset points", ha="right", color="tab:red")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"{run_dir.name}: the task learned, general text forgotten")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = run_dir / "forgetting.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_loss_figure(plt, fig, ax, f"{run_dir.name}: the task learned, general text forgotten",
+                            run_dir / "forgetting.png")
 
 
 def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +49,38 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
     path = tmp_path / filename
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
+
+
+# Every line ftdist itself prints while it trains (stdout and stderr): a line that matches none
+# is a library's, which the user should never have to read.
+FTDIST_LINE = re.compile(
+    r"^(plan: |memory \(estimate\): |model: |data: |step \d+|checkpoint step \d+ complete|resuming from |done: |"
+    r"  (eval_loss|eval_ppl|forgetting|metrics): |.* is already finished|ftdist: )")
+
+# `ftdist ARGS` in a subprocess that reports at exit which heavy libraries it imported.
+IMPORT_PROBE = """
+import sys
+from ftdist.cli import main
+code = main(sys.argv[1:])
+loaded = [m for m in ("torch", "transformers", "peft", "deepspeed", "ray") if sys.modules.get(m) is not None]
+print("imported: " + ",".join(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run_cli_probed(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Like run_cli, and the set of heavy libraries the command imported (its probe line removed)."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    probe = [x for x in result.stderr.splitlines() if x.startswith("imported: ")]
+    assert probe, result.stderr
+    result.stderr = "".join(x + "\n" for x in result.stderr.splitlines() if not x.startswith("imported: "))
+    return result, set(filter(None, probe[-1].removeprefix("imported: ").split(",")))
+
+
+def foreign_lines(*outputs: str) -> list[str]:
+    """The lines of the outputs that ftdist did not print."""
+    return [x for out in outputs for x in out.splitlines() if x.strip() and not FTDIST_LINE.match(x)]
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:

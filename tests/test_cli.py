@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ftdist.metrics import read_metrics
-from tests.conftest import DEMO, REPO, complete_checkpoints, run_cli, tiny_config, write_config
+from tests.conftest import (DEMO, REPO, complete_checkpoints, foreign_lines, run_cli, run_cli_probed, tiny_config,
+                            write_config)
 
 
 def assert_user_error(result, *needles):
@@ -87,6 +88,28 @@ def test_model_that_does_not_fit(tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
+def test_config_path_and_data_mistakes_are_told_before_the_training_stack_loads(tmp_path):
+    """Told within the first seconds: before torch, transformers or PEFT is imported."""
+    rows = (DEMO / "train.jsonl").read_text().splitlines()[:50]
+    rows[7] = '{"prompt": 3, "completion": "x"}'
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text("\n".join(rows) + "\n")
+    no_model = tmp_path / "empty-model"
+    no_model.mkdir()
+    cases = [
+        (("--set", "train.lrr=1e-3"), "train.lrr: unknown key"),
+        ((f"--set", f"data.eval={tmp_path / 'nope.jsonl'}"), "data.eval: file not found"),
+        ((f"--set", f"data.train={bad_rows}"), f"{bad_rows}:8:"),
+        (("--set", "model.init=null", "--set", f"model.name_or_path={no_model}"), "no config.json"),
+    ]
+    path = config_file(tmp_path)
+    for extra, needle in cases:
+        result, imported = run_cli_probed("train", path, "--local", *extra)
+        assert_user_error(result, needle)
+        assert not imported, (needle, imported)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_generate_and_report_errors(tmp_path):
     assert_user_error(run_cli("generate", str(tmp_path / "nope"), "--prompt", "x"), "no such directory")
     assert_user_error(run_cli("report", str(tmp_path)), "no metrics.jsonl")
@@ -104,10 +127,10 @@ def eval_records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_killed_run_resumes_to_the_same_metrics(tmp_path, method):
-    """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped."""
-    common = (f"method={method}", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped.
+    (Adapter runs resume through the same path: test_loop.py, in-process.)"""
+    common = ("method=full", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
     whole = write_config(tmp_path, tiny_config(tmp_path, *common, name="whole"), "whole.yaml")
     assert run_cli("train", str(whole), "--local").returncode == 0
 
@@ -154,11 +177,15 @@ def test_rerun_of_a_finished_run_and_restart(tmp_path):
 @pytest.mark.slow
 def test_train_generate_report_through_the_cli(tmp_path):
     path = config_file(tmp_path, "train.max_steps=12", f"data.retention={DEMO / 'general.txt'}")
-    result = run_cli("train", path, "--local")
+    result, imported = run_cli_probed("train", path, "--local")
     assert result.returncode == 0, result.stderr
     assert "step 10/12" in result.stdout and "forgetting" in result.stdout  # plain lines when not a TTY
+    # Local mode: no DeepSpeed, no Ray, and nothing on the terminal but ftdist's own lines.
+    assert {"torch", "peft"} <= imported and not imported & {"deepspeed", "ray"}, imported
+    assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
     run_dir = tmp_path / "runs" / "t"
-    assert {"config.yaml", "metrics.jsonl", "final", "loss.png", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "final", "loss.png", "forgetting.png", "checkpoints"} <= {
+        p.name for p in run_dir.iterdir()}
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step-10"] and (run_dir / "checkpoints" / "step-10" / "COMPLETE").exists()
 
@@ -170,7 +197,7 @@ def test_train_generate_report_through_the_cli(tmp_path):
 
     rep = run_cli("report", str(run_dir))
     assert rep.returncode == 0 and "eval_loss" in rep.stdout and "forgetting" in rep.stdout
-    for plot in ("loss.png", "lr.png", "throughput.png"):
+    for plot in ("loss.png", "forgetting.png", "lr.png", "throughput.png"):
         assert (run_dir / plot).stat().st_size > 1000
     assert json.loads((run_dir / "report.json").read_text())["steps"] == 12
 

@@ -197,9 +197,15 @@ def test_bad_requests_are_refused_with_one_message(runs, tmp_path, capsys):
         assert code == 2 and stdout == "" and stderr.count("ftdist: error:") == 1, (args, stderr)
         assert all(n in stderr for n in needles), (needles, stderr)
     assert (taken / "notes.txt").is_file() and not (tmp_path / "a").exists()
-    # --force replaces the directory.
-    assert export(capsys, runs["lora"], "--out", taken, "--force")[0] == 0
-    assert not (taken / "notes.txt").exists() and (taken / "adapter_config.json").is_file()
+    # --force replaces an earlier export, never a directory ftdist did not write.
+    code, stdout, stderr = export(capsys, runs["lora"], "--out", taken, "--force")
+    assert code == 2 and "holds files ftdist did not write" in stderr and stderr.count("ftdist: error:") == 1
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and [p.name for p in tmp_path.iterdir()].count("taken") == 1
+    earlier = tmp_path / "earlier"
+    assert export(capsys, runs["full"], "--out", earlier)[0] == 0
+    assert export(capsys, runs["lora"], "--out", earlier, "--force")[0] == 0
+    assert (earlier / "adapter_config.json").is_file() and not (earlier / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "taken"]  # no staging left behind
 
 
 def test_missing_path_exits_2_without_a_traceback(tmp_path):

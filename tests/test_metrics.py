@@ -1,6 +1,7 @@
 """metrics.jsonl handling and what a person sees while training."""
 
 import io
+import json
 
 from ftdist.metrics import MetricsLog, Progress, read_metrics
 
@@ -58,3 +59,17 @@ def test_ray_noise_and_its_tracebacks_are_filtered_but_progress_is_kept():
     stream.flush()
     assert out.getvalue() == ("(RayTrainWorker pid=2) step 10/60  loss 4.5856  lr 3.00e-03\n"
                               "(RayTrainWorker pid=2) step 20/60  loss 2.4800\n")
+
+
+def test_the_forgetting_plot_reads_retention_at_each_evaluation(tmp_path):
+    from ftdist.report import plot_forgetting, retention_curve
+
+    records = [{"step": 0, "event": "start", "retention_loss_before": 3.0},
+               {"step": 0, "eval_loss": 5.0},
+               {"step": 10, "eval_loss": 2.0, "retention_loss": 3.5, "forgetting": 0.5},
+               {"step": 20, "eval_loss": 1.0, "forgetting": 1.25}]  # written before retention_loss was logged
+    assert retention_curve(records) == (3.0, [10, 20], [3.5, 4.25])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_forgetting(tmp_path).stat().st_size > 1000
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "event": "start"}) + "\n")
+    assert plot_forgetting(tmp_path) is None  # no data.retention: no plot

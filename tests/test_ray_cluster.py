@@ -147,7 +147,10 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
         ray = [str(BIN / "ray"), "job"]
         submit_command = ray + ["submit", "--no-wait", "--address", api, "--working-dir", str(REPO),
                                 "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--",
-                                "ftdist", "train", "jobs/configs/tiny-ray.yaml", "--set", f"run.output={out}"]
+                                "ftdist", "train", "jobs/configs/tiny-ray.yaml", "--set", f"run.output={out}",
+                                # a third of the example's steps, an evaluation and a checkpoint on the way
+                                "--set", "train.max_steps=20", "--set", "train.eval_every=10",
+                                "--set", "checkpoint.every_steps=10"]
         for _ in range(20):  # the dashboard answers a little before its job agent does
             submit = subprocess.run(submit_command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
             if "No available agent" not in submit.stderr + submit.stdout:

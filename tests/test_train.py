@@ -38,9 +38,9 @@ def assert_learned(run_dir: Path, factor: float = 0.85):
     assert evals[-1] < factor * evals[0], f"eval loss did not fall enough: {evals[0]:.3f} -> {evals[-1]:.3f}"
 
 
-# Llama with and without frozen blocks; Qwen2 (biased attention projections) with.
-CASES = [(arch, method, freeze) for method in ("full", "lora", "qlora")
-         for arch, freeze in (("llama", 0), ("llama", 1), ("qwen2", 1))]
+# One run per method, across both architectures and with and without frozen blocks; what each
+# (architecture, method, freeze depth) trains is checked without training in test_model.py.
+CASES = [("llama", "full", 0), ("llama", "lora", 1), ("qwen2", "qlora", 1)]
 
 
 @pytest.mark.parametrize("arch, method, freeze", CASES)

@@ -77,7 +77,7 @@ def trial_inputs(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool
                         f"train.max_steps to {t.scheduler.max_t}")
     experiment = {
         "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu,
-        "data_stats": inputs.data_stats, "model_source": trial_model_source(cfg, store.path(BASE_DIR), inputs.base_path),
+        "data_stats": inputs.data_stats, "split_in_workers": inputs.split_in_workers, "model_source": trial_model_source(cfg, store.path(BASE_DIR), inputs.base_path),
     }
     return experiment, inputs.datasets, steps
 
