@@ -130,7 +130,7 @@ def eval_records(run_dir: Path) -> list[dict]:
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped.
     (Adapter runs resume through the same path: test_loop.py, in-process.)"""
-    common = ("method=full", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
+    common = ("method=full", "train.max_steps=80", "checkpoint.every_steps=10", "train.lr=1e-2")
     whole = write_config(tmp_path, tiny_config(tmp_path, *common, name="whole"), "whole.yaml")
     assert run_cli("train", str(whole), "--local").returncode == 0
 
@@ -139,22 +139,24 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(cut), "--local"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    # Kill between checkpoints: after step 25 is logged, so steps 21-25 must be redone.
+    # Kill between checkpoints: once one is complete (its commit runs in the background) and
+    # steps past it are logged, which must then be redone.
     while time.monotonic() < deadline and proc.poll() is None:
         done = [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-        if done and max(done) >= 25:
+        complete = complete_checkpoints(run_dir)
+        if complete and done and max(done) >= int(complete[-1].name.split("-")[1]) + 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert max(r["step"] for r in step_records(run_dir)) < 40
+    assert max(r["step"] for r in step_records(run_dir)) < 80
 
     result = run_cli("train", str(cut), "--local")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout
     resumed, uninterrupted = step_records(run_dir), step_records(tmp_path / "runs" / "whole")
-    assert [r["step"] for r in resumed] == list(range(1, 41))
+    assert [r["step"] for r in resumed] == list(range(1, 81))
     for a, b in zip(resumed, uninterrupted):
         for key in STEP_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
