@@ -39,6 +39,7 @@ def complete_steps(s3, run: str) -> list[int]:
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tmp_path, s3, pretrained_base):
     train = s3.put(DEMO / "train.jsonl", "data", "train.jsonl")
     evaluation = s3.put(DEMO / "eval.jsonl", "data", "eval.jsonl")
@@ -87,6 +88,7 @@ def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tm
     assert not any(FAKE_SECRET in t for t in texts)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_from_the_store_on_a_fresh_machine_never_from_a_partial_checkpoint(tmp_path, s3):
     common = ("train.max_steps=60", "checkpoint.every_steps=10", "train.log_every=1", "train.eval_every=20",
               "checkpoint.keep=2")
@@ -141,6 +143,7 @@ def start_until_step(tmp_path: Path, s3, name: str, step: int, *overrides: str) 
     return proc, local_log
 
 
+@pytest.mark.slow
 def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_path, s3):
     proc, local_log = start_until_step(tmp_path, s3, "outage", 60, "checkpoint.every_steps=100", "train.eval_every=1000")
     s3.relay.down()  # the checkpoint at step 100 is written while the store is away
@@ -161,6 +164,7 @@ def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_
     assert complete_steps(s3, "outage") == [200, 300]  # keep: 2 (no eval yet, so no best to keep)
 
 
+@pytest.mark.slow
 def test_a_store_gone_past_the_deadline_stops_the_run_with_the_local_copy_kept(tmp_path, s3):
     proc, _ = start_until_step(tmp_path, s3, "gone", 10, "checkpoint.every_steps=50", "storage.retry_deadline_s=2")
     s3.relay.down()
@@ -174,6 +178,7 @@ def test_a_store_gone_past_the_deadline_stops_the_run_with_the_local_copy_kept(t
     assert str(kept.parent) in message[0] and (kept / "model.safetensors").is_file() and (kept / "optimizer.pt").is_file()
 
 
+@pytest.mark.slow
 def test_missing_credentials_and_a_missing_bucket_are_one_clear_message(tmp_path, s3):
     cfg = tiny_config(tmp_path, "train.max_steps=2", *s3.overrides(), name="creds")
     config = write_config(tmp_path, cfg)
