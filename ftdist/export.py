@@ -176,7 +176,7 @@ def base_model_of(src: Source) -> str:
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
-    from ftdist.model import check_model_source
+    from ftdist.preflight import check_model_source
 
     if src.cfg.model.init is not None:
         base = src.run_dir / BASE_DIR

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -71,6 +72,12 @@ class Run:
     uploader: Uploader
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
+
+    @cached_property
+    def base_size(self) -> Optional[int]:
+        """Bytes of the base model's files (None for a hub id), beside which checkpoint sizes are told."""
+        base_dir = Path(self.base_path)
+        return checkpoint.size_bytes(base_dir) if base_dir.is_dir() else None
 
     def say(self, line: str) -> None:
         if self.ctx.is_main and self.ctx.show_progress:
@@ -238,8 +245,7 @@ def note_uploads(run: Run, step: int) -> None:
     """Surface the background jobs: a failure stops the run; finished checkpoints are logged."""
     run.uploader.check()
     for done in run.uploader.drain():
-        base_dir = Path(run.base_path)
-        base_size = checkpoint.size_bytes(base_dir) if base_dir.is_dir() else None
+        base_size = run.base_size
         run.checkpoint_sizes = {"checkpoint_bytes": done["bytes"], "base_model_bytes": base_size}
         run.log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
                         "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})

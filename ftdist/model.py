@@ -21,6 +21,7 @@ from torch import nn
 from ftdist.config import Config, ModelInit, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR
+from ftdist.preflight import check_model_source
 
 
 
@@ -97,29 +98,6 @@ def tokenizer_source(cfg: Config) -> Optional[str]:
 
     name = cfg.model.tokenizer
     return str(fetch(name, cfg.storage, "models")) if name and is_remote(name) else name
-
-
-def check_model_source(name_or_path: str, storage) -> str:
-    """A local model directory, a hub id, or an s3:// directory (fetched once into the cache)."""
-    from ftdist.storage import fetch, is_remote
-
-    if is_remote(name_or_path):
-        local = fetch(name_or_path, storage, "models")
-        if not (local / "config.json").is_file():
-            raise UserError(f"model.name_or_path {name_or_path}: no config.json there; point it at a Hugging Face "
-                            "model directory in the bucket")
-        return str(local)
-    path = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
-        path = path.expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model.name_or_path {name_or_path}: no config.json there; "
-                "point it at a Hugging Face model directory (or a hub id)"
-            )
-        return str(path)
-    return name_or_path  # a hub id
 
 
 def init_model_config(init: ModelInit, tokenizer=None):

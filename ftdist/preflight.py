@@ -53,11 +53,29 @@ def check_paths(cfg: Config) -> None:
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
-    source = cfg.model.name_or_path
-    if source and not is_remote(source) and (source.startswith((".", "/", "~")) or Path(source).exists()):
-        if not (Path(source).expanduser() / "config.json").is_file():
-            raise UserError(f"model.name_or_path {source}: no config.json there; point it at a Hugging Face "
-                            "model directory (or a hub id)")
+    if cfg.model.name_or_path and not is_remote(cfg.model.name_or_path):  # an s3:// model is checked once fetched
+        check_model_source(cfg.model.name_or_path, cfg.storage)
+
+
+def check_model_source(name_or_path: str, storage) -> str:
+    """A local model directory, a hub id, or an s3:// directory (fetched once into the cache)."""
+    if is_remote(name_or_path):
+        local = fetch(name_or_path, storage, "models")
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name_or_path {name_or_path}: no config.json there; point it at a Hugging Face "
+                            "model directory in the bucket")
+        return str(local)
+    path = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local:
+        path = path.expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.name_or_path {name_or_path}: no config.json there; "
+                "point it at a Hugging Face model directory (or a hub id)"
+            )
+        return str(path)
+    return name_or_path  # a hub id
 
 
 def localize_data(cfg: Config) -> Config:
@@ -95,7 +113,7 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
 
-    from ftdist.model import check_model_source, init_model_config
+    from ftdist.model import init_model_config
 
     if cfg.model.init:
         return init_model_config(cfg.model.init)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ftdist.config import Config
 from ftdist.data import Dataset, Rows, pack, tokenize_records
-from ftdist.records import check_record, read_text_file
+from ftdist.records import check_record, read_jsonl, read_text_file
 
 PACK_BATCH_ROWS = 512  # examples packed together per map_batches call
 DRIVER_PACK_MAX_BYTES = 16 * 2**20  # data files up to this size in all are packed by the driver
@@ -128,33 +128,27 @@ def packs_on_driver(cfg: Config) -> bool:
 
 
 def driver_datasets(cfg: Config, tokenizer_path: str, fmt: str) -> dict[str, Any]:
-    """`ray_datasets` for small local files: the rows the Ray Data path would make (the same
-    batches of PACK_BATCH_ROWS rows through `pack_items`), packed here, as in-memory datasets."""
+    """`ray_datasets` for small local files: packed here by the same `pack_items`, in batches
+    of PACK_BATCH_ROWS records (read and validated as preflight reads them, bad rows skipped
+    with data.skip_bad_rows), as in-memory datasets."""
     import ray.data
     from transformers import AutoTokenizer
 
     d = cfg.data
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
-    def packed(items: list, row_fmt: str, lines: bool):
-        rows = [row for i in range(0, len(items), PACK_BATCH_ROWS)
-                for row in pack_items(items[i : i + PACK_BATCH_ROWS], tokenizer, row_fmt, d.max_length, d.packing,
-                                      d.skip_bad_rows, cfg.train.seed, lines).to_pylist()]
+    def packed(records: list[dict], row_fmt: str):
+        rows = [row for i in range(0, len(records), PACK_BATCH_ROWS)
+                for row in pack_items(records[i : i + PACK_BATCH_ROWS], tokenizer, row_fmt, d.max_length, d.packing,
+                                      d.skip_bad_rows, cfg.train.seed, from_lines=False).to_pylist()]
         # from_items builds its blocks here (from_arrow would run a task per table for its metadata).
         return ray.data.from_items(rows, override_num_blocks=1)
 
-    def read(path: str) -> tuple[list, bool]:
-        """As read_text (non-blank lines, parsed in pack_items) with skip_bad_rows, else as read_json."""
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        return (lines, True) if d.skip_bad_rows else ([json.loads(line) for line in lines], False)
-
-    items, lines = read(d.train)
-    datasets = {"train": packed(items, fmt, lines)}
+    datasets = {"train": packed(read_jsonl(d.train, fmt, d.skip_bad_rows)[0], fmt)}
     if d.eval:
-        items, lines = read(d.eval)
-        datasets["eval"] = packed(items, fmt, lines)
+        datasets["eval"] = packed(read_jsonl(d.eval, fmt, d.skip_bad_rows)[0], fmt)
     if d.retention:
-        datasets["retention"] = packed(read_text_file(d.retention), "text", False)
+        datasets["retention"] = packed(read_text_file(d.retention), "text")
     return datasets
 
 
