@@ -155,6 +155,7 @@ class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, ds_config: dict[str, Any], world_size: int):
         import deepspeed
 
+        skip_inference_comm_op()
         self.model = model  # the unwrapped (PEFT) model, for saving
         self.layout = Layout(self.kind, world_size, ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -218,6 +219,17 @@ class DeepSpeedEngine:
             if name in persistent:
                 state[name] = buffer.detach().cpu().clone()
         return state
+
+
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's comm backend, starting on CPU, JIT-compiles its shared-memory all-reduce op
+    (about 45 s of C++ on two cores, on every node with an empty ~/.cache/torch_extensions, as
+    a fresh pod has). Only DeepSpeed-Inference's tensor-parallel all-reduce uses it; training
+    reduces through torch.distributed. Marked unavailable, it is never built. DeepSpeed keeps
+    this table of ops for the process, so the mark holds for every later initialize."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_engine(cfg: Config, model, optimizer, scheduler, world_size: int,

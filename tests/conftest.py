@@ -25,6 +25,13 @@ os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECR
                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
 
+# `make test` runs the suite in two pytest processes (pytest-xdist, --dist loadgroup). Every test
+# that starts or joins Ray carries ONE_RAY_AT_A_TIME and runs in one of them, one after another:
+# the session's Ray is shared there, and a test's own cluster never overlaps it (Ray's State API,
+# which Ray Train's placement-group cleaner polls, finds "the" local cluster through /tmp/ray).
+ONE_RAY_AT_A_TIME = pytest.mark.xdist_group("ray")
+
+
 def tiny_config(tmp_path: Path, *overrides: str, name: str = "t") -> Config:
     """A run of a few seconds: tiny Llama, bundled digit-reversal data, 30 steps."""
     raw = {

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from ftdist.engine import Layout, PlainEngine, deepspeed_file_rank, needs_universal, refuse_other_engine
+from ftdist.engine import (Layout, PlainEngine, deepspeed_file_rank, needs_universal, refuse_other_engine,
+                           skip_inference_comm_op)
 from ftdist.errors import UserError
 from ftdist.optim import build_optimizer
 from tests.conftest import tiny_config
@@ -100,3 +101,11 @@ def test_a_checkpoint_of_another_zero_family_is_refused():
 def test_deepspeed_files_are_known_by_rank():
     assert deepspeed_file_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
     assert deepspeed_file_rank("mp_rank_00_model_states.pt") is None
+
+
+def test_deepspeed_never_compiles_its_inference_all_reduce_op():
+    # A fresh node would otherwise spend most of a minute compiling C++ at the first ZeRO engine.
+    from deepspeed.comm.torch import build_shm_op
+
+    skip_inference_comm_op()
+    assert build_shm_op() is None

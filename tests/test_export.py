@@ -228,10 +228,11 @@ def make_deepspeed_runs(root: str, base: str) -> None:
     from safetensors.torch import save_file
 
     from ftdist.config import config_yaml
-    from ftdist.engine import deepspeed_engine
+    from ftdist.engine import deepspeed_engine, skip_inference_comm_op
     from ftdist.model import build_model
     from ftdist.optim import build_optimizer
 
+    skip_inference_comm_op()  # as the engine does, before DeepSpeed's comm backend starts
     deepspeed.init_distributed("gloo")
     for method, stage in DEEPSPEED_CASES:
         cfg = tiny_config(Path(root), f"method={method}", "model.init=null", f"model.name_or_path={base}",

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEMO, REPO, wait_until
+from tests.conftest import ONE_RAY_AT_A_TIME, DEMO, REPO, wait_until
 from tests.test_k8s import rayjob_entrypoint_and_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, ONE_RAY_AT_A_TIME]
 
 
 def test_the_rayjob_entrypoint_runs_on_a_ray_head_and_a_retry_resumes(tmp_path, ray_local, s3):

@@ -21,9 +21,9 @@ import pytest
 
 from ftdist.distributed import train_ray
 from ftdist.metrics import read_metrics
-from tests.conftest import REPO, complete_checkpoints, run_cli, tiny_config, write_config
+from tests.conftest import ONE_RAY_AT_A_TIME, REPO, complete_checkpoints, run_cli, tiny_config, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 BIN = Path(sys.executable).parent
 
 

@@ -11,9 +11,9 @@ from ftdist.errors import UserError
 from ftdist.model import load_tokenizer, resolve_base
 from ftdist.storage import RunStore
 from ftdist.raydata import ray_datasets, rows_of
-from tests.conftest import DEMO, tiny_config
+from tests.conftest import ONE_RAY_AT_A_TIME, DEMO, tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
 
 def prepared(tmp_path: Path, *overrides: str):
