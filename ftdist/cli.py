@@ -1,4 +1,4 @@
-"""ftdist train | tune | generate | report | export.
+"""ftdist train | tune | plan | generate | report | export.
 
 Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
 without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,generate,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,plan,generate,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
                            description="Fine-tune a model. The same command again resumes from the newest "
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
     tun.add_argument("--restart", action="store_true",
                      help="delete the experiment's directory and search again from scratch")
+
+    pla = sub.add_parser("plan", help="will a config fit its GPUs? the plan and memory estimate, before renting them",
+                         description="Print the plan and the per-device memory estimate of a config on GPUs of a "
+                                     "given size, from the model's config.json alone (no cluster, no weights). "
+                                     "Exit 0 when it fits, 2 when it does not (with what would make it fit).")
+    pla.add_argument("config", help="YAML config")
+    pla.add_argument("--workers", type=int, default=None, help="number of GPU workers (default: distributed.workers)")
+    pla.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                     help="memory of each GPU in GiB (default: 79.1, an 80 GB H100 or A100)")
+    pla.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.gradient_checkpointing=true (repeatable)")
 
     gen = sub.add_parser("generate", help="generate text with a trained model",
                          description="Generate with a model or adapter directory, e.g. runs/NAME/final.")
@@ -133,6 +144,17 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from ftdist.config import load_config
+    from ftdist.sizing import DEFAULT_GPU_GIB, size_up
+
+    overrides = args.overrides + ([f"distributed.workers={args.workers}"] if args.workers is not None else [])
+    sizing = size_up(load_config(args.config, overrides),
+                     DEFAULT_GPU_GIB if args.gpu_memory is None else args.gpu_memory)
+    print("\n".join(sizing.lines))
+    return 0 if sizing.fits else EXIT_USER_ERROR
+
+
 def cmd_generate(args) -> int:
     from ftdist.context import default_device
     from ftdist.generate import generate, load_trained
@@ -177,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         quiet_libraries()
-        return {"train": cmd_train, "tune": cmd_tune, "generate": cmd_generate, "report": cmd_report,
-                "export": cmd_export}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "plan": cmd_plan, "generate": cmd_generate,
+                "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"ftdist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

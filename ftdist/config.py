@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from ftdist.errors import UserError
 
@@ -104,6 +104,18 @@ class TrainConfig(Section):
     seed: int = 0
     eval_every: int = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
+    # Activations of checkpointed blocks are recomputed in the backward pass instead of kept:
+    # true, every block; k, every k-th block (the middle ground); false, none.
+    gradient_checkpointing: Union[bool, PositiveInt] = False
+    # Cross-entropy through the LM head over chunks of target tokens: the [tokens x vocab]
+    # logits are never held whole, in the forward or the backward.
+    chunked_loss: bool = True
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every k-th block checkpointed (1: all of them); 0: none."""
+        g = self.gradient_checkpointing
+        return 0 if g is False else 1 if g is True else g
 
     @model_validator(mode="after")
     def _micro_divides(self) -> "TrainConfig":

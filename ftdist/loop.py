@@ -32,9 +32,11 @@ from ftdist.config import Config
 from ftdist.context import LocalContext
 from ftdist.data import Dataset, collate, epoch_order
 from ftdist.layout import METRICS
+from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import ModelBundle, build_model, resolve_base
-from ftdist.objective import autocast, evaluate, loss_sum, target_count
+from ftdist import objective
+from ftdist.objective import autocast, loss_sum, target_count
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
@@ -70,6 +72,7 @@ class Run:
     engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
     log: MetricsLog
     uploader: Uploader
+    peak: PeakMemory  # this rank's device memory, measured
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
 
@@ -82,6 +85,10 @@ class Run:
     def say(self, line: str) -> None:
         if self.ctx.is_main and self.ctx.show_progress:
             print(line, flush=True)
+
+    def evaluate(self, rows) -> float:
+        """The mean loss over `rows` (every rank's share), the model as it is now."""
+        return objective.evaluate(self.cfg, self.ctx, self.engine, rows, pad_id(self), self.bundle.head)
 
     def evaluates_at(self, step: int) -> bool:
         return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
@@ -122,6 +129,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
 
 
 def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
+    peak = PeakMemory(ctx.device)  # before the model: what training adds to the process
     base_path = resolve_base(cfg, ctx.store)
     bundle = build_model(cfg, base_path, ctx.device)
     data = ctx.load_data(cfg, bundle.tokenizer)
@@ -130,7 +138,7 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     run = Run(cfg, ctx, bundle, base_path, data, plan, engine, MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main),
-              Uploader())
+              Uploader(), peak)
     run.say(bundle.info.describe())
     run.say(f"data: {data.format}, " + plan.describe(cfg))
     if data.stats.get("skipped_rows"):
@@ -158,7 +166,7 @@ def begin(run: Run, state: TrainState) -> None:
     data = run.data
     run.log.reset()
     if data.retention is not None:
-        state.retention_before = evaluate(run.cfg, run.ctx, run.engine, data.retention, pad_id(run))
+        state.retention_before = run.evaluate(data.retention)
     run.log.append({"step": 0, "event": "start", **run.bundle.info.record(), **data.stats, **run.ctx.topology(),
                     "retention_loss_before": state.retention_before})
     if data.eval is not None:
@@ -178,7 +186,8 @@ def train_step(run: Run, state: TrainState, step: int) -> None:
     state.step, state.tokens_seen = step, state.tokens_seen + tokens
     elapsed = time.perf_counter() - started
     record = {"step": step, "epoch": epoch, "loss": loss, "lr": run.engine.lr, "grad_norm": grad_norm,
-              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state.tokens_seen}
+              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
+              "peak_memory_gib": run.peak.gib()}
     run.log.append(record)
     run.progress.step(record)
 
@@ -204,7 +213,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
 
     def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
         with autocast(cfg, ctx.device):
-            loss = loss_sum(forward, batch, ctx.device)
+            loss = loss_sum(forward, batch, ctx.device, run.bundle.head)
         summed.append(float(loss.detach()))
         return loss * ctx.world_size / global_targets
 
@@ -218,13 +227,13 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
 def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     """Eval loss (and, with data.retention, forgetting) into the log, the orchestrator and the terminal."""
     cfg, ctx, data = run.cfg, run.ctx, run.data
-    eval_loss = evaluate(cfg, ctx, run.engine, data.eval, pad_id(run))
+    eval_loss = run.evaluate(data.eval)
     record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
     if step > 0:
         state.eval_loss = eval_loss
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         if data.retention is not None:  # forgetting as training goes, not only at the end
-            state.retention_loss = evaluate(cfg, ctx, run.engine, data.retention, pad_id(run))
+            state.retention_loss = run.evaluate(data.retention)
             record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before)
     run.log.append(record)
     # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
@@ -263,13 +272,12 @@ def finish(run: Run, state: TrainState) -> dict:
     run.uploader.flush()  # every checkpoint complete before the run counts as finished
     note_uploads(run, run.plan.total_steps)
     summary = {"steps": run.plan.total_steps, "tokens_seen": state.tokens_seen, **run.bundle.info.record(),
-               **(run.checkpoint_sizes or {})}
+               **(run.checkpoint_sizes or {}), "peak_memory_gib": run.peak.gib()}
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
         summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
                        best_eval_loss=state.best_eval_loss)
     if data.retention is not None:
-        after = state.retention_loss if data.eval is not None else evaluate(cfg, ctx, run.engine, data.retention,
-                                                                            pad_id(run))
+        after = state.retention_loss if data.eval is not None else run.evaluate(data.retention)
         summary.update(retention_loss_before=state.retention_before, retention_loss_after=after,
                        forgetting=after - state.retention_before)
     model_state = run.engine.model_state()  # collective under ZeRO-3

@@ -8,7 +8,8 @@ bytes follow how ZeRO partitions training state over N workers:
   offload_optimizer / offload_params: those states live in host memory instead
 
 Activations use the per-layer estimate of Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h)
-bytes at 16 bits, scaled to the compute dtype, plus the logits and their gradient.
+bytes at 16 bits, scaled to the compute dtype (a checkpointed block keeps only its input),
+plus the logits and their gradient (whole, or one chunk with train.chunked_loss).
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ def count_trainable(cfg: Config, shell: nn.Module) -> int:
 
 
 def activation_bytes(cfg: Config, model_config, dtype_bytes: int) -> float:
+    """What the forward pass keeps for the backward: per block, all its activations, or only its
+    input when it is checkpointed (plus one block recomputed at a time); and the logits with
+    their gradient in fp32, whole or one chunk of tokens (train.chunked_loss)."""
+    from ftdist.objective import chunk_tokens
+
     s, b = cfg.data.max_length, cfg.train.micro_batch_size
     h, layers, heads = model_config.hidden_size, model_config.num_hidden_layers, model_config.num_attention_heads
     per_layer = s * b * h * (34 + 5 * heads * s / h) * dtype_bytes / 2
-    logits = 2 * s * b * model_config.vocab_size * 4  # fp32 logits and their gradient
-    return layers * per_layer + logits
+    every = cfg.train.checkpoint_every
+    checkpointed = len(range(0, layers, every)) if every else 0
+    blocks = (layers - checkpointed) * per_layer + checkpointed * s * b * h * 4 + (per_layer if checkpointed else 0)
+    tokens = min(s * b, chunk_tokens(model_config.vocab_size)) if cfg.train.chunked_loss else s * b
+    return blocks + 2 * tokens * model_config.vocab_size * 4
 
 
 def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
@@ -77,6 +86,7 @@ def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config)
+    shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
     total = sum(p.numel() for p in shell.parameters())
     trainable = count_trainable(cfg, shell)
     n = max(workers, 1)
@@ -105,13 +115,19 @@ def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
 def advice(cfg: Config, model_config, workers: int, dtype: torch.dtype, available: float) -> list[str]:
     """What would make the run fit, tried in the order a user would reach for them."""
     tips = []
+    est = estimate(cfg, model_config, workers, cfg.distributed.zero_stage, dtype)
+    if cfg.train.checkpoint_every != 1 and est.activations > est.device_total / 2:
+        tips.append("set train.gradient_checkpointing: true (activations are most of it)")
+    if not cfg.train.chunked_loss:
+        tips.append("set train.chunked_loss: true (the logits are never held whole)")
     for stage in range(cfg.distributed.zero_stage + 1, 4):
         if cfg.method == "qlora" and stage == 3:
             break
         if workers > 1 and estimate(cfg, model_config, workers, stage, dtype).device_total <= available:
             tips.append(f"raise distributed.zero_stage to {stage}")
             break
-    if cfg.distributed.zero_stage >= 1 and cfg.distributed.offload_optimizer == "none":
+    if cfg.distributed.zero_stage >= 1 and cfg.distributed.offload_optimizer == "none" and \
+            est.optimizer > est.device_total / 10:
         tips.append("set distributed.offload_optimizer: cpu")
     if cfg.train.micro_batch_size > 1:
         tips.append("lower train.micro_batch_size (the global batch stays the same)")
@@ -121,3 +137,31 @@ def advice(cfg: Config, model_config, workers: int, dtype: torch.dtype, availabl
         tips.append("use more distributed.workers with distributed.zero_stage 3" if cfg.method != "qlora"
                     else "use a smaller model")
     return tips
+
+
+class PeakMemory:
+    """The most memory this process has used for training on its device, since it was made
+    (before the model is built). GPU: the allocator's peak (torch.cuda.max_memory_allocated),
+    which is what the estimate counts. CPU: the process's peak resident set (getrusage's
+    ru_maxrss, the kernel's high-water mark) less its resident set when the meter was made
+    (the interpreter and the libraries already imported)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.before = 0.0
+        else:
+            import psutil
+
+            self.before = float(psutil.Process().memory_info().rss)
+
+    def bytes(self) -> float:
+        if self.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.device))
+        import resource
+
+        return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.before)
+
+    def gib(self) -> float:
+        return round(self.bytes() / GiB, 3)

@@ -50,6 +50,7 @@ class ModelBundle:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
+    head: Optional[object] = None  # the ChunkedHead computing the loss (train.chunked_loss)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -264,6 +265,25 @@ def freeze_full(model: nn.Module, cfg: Config) -> int:
     return n
 
 
+def enable_gradient_checkpointing(model: nn.Module, every: int) -> None:
+    """Recompute the activations of every `every`-th decoder block in the backward pass instead
+    of keeping them. Non-reentrant checkpointing: correct under adapters over a frozen or 4-bit
+    base (the input embeddings' output is made to require grad as well) and with ZeRO-3."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+        for i, block in enumerate(decoder_blocks(model)[1]):
+            block.gradient_checkpointing = i % every == 0
+
+
+def checkpointed_blocks(model: nn.Module) -> list[bool]:
+    """For each decoder block: is its forward recomputed in the backward pass?"""
+    return [bool(getattr(block, "gradient_checkpointing", False)) for block in decoder_blocks(model)[1]]
+
+
 def linear_names(blocks: nn.ModuleList) -> list[str]:
     """Leaf names of the linear layers inside the blocks (q_proj, ..., down_proj); bitsandbytes'
     4-bit layers are nn.Linear too (no need to import it, which takes seconds, for a float model)."""
@@ -281,7 +301,9 @@ def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[st
     blocks_name, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours, below
+    if cfg.train.checkpoint_every:
+        enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
     targets = cfg.lora.target_modules
     # PEFT refuses layers_to_transform with the string "all-linear": name the layers.
     target_list = linear_names(blocks) if targets == "all-linear" else list(targets)
@@ -320,9 +342,24 @@ def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundl
     targets = None
     if cfg.method == "full":
         frozen = freeze_full(model, cfg)
+        if cfg.train.checkpoint_every:
+            enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
     else:
         model, frozen, targets = add_adapters(model, cfg)
     trainable, total = count_parameters(model)
     info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
                      tuple(targets) if targets else None)
-    return ModelBundle(model, tokenizer, info)
+    return ModelBundle(model, tokenizer, info, chunked_head(cfg, model))
+
+
+def chunked_head(cfg: Config, model: nn.Module):
+    """The LM head made to compute the loss in chunks (train.chunked_loss), or None."""
+    from ftdist.objective import ChunkedHead
+
+    if not cfg.train.chunked_loss:
+        return None
+    head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None) or type(head) is not nn.Linear:
+        raise UserError(f"train.chunked_loss: {type(model).__name__}'s LM head is not a plain linear layer "
+                        "(it caps or wraps its logits); set train.chunked_loss: false")
+    return ChunkedHead(head)

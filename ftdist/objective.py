@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ftdist.config import Config
 from ftdist.data import IGNORE, Rows, collate
 from ftdist.model import compute_dtype
+
+# Logits per chunk of the chunked loss: 128 MiB in fp32 whatever the vocabulary (256 tokens at
+# 128k entries, 1024 at 32k).
+CHUNK_LOGITS = 2**25
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    return max(16, CHUNK_LOGITS // vocab_size)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -22,14 +33,61 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def loss_sum(forward, batch: dict, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens."""
+class ChunkedHead:
+    """The LM head computing the summed cross-entropy itself, over chunks of target tokens.
+
+    Each chunk's logits exist only inside its own checkpointed function and are recomputed in
+    the backward pass: at most one chunk of [tokens x vocab] is alive, in the forward and the
+    backward. The loss is computed inside the head's own forward so that ZeRO-3 has the head's
+    weight gathered (DeepSpeed gathers a module's parameters for its forward and again for its
+    backward). With no targets pending (generation, a plain forward) the head gives logits.
+    """
+
+    def __init__(self, head: nn.Linear):
+        self.head = head
+        self.chunk = chunk_tokens(head.out_features)
+        self.targets: Optional[torch.Tensor] = None
+        self.logits_forward = head.forward
+        head.forward = self.forward  # an instance attribute: the module, its names and hooks stay
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None:
+            return self.logits_forward(hidden)
+        return chunked_cross_entropy(hidden, self.head.weight, self.head.bias, self.targets, self.chunk)
+
+
+def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, IGNORE skipped,
+    computed on the target tokens only (a prompt's tokens get no logits at all)."""
+    hidden, targets = hidden.flatten(0, -2), targets.flatten()
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    total = hidden.sum() * 0.0  # zero, on the graph even for a batch without targets
+    for start in range(0, len(targets), chunk):
+        args = (hidden[start : start + chunk], weight, bias, targets[start : start + chunk])
+        part = checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args)
+        total = total + part
+    return total.float()
+
+
+def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedHead] = None) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens; with a chunked head, computed by it."""
     targets = batch["targets"].to(device)
-    logits = forward(
-        input_ids=batch["input_ids"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-    ).logits
+    inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                  attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    if head is not None:
+        head.targets = targets
+        try:
+            return forward(**inputs).logits  # the head's output is the loss
+        finally:
+            head.targets = None
+    logits = forward(**inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
@@ -38,7 +96,7 @@ def target_count(batch: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, ctx, engine, rows: Rows, pad_id: int) -> float:
+def evaluate(cfg: Config, ctx, engine, rows: Rows, pad_id: int, head: Optional[ChunkedHead] = None) -> float:
     """Token-weighted mean loss over all rows; each rank takes every world_size-th row."""
     model = engine.model
     was_training = model.training
@@ -52,7 +110,7 @@ def evaluate(cfg: Config, ctx, engine, rows: Rows, pad_id: int) -> float:
         for i in range(n_batches):
             index = mine[i * size : (i + 1) * size]
             batch = collate(rows, index or [0], pad_id)
-            loss = loss_sum(engine.forward, batch, ctx.device)
+            loss = loss_sum(engine.forward, batch, ctx.device, head)
             if index:  # a rank with no rows left runs row 0 and ignores it
                 total, count = total + float(loss), count + target_count(batch)
     model.train(was_training)

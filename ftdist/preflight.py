@@ -124,29 +124,40 @@ def model_config_of(cfg: Config):
         raise UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
 
 
+def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,
+                 available: float) -> tuple["MemoryEstimate", list[str]]:
+    """The memory estimate per device, and what would make the run fit when it exceeds
+    `available` bytes (empty when it fits)."""
+    from ftdist import memory
+
+    model_config = model_config_of(cfg)
+    problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, model_config.num_hidden_layers)
+    if problem:
+        raise UserError(problem)
+    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
+    tips = memory.advice(cfg, model_config, workers, dtype, available) if est.device_total > available else []
+    return est, tips
+
+
 def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,
                available: Optional[float] = None) -> "MemoryEstimate":
     """The memory estimate per device; a UserError with advice when it exceeds `available`."""
     import psutil
     import torch
 
-    from ftdist import memory
-    from ftdist.memory import GiB
     from ftdist.model import compute_dtype
 
-    model_config = model_config_of(cfg)
-    problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, model_config.num_hidden_layers)
-    if problem:
-        raise UserError(problem)
-    dtype = compute_dtype(cfg, device)
-    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
     if available is None:
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    est, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available)
     if est.device_total > available:
-        tips = memory.advice(cfg, model_config, workers, dtype, available)
-        raise UserError(
-            f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
-            f"{est.device_total / GiB:.1f} GiB per {device.type} device to train ({est.describe()}) but "
-            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips)
-        )
+        raise UserError(not_fitting(cfg, est, device.type, available, tips))
     return est
+
+
+def not_fitting(cfg: Config, est: "MemoryEstimate", device_type: str, available: float, tips: list[str]) -> str:
+    from ftdist.memory import GiB
+
+    return (f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
+            f"{est.device_total / GiB:.1f} GiB per {device_type} device to train ({est.describe()}) but "
+            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips))
