@@ -49,7 +49,8 @@ import torch
 cfg = load_config(sys.argv[1], sys.argv[2:])
 est = check_fits(cfg, torch.device("cpu"))
 summary = train_local(cfg, show_progress=False)
-times = [r["step_time_s"] for r in read_metrics(summary["run_dir"] + "/metrics.jsonl") if "step_time_s" in r]
+from pathlib import Path
+times = [r["step_time_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "step_time_s" in r]
 print(json.dumps({"peak_gib": summary["peak_memory_gib"], "step_time_s": times,
                   "estimate": {k: getattr(est, k) / 2**30 for k in ("weights", "gradients", "optimizer", "activations")}}))
 """

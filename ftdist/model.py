@@ -349,6 +349,9 @@ def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundl
     trainable, total = count_parameters(model)
     info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
                      tuple(targets) if targets else None)
+    # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
+    # (transformers checkpoints only in training mode). Evaluation switches back and forth.
+    model.train()
     return ModelBundle(model, tokenizer, info, chunked_head(cfg, model))
 
 

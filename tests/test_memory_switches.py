@@ -43,7 +43,8 @@ def built(tmp_path, base: str, *overrides: str):
 
 
 def loss_and_grads(bundle) -> tuple[float, dict[str, torch.Tensor]]:
-    model = bundle.model.train()
+    model = bundle.model
+    assert model.training  # as the loop gets it: dropout and checkpointing work in training mode only
     model.zero_grad()
     loss = loss_sum(model, batch(), torch.device("cpu"), bundle.head)
     loss.backward()
@@ -86,7 +87,7 @@ def saved_for_backward(bundle) -> tuple[int, int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum(bundle.model.train(), batch(), torch.device("cpu"), bundle.head)
+        loss_sum(bundle.model, batch(), torch.device("cpu"), bundle.head)
     unique = {(t.data_ptr(), t.numel()): t for t in seen if t.numel()}
     wide = [t.numel() for t in unique.values() if t.dim() and t.shape[-1] == VOCAB]
     return sum(t.numel() * t.element_size() for t in unique.values()), max(wide, default=0)

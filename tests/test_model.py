@@ -80,3 +80,18 @@ def test_qlora_on_biased_projections_keeps_gradients_flowing_after_an_evaluation
     # lora_B: its gradient is nonzero from the first step (lora_A's waits for B to move off zero)
     lowest = [p for n, p in model.named_parameters() if ".layers.1." in n and "lora_B" in n]
     assert lowest and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lowest)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_the_model_comes_in_training_mode_so_dropout_is_on(tmp_path, bases, method):
+    """from_pretrained gives eval mode; training in it would silently drop lora.dropout."""
+    bundle = built(tmp_path, bases["llama"], f"method={method}", "lora.dropout=0.5")
+    assert bundle.model.training and all(m.training for m in bundle.model.modules())
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+    if method != "full":  # two forwards differ: the adapters' dropout masks are drawn anew
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        with torch.no_grad():
+            first, second = (bundle.model(input_ids=ids).logits for _ in range(2))
+        assert not torch.allclose(first, second)
