@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/ray_vs_local.py
 	$(BIN)/python bench/ray_vs_hf_recipe.py
 	$(BIN)/python bench/checkpoint_stall.py
+	$(BIN)/python bench/memory_switches.py
 
 clean:
 	rm -rf $(VENV) runs

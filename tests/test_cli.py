@@ -208,8 +208,11 @@ def test_train_generate_report_through_the_cli(tmp_path):
 def test_ctrl_c_exits_130_with_a_hint_and_keeps_the_checkpoints(tmp_path):
     path = config_file(tmp_path, "train.max_steps=400", "checkpoint.every_steps=5")
     run_dir = tmp_path / "runs" / "t"
+    # Ctrl-C's default disposition, as a shell gives it: pytest-xdist's workers ignore SIGINT, and
+    # a child started with SIGINT ignored never sees it (Python installs no handler then).
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", path, "--local"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     # Any complete checkpoint: a given one may already be pruned (checkpoint.keep) when looked for.
     while time.monotonic() < deadline and proc.poll() is None and not complete_checkpoints(run_dir):
