@@ -112,10 +112,11 @@ def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
                           activation_bytes(cfg, model_config, act_dtype), host)
 
 
-def advice(cfg: Config, model_config, workers: int, dtype: torch.dtype, available: float) -> list[str]:
-    """What would make the run fit, tried in the order a user would reach for them."""
+def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: torch.dtype,
+           available: float) -> list[str]:
+    """What would make the run fit (`est`: its estimate as configured), tried in the order a
+    user would reach for them."""
     tips = []
-    est = estimate(cfg, model_config, workers, cfg.distributed.zero_stage, dtype)
     if cfg.train.checkpoint_every != 1 and est.activations > est.device_total / 2:
         tips.append("set train.gradient_checkpointing: true (activations are most of it)")
     if not cfg.train.chunked_loss:

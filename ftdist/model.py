@@ -53,11 +53,12 @@ class ModelBundle:
     head: Optional[object] = None  # the ChunkedHead computing the loss (train.chunked_loss)
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in. Trainable weights always stay float32 (master weights)."""
+def compute_dtype(cfg: Config, device: torch.device, bf16_supported: Optional[bool] = None) -> torch.dtype:
+    """The dtype matmuls run in. Trainable weights always stay float32 (master weights).
+    `bf16_supported`: for a GPU not on this machine (ftdist plan); default: ask this one's."""
     name = cfg.model.dtype
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and (torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
@@ -301,9 +302,7 @@ def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[st
     blocks_name, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours, below
-    if cfg.train.checkpoint_every:
-        enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours: build_model
     targets = cfg.lora.target_modules
     # PEFT refuses layers_to_transform with the string "all-linear": name the layers.
     target_list = linear_names(blocks) if targets == "all-linear" else list(targets)
@@ -340,10 +339,10 @@ def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundl
     tokenizer = load_tokenizer(cfg, base_path)
     model = load_base_model(cfg, base_path, device)
     targets = None
+    if cfg.train.checkpoint_every:
+        enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
     if cfg.method == "full":
         frozen = freeze_full(model, cfg)
-        if cfg.train.checkpoint_every:
-            enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
     else:
         model, frozen, targets = add_adapters(model, cfg)
     trainable, total = count_parameters(model)

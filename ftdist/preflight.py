@@ -135,7 +135,7 @@ def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: in
     if problem:
         raise UserError(problem)
     est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
-    tips = memory.advice(cfg, model_config, workers, dtype, available) if est.device_total > available else []
+    tips = memory.advice(cfg, model_config, est, workers, dtype, available) if est.device_total > available else []
     return est, tips
 
 
@@ -145,19 +145,16 @@ def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage
     import psutil
     import torch
 
+    from ftdist.memory import GiB
     from ftdist.model import compute_dtype
 
     if available is None:
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     est, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available)
     if est.device_total > available:
-        raise UserError(not_fitting(cfg, est, device.type, available, tips))
+        raise UserError(
+            f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
+            f"{est.device_total / GiB:.1f} GiB per {device.type} device to train ({est.describe()}) but "
+            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips)
+        )
     return est
-
-
-def not_fitting(cfg: Config, est: "MemoryEstimate", device_type: str, available: float, tips: list[str]) -> str:
-    from ftdist.memory import GiB
-
-    return (f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
-            f"{est.device_total / GiB:.1f} GiB per {device_type} device to train ({est.describe()}) but "
-            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips))

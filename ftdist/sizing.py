@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ftdist.config import Config
 from ftdist.distributed import describe_plan
 from ftdist.memory import GiB
+from ftdist.model import compute_dtype
 from ftdist.preflight import estimate_fit
 
 # What an 80 GB GPU (H100, A100 80GB) reports as its total memory.
@@ -26,7 +27,7 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
     import torch
 
     d = cfg.distributed
-    dtype = torch.bfloat16 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    dtype = compute_dtype(cfg, torch.device("cuda"), bf16_supported=True)
     workers, stage = (d.workers, d.zero_stage) if d.workers else (1, 0)
     available = gpu_gib * GiB
     est, tips = estimate_fit(cfg, dtype, workers, stage, available)
