@@ -31,6 +31,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from ftdist.config import load_config
+from ftdist.attention import document_mask
 from ftdist.data import IGNORE, build_dataset, collate, epoch_order
 from ftdist.local import train_local
 from ftdist.metrics import read_metrics
@@ -92,7 +93,7 @@ def run_torch(cfg, base: str) -> tuple[list[float], list[float]]:
         step_loss = 0.0
         for b in batches:
             logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                           attention_mask=b["attention_mask"]).logits
+                           attention_mask=document_mask(b["doc"], "sdpa")).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(),
                                    ignore_index=IGNORE, reduction="sum") / n_targets
             loss.backward()

@@ -56,6 +56,10 @@ class ModelConfig(Section):
     init: Optional[ModelInit] = None
     tokenizer: Optional[str] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # How packed rows keep their examples apart: flex, a block mask that skips masked blocks
+    # (GPU: it has no backward on CPU); sdpa, a dense [batch, 1, seq, seq] mask; eager, the
+    # same mask in plain matmuls. auto: flex on a GPU where the model supports it, else sdpa.
+    attention: Literal["auto", "sdpa", "flex", "eager"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -110,6 +114,9 @@ class TrainConfig(Section):
     # Cross-entropy through the LM head over chunks of target tokens: the [tokens x vocab]
     # logits are never held whole, in the forward or the backward.
     chunked_loss: bool = True
+    # torch.compile of every decoder block and of the loss; where it cannot compile, one
+    # warning and the run goes on uncompiled.
+    compile: bool = False
 
     @property
     def checkpoint_every(self) -> int:

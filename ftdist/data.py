@@ -6,7 +6,8 @@ the assistant turns only (rendered with the tokenizer's chat template).
 Targets are shifted here, per example (targets[i] is the token after ids[i], or -100),
 so that packing several examples into one row never asks a token to predict the first
 token of the next example. Each packed row carries per-token document ids, from which
-the loop builds a block-diagonal causal mask, and positions that restart per example.
+the attention backend's mask keeps examples apart (ftdist.attention), and positions that
+restart per example.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def pack(examples: list[Example], max_length: int, packing: bool, pad_id: int) -
 
 
 def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows -> model inputs: ids, positions, a block-diagonal causal mask, targets."""
+    """Rows -> model inputs: ids, positions, document ids (the mask is the attention
+    backend's: ftdist.attention), targets."""
     length = max(len(rows.ids[i]) for i in index)
 
     def stack(arrays, fill):
@@ -160,12 +162,10 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
         return torch.from_numpy(out)
 
     doc = stack(rows.doc, -1)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_doc = doc[:, :, None] == doc[:, None, :]
     return {
         "input_ids": stack(rows.ids, pad_id),
         "position_ids": stack(rows.positions, 0),
-        "attention_mask": (same_doc & causal)[:, None],
+        "doc": doc,
         "targets": stack(rows.targets, IGNORE),
         "n_tokens": int((doc >= 0).sum()),  # real tokens, padding excluded
     }

@@ -28,6 +28,7 @@ import torch
 
 from ftdist import checkpoint
 from ftdist.checkpoint import ResumePoint
+from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
 from ftdist.data import Dataset, collate, epoch_order
@@ -35,8 +36,7 @@ from ftdist.layout import METRICS
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import ModelBundle, build_model, resolve_base
-from ftdist import objective
-from ftdist.objective import autocast, loss_sum, target_count
+from ftdist.objective import autocast, evaluate_rows, loss_sum, target_count
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
@@ -88,7 +88,7 @@ class Run:
 
     def evaluate(self, rows) -> float:
         """The mean loss over `rows` (every rank's share), the model as it is now."""
-        return objective.evaluate(self.cfg, self.ctx, self.engine, rows, pad_id(self), self.bundle.head)
+        return evaluate_rows(self.cfg, self.ctx, self.engine, rows, pad_id(self), self.bundle)
 
     def evaluates_at(self, step: int) -> bool:
         return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
@@ -140,6 +140,8 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     run = Run(cfg, ctx, bundle, base_path, data, plan, engine, MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main),
               Uploader(), peak)
     run.say(bundle.info.describe())
+    if cfg.train.compile:
+        compile_model(bundle, ctx.device, run.say)
     run.say(f"data: {data.format}, " + plan.describe(cfg))
     if data.stats.get("skipped_rows"):
         run.say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
@@ -213,7 +215,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
 
     def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
         with autocast(cfg, ctx.device):
-            loss = loss_sum(forward, batch, ctx.device, run.bundle.head)
+            loss = loss_sum(forward, batch, ctx.device, run.bundle.head, run.bundle.attention)
         summed.append(float(loss.detach()))
         return loss * ctx.world_size / global_targets
 

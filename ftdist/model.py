@@ -13,16 +13,19 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
+from ftdist.attention import implementation as attention_implementation
 from ftdist.config import Config, ModelInit, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR
 from ftdist.preflight import check_model_source
 
+if TYPE_CHECKING:
+    from ftdist.objective import ChunkedHead
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class ModelBundle:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
-    head: Optional[object] = None  # the ChunkedHead computing the loss (train.chunked_loss)
+    head: Optional["ChunkedHead"] = None  # computing the loss (train.chunked_loss)
+    attention: str = "sdpa"  # the model's attn_implementation, deciding the mask's form
 
 
 def compute_dtype(cfg: Config, device: torch.device, bf16_supported: Optional[bool] = None) -> torch.dtype:
@@ -188,12 +192,16 @@ def quantized_load_kwargs(qlora: QloraConfig, dtype: torch.dtype, device: torch.
 
 
 def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig] = None,
-                   dtype: torch.dtype = torch.float32, what: str = "model.name_or_path") -> nn.Module:
+                   dtype: torch.dtype = torch.float32, what: str = "model.name_or_path",
+                   attention: Optional[str] = None) -> nn.Module:
     """A causal LM from a HF directory or hub id, float32 on the CPU; with `qlora`, its frozen
-    weights in 4 bits on `device` (compute in `dtype`), as training, export and generation load it."""
+    weights in 4 bits on `device` (compute in `dtype`), as training, export and generation load it.
+    `attention`: an attn_implementation (default: transformers' choice)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32} if qlora is None else quantized_load_kwargs(qlora, dtype, device)
+    if attention:
+        kwargs["attn_implementation"] = attention
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -204,8 +212,11 @@ def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig]
 
 
 def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
+    from transformers import AutoConfig
+
     qlora = cfg.qlora if cfg.method == "qlora" else None
-    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device))
+    attention = attention_implementation(cfg.model.attention, AutoConfig.from_pretrained(base_path), device)
+    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device), attention=attention)
     if qlora is None:
         model.to(device)
     model.config.use_cache = False
@@ -351,7 +362,7 @@ def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundl
     # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
     # (transformers checkpoints only in training mode). Evaluation switches back and forth.
     model.train()
-    return ModelBundle(model, tokenizer, info, chunked_head(cfg, model))
+    return ModelBundle(model, tokenizer, info, chunked_head(cfg, model), model.config._attn_implementation)
 
 
 def chunked_head(cfg: Config, model: nn.Module):

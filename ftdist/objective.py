@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ftdist.attention import document_mask
 from ftdist.config import Config
 from ftdist.data import IGNORE, Rows, collate
 from ftdist.model import compute_dtype
@@ -47,13 +48,15 @@ class ChunkedHead:
         self.head = head
         self.chunk = chunk_tokens(head.out_features)
         self.targets: Optional[torch.Tensor] = None
+        self.chunk_loss = chunk_loss  # train.compile replaces it with its compiled form
         self.logits_forward = head.forward
         head.forward = self.forward  # an instance attribute: the module, its names and hooks stay
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             return self.logits_forward(hidden)
-        return chunked_cross_entropy(hidden, self.head.weight, self.head.bias, self.targets, self.chunk)
+        return chunked_cross_entropy(hidden, self.head.weight, self.head.bias, self.targets, self.chunk,
+                                     self.chunk_loss)
 
 
 def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -62,7 +65,7 @@ def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          targets: torch.Tensor, chunk: int) -> torch.Tensor:
+                          targets: torch.Tensor, chunk: int, loss=chunk_loss) -> torch.Tensor:
     """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, IGNORE skipped,
     computed on the target tokens only (a prompt's tokens get no logits at all)."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
@@ -71,16 +74,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     total = hidden.sum() * 0.0  # zero, on the graph even for a batch without targets
     for start in range(0, len(targets), chunk):
         args = (hidden[start : start + chunk], weight, bias, targets[start : start + chunk])
-        part = checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args)
+        part = checkpoint(loss, *args, use_reentrant=False) if torch.is_grad_enabled() else loss(*args)
         total = total + part
     return total.float()
 
 
-def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedHead] = None) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens; with a chunked head, computed by it."""
+def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedHead] = None,
+             attention: str = "sdpa") -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens; with a chunked head, computed by it.
+    `attention`: the model's attn_implementation, which decides the form of the document mask."""
     targets = batch["targets"].to(device)
     inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                  attention_mask=document_mask(batch["doc"].to(device), attention), use_cache=False)
     if head is not None:
         head.targets = targets
         try:
@@ -96,7 +101,7 @@ def target_count(batch: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, ctx, engine, rows: Rows, pad_id: int, head: Optional[ChunkedHead] = None) -> float:
+def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle) -> float:
     """Token-weighted mean loss over all rows; each rank takes every world_size-th row."""
     model = engine.model
     was_training = model.training
@@ -110,7 +115,7 @@ def evaluate(cfg: Config, ctx, engine, rows: Rows, pad_id: int, head: Optional[C
         for i in range(n_batches):
             index = mine[i * size : (i + 1) * size]
             batch = collate(rows, index or [0], pad_id)
-            loss = loss_sum(engine.forward, batch, ctx.device, head)
+            loss = loss_sum(engine.forward, batch, ctx.device, bundle.head, bundle.attention)
             if index:  # a rank with no rows left runs row 0 and ignores it
                 total, count = total + float(loss), count + target_count(batch)
     model.train(was_training)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from ftdist.attention import document_mask
 from ftdist.data import IGNORE, Example, collate, encode, pack, to_example
 from ftdist.records import read_jsonl
 from ftdist.errors import UserError
@@ -58,27 +59,34 @@ def test_packing_restarts_positions_and_masks_across_documents():
     assert rows.positions[0].tolist() == [0, 1, 2, 0, 1, 0]
     assert rows.doc[0].tolist() == [0, 0, 0, 1, 1, -1]
     batch = collate(rows, [0], pad_id=0)
-    mask = batch["attention_mask"][0, 0]
+    assert batch["doc"][0].tolist() == [0, 0, 0, 1, 1, -1]
+    mask = document_mask(batch["doc"], "sdpa")[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False]  # token 5 sees only its own document
     assert mask[2].tolist() == [True, True, True, False, False, False]
     assert batch["targets"][0].tolist() == [2, 3, IGNORE, 5, IGNORE, IGNORE]
 
 
-def test_packed_rows_give_the_same_loss_as_separate_examples():
-    """Document masking for real: a packed row equals its examples run one by one."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+def test_packed_rows_give_the_same_loss_as_separate_examples(attention):
+    """Document masking for real, in every attention backend that runs on CPU (flex: forward
+    only, it has no backward there): a packed row equals its examples run one by one."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ftdist.objective import loss_sum
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, vocab_size=50)).eval()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
     examples = [to_example(list(range(1 + k, 9 + k)), [True] * 8, 16)[0] for k in range(3)]
     packed = pack(examples, 16, packing=True, pad_id=0)
     single = pack(examples, 16, packing=False, pad_id=0)
+
+    def total(rows):
+        batch = collate(rows, list(range(len(rows))), 0)
+        return float(loss_sum(model, batch, torch.device("cpu"), attention=attention))
+
     with torch.no_grad():
-        packed_loss = sum(float(loss_sum(model, collate(packed, [i], 0), torch.device("cpu"))) for i in range(len(packed)))
-        single_loss = sum(float(loss_sum(model, collate(single, [i], 0), torch.device("cpu"))) for i in range(len(single)))
+        packed_loss, single_loss = total(packed), total(single)
     assert len(packed) == 2 and len(single) == 3
     assert packed_loss == pytest.approx(single_loss, rel=1e-5)
 

@@ -28,7 +28,7 @@ def batch(seed: int = 0) -> dict:
     targets[:, :8] = IGNORE
     targets[:, -1] = IGNORE
     return {"input_ids": ids, "targets": targets, "position_ids": torch.arange(24).expand(2, 24),
-            "attention_mask": torch.ones(2, 24, dtype=torch.long)}
+            "doc": torch.zeros(2, 24, dtype=torch.long)}
 
 
 def built(tmp_path, base: str, *overrides: str):
@@ -134,3 +134,40 @@ def test_the_head_gives_plain_logits_outside_the_loss(tmp_path, base):
     with torch.no_grad():
         out = bundle.model(input_ids=batch()["input_ids"]).logits
     assert out.shape == (2, 24, VOCAB)
+
+
+def test_compiled_blocks_and_loss_give_the_same_loss_and_gradients(tmp_path, base):
+    import torch._dynamo
+
+    from ftdist.compiling import compile_model
+
+    overrides = ("method=lora", "train.gradient_checkpointing=2")
+    plain = loss_and_grads(built(tmp_path, base, *overrides))
+    bundle = built(tmp_path, base, *overrides)
+    said = []
+    torch._dynamo.reset()
+    assert compile_model(bundle, torch.device("cpu"), said.append)
+    names = [n for n, _ in bundle.model.named_parameters()]
+    compiled = loss_and_grads(bundle)
+    assert not said  # no fallback: it really ran compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # a block's graph and the loss's
+    assert [n for n, _ in bundle.model.named_parameters()] == names  # checkpoints keep their keys
+    (loss_a, grads_a), (loss_b, grads_b) = compiled, plain
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_failed_compilation_falls_back_once_with_one_message():
+    from ftdist.compiling import Compiled
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no kernel for this")
+
+    said = []
+    compiled = Compiled(said.append)
+    double = compiled.wrap(lambda x: x * 2, backend=broken_backend)
+    square = compiled.wrap(lambda x: x * x, backend=broken_backend)
+    assert double(torch.tensor(3.0)).item() == 6.0 and square(torch.tensor(3.0)).item() == 9.0
+    assert len(said) == 1 and said[0].startswith("train.compile: torch.compile failed (")
+    assert "training uncompiled" in said[0]
