@@ -52,11 +52,13 @@ def implementation(choice: str, model_config, device: torch.device) -> str:
     return IMPLEMENTATIONS[choice]
 
 
-def document_mask(doc: torch.Tensor, attn_implementation: str):
-    """The mask that keeps the examples of each row (doc ids, -1 padding) apart, causal within
-    each; None where every row is one example without padding (plain causal attention)."""
+def document_mask(doc: torch.Tensor, attn_implementation: str, device: Optional[torch.device] = None):
+    """The mask, on `device`, that keeps the examples of each row (doc ids, -1 padding) apart,
+    causal within each; None where every row is one example without padding (plain causal
+    attention). The ids come from the host: the check reads them there, never syncing a GPU."""
     if bool((doc == 0).all()):
         return None
+    doc = doc.to(device) if device is not None else doc
     if attn_implementation == "flex_attention":
         return block_mask(doc)
     length = doc.shape[1]

@@ -85,7 +85,7 @@ def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedH
     `attention`: the model's attn_implementation, which decides the form of the document mask."""
     targets = batch["targets"].to(device)
     inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  attention_mask=document_mask(batch["doc"].to(device), attention), use_cache=False)
+                  attention_mask=document_mask(batch["doc"], attention, device), use_cache=False)
     if head is not None:
         head.targets = targets
         try:
