@@ -7,14 +7,14 @@ bytes follow how ZeRO partitions training state over N workers:
   stage 1: optimizer states / N        stage 2: + gradients / N        stage 3: + weights / N
   offload_optimizer / offload_params: those states live in host memory instead
 
-Activations use the per-layer estimate of Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h)
-bytes at 16 bits, scaled to the compute dtype (a checkpointed block keeps only its input),
-plus the logits and their gradient (whole, or one chunk with train.chunked_loss).
+Activations are what autograd saves, traced on the same empty model (ftdist.activations),
+floating-point tensors in the compute dtype (a checkpointed block keeps only its input), plus
+the logits in fp32: all of them and their gradient, or one chunk (train.chunked_loss).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -24,6 +24,15 @@ from ftdist.config import Config
 GiB = 2**30
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 FROZEN_BYTES_4BIT = 0.5 + 0.06  # NF4 plus (double-quantised) block constants
+# On a GPU the caching allocator holds more than the tensors it hands out (split and cached
+# blocks), and the CUDA context and communication buffers lie outside it: a run is planned to
+# use at most this share of a device's memory.
+GPU_USABLE = 0.9
+
+
+def usable(available: float, device_type: str) -> float:
+    """Of `available` bytes on a device, how many a run is planned to fill."""
+    return available * GPU_USABLE if device_type == "cuda" else available
 
 
 @dataclass
@@ -48,47 +57,53 @@ class MemoryEstimate:
         return f"{parts} = {self.device_total / GiB:.2f} GiB per device{host}"
 
 
-def count_trainable(cfg: Config, shell: nn.Module) -> int:
-    """Trainable parameters of the run, from the meta model (nothing is allocated)."""
-    from ftdist.model import decoder_blocks, freeze_full, linear_names, n_frozen_blocks
-
-    if cfg.method == "full":
-        freeze_full(shell, cfg)
-        return sum(p.numel() for p in shell.parameters() if p.requires_grad)
-    _, blocks = decoder_blocks(shell)
-    names = set(linear_names(blocks)) if cfg.lora.target_modules == "all-linear" else set(cfg.lora.target_modules)
-    first = n_frozen_blocks(cfg, len(blocks))
-    return sum(cfg.lora.rank * (m.in_features + m.out_features)
-               for block in blocks[first:] for name, m in block.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".")[-1] in names)
-
-
-def activation_bytes(cfg: Config, model_config, dtype_bytes: int) -> float:
-    """What the forward pass keeps for the backward: per block, all its activations, or only its
-    input when it is checkpointed (plus one block recomputed at a time); and the logits with
-    their gradient in fp32, whole or one chunk of tokens (train.chunked_loss)."""
-    from ftdist.objective import chunk_tokens
-
-    s, b = cfg.data.max_length, cfg.train.micro_batch_size
-    h, layers, heads = model_config.hidden_size, model_config.num_hidden_layers, model_config.num_attention_heads
-    per_layer = s * b * h * (34 + 5 * heads * s / h) * dtype_bytes / 2
-    every = cfg.train.checkpoint_every
-    checkpointed = len(range(0, layers, every)) if every else 0
-    blocks = (layers - checkpointed) * per_layer + checkpointed * s * b * h * 4 + (per_layer if checkpointed else 0)
-    tokens = min(s * b, chunk_tokens(model_config.vocab_size)) if cfg.train.chunked_loss else s * b
-    return blocks + 2 * tokens * model_config.vocab_size * 4
-
-
-def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
-             dtype: torch.dtype = torch.float32) -> MemoryEstimate:
+def run_shell(cfg: Config, model_config) -> nn.Module:
+    """An empty (meta) copy of the model as the run trains it: freezing applied, adapters added."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
+    from ftdist.model import add_adapters, freeze_full
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config)
     shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
-    total = sum(p.numel() for p in shell.parameters())
-    trainable = count_trainable(cfg, shell)
+    if cfg.method == "full":
+        freeze_full(shell, cfg)
+        return shell
+    return add_adapters(shell, cfg)[0]
+
+
+def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: int, device_type: str) -> float:
+    """What the forward pass keeps for the backward: per block what the trace of the empty
+    model saves (ftdist.activations), or only its input when it is checkpointed, plus one
+    checkpointed block recomputed at a time; and the logits: with train.chunked_loss one chunk
+    in fp32 (and its copy in a 16-bit compute dtype), else all of them with their gradient."""
+    from ftdist.activations import saved_bytes
+    from ftdist.objective import chunk_tokens
+
+    s, b = cfg.data.max_length, cfg.train.micro_batch_size
+    every = cfg.train.checkpoint_every
+    traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
+                         compute_bytes=dtype_bytes)
+    per_block = list(traced.blocks)
+    if device_type == "cpu" and cfg.model.attention != "eager" and (cfg.data.packing or b > 1):
+        # sdpa's CPU kernel keeps its own float copy of the document mask, in every block.
+        per_block = [x + b * s * s * 4 for x in per_block]
+    checkpointed = set(range(0, len(per_block), every)) if every else set()
+    kept = sum(traced.block_input if i in checkpointed else x for i, x in enumerate(per_block))
+    recomputed = max((per_block[i] for i in checkpointed), default=0.0)
+    blocks = kept + recomputed + traced.outside
+    vocab = model_config.vocab_size
+    if cfg.train.chunked_loss:  # one chunk's logits in fp32, turned into their gradient in place
+        logits = min(s * b, chunk_tokens(vocab)) * vocab * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+    else:  # the logits and their gradient, in fp32
+        logits = 2 * s * b * vocab * 4
+    return blocks + logits
+
+
+def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stage: int,
+                dtype: torch.dtype) -> dict[str, float]:
+    """Weights, gradients and optimizer states per device, and what is offloaded to the host."""
     n = max(workers, 1)
     d = cfg.distributed
     weight_bytes = torch.finfo(dtype).bits // 8 if cfg.method != "qlora" else FROZEN_BYTES_4BIT
@@ -107,15 +122,23 @@ def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
         host, optimizer = host + optimizer, 0.0
     if zero_stage == 3 and d.offload_params == "cpu":
         host, weights = host + weights, 0.0
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "host": host}
+
+
+def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
+             dtype: torch.dtype = torch.float32, device_type: str = "cuda") -> MemoryEstimate:
+    shell = run_shell(cfg, model_config)
+    total = sum(p.numel() for p in shell.parameters())
+    trainable = sum(p.numel() for p in shell.parameters() if p.requires_grad)
     act_dtype = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return MemoryEstimate(total, trainable, weights, gradients, optimizer,
-                          activation_bytes(cfg, model_config, act_dtype), host)
+    return MemoryEstimate(total, trainable, activations=activation_bytes(cfg, model_config, shell, act_dtype, device_type),
+                          **state_bytes(cfg, total, trainable, workers, zero_stage, dtype))
 
 
 def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: torch.dtype,
-           available: float) -> list[str]:
-    """What would make the run fit (`est`: its estimate as configured), tried in the order a
-    user would reach for them."""
+           limit: float) -> list[str]:
+    """What would make the run fit in `limit` bytes (`est`: its estimate as configured), tried
+    in the order a user would reach for them."""
     tips = []
     if cfg.train.checkpoint_every != 1 and est.activations > est.device_total / 2:
         tips.append("set train.gradient_checkpointing: true (activations are most of it)")
@@ -124,7 +147,8 @@ def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: 
     for stage in range(cfg.distributed.zero_stage + 1, 4):
         if cfg.method == "qlora" and stage == 3:
             break
-        if workers > 1 and estimate(cfg, model_config, workers, stage, dtype).device_total <= available:
+        staged = replace(est, **state_bytes(cfg, est.total_params, est.trainable_params, workers, stage, dtype))
+        if workers > 1 and staged.device_total <= limit:
             tips.append(f"raise distributed.zero_stage to {stage}")
             break
     if cfg.distributed.zero_stage >= 1 and cfg.distributed.offload_optimizer == "none" and \
@@ -137,7 +161,7 @@ def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: 
     if workers <= 1 or cfg.distributed.zero_stage < 3:
         tips.append("use more distributed.workers with distributed.zero_stage 3" if cfg.method != "qlora"
                     else "use a smaller model")
-    return tips
+    return tips or ["use devices with more memory"]
 
 
 class PeakMemory:
@@ -145,7 +169,10 @@ class PeakMemory:
     (before the model is built). GPU: the allocator's peak (torch.cuda.max_memory_allocated),
     which is what the estimate counts. CPU: the process's peak resident set (getrusage's
     ru_maxrss, the kernel's high-water mark) less its resident set when the meter was made
-    (the interpreter and the libraries already imported)."""
+    (the interpreter and the libraries already imported). glibc's malloc keeps some freed
+    memory resident for reuse, so on CPU this is at most that much above the tensors' own
+    peak (bench/memory_switches.py measures with MALLOC_MMAP_THRESHOLD_ fixed, which hands every
+    large freed block back at once)."""
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ftdist.attention import document_mask
 from ftdist.config import Config
@@ -37,11 +36,11 @@ def autocast(cfg: Config, device: torch.device):
 class ChunkedHead:
     """The LM head computing the summed cross-entropy itself, over chunks of target tokens.
 
-    Each chunk's logits exist only inside its own checkpointed function and are recomputed in
-    the backward pass: at most one chunk of [tokens x vocab] is alive, in the forward and the
-    backward. The loss is computed inside the head's own forward so that ZeRO-3 has the head's
-    weight gathered (DeepSpeed gathers a module's parameters for its forward and again for its
-    backward). With no targets pending (generation, a plain forward) the head gives logits.
+    The gradients come out of the forward pass (FusedLinearCrossEntropy): at most one chunk of
+    [tokens x vocab] logits is ever alive, and no logits are recomputed in the backward pass.
+    The loss is computed inside the head's own forward so that ZeRO-3 has the head's weight
+    gathered (DeepSpeed gathers a module's parameters for its forward). With no targets pending
+    (generation, a plain forward) the head gives logits.
     """
 
     def __init__(self, head: nn.Linear):
@@ -59,9 +58,64 @@ class ChunkedHead:
                                      self.chunk_loss)
 
 
-def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+def chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+               grads: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One chunk's summed cross-entropy and, with `grads`, its gradient with respect to the
+    logits (softmax less the one-hot targets), made in place of the logits."""
+    logits = F.linear(hidden, weight, bias).float()
+    target_logits = logits.gather(1, targets[:, None])
+    # A stable log-sum-exp without a temporary of the logits' size: shifted and exponentiated in place.
+    top = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(top).exp_()
+    sums = exp.sum(dim=-1, keepdim=True)
+    loss = (top + sums.log() - target_logits).sum()
+    if not grads:
+        return loss, None
+    d_logits = exp.div_(sums)
+    d_logits.scatter_add_(1, targets[:, None], torch.full_like(sums, -1.0))
+    return loss, d_logits
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)), its gradients computed chunk by
+    chunk in the forward pass and only scaled in the backward: the logits are made once, never
+    kept, never recomputed. (One backward pass: the gradients are scaled in place.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, loss_fn):
+        wants = ctx.needs_input_grad
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.zeros_like(hidden) if wants[0] else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and wants[2] \
+            else None
+        for start in range(0, len(targets), chunk):
+            part = slice(start, start + chunk)
+            loss, d_logits = loss_fn(hidden[part], weight, bias, targets[part], any(wants[:3]))
+            total += loss
+            if d_logits is None:
+                continue
+            if d_bias is not None:
+                d_bias += d_logits.sum(0)
+            d_logits = d_logits.to(hidden.dtype)
+            if d_hidden is not None:
+                torch.mm(d_logits, weight.to(hidden.dtype), out=d_hidden[part])
+            if d_weight is not None:
+                d_weight.addmm_(d_logits.t().to(d_weight.dtype), hidden[part].to(d_weight.dtype))
+            del d_logits  # before the next chunk's logits exist
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, d_total):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        d_hidden, d_weight, d_bias = (None if g is None else g.mul_(d_total) for g in (d_hidden, d_weight, d_bias))
+        if d_weight is not None:
+            d_weight = d_weight.to(ctx.dtypes[0])
+        if d_bias is not None:
+            d_bias = d_bias.to(ctx.dtypes[1])
+        return d_hidden, d_weight, d_bias, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -71,12 +125,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
     keep = (targets != IGNORE).nonzero().squeeze(1)
     hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
-    total = hidden.sum() * 0.0  # zero, on the graph even for a batch without targets
-    for start in range(0, len(targets), chunk):
-        args = (hidden[start : start + chunk], weight, bias, targets[start : start + chunk])
-        part = checkpoint(loss, *args, use_reentrant=False) if torch.is_grad_enabled() else loss(*args)
-        total = total + part
-    return total.float()
+    total = FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, loss)
+    return total + hidden.sum() * 0.0  # on the graph even for a batch without targets
 
 
 def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedHead] = None,

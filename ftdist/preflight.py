@@ -125,18 +125,19 @@ def model_config_of(cfg: Config):
 
 
 def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,
-                 available: float) -> tuple["MemoryEstimate", list[str]]:
-    """The memory estimate per device, and what would make the run fit when it exceeds
-    `available` bytes (empty when it fits)."""
+                 available: float, device_type: str = "cuda") -> tuple["MemoryEstimate", float, list[str]]:
+    """The memory estimate per device, the bytes of `available` a run may fill
+    (memory.usable), and what would make the run fit when it exceeds them (empty when it fits)."""
     from ftdist import memory
 
     model_config = model_config_of(cfg)
     problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, model_config.num_hidden_layers)
     if problem:
         raise UserError(problem)
-    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype)
-    tips = memory.advice(cfg, model_config, est, workers, dtype, available) if est.device_total > available else []
-    return est, tips
+    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype, device_type)
+    limit = memory.usable(available, device_type)
+    tips = memory.advice(cfg, model_config, est, workers, dtype, limit) if est.device_total > limit else []
+    return est, limit, tips
 
 
 def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,
@@ -150,11 +151,12 @@ def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage
 
     if available is None:
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    est, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available)
-    if est.device_total > available:
+    est, limit, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available, device.type)
+    if tips:
+        usable = f" ({limit / GiB:.1f} GiB usable)" if limit < available else ""
         raise UserError(
             f"the model ({est.total_params / 1e9:.2f}B parameters, method {cfg.method}) needs about "
             f"{est.device_total / GiB:.1f} GiB per {device.type} device to train ({est.describe()}) but "
-            f"{available / GiB:.1f} GiB is free; " + "; or ".join(tips)
+            f"{available / GiB:.1f} GiB is free{usable}; " + "; or ".join(tips)
         )
     return est

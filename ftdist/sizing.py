@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ftdist.config import Config
 from ftdist.distributed import describe_plan
-from ftdist.memory import GiB
+from ftdist.memory import GPU_USABLE, GiB
 from ftdist.model import compute_dtype
 from ftdist.preflight import estimate_fit
 
@@ -30,7 +30,7 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
     dtype = compute_dtype(cfg, torch.device("cuda"), bf16_supported=True)
     workers, stage = (d.workers, d.zero_stage) if d.workers else (1, 0)
     available = gpu_gib * GiB
-    est, tips = estimate_fit(cfg, dtype, workers, stage, available)
+    est, limit, tips = estimate_fit(cfg, dtype, workers, stage, available)
     plan = describe_plan(cfg, "cuda") if d.workers else "plan: local mode, one process on one GPU"
     switches = [name for name, on in (("gradient checkpointing" + (f" every {cfg.train.checkpoint_every} blocks"
                                        if cfg.train.checkpoint_every > 1 else ""), cfg.train.checkpoint_every),
@@ -40,7 +40,6 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
              f"{str(dtype).removeprefix('torch.')}, micro batch {cfg.train.micro_batch_size} x {cfg.data.max_length} "
              f"tokens; {', '.join(switches) or 'no memory switches'}",
              f"memory (estimate): {est.describe()}, of {gpu_gib:g} GiB"]
-    fits = est.device_total <= available
-    lines.append("fits" if fits else f"does not fit: about {est.device_total / GiB:.1f} GiB per GPU, {gpu_gib:g} GiB "
-                 "there; " + "; or ".join(tips))
-    return Sizing(lines, fits)
+    lines.append(f"does not fit: about {est.device_total / GiB:.1f} GiB per GPU, of the {limit / GiB:.1f} GiB "
+                 f"usable there ({GPU_USABLE:.0%} of {gpu_gib:g}); " + "; or ".join(tips) if tips else "fits")
+    return Sizing(lines, not tips)

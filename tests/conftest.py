@@ -102,6 +102,9 @@ def start_cli(*args: str) -> subprocess.Popen:
 
 
 def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """The condition's first true value, polled for at most `timeout` seconds. Past that, `proc`
+    (the run being waited on) is killed, so that it holds no Ray resources the next tests need,
+    and the failure shows the end of what it printed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -110,7 +113,11 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()}")
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    printed = ""
+    if proc is not None:
+        proc.kill()
+        printed = ":\n" + proc.communicate(timeout=30)[0][-4000:]
+    raise AssertionError(f"timed out waiting for {what}{printed}")
 
 
 @pytest.fixture(scope="session")

@@ -158,7 +158,7 @@ def test_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path_
         *killed, last = ELASTIC[stage]
         for workers in killed:
             proc = start_cli("train", config, "--address", address, "--set", f"distributed.workers={workers}")
-            newest = wait_until(lambda: [s for s in complete() if s > newest], 300, "a new checkpoint", proc)[-1]
+            newest = wait_until(lambda: [s for s in complete() if s > newest], 420, "a new checkpoint", proc)[-1]
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             assert newest < steps, "the run finished before its driver was killed"
