@@ -21,7 +21,7 @@ summed cross-entropy and back, full fp32 logits against the chunked loss, each i
 process; peak resident memory above the inputs' and the step time. Goals: at most 0.2x the
 memory, at most 1.1x the time.
 
-Run: .venv/bin/python bench/memory_switches.py [--steps N]  (`make bench`). Writes
+Run: .venv/bin/python bench/memory_switches.py [--steps N] [--time-steps N]  (`make bench`). Writes
 bench/results/memory_switches.{json,md}.
 """
 
@@ -98,16 +98,18 @@ def train_process(overrides: list[str], env: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_train(method: str, checkpointing: bool, steps: int, out: str, compiled: bool = False) -> dict:
-    overrides = [f"run.output={out}", f"run.name={method}-{checkpointing}-{compiled}", f"method={method}",
-                 f"train.compile={str(compiled).lower()}",
-                 f"train.max_steps={steps}", "train.eval_every=1000", "checkpoint.every_steps=1000",
-                 "data.eval=null", "data.retention=null", "data.eval_fraction=0", "train.warmup_steps=0",
-                 f"train.gradient_checkpointing={str(checkpointing).lower()}", *SHAPE]
-    found = train_process(overrides, MEASURED_ENV)
+def run_train(method: str, checkpointing: bool, steps: int, time_steps: int, out: str, compiled: bool = False) -> dict:
+    def overrides(kind: str, n: int) -> list[str]:
+        return [f"run.output={out}", f"run.name={method}-{checkpointing}-{compiled}-{kind}", f"method={method}",
+                f"train.compile={str(compiled).lower()}",
+                f"train.max_steps={n}", "train.eval_every=1000", "checkpoint.every_steps=1000",
+                "data.eval=null", "data.retention=null", "data.eval_fraction=0", "train.warmup_steps=0",
+                f"train.gradient_checkpointing={str(checkpointing).lower()}", *SHAPE]
+
+    found = train_process(overrides("memory", steps), MEASURED_ENV)
     # Step time from a run of its own, with malloc as it is: a fresh mapping for every tensor
     # costs page faults, more the larger the activations.
-    found["step_time_s"] = train_process(overrides, dict(os.environ))["step_time_s"]
+    found["step_time_s"] = train_process(overrides("time", time_steps), dict(os.environ))["step_time_s"]
     est = found["estimate"]
     estimate = sum(est.values())
     return {"method": method, "gradient_checkpointing": checkpointing, "compile": compiled, "peak_gib": found["peak_gib"],
@@ -127,15 +129,16 @@ def run_loss(kind: str, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="steps of each memory run")
+    parser.add_argument("--time-steps", type=int, default=6, help="steps of each timing run (the first left out)")
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as out:
         for method in ("full", "lora", "qlora"):
             for checkpointing in (False, True):
-                runs.append(run_train(method, checkpointing, args.steps, out))
+                runs.append(run_train(method, checkpointing, args.steps, args.time_steps, out))
                 print(json.dumps(runs[-1]), flush=True)
-        compiled = run_train("full", False, args.steps, out, compiled=True)
+        compiled = run_train("full", False, args.steps, args.time_steps, out, compiled=True)
         print(json.dumps(compiled), flush=True)
     eager = next(r for r in runs if r["method"] == "full" and not r["gradient_checkpointing"])
     compile_ratio = {"step_time_ratio": round(compiled["step_time_s"] / eager["step_time_s"], 3),
@@ -160,12 +163,12 @@ def main() -> None:
         "loss_time_ratio": loss["loss_time_ratio"] <= GOALS["loss_time_ratio"],
     }
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{__import__('os').cpu_count()} cores", "shape": SHAPE, "steps": args.steps, "runs": runs,
+              f"{__import__('os').cpu_count()} cores", "shape": SHAPE, "steps": args.steps, "time_steps": args.time_steps, "runs": runs,
               "checkpointing": pairs, "compile": {"run": compiled, **compile_ratio}, "loss": loss, "goals": GOALS, "met": verdicts}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory_switches.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Memory switches on CPU", "", f"{result['date']}, {result['machine']}; shape: {' '.join(SHAPE)}; "
-             f"{args.steps} steps per run. Peak: the process's peak RSS less its RSS before the model was built, "
+             f"{args.steps} steps per memory run, {args.time_steps} per timing run. Peak: the process's peak RSS less its RSS before the model was built, "
              "glibc's mmap threshold fixed at 64 KiB (freed tensors leave the resident set at once).", "",
              "| method | checkpointing | measured peak GiB | estimate GiB | estimate error | step s |",
              "|---|---|---|---|---|---|"]
