@@ -89,6 +89,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
         d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and wants[2] \
             else None
+        weight_in_hidden_dtype = weight.to(hidden.dtype) if d_hidden is not None else None  # once, not per chunk
         for start in range(0, len(targets), chunk):
             part = slice(start, start + chunk)
             loss, d_logits = loss_fn(hidden[part], weight, bias, targets[part], any(wants[:3]))
@@ -99,7 +100,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 d_bias += d_logits.sum(0)
             d_logits = d_logits.to(hidden.dtype)
             if d_hidden is not None:
-                torch.mm(d_logits, weight.to(hidden.dtype), out=d_hidden[part])
+                torch.mm(d_logits, weight_in_hidden_dtype, out=d_hidden[part])
             if d_weight is not None:
                 d_weight.addmm_(d_logits.t().to(d_weight.dtype), hidden[part].to(d_weight.dtype))
             del d_logits  # before the next chunk's logits exist
