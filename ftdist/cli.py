@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from ftdist.config import load_raw, validate_config
     from ftdist.tune.experiment import tune
-    from ftdist.tune.results import collect, format_table, write_report
+    from ftdist.tune.results import collect, end_search_tracking, format_table, write_report
 
     raw = load_raw(args.config, args.overrides)  # trials and best.yaml start from the config as written
     experiment, results = tune(validate_config(raw, source=args.config), raw, restart=args.restart,
@@ -128,9 +128,10 @@ def cmd_tune(args) -> int:
             print(f"  {row.trial} failed: {row.error}")
     summary = write_report(experiment, rows)
     store = experiment.store
+    unfinished = [r.trial for r in rows if r.status == "not finished"]
+    end_search_tracking(experiment, rows, summary, interrupted=bool(unfinished))
     print(f"results: {store.path('results.csv')}; plots: {store.path('eval_curves.png')}, "
           f"{store.path('metric_vs_params.png')}")
-    unfinished = [r.trial for r in rows if r.status == "not finished"]
     if unfinished:
         print(f"ftdist: interrupted with {len(unfinished)} trial(s) not finished; run the same command again to "
               "continue (finished trials are kept)", file=sys.stderr)

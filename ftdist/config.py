@@ -7,6 +7,7 @@ validated `Config` object and never reads files or the environment for settings.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -175,6 +176,35 @@ class StorageConfig(Section):
     cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
 
 
+class MlflowConfig(Section):
+    """An MLflow tracking server (or a file:/sqlite: store). Credentials come from MLflow's own
+    variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never from this file."""
+
+    tracking_uri: str = Field(min_length=1)
+    experiment: str = Field("ftdist", min_length=1)
+    run_name: Optional[str] = None  # None: run.name (a trial: its trial name, under the search's run)
+    optional: bool = False  # true: a server that cannot be reached at the start is a warning, not an error
+
+
+class WandbConfig(Section):
+    """Weights & Biases. Online mode needs WANDB_API_KEY (or `wandb login`); offline mode writes
+    <run>/wandb, for `wandb sync` later."""
+
+    project: str = Field(min_length=1)
+    entity: Optional[str] = None
+    mode: Literal["online", "offline"] = "online"
+    optional: bool = False
+
+
+class LoggingConfig(Section):
+    """Where runs report besides metrics.jsonl, from rank 0 in the background: a tracker that
+    goes away costs a warning, never a step."""
+
+    tensorboard: Union[bool, str] = False  # true: <run>/tensorboard (in the bucket too for s3:// runs); or a path
+    mlflow: Optional[MlflowConfig] = None
+    wandb: Optional[WandbConfig] = None
+
+
 class SpaceSpec(Section):
     """One searched key: exactly one of a list of choices or a range [low, high]
     (randint: integers low..high-1, as Ray Tune's; loguniform: sampled evenly in log space)."""
@@ -279,6 +309,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     storage: StorageConfig = StorageConfig()
+    logging: LoggingConfig = LoggingConfig()
     tune: Optional[TuneConfig] = None  # read by `ftdist tune` only
 
     @model_validator(mode="after")
@@ -469,8 +500,23 @@ def is_secret_key(key: Any) -> bool:
     return any(w in key for w in SECRET_WORDS) or key == "token" or key.endswith("_token")
 
 
+# user:password@ in a URL, and secret-looking query parameters (?token=..., &api_key=...).
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_URL_SECRET_PARAM = re.compile(r"(?P<key>[?&][^=&#\s]+)=(?P<value>[^&#\s]*)")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the credentials a URL can carry replaced: http://user:pass@host -> http://***@host."""
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    if "://" not in text:
+        return text
+    return _URL_SECRET_PARAM.sub(
+        lambda m: f"{m['key']}=***" if is_secret_key(m["key"][1:]) else m.group(0), text)
+
+
 def redacted(data: Any) -> Any:
-    """A copy with values of secret-looking keys replaced, for snapshots and logs."""
+    """A copy with values of secret-looking keys, and credentials inside URLs, replaced: for
+    snapshots, logs and trackers."""
     if isinstance(data, dict):
         return {
             k: ("***" if v is not None and is_secret_key(k) else redacted(v))
@@ -478,6 +524,8 @@ def redacted(data: Any) -> Any:
         }
     if isinstance(data, list):
         return [redacted(v) for v in data]
+    if isinstance(data, str):
+        return redact_url(data)
     return data
 
 

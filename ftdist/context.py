@@ -15,6 +15,7 @@ import torch
 
 from ftdist.config import Config
 from ftdist.storage import RunStore
+from ftdist.tracking.run import TrackingGroup
 
 
 @dataclass
@@ -24,6 +25,7 @@ class LocalContext:
     rank: int = 0
     world_size: int = 1
     show_progress: bool = True
+    tracking_group: Optional[TrackingGroup] = None  # a search's trial reports inside the search's group
 
     @property
     def run_dir(self) -> Path:

@@ -97,11 +97,13 @@ def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
 
 
 def worker_config(cfg: Config, store: RunStore, data_stats: dict, split_in_workers: bool,
-                  show_progress: bool) -> dict:
-    """What `worker_loop` receives: the config, where the run lives, what the driver counted
-    and how the training rows reach the workers (see SharedInputs)."""
+                  show_progress: bool, tracking_group: Optional[dict] = None) -> dict:
+    """What `worker_loop` receives: the config, where the run lives, what the driver counted,
+    how the training rows reach the workers (see SharedInputs), and, for a trial, the search
+    its tracker runs belong to (tracking.run.TrackingGroup as a dict)."""
     return {"config": cfg.model_dump(mode="json"), "run": {"url": store.url, "root": str(store.root)},
-            "show_progress": show_progress, "data_stats": data_stats, "split_in_workers": split_in_workers}
+            "show_progress": show_progress, "data_stats": data_stats, "split_in_workers": split_in_workers,
+            "tracking_group": tracking_group}
 
 
 def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool,
@@ -145,6 +147,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from ftdist.context import RayContext
     from ftdist.loop import train
+    from ftdist.tracking.run import TrackingGroup
 
     context = ray.train.get_context()
     cfg = Config.model_validate(config["config"])
@@ -154,6 +157,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(), rank=rank, world_size=context.get_world_size(),
         show_progress=config["show_progress"], data_stats=config["data_stats"],
         split_in_workers=config["split_in_workers"],
+        tracking_group=TrackingGroup(**config["tracking_group"]) if config.get("tracking_group") else None,
     )
     if ctx.device.type == "cuda":
         import torch

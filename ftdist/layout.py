@@ -11,6 +11,9 @@
                               FINAL_DIR/       the trained model; FINAL_META in it, written last,
                                                marks the run finished
                               RAY_DIR/         Ray Train's own bookkeeping
+                              TRACKING         the tracker runs this run reports to (their ids)
+                              TENSORBOARD_DIR/ TensorBoard event files (logging.tensorboard: true)
+                              WANDB_DIR/       W&B's run files (offline runs: for `wandb sync`)
   <search>/                   the same marker and snapshot, BASE_DIR/, TUNER_DIR/ (Ray Tune's
                               state), trial-N/ (each an ftdist run), SEARCH_OUTPUTS
   <export>/                   FINAL_META, with what was exported (method, merged, source, step)
@@ -33,6 +36,9 @@ FINAL_META = "ftdist.json"  # in final/ and in an export: what the directory hol
 FINISHED = f"{FINAL_DIR}/{FINAL_META}"
 RAY_DIR = "ray"
 TUNER_DIR = "tuner"
+TRACKING = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 
 PLOTS = ("loss.png", "forgetting.png", "lr.png", "throughput.png")
 SEARCH_OUTPUTS = ("results.csv", "best.yaml", "tune.json", "eval_curves.png", "metric_vs_params.png")
@@ -41,7 +47,7 @@ STAGING = (f"{FINAL_DIR}.tmp", f"{BASE_DIR}.tmp", f"{BASE_DIR}.download", f"{BAS
 
 # Everything a run or a search writes at its top level (trial-N/ of a search are runs of their own).
 RUN_ENTRIES = frozenset({SNAPSHOT, METRICS, SUMMARY, REPORT, BASE_DIR, CHECKPOINTS, FINAL_DIR, RAY_DIR, TUNER_DIR,
-                         *PLOTS, *SEARCH_OUTPUTS, *STAGING})
+                         TRACKING, TENSORBOARD_DIR, WANDB_DIR, *PLOTS, *SEARCH_OUTPUTS, *STAGING})
 TRIAL_PREFIX = "trial-"
 
 

@@ -8,6 +8,9 @@
                evaluations and checkpoints at their intervals
       finish   every checkpoint committed; final model, forgetting, summary, plots, publish
 
+Rank 0's metrics log hands every record to the run's trackers (TensorBoard, MLflow, W&B:
+ftdist.tracking), which send them in the background.
+
 What differs between modes arrives in `ctx` (rank, world size, device, data source, engine).
 Every rank runs every line; rank 0 writes the log, the final model and the summary, and every
 rank writes its own part of each checkpoint.
@@ -32,7 +35,7 @@ from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
 from ftdist.data import Dataset, collate, epoch_order
-from ftdist.layout import METRICS
+from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import ModelBundle, build_model, resolve_base
@@ -41,6 +44,8 @@ from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
 from ftdist.storage import StoreUnavailable, Uploader
+from ftdist.tracking.hub import Tracking
+from ftdist.tracking.run import open_tracking
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Run:
     log: MetricsLog
     uploader: Uploader
     peak: PeakMemory  # this rank's device memory, measured
+    tracking: Tracking  # rank 0's trackers (none on other ranks)
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
 
@@ -103,6 +109,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     resume = checkpoint.resume_point(ctx)
     run = build(cfg, ctx, resume)
+    status = "FAILED"  # what the trackers are told, unless the run finishes
     try:
         state = restore(run, resume) if resume else TrainState()
         run.progress = Progress(run.plan.total_steps, state.step, cfg.train.log_every,
@@ -116,12 +123,18 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
             if run.checkpoints_at(step):
                 save_checkpoint(run, state, step)
             note_uploads(run, step)
-        return finish(run, state)
+        summary = finish(run, state)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     except StoreUnavailable as e:
         raise StoreUnavailable(f"{e}. Training stopped; checkpoints not yet in the store are kept in "
                                f"{ctx.run_dir / checkpoint.ROOT}. Run the same command again once the store is back: "
                                "it resumes from the newest complete checkpoint") from None
     finally:
+        run.tracking.end(status)  # no-op after finish()
         run.uploader.close()
 
 
@@ -137,8 +150,11 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
-    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main),
-              Uploader(), peak)
+    tracking = open_tracking(cfg, ctx.store, engine.layout.record(), ctx.tracking_group,
+                             resume.saved["step"] if resume else None) \
+        if ctx.is_main else Tracking([])
+    log = MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main, listener=tracking.log)
+    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, log, Uploader(), peak, tracking)
     run.say(bundle.info.describe())
     if cfg.train.compile:
         compile_model(bundle, ctx.device, run.say)
@@ -289,7 +305,11 @@ def finish(run: Run, state: TrainState) -> dict:
         final = save_final(ctx.run_dir, cfg, run.bundle.model, run.bundle.tokenizer, run.base_path, model_state)
         summary["final_size_bytes"] = checkpoint.size_bytes(final)
         write_summary(ctx.run_dir, summary)
-        plot_run(ctx.run_dir)
+        plots = plot_run(ctx.run_dir)
+        unsent = run.tracking.end("FINISHED", [ctx.run_dir / SUMMARY, *plots])
+        if any(unsent.values()):  # what a tracker missed (all of it is in metrics.jsonl)
+            summary["tracking_unsent"] = unsent
+            write_summary(ctx.run_dir, summary)
         publish(ctx.store)
     return summary
 

@@ -6,21 +6,25 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 class MetricsLog:
-    """Appends records; on resume, drops the records of steps after the checkpoint."""
+    """Appends records; on resume, drops the records of steps after the checkpoint. Each record
+    is also handed to `listener` (the run's trackers), which must not block."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, listener: Optional[Callable[[dict], None]] = None):
         self.path = path
         self.enabled = enabled
+        self.listener = listener
 
     def append(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.listener is not None:
+            self.listener(record)
 
     def truncate_after(self, step: int) -> None:
         """Keep what happened up to `step`: those steps will be trained again."""

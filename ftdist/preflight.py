@@ -1,8 +1,9 @@
 """Preflight: what can be wrong with a run, found before any weight is loaded. Local mode, the
 Ray driver and the tune driver run the same checks.
 
-  check_inputs  paths exist, every data row is valid (file:line on error), s3:// data fetched;
-                no torch imported yet, so a mistake is told in the first seconds
+  check_inputs  trackers installed and reachable, paths exist, every data row is valid
+                (file:line on error), s3:// data fetched; no torch imported yet, so a mistake
+                is told in the first seconds
   check_dtype   the compute dtype suits the device
   check_fits    the model's freeze depth, and its memory estimate per device against what
                 is free (with what would make it fit)
@@ -37,6 +38,9 @@ class CheckedInputs:
 
 
 def check_inputs(cfg: Config) -> CheckedInputs:
+    from ftdist.tracking.preflight import check_tracking
+
+    cfg = check_tracking(cfg)  # less the optional trackers that cannot be reached
     check_paths(cfg)
     local = localize_data(cfg)
     fmt, skipped = check_data(local)

@@ -28,11 +28,12 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.eval_every", "tra
                      "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
                      "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
+                     "logging.",  # where a run reports: its numbers are the same wherever they go
                      "tune."}  # a prefix: `ftdist train` does not read the tune: section
 # A search's trials must stay comparable, and a restored search keeps the trial admission it
-# started with: only retries and how the store is reached may change.
+# started with: only retries, how the store is reached and where results are reported may change.
 TUNE_RESUMABLE_CHANGES = {"distributed.max_failures", "storage.endpoint_url", "storage.region",
-                          "storage.retry_deadline_s", "storage.cache_dir"}
+                          "storage.retry_deadline_s", "storage.cache_dir", "logging."}
 
 
 def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_CHANGES) -> RunStore:

@@ -190,6 +190,17 @@ def moto_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, for the whole session (each test its own
+    experiment)."""
+    from tests.trackers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.kill()
+
+
 @dataclass
 class S3:
     """One test's bucket, reached through a relay the test can take down (`relay.down()`);

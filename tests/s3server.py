@@ -21,6 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Until `url` answers (a server `proc` started, writing `log`); an error if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(url, timeout=1)
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
+
+
 class MotoServer:
     def __init__(self, log: Path):
         self.port = free_port()
@@ -30,15 +43,7 @@ class MotoServer:
         # At the lowest priority: a real store's CPU is not the training machine's.
         self.proc = subprocess.Popen(["nice", "-n", "19", exe, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1)
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        raise RuntimeError("moto_server did not answer within 60 s")
+        wait_for_http(self.url + "/moto-api/", self.proc, log, "moto_server", 60)
 
     def reset(self) -> None:
         """Drop every bucket and object (between tests)."""

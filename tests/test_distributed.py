@@ -37,6 +37,8 @@ CASES = [("full", 0), ("lora", 1), ("qlora", 2), ("lora", 3)]
 # Gradient checkpointing changes what is kept for the backward, never the curve: on under the
 # two adapter stages where it meets DeepSpeed's gradient hooks (ZeRO-2) and gathered weights (ZeRO-3).
 CHECKPOINTING = {("qlora", 2): "2", ("lora", 3): "true"}
+# One case also reports to every tracker: only rank 0 opens them (test_tracking checks what they hold).
+TRACKED = ("lora", 1)
 
 
 def equivalence_config(tmp_path: Path, method: str, base: Path | None, *extra: str, name: str,
@@ -68,7 +70,7 @@ def local_reference(tmp_path_factory, method: str, base: Path | None, steps: int
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory, ray_local, pretrained_base) -> dict:
+def matrix(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
     """Every case's run through the CLI on the session's Ray, two at a time (the session's Ray
     has 4 logical CPUs on the 2 cores): most of a tiny run's wall time is Ray's start-up and
     scheduling latency, which two runs overlap. Case -> future of (CLI result, run directory)."""
@@ -79,9 +81,11 @@ def matrix(tmp_path_factory, ray_local, pretrained_base) -> dict:
 
     def run(method: str, stage: int):
         tmp = tmp_path_factory.mktemp(f"ray-{method}-{stage}")
+        tracked = ("logging.tensorboard=true", f"logging.mlflow.tracking_uri={mlflow_server.url}",
+                   "logging.mlflow.experiment=ray", "logging.wandb.project=ray", "logging.wandb.mode=offline")
         cfg = equivalence_config(tmp, method, None if method == "full" else base, f"distributed.zero_stage={stage}",
                                  f"train.gradient_checkpointing={CHECKPOINTING.get((method, stage), 'false')}",
-                                 name=f"ray-{method}-{stage}")
+                                 *(tracked if (method, stage) == TRACKED else ()), name=f"ray-{method}-{stage}")
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -123,6 +127,23 @@ def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, matrix,
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
     if method != "full":  # adapters trained, not the zero-initialised B matrices
         assert any(float(t.abs().max()) > 0 for k, t in ours.items() if "lora_B" in k)
+
+
+def test_only_rank_0_reports_to_the_trackers(matrix, mlflow_server):
+    from tests.trackers import tensorboard_scalars, wandb_history
+
+    result, run_dir = matrix[TRACKED].result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, though two workers trained
+    assert (runs[0].data.tags["workers"], runs[0].data.tags["zero_stage"]) == ("2", "1")
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == logged
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [s for s, _ in tensorboard_scalars(run_dir / "tensorboard")["loss"]] == logged
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert [s for s, _ in wandb_history(run_dir, "loss")] == logged
 
 
 # Workers per driver, every driver but the last SIGKILLed: ZeRO-2 goes from 2 workers to 1,

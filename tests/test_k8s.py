@@ -324,6 +324,9 @@ def fit_problems(objs: list[dict], job: dict, config) -> list[str]:
     return problems
 
 
+TRACKER_EXTRAS = ("tensorboard", "mlflow", "wandb")  # in the image: a cluster's runs report from it
+
+
 def dockerfile_pins(text: str) -> dict[str, Requirement]:
     """The exact pins (`name==version`) of the Dockerfile's `pip install` commands."""
     text = re.sub(r"\\\n", " ", text)
@@ -353,11 +356,12 @@ def dockerfile_pins(text: str) -> dict[str, Requirement]:
 
 
 def pin_problems(dockerfile: str, pyproject: dict) -> list[str]:
-    """Every requirement of pyproject.toml is pinned in the Dockerfile, inside its range, with
-    its extras; ray exactly 2.60.0."""
+    """Every requirement of pyproject.toml, and the trackers' extras, is pinned in the Dockerfile,
+    inside its range, with its extras; ray exactly 2.60.0."""
     pins = dockerfile_pins(dockerfile)
     problems = []
-    for line in pyproject["project"]["dependencies"]:
+    extras = pyproject["project"].get("optional-dependencies", {})
+    for line in pyproject["project"]["dependencies"] + [r for key in TRACKER_EXTRAS for r in extras.get(key, [])]:
         req = Requirement(line)
         pin = pins.get(canonicalize_name(req.name))
         if pin is None:

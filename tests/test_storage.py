@@ -23,6 +23,7 @@ from ftdist.config import StorageConfig
 from ftdist.metrics import read_metrics
 from ftdist.storage import RunStore
 from tests.conftest import DEMO, FAKE_SECRET, REPO, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.trackers import tensorboard_scalars
 
 pytestmark = pytest.mark.s3
 
@@ -46,7 +47,8 @@ def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tm
     base = s3.put(pretrained_base("llama"), "models", "base")
     cfg = tiny_config(tmp_path, "method=lora", "lora.rank=2", "model.init=null", f"model.name_or_path={base}",
                       f"data.train={train}", f"data.eval={evaluation}", "train.max_steps=6",
-                      "checkpoint.every_steps=3", "train.eval_every=3", *s3.overrides(), name="lora-s3")
+                      "checkpoint.every_steps=3", "train.eval_every=3", "logging.tensorboard=true",
+                      "logging.wandb.project=s3", "logging.wandb.mode=offline", *s3.overrides(), name="lora-s3")
     config = write_config(tmp_path, cfg)
     result = run_cli("train", str(config), "--local")
     out = result.stdout + result.stderr
@@ -61,6 +63,11 @@ def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tm
     assert {"COMPLETE", "done-0", "state.json", "adapter", "optimizer.pt", "rng-0.pt"} <= files
     assert "model.safetensors" not in files  # adapters only: the base is not in the checkpoint
     assert f"done: model in {run}/final" in result.stdout
+    # The trackers' files are in the bucket too: TensorBoard's events, W&B's offline run, their ids.
+    assert {"tensorboard", "wandb", "tracking.json"} <= names
+    s3.fs.get(f"{run}/tensorboard", str(tmp_path / "tb"), recursive=True)
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tb")["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert s3.fs.glob(f"{run}/wandb/offline-run-*/run-*.wandb")
 
     # The checkpoint's size, next to the base model's: megabytes against (here) a few more.
     summary = json.loads(s3.fs.cat_file(f"{run}/summary.json"))

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftdist.metrics import read_metrics
+
 from tests.conftest import ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_config, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
@@ -53,9 +55,12 @@ def read_results(experiment: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, ray_local, pretrained_base):
+def search(tmp_path_factory, ray_local, pretrained_base, mlflow_server):
     tmp = tmp_path_factory.mktemp("tune")
-    config, raw = search_config(tmp, pretrained_base("llama"))
+    # Every trial reports to MLflow and W&B (offline), under the search's own run.
+    config, raw = search_config(tmp, pretrained_base("llama"), f"logging.mlflow.tracking_uri={mlflow_server.url}",
+                                "logging.mlflow.experiment=tune", "logging.wandb.project=tune",
+                                "logging.wandb.mode=offline")
     experiment = tmp / "runs" / "search"
     address = ray_local.get_runtime_context().gcs_address
 
@@ -100,6 +105,41 @@ def test_interrupted_search_continues_with_the_remaining_trials_only(search):
         assert path.read_bytes() == content and path.stat().st_mtime_ns == search["mtimes"][path], path
     for trial, status in search["ended_before"].items():
         assert next(r for r in rows if r["trial"] == trial)["status"] == status
+
+
+def test_each_trial_is_a_child_run_of_the_search_in_mlflow_and_in_its_wandb_group(search, mlflow_server):
+    from tests.trackers import wandb_records
+
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("tune").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "search"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"  # interrupted (KILLED), continued, then finished
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "best.yaml", "tune.json"}
+    assert parent.data.params["tune.space.lora.rank"] == '{"choice": [2, 4, 8, 16]}'
+    rows = {r["trial"]: r for r in read_results(search["dir"])}
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(rows)  # one run per trial, a trial run again continuing its own
+    for name, child in children.items():
+        assert child.data.params["lora.rank"] == rows[name]["lora.rank"]  # the trial's own searched values
+        assert child.data.tags["search"] == "search" and child.data.tags["searched"] == ",".join(sorted(SPACE))
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "eval_loss")]
+        logged = [r["step"] for r in read_metrics(search["dir"] / name / "metrics.jsonl") if "eval_loss" in r]
+        assert len(steps) == len(set(steps)) and set(steps) <= set(logged), (steps, logged)  # each step once
+        if rows[name]["status"] == "finished":
+            assert sorted(steps) == logged and child.info.status == "FINISHED"
+        else:  # ASHA ends the trial's processes (its last records die with them); the driver ends its run
+            assert child.info.status == "KILLED"
+    # W&B: each finished trial's runs in the search's group, every step once. (An ASHA-stopped
+    # trial's offline files die with W&B's own process, which ends with the trial's.)
+    for trial in (t for t, row in rows.items() if row["status"] == "finished"):
+        records = wandb_records(search["dir"] / trial)
+        header = next(r for r in records if r.get("type") == "run")["run"]
+        assert header["run_group"] == "search" and header["job_type"] == "trial"
+        steps = [r["history"]["step"]["num"] for r in records
+                 if r.get("type") == "history" and "eval_loss" in r["history"]["item"]]
+        assert steps == [r["step"] for r in read_metrics(search["dir"] / trial / "metrics.jsonl") if "eval_loss" in r]
 
 
 def test_asha_stops_some_trials_early(search):

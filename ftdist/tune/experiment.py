@@ -27,21 +27,32 @@ class Experiment:
     cfg: Config  # as the user wrote it (s3:// data paths kept)
     raw: dict  # the same, as plain data: trials and best.yaml start from it
     store: RunStore  # <run.output>/<tune.name>
+    tracking: Any  # tracking.hub.Tracking: the search's parent run, ended by the caller with the results
 
 
 def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] = None) -> tuple[Experiment, Any]:
     """Run (or continue) the experiment; returns it with Tune's ResultGrid."""
+    from dataclasses import asdict
+
     from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
+    from ftdist.tracking.run import open_search_tracking
 
     checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
     store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
     experiment, datasets, steps = trial_inputs(cfg, checked, raw, store, use_gpu)
+    tracking, group = open_search_tracking(checked.cfg, store)
+    experiment["tracking_group"] = asdict(group)
     t = cfg.tune
     print(f"tune: {t.num_samples} trials of {cfg.distributed.workers} worker(s), {concurrency} at a time; search "
           f"{t.search}, scheduler {t.scheduler.type}; {steps} steps per trial; outputs in {store.url}", flush=True)
     tuner = build_tuner(cfg, store, experiment, datasets, concurrency)
-    return Experiment(cfg, raw, store), tuner.fit()
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracking.end("FAILED")
+        raise
+    return Experiment(cfg, raw, store, tracking), results
 
 
 def preflight(cfg: Config, raw: dict, address: Optional[str]):

@@ -198,3 +198,19 @@ def plot_metric_vs_params(cfg: Config, rows: list[TrialRow], out_dir) -> str:
     fig.savefig(out_dir / "metric_vs_params.png", dpi=110)
     plt.close(fig)
     return "metric_vs_params.png"
+
+
+def end_search_tracking(experiment: Experiment, rows: list[TrialRow], summary: dict, interrupted: bool) -> None:
+    """The search's own tracker runs: the best metric, the results files as artifacts, then
+    ended (KILLED while trials are left: the same command continues them). Trials ASHA
+    stopped were ended with their processes, before they could end their tracker runs:
+    their MLflow runs are marked KILLED from here."""
+    from ftdist.layout import SEARCH_OUTPUTS
+    from ftdist.tracking.run import end_stopped_runs
+
+    best = summary["best"]
+    if best is not None:
+        experiment.tracking.log({"step": 0, f"best_{experiment.cfg.tune.metric}": best["metric"]})
+    end_stopped_runs(experiment.cfg, experiment.store, [r.trial for r in rows if r.status == STOPPED_STATUS])
+    local = experiment.store.local
+    experiment.tracking.end("KILLED" if interrupted else "FINISHED", [local / name for name in SEARCH_OUTPUTS])

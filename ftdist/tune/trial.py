@@ -63,8 +63,10 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     store = prepare_run_dir(cfg, restart=False)  # the trial's directory: resumed if it exists
     t = experiment["tune"]
     if not is_finished(store):
+        group = {**experiment["tracking_group"], "searched": params}  # its tracker runs join the search's
         fit(cfg, store, worker_config(cfg, store, experiment["data_stats"], experiment["split_in_workers"],
-                                      show_progress=False), datasets, experiment["use_gpu"], callbacks=[ReportEvaluations(t["metric"], t["forgetting_weight"])])
+                                      show_progress=False, tracking_group=group),
+            datasets, experiment["use_gpu"], callbacks=[ReportEvaluations(t["metric"], t["forgetting_weight"])])
     # The last result: the final evaluation again, marked finished (ASHA-stopped trials never get here).
     summary = read_summary(store)
     final = {"step": summary["steps"], "tokens_seen": summary["tokens_seen"],

@@ -1,0 +1,172 @@
+"""Opening the trackers of a run (rank 0 of a run or trial) and of a search (its parent run).
+
+Each tracker's run id is kept in the run directory's tracking.json, so that a resumed run,
+a restarted worker group and a trial run again continue the same tracker runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ftdist.config import Config, config_yaml, redact_url
+from ftdist.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
+from ftdist.metrics import read_metrics
+from ftdist.storage import RunStore
+from ftdist.tracking.hub import Tracking, warn_line
+from ftdist.tracking.params import flat_params, run_tags
+
+
+@dataclass(frozen=True)
+class TrackingGroup:
+    """The search a trial belongs to: its runs are children of the search's MLflow run and one
+    W&B group; `searched`, the trial's own values of the searched keys."""
+
+    name: str
+    mlflow_parent_run_id: Optional[str] = None
+    searched: dict[str, Any] = field(default_factory=dict)
+
+
+def open_tracking(cfg: Config, store: RunStore, layout: dict, group: Optional[TrackingGroup] = None,
+                  resumed_at: Optional[int] = None, warn=None) -> Tracking:
+    """The trackers `cfg.logging` asks for, opened for this run (continued when tracking.json
+    names their runs). `layout`: the engine's (world size, ZeRO stage), for tags; `resumed_at`:
+    the checkpoint's step when the run resumes. A tracker that cannot be opened is one
+    warning; the run goes on without it."""
+    conf = cfg.logging
+    warn = warn or warn_line
+    if not (conf.tensorboard or conf.mlflow or conf.wandb):
+        return Tracking([], warn)
+    saved = read_state(store)
+    # Steps this run logged before it stopped: those past the checkpoint are trained again,
+    # and trackers that only append must not get them twice.
+    logged = max((r["step"] for r in read_metrics(store.local / METRICS) if "step" in r), default=-1) \
+        if resumed_at is not None else -1
+    params, tags = flat_params(cfg), run_tags(cfg, layout)
+    if group is not None:
+        tags.update(search=group.name, searched=",".join(sorted(group.searched)))
+    name = cfg.run.name
+    reporters, state = [], dict(saved)
+    if conf.tensorboard:
+        log_dir = store.local / TENSORBOARD_DIR if conf.tensorboard is True else \
+            Path(conf.tensorboard).expanduser() / (group.name if group else "") / name
+        upload = (lambda: store.upload(TENSORBOARD_DIR)) if conf.tensorboard is True and store.remote else \
+            (lambda: None)
+        reporters.append(_opened(warn, "tensorboard", str(log_dir), lambda: _tensorboard(
+            log_dir, resumed_at, config_yaml(cfg), upload)))
+    if conf.mlflow:
+        run_name = f"{conf.mlflow.run_name}-{name}" if conf.mlflow.run_name and group else conf.mlflow.run_name or name
+        reporters.append(_opened(warn, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
+            conf.mlflow, run_name, params, tags, saved.get("mlflow"), group and group.mlflow_parent_run_id)))
+    if conf.wandb:
+        upload = (lambda: store.upload(WANDB_DIR)) if store.remote else (lambda: None)
+        reporters.append(_opened(warn, "wandb", conf.wandb.project, lambda: _wandb(
+            conf.wandb, store.local, name, params, tags, saved.get("wandb"),
+            group.name if group else None, "trial" if group else "train", upload)))
+    reporters = [r for r in reporters if r is not None]
+    for r in reporters:
+        if r.name != "tensorboard":
+            r.skip_through = max(r.skip_through, logged)
+        if hasattr(r, "state"):
+            state[r.name] = r.state()
+    if state != saved:
+        store.write_text(TRACKING, json.dumps(state, indent=2))
+    return Tracking(reporters, warn)
+
+
+def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Tracking, TrackingGroup]:
+    """A search's own tracker runs (MLflow: the parent of every trial's run; W&B: a run of job
+    type "search" in the trials' group), which get the results table at the end."""
+    conf = cfg.logging
+    name = cfg.tune.name
+    warn = warn or warn_line
+    saved = read_state(store)
+    params = {**flat_params(cfg), **{f"tune.{k}": v for k, v in flat_tune(cfg).items()}}
+    tags = {**run_tags(cfg), "search": name}
+    reporters, state = [], dict(saved)
+    if conf.mlflow:
+        reporters.append(_opened(warn, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
+            conf.mlflow, conf.mlflow.run_name or name, params, tags, saved.get("mlflow"), None)))
+    if conf.wandb:
+        upload = (lambda: store.upload(WANDB_DIR)) if store.remote else (lambda: None)
+        reporters.append(_opened(warn, "wandb", conf.wandb.project, lambda: _wandb(
+            conf.wandb, store.local, name, params, tags, saved.get("wandb"), name, "search", upload)))
+    reporters = [r for r in reporters if r is not None]
+    for r in reporters:
+        state[r.name] = r.state()
+    if state != saved:
+        store.write_text(TRACKING, json.dumps(state, indent=2))
+    parent = next((r.run_id for r in reporters if r.name == "mlflow"), None)
+    return Tracking(reporters, warn), TrackingGroup(name, parent)
+
+
+def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None) -> None:
+    """Mark the MLflow runs of trials that were stopped (their processes ended by the
+    scheduler, before they could) as KILLED. W&B offline files of such a trial may be cut
+    short: W&B's own process ends with it."""
+    conf = cfg.logging.mlflow
+    if conf is None or not trials:
+        return
+    from ftdist.tracking.mlflow_run import client
+
+    try:
+        mlflow = client(conf)
+        for trial in trials:
+            saved = read_state(search, f"{trial}/{TRACKING}").get("mlflow")
+            if saved and mlflow.get_run(saved["run_id"]).info.status == "RUNNING":
+                mlflow.set_terminated(saved["run_id"], "KILLED")
+    except Exception as e:  # noqa: BLE001: the search's results stand without it
+        from ftdist.tracking.preflight import unreachable_reason
+
+        (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot mark stopped "
+                            f"trials' runs ({unreachable_reason(e)})")
+
+
+def flat_tune(cfg: Config) -> dict[str, Any]:
+    t = cfg.tune.model_dump(mode="json")
+    space = t.pop("space")
+    flat = {k: v for k, v in t.items() if not isinstance(v, dict)}
+    flat.update({f"scheduler.{k}": v for k, v in t["scheduler"].items()})
+    flat.update({f"space.{k}": json.dumps({kind: v for kind, v in spec.items() if v is not None})
+                 for k, spec in space.items()})
+    return flat
+
+
+def read_state(store: RunStore, rel: str = TRACKING) -> dict:
+    if not store.exists(rel):
+        return {}
+    try:
+        return json.loads(store.read_text(rel))
+    except ValueError:
+        return {}  # damaged: new tracker runs rather than none
+
+
+def _opened(warn, name: str, where: str, opener):
+    """The reporter `opener` makes, or None (with one warning) when its tracker cannot be reached."""
+    from ftdist.tracking.preflight import unreachable_reason
+
+    try:
+        return opener()
+    except Exception as e:  # noqa: BLE001: whatever the client raises, the run goes on without it
+        warn(f"ftdist: warning: {name} at {redact_url(where)}: cannot open a run ({unreachable_reason(e)}); "
+                      "training goes on without it, every record is in metrics.jsonl")
+        return None
+
+
+def _tensorboard(log_dir: Path, resumed_at, config_text: str, upload):
+    from ftdist.tracking.tensorboard import TensorBoardLog
+
+    return TensorBoardLog(log_dir, resumed_at, config_text, upload)
+
+
+def _mlflow(conf, run_name, params, tags, saved, parent):
+    from ftdist.tracking.mlflow_run import MlflowRun
+
+    return MlflowRun(conf, run_name, params, tags, saved, parent)
+
+
+def _wandb(conf, run_dir, run_name, params, tags, saved, group, job_type, upload):
+    from ftdist.tracking.wandb_run import WandbRun
+
+    return WandbRun(conf, run_dir, run_name, params, tags, saved, group, job_type, upload)

@@ -1,0 +1,189 @@
+"""Trackers, against the real thing: a local run reports to TensorBoard, a real `mlflow server`
+and W&B (offline), read back with each one's own reader; a resume from an earlier checkpoint
+shows each step once in all three; a server killed mid-run costs a warning, not the run; a
+tracker that is missing or unreachable at the start is one message, exit 2; no credential
+reaches the run directory, the trackers or the terminal."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ftdist.config import redacted, redact_url
+from ftdist.context import LocalContext
+from ftdist.loop import train
+from ftdist.metrics import read_metrics
+from ftdist.preflight import check_inputs
+from ftdist.rundir import prepare_run_dir
+from ftdist.tracking.params import flat_params, record_metrics
+from ftdist.tracking.preflight import check_tracking
+from tests.conftest import REPO, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.trackers import MlflowServer, tensorboard_scalars, wandb_history, wandb_records
+
+PASSWORD = "trk-pw-7Qz9"  # planted wherever a user puts tracker credentials
+API_KEY = "wandbkey" + "0" * 32
+
+
+def test_urls_lose_their_credentials_and_params_are_flat_and_redacted(tmp_path):
+    assert redact_url("http://alice:s3cr3t@mlflow.internal:5000/x") == "http://***@mlflow.internal:5000/x"
+    assert redact_url("https://h/p?token=abc&run=1&api_key=k") == "https://h/p?token=***&run=1&api_key=***"
+    assert redact_url("runs/a@b") == "runs/a@b"  # not a URL
+    assert redacted({"storage": {"endpoint_url": "http://k:s@127.0.0.1:9000"}}) == \
+        {"storage": {"endpoint_url": "http://***@127.0.0.1:9000"}}
+    cfg = tiny_config(tmp_path, f"logging.mlflow.tracking_uri=http://bob:{PASSWORD}@127.0.0.1:5000",
+                      "lora.target_modules=[q_proj, v_proj]")
+    params = flat_params(cfg)
+    assert params["train.lr"] == cfg.train.lr and params["lora.rank"] == 8
+    assert params["lora.target_modules"] == '["q_proj", "v_proj"]'
+    assert params["logging.mlflow.tracking_uri"] == "http://***@127.0.0.1:5000"
+    assert not any(k.startswith("tune") for k in params) and PASSWORD not in json.dumps(params)
+    assert record_metrics({"step": 3, "event": "checkpoint", "bytes": 10}) is None
+    assert record_metrics({"step": 3, "loss": 1.5, "lr": 1e-3, "flag": True, "eval_ppl": None}) == \
+        (3, {"loss": 1.5, "lr": 1e-3})
+
+
+def steps(points) -> list[int]:
+    return [s for s, _ in points]
+
+
+def test_a_local_run_reports_to_all_three_and_a_resume_shows_each_step_once(tmp_path, mlflow_server, monkeypatch,
+                                                                           capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    uri = mlflow_server.url.replace("http://", f"http://ftdist:{PASSWORD}@")
+    cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
+                      "checkpoint.keep=5", "train.eval_every=2", "logging.tensorboard=true",
+                      f"logging.mlflow.tracking_uri={uri}", "logging.mlflow.experiment=local-run",
+                      "logging.wandb.project=ftdist-test", "logging.wandb.mode=offline", name="tracked")
+    cfg = check_inputs(cfg).cfg
+    store = prepare_run_dir(cfg, restart=False)
+    run_dir = store.local
+
+    def context() -> LocalContext:
+        return LocalContext(store=store, device=torch.device("cpu"), show_progress=False)
+
+    train(cfg, context())
+    first = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    # As if the run had died after step 6 but before its final model: it resumes from step 4
+    # and trains steps 5 and 6 again, which every tracker has already seen once.
+    shutil.rmtree(run_dir / "final")
+    train(cfg, context())
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["checkpoint"] for r in records if r.get("event") == "resume"] == ["step-4"]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    state = json.loads((run_dir / "tracking.json").read_text())
+
+    # TensorBoard: the steps past the checkpoint purged and written again; one value per step.
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert steps(scalars["loss"]) == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([losses[s] for s in range(1, 7)], rel=1e-6)
+    assert steps(scalars["eval_loss"]) == [0, 2, 4, 6] and {"lr", "grad_norm", "tokens_per_s"} <= set(scalars)
+
+    # MLflow: one run, continued; each step once (steps 5-6 kept from the first pass, which the
+    # resume retrains to the same values).
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("local-run")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [state["mlflow"]["run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps(history) == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in history] == pytest.approx([first[s] for s in range(1, 7)], rel=1e-6)
+    assert [v for _, v in history] == pytest.approx([losses[s] for s in range(1, 7)], rel=1e-5)
+    assert steps(sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_loss"))) == \
+        sorted(evals)
+    params, tags = run.data.params, run.data.tags
+    assert params["train.max_steps"] == "6" and params["method"] == "full" and params["logging.wandb.mode"] == "offline"
+    assert params["logging.mlflow.tracking_uri"] == mlflow_server.url.replace("http://", "http://***@")
+    assert (tags["method"], tags["freeze_layers"], tags["workers"], tags["zero_stage"]) == ("full", "0", "1", "none")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "loss.png"}
+
+    # W&B: two offline sessions of one run id; each step once in the history W&B itself reads back.
+    sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2 and all(p.name.endswith(state["wandb"]["run_id"]) for p in sessions)
+    assert steps(wandb_history(run_dir, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert steps(wandb_history(run_dir, "eval_loss")) == [0, 2, 4, 6]
+    header = next(r for r in wandb_records(run_dir) if r.get("type") == "run")["run"]
+    assert header["project"] == "ftdist-test" and "method:full" in header["tags"]
+    assert header["config"]["update"]["train.lr"] == cfg.train.lr
+    assert any((p / "files" / "summary.json").is_file() for p in sessions)
+
+    # No credential anywhere: run directory (tracker files included), the trackers, the terminal.
+    out = capfd.readouterr()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert PASSWORD.encode() not in data and API_KEY.encode() not in data, path
+    assert PASSWORD not in json.dumps([params, tags]) and PASSWORD not in out.out + out.err
+    assert "warning" not in out.err, out.err
+
+
+def test_a_tracking_server_killed_mid_run_costs_one_warning_not_the_run(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow")
+    cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=120", "train.eval_every=20",
+                      "checkpoint.every_steps=1000", "train.log_every=10", f"logging.mlflow.tracking_uri={server.url}",
+                      "logging.tensorboard=true", name="outage")
+    run_dir = tmp_path / "runs" / "outage"
+    proc = start_cli("train", str(write_config(tmp_path, cfg)), "--local")
+    try:
+        def training() -> bool:
+            metrics = run_dir / "metrics.jsonl"
+            return metrics.is_file() and any(r.get("step", 0) >= 2 and "loss" in r for r in read_metrics(metrics))
+
+        wait_until(training, 240, "the run's second step", proc)
+        server.kill()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    warnings = [x for x in out.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("ftdist: warning: mlflow at http://127.0.0.1:"), out
+    assert "metrics.jsonl" in warnings[0] and "Traceback" not in out
+    losses = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert losses == list(range(1, 121))  # everything is in the log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tracking_unsent"]["mlflow"] > 0
+    assert steps(tensorboard_scalars(run_dir / "tensorboard")["loss"]) == losses  # the other tracker unharmed
+
+
+@pytest.mark.parametrize("setting, env, expected", [
+    (["logging.mlflow.tracking_uri=http://ftdist:" + PASSWORD + "@127.0.0.1:1"], {},
+     ["logging.mlflow: cannot reach the MLflow server at http://***@127.0.0.1:1", "logging.mlflow.optional: true"]),
+    (["logging.wandb.project=p", "logging.wandb.mode=online"], {"WANDB_API_KEY": ""},
+     ["logging.wandb: cannot log in to W&B", "WANDB_API_KEY", "mode: offline"]),
+    (["logging.wandb.project=p"], {"SHADOW": "wandb"},
+     ["logging.wandb needs the wandb package", "pip install 'ftdist[wandb]'"]),
+])
+def test_a_tracker_that_cannot_be_used_at_the_start_is_one_message(tmp_path, setting, env, expected):
+    cfg = tiny_config(tmp_path, *setting, name="refused")
+    environ = {**os.environ, "HOME": str(tmp_path), **env}
+    if environ.pop("SHADOW", None):  # the package missing: an import of it fails, as when not installed
+        shadow = tmp_path / "shadow"
+        shadow.mkdir()
+        (shadow / "wandb.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
+        environ["PYTHONPATH"] = f"{shadow}{os.pathsep}{REPO}"
+    result = subprocess.run([sys.executable, "-m", "ftdist", "train", str(write_config(tmp_path, cfg)), "--local"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env=environ)
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr.strip()
+    assert err.startswith("ftdist: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err
+    assert PASSWORD not in result.stdout + result.stderr
+    assert not (tmp_path / "runs" / "refused").exists()  # nothing written for a run that cannot start
+
+
+def test_an_optional_tracker_that_cannot_be_reached_is_a_warning(tmp_path):
+    cfg = tiny_config(tmp_path, "logging.mlflow.tracking_uri=http://127.0.0.1:1", "logging.mlflow.optional=true",
+                      "logging.tensorboard=true")
+    said = []
+    checked = check_tracking(cfg, warn=said.append)
+    assert checked.logging.mlflow is None and checked.logging.tensorboard is True
+    assert len(said) == 1 and "training without it (logging.mlflow.optional)" in said[0]
