@@ -47,31 +47,27 @@ def open_tracking(cfg: Config, store: RunStore, layout: dict, group: Optional[Tr
     if group is not None:
         tags.update(search=group.name, searched=",".join(sorted(group.searched)))
     name = cfg.run.name
-    reporters, state = [], dict(saved)
+    reporters, ids = [], TrackerIds(store, saved)
     if conf.tensorboard:
         log_dir = store.local / TENSORBOARD_DIR if conf.tensorboard is True else \
             Path(conf.tensorboard).expanduser() / (group.name if group else "") / name
         upload = (lambda: store.upload(TENSORBOARD_DIR)) if conf.tensorboard is True and store.remote else \
             (lambda: None)
-        reporters.append(_opened(warn, "tensorboard", str(log_dir), lambda: _tensorboard(
+        reporters.append(_opened(warn, ids, "tensorboard", str(log_dir), lambda: _tensorboard(
             log_dir, resumed_at, config_yaml(cfg), upload)))
     if conf.mlflow:
         run_name = f"{conf.mlflow.run_name}-{name}" if conf.mlflow.run_name and group else conf.mlflow.run_name or name
-        reporters.append(_opened(warn, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
+        reporters.append(_opened(warn, ids, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
             conf.mlflow, run_name, params, tags, saved.get("mlflow"), group and group.mlflow_parent_run_id)))
     if conf.wandb:
         upload = (lambda: store.upload(WANDB_DIR)) if store.remote else (lambda: None)
-        reporters.append(_opened(warn, "wandb", conf.wandb.project, lambda: _wandb(
+        reporters.append(_opened(warn, ids, "wandb", conf.wandb.project, lambda: _wandb(
             conf.wandb, store.local, name, params, tags, saved.get("wandb"),
             group.name if group else None, "trial" if group else "train", upload)))
     reporters = [r for r in reporters if r is not None]
     for r in reporters:
         if r.name != "tensorboard":
             r.skip_through = max(r.skip_through, logged)
-        if hasattr(r, "state"):
-            state[r.name] = r.state()
-    if state != saved:
-        store.write_text(TRACKING, json.dumps(state, indent=2))
     return Tracking(reporters, warn)
 
 
@@ -84,19 +80,15 @@ def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Track
     saved = read_state(store)
     params = {**flat_params(cfg), **{f"tune.{k}": v for k, v in flat_tune(cfg).items()}}
     tags = {**run_tags(cfg), "search": name}
-    reporters, state = [], dict(saved)
+    reporters, ids = [], TrackerIds(store, saved)
     if conf.mlflow:
-        reporters.append(_opened(warn, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
+        reporters.append(_opened(warn, ids, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
             conf.mlflow, conf.mlflow.run_name or name, params, tags, saved.get("mlflow"), None)))
     if conf.wandb:
         upload = (lambda: store.upload(WANDB_DIR)) if store.remote else (lambda: None)
-        reporters.append(_opened(warn, "wandb", conf.wandb.project, lambda: _wandb(
+        reporters.append(_opened(warn, ids, "wandb", conf.wandb.project, lambda: _wandb(
             conf.wandb, store.local, name, params, tags, saved.get("wandb"), name, "search", upload)))
     reporters = [r for r in reporters if r is not None]
-    for r in reporters:
-        state[r.name] = r.state()
-    if state != saved:
-        store.write_text(TRACKING, json.dumps(state, indent=2))
     parent = next((r.run_id for r in reporters if r.name == "mlflow"), None)
     return Tracking(reporters, warn), TrackingGroup(name, parent)
 
@@ -142,16 +134,32 @@ def read_state(store: RunStore, rel: str = TRACKING) -> dict:
         return {}  # damaged: new tracker runs rather than none
 
 
-def _opened(warn, name: str, where: str, opener):
-    """The reporter `opener` makes, or None (with one warning) when its tracker cannot be reached."""
+class TrackerIds:
+    """tracking.json, written as soon as each tracker run exists: a run stopped a moment later
+    (a search interrupted while its trials start) continues that tracker run, never a second one."""
+
+    def __init__(self, store: RunStore, saved: dict):
+        self.store, self.state = store, dict(saved)
+
+    def keep(self, reporter) -> None:
+        if hasattr(reporter, "state") and self.state.get(reporter.name) != reporter.state():
+            self.state[reporter.name] = reporter.state()
+            self.store.write_text(TRACKING, json.dumps(self.state, indent=2))
+
+
+def _opened(warn, ids: TrackerIds, name: str, where: str, opener):
+    """The reporter `opener` makes (its run's id kept at once), or None (with one warning) when
+    its tracker cannot be reached."""
     from ftdist.tracking.preflight import unreachable_reason
 
     try:
-        return opener()
+        reporter = opener()
     except Exception as e:  # noqa: BLE001: whatever the client raises, the run goes on without it
         warn(f"ftdist: warning: {name} at {redact_url(where)}: cannot open a run ({unreachable_reason(e)}); "
-                      "training goes on without it, every record is in metrics.jsonl")
+             "training goes on without it, every record is in metrics.jsonl")
         return None
+    ids.keep(reporter)
+    return reporter
 
 
 def _tensorboard(log_dir: Path, resumed_at, config_text: str, upload):
