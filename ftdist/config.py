@@ -89,10 +89,28 @@ class DataConfig(Section):
     eval: Optional[str] = None
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     retention: Optional[str] = None
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    # auto tells the formats apart by a row's keys (ftdist.records).
+    format: Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference"] = "auto"
+    # Keys renamed, ftdist's name: the file's (e.g. {messages: dialog, role: speaker, content: text}).
+    columns: dict[str, str] = Field(default_factory=dict)
+    # More role names, ftdist's role: [the file's] (e.g. {assistant: [bot]}).
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+    # Unset: the tokenizer's own; chatml or llama3; or a Jinja file's path.
+    chat_template: Optional[str] = None
     max_length: int = Field(512, gt=1)
     packing: bool = True
     skip_bad_rows: bool = False
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        from ftdist.records import FIELDS, ROLES
+
+        for section, names, known in (("columns", self.columns, FIELDS), ("roles", self.roles, ROLES)):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"data.{section}: unknown key {name!r}; the keys are ftdist's names "
+                                     f"({', '.join(known)}), each mapped to the file's")
+        return self
 
 
 class TrainConfig(Section):

@@ -1,7 +1,8 @@
 """Validated records (records.py) -> token rows the loop can batch.
 
-Per format: text, loss on every token; prompt_completion, on the completion only; chat, on
-the assistant turns only (rendered with the tokenizer's chat template).
+Per record shape (ftdist.records normalizes every format to one of three): text, loss on
+every token; prompt_completion, on the completion only; messages (chat, alpaca, sharegpt), on
+the assistant turns only, rendered with the tokenizer's chat template.
 
 Targets are shifted here, per example (targets[i] is the token after ids[i], or -100),
 so that packing several examples into one row never asks a token to predict the first
@@ -21,7 +22,8 @@ import torch
 
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
-from ftdist.records import read_jsonl, read_text_file
+from ftdist.chat_templates import require_template
+from ftdist.records import read_records, read_retention
 
 IGNORE = -100
 
@@ -60,13 +62,13 @@ class Dataset:
 # ---------------------------------------------------------------- tokenizing
 
 
-def encode(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[bool]]:
+def encode(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     """Token ids and, per token, whether the model is trained to produce it."""
     eos = tokenizer.eos_token_id
-    if fmt == "text":
+    if "text" in record:
         ids = tokenizer(record["text"])["input_ids"] + [eos]
         return ids, [True] * len(ids)
-    if fmt == "prompt_completion":
+    if "prompt" in record:
         prompt = tokenizer(record["prompt"])["input_ids"]
         completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [eos]
         return prompt + completion, [False] * len(prompt) + [True] * len(completion)
@@ -74,8 +76,7 @@ def encode(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[bool]]:
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("data.format chat needs a tokenizer with a chat template; set model.tokenizer to one")
+    require_template(tokenizer, "chat")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     # Character spans of assistant turns: what the template adds between the
     # generation prompt before turn i and the rendering through turn i.
@@ -101,10 +102,10 @@ def to_example(ids: list[int], mask: list[bool], max_length: int) -> tuple[Optio
     return Example(ids, targets), truncated
 
 
-def tokenize_records(tokenizer, records: list[dict], fmt: str, max_length: int) -> tuple[list[Example], dict]:
+def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], dict]:
     examples, truncated, dropped = [], 0, 0
     for r in records:
-        ex, cut = to_example(*encode(tokenizer, r, fmt), max_length)
+        ex, cut = to_example(*encode(tokenizer, r), max_length)
         truncated += cut
         if ex is None:
             dropped += 1
@@ -175,11 +176,12 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 
 
 def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
-    records, fmt, skipped = read_jsonl(cfg.train, cfg.format, cfg.skip_bad_rows)
+    records, fmt, skipped = read_records(cfg.train, cfg)
+    require_template(tokenizer, fmt)
     random.Random(seed).shuffle(records)
     if cfg.eval:
         train_records = records
-        eval_records, _, eval_skipped = read_jsonl(cfg.eval, fmt, cfg.skip_bad_rows)
+        eval_records, _, eval_skipped = read_records(cfg.eval, cfg, fmt, key="data.eval")
         skipped += eval_skipped
     elif cfg.eval_fraction > 0 and len(records) > 1:
         n_eval = max(1, round(len(records) * cfg.eval_fraction))
@@ -188,7 +190,7 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
         train_records, eval_records = records, []
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples, stats = tokenize_records(tokenizer, train_records, fmt, cfg.max_length)
+    train_examples, stats = tokenize_records(tokenizer, train_records, cfg.max_length)
     if not train_examples:
         raise UserError(f"{cfg.train}: no example has a token to learn after truncation to data.max_length")
     train = pack(train_examples, cfg.max_length, cfg.packing, pad_id)
@@ -196,13 +198,13 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
 
     eval_rows = None
     if eval_records:
-        eval_examples, _ = tokenize_records(tokenizer, eval_records, fmt, cfg.max_length)
+        eval_examples, _ = tokenize_records(tokenizer, eval_records, cfg.max_length)
         eval_rows = pack(eval_examples, cfg.max_length, cfg.packing, pad_id)
         stats["eval_rows"] = len(eval_rows)
 
     retention_rows = None
     if cfg.retention:
-        ret_examples, _ = tokenize_records(tokenizer, read_text_file(cfg.retention), "text", cfg.max_length)
+        ret_examples, _ = tokenize_records(tokenizer, read_retention(cfg), cfg.max_length)
         retention_rows = pack(ret_examples, cfg.max_length, cfg.packing, pad_id)
         stats["retention_rows"] = len(retention_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats)

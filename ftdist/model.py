@@ -160,16 +160,25 @@ def build_initial_model(cfg: Config, out: Path) -> None:
 # ---------------------------------------------------------------- loading
 
 
+def run_tokenizer_source(cfg: Config, base_path: str) -> str:
+    """Where the run's tokenizer loads from: model.tokenizer over a base model's own."""
+    return tokenizer_source(cfg) if (cfg.model.tokenizer and not cfg.model.init) else base_path
+
+
 def load_tokenizer(cfg: Config, base_path: str):
+    """The run's tokenizer, with data.chat_template set on it."""
     from transformers import AutoTokenizer
 
-    source = tokenizer_source(cfg) if (cfg.model.tokenizer and not cfg.model.init) else base_path
+    from ftdist.chat_templates import apply_choice
+
+    source = run_tokenizer_source(cfg, base_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"model.tokenizer: cannot load a tokenizer from {source}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    apply_choice(tokenizer, cfg.data.chat_template)
     return tokenizer
 
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from ftdist.chat_templates import check_choice
 from ftdist.config import Config, freeze_depth_problem
 from ftdist.errors import UserError
-from ftdist.records import read_jsonl
+from ftdist.records import read_records, read_retention
+from ftdist.sources import GLOB_CHARS, check_source, is_data_file, is_glob
 from ftdist.storage import fetch, is_remote
 
 if TYPE_CHECKING:
@@ -52,8 +54,10 @@ def check_paths(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value is None or is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if not Path(value).is_file():
-            raise UserError(f"data.{key}: file not found: {value}")
+        if key == "retention" and Path(value).is_file() and not is_data_file(value):
+            continue  # plain text
+        check_source(value, f"data.{key}")
+    check_choice(cfg.data.chat_template)
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
@@ -89,17 +93,28 @@ def localize_data(cfg: Config) -> Config:
     for key in DATA_KEYS:
         value = getattr(cfg.data, key)
         if value is not None and is_remote(value):
-            local[key] = str(fetch(value, cfg.storage, "data"))
+            local[key] = str(fetch_source(value, cfg.storage))
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
 
 
 def check_data(cfg: Config) -> tuple[str, int]:
     """Validate every training and eval row here, where an error can name its file and line
     (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped)."""
-    _, fmt, skipped = read_jsonl(cfg.data.train, cfg.data.format, cfg.data.skip_bad_rows)
+    _, fmt, skipped = read_records(cfg.data.train, cfg.data)
     if cfg.data.eval:
-        skipped += read_jsonl(cfg.data.eval, fmt, cfg.data.skip_bad_rows)[2]
+        skipped += read_records(cfg.data.eval, cfg.data, fmt, key="data.eval")[2]
+    if cfg.data.retention:
+        read_retention(cfg.data)
     return fmt, skipped
+
+
+def fetch_source(url: str, storage) -> Path:
+    """A local copy of an s3:// data source; a glob's directory is fetched, the glob kept."""
+    if not is_glob(url):
+        return fetch(url, storage, "data")
+    head = url[: min(url.index(c) for c in GLOB_CHARS if c in url)]
+    base = head[: head.rindex("/")]
+    return fetch(base, storage, "data") / url[len(base) + 1 :]
 
 
 def check_dtype(cfg: Config, device: "torch.device") -> None:

@@ -1,5 +1,7 @@
-"""Data for Ray workers through Ray Data: read JSONL, tokenize and pack in map_batches (small
-files: in the driver, into in-memory datasets), shard across workers (ray.train.get_dataset_shard).
+"""Data for Ray workers through Ray Data: the driver reads and validates the records (as
+preflight does, ftdist.records), Ray Data tokenizes and packs them in map_batches (small
+data: in the driver, into in-memory datasets), shards them across workers
+(ray.train.get_dataset_shard).
 
 The driver builds the datasets once (`ray_datasets`); each worker turns its shard of the
 training rows, and the whole eval and retention sets (each rank evaluates every
@@ -11,7 +13,6 @@ per-epoch order a function of (seed, rank, epoch) and therefore resumable.
 from __future__ import annotations
 
 import functools
-import json
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,7 @@ import numpy as np
 
 from ftdist.config import Config
 from ftdist.data import Dataset, Rows, pack, tokenize_records
-from ftdist.records import check_record, read_jsonl, read_text_file
+from ftdist.records import read_records, read_retention
 
 PACK_BATCH_ROWS = 512  # examples packed together per map_batches call
 DRIVER_PACK_MAX_BYTES = 16 * 2**20  # data files up to this size in all are packed by the driver
@@ -29,46 +30,34 @@ SPLIT = ["train"]  # eval and retention go whole to every worker (small data: tr
 
 
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(path: str):
+def cached_tokenizer(source: str, chat_template: Optional[str]):
     """Once per Ray worker process: tasks that pack batches reuse their process."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-def tokenize_and_pack(batch, tokenizer_path: str, fmt: str, max_length: int, packing: bool, skip_bad_rows: bool,
-                      seed: int, from_lines: bool):
-    """map_batches function: records (or JSON lines) -> packed token rows (one Arrow row each).
+def tokenize_and_pack(batch, tokenizer_source: str, chat_template: Optional[str], max_length: int, packing: bool,
+                      seed: int):
+    """map_batches function: records -> packed token rows (one Arrow row each)."""
+    return pack_items(batch.to_pylist(), cached_tokenizer(tokenizer_source, chat_template), max_length, packing, seed)
+
+
+def pack_items(records: list[dict], tokenizer, max_length: int, packing: bool, seed: int):
+    """One batch of records -> an Arrow table of packed token rows.
 
     Examples are shuffled before packing, as local mode does, so that a row mixes the data;
     the loop reshuffles whole rows every epoch.
     """
-    items = [item["text"] for item in batch.to_pylist()] if from_lines else batch.to_pylist()
-    return pack_items(items, cached_tokenizer(tokenizer_path), fmt, max_length, packing, skip_bad_rows, seed,
-                      from_lines)
-
-
-def pack_items(items: list, tokenizer, fmt: str, max_length: int, packing: bool, skip_bad_rows: bool, seed: int,
-               from_lines: bool):
-    """One batch of records (or JSON lines) -> an Arrow table of packed token rows."""
     import pyarrow as pa
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    records = []
-    for item in items:
-        try:
-            record = json.loads(item) if from_lines else item
-            if not from_lines:
-                record = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent keys with null
-            if check_record(record) != fmt:
-                raise ValueError(fmt)
-        except (ValueError, TypeError):
-            if skip_bad_rows:  # the driver's check let bad rows through only with skip_bad_rows
-                continue
-            raise
-        records.append(record)
+    records = [{k: v for k, v in r.items() if v is not None} for r in records]  # Arrow's nulls for absent keys
     random.Random(seed).shuffle(records)
-    examples, stats = tokenize_records(tokenizer, records, fmt, max_length)
+    examples, stats = tokenize_records(tokenizer, records, max_length)
     rows = pack(examples, max_length, packing, pad_id)
     table = {name: [a.astype(np.int32).tolist() for a in getattr(rows, name)] for name in COLUMNS}
     table["truncated"] = ([stats["truncated"]] + [0] * (len(rows) - 1)) if len(rows) else []
@@ -76,43 +65,51 @@ def pack_items(items: list, tokenizer, fmt: str, max_length: int, packing: bool,
                                              pa.field("truncated", pa.int64())]))
 
 
-def ray_datasets(cfg: Config, tokenizer_path: str, fmt: str) -> dict[str, Any]:
+def ray_datasets(cfg: Config, base_path: str, fmt: str) -> dict[str, Any]:
     """The driver's side: Ray datasets of packed rows for train, eval, retention.
 
-    Small local files (DRIVER_PACK_MAX_BYTES in all) are tokenized and packed right here, in
-    the same PACK_BATCH_ROWS batches with the same function, into in-memory datasets: Ray
-    Data tasks would each start a process and import the tokenizer stack, which takes far
-    longer than the work. Larger data is read and packed by Ray Data tasks, lazily.
-
-    Files are read with `read_json`; with data.skip_bad_rows they are read as lines and
-    parsed in map_batches instead, because Arrow's JSON reader fails a whole file on one
-    unparsable line or wrongly typed value, which is exactly what skipping is for.
+    The records are read here, where a bad row is named by file and line (and skipped with
+    data.skip_bad_rows), whatever the source's file type. Small data (DRIVER_PACK_MAX_BYTES of
+    local files in all) is tokenized and packed right here too, in the same PACK_BATCH_ROWS
+    batches with the same function, into in-memory datasets: Ray Data tasks would each start
+    a process and import the tokenizer stack, which takes far longer than the work. Larger
+    data is packed by Ray Data tasks, lazily.
     """
-    d = cfg.data
-    if packs_on_driver(cfg):
-        return driver_datasets(cfg, tokenizer_path, fmt)
     import ray.data
 
-    from_lines = d.skip_bad_rows
+    from ftdist.chat_templates import require_template
+    from ftdist.model import load_tokenizer, run_tokenizer_source
 
-    def read(path: str):
-        return ray.data.read_text(on_driver(path)) if from_lines else ray.data.read_json(on_driver(path))
-
-    def packed(ds, row_fmt: str, lines: bool = from_lines):
-        return ds.map_batches(
-            tokenize_and_pack, batch_size=PACK_BATCH_ROWS, batch_format="pyarrow",
-            fn_args=(tokenizer_path, row_fmt, d.max_length, d.packing, d.skip_bad_rows, cfg.train.seed, lines))
-
-    records = read(d.train)
-    datasets = {}
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg, base_path)
+    require_template(tokenizer, fmt)
+    sources = {"train": read_records(d.train, d, fmt)[0]}
     if d.eval:
-        datasets["eval"] = packed(read(d.eval), fmt)
-    elif d.eval_fraction > 0:
-        records, held_out = records.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=cfg.train.seed)
-        datasets["eval"] = packed(held_out, fmt)
-    datasets["train"] = packed(records, fmt)
+        sources["eval"] = read_records(d.eval, d, fmt, key="data.eval")[0]
     if d.retention:
-        datasets["retention"] = packed(ray.data.from_items(read_text_file(d.retention)), "text", lines=False)
+        sources["retention"] = read_retention(d)
+
+    if packs_on_driver(cfg):
+        def packed(records: list[dict]):
+            rows = [row for i in range(0, len(records), PACK_BATCH_ROWS)
+                    for row in pack_items(records[i : i + PACK_BATCH_ROWS], tokenizer, d.max_length, d.packing,
+                                          cfg.train.seed).to_pylist()]
+            # from_items builds its blocks here (from_arrow would run a task per table for its metadata).
+            return ray.data.from_items(rows, override_num_blocks=1)
+
+        return {name: packed(records) for name, records in sources.items()}
+
+    def packed(ds):
+        return ds.map_batches(tokenize_and_pack, batch_size=PACK_BATCH_ROWS, batch_format="pyarrow",
+                              fn_args=(run_tokenizer_source(cfg, base_path), tokenizer.chat_template, d.max_length,
+                                       d.packing, cfg.train.seed))
+
+    datasets = {name: packed(ray.data.from_items(records)) for name, records in sources.items() if name != "train"}
+    train = ray.data.from_items(sources["train"])
+    if not d.eval and d.eval_fraction > 0:
+        train, held_out = train.train_test_split(test_size=d.eval_fraction, shuffle=True, seed=cfg.train.seed)
+        datasets["eval"] = packed(held_out)
+    datasets["train"] = packed(train)
     return datasets
 
 
@@ -122,40 +119,9 @@ def packs_on_driver(cfg: Config) -> bool:
     paths = [p for p in (d.train, d.eval, d.retention) if p]
     if d.eval_fraction > 0 and not d.eval:  # the held-out split is Ray Data's (train_test_split)
         return False
-    if any("://" in p or not Path(p).is_file() for p in paths):
+    if not all(Path(p).is_file() for p in paths):  # directories, globs, hub ids: possibly large
         return False
     return sum(Path(p).stat().st_size for p in paths) <= DRIVER_PACK_MAX_BYTES
-
-
-def driver_datasets(cfg: Config, tokenizer_path: str, fmt: str) -> dict[str, Any]:
-    """`ray_datasets` for small local files: packed here by the same `pack_items`, in batches
-    of PACK_BATCH_ROWS records (read and validated as preflight reads them, bad rows skipped
-    with data.skip_bad_rows), as in-memory datasets."""
-    import ray.data
-    from transformers import AutoTokenizer
-
-    d = cfg.data
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-
-    def packed(records: list[dict], row_fmt: str):
-        rows = [row for i in range(0, len(records), PACK_BATCH_ROWS)
-                for row in pack_items(records[i : i + PACK_BATCH_ROWS], tokenizer, row_fmt, d.max_length, d.packing,
-                                      d.skip_bad_rows, cfg.train.seed, from_lines=False).to_pylist()]
-        # from_items builds its blocks here (from_arrow would run a task per table for its metadata).
-        return ray.data.from_items(rows, override_num_blocks=1)
-
-    datasets = {"train": packed(read_jsonl(d.train, fmt, d.skip_bad_rows)[0], fmt)}
-    if d.eval:
-        datasets["eval"] = packed(read_jsonl(d.eval, fmt, d.skip_bad_rows)[0], fmt)
-    if d.retention:
-        datasets["retention"] = packed(read_text_file(d.retention), "text")
-    return datasets
-
-
-def on_driver(path: str) -> str:
-    """Absolute, as read tasks run in other processes (and on other nodes: there the path
-    must exist too, as it does in a `ray job submit` working dir or on shared storage)."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def rows_of(shard, part: Optional[tuple[int, int]] = None) -> tuple[Optional[Rows], int]:

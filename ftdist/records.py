@@ -1,94 +1,206 @@
-"""JSONL rows -> validated records, read without the training stack (no torch), so that a
-bad row is reported in the first seconds, before any model loads.
+"""Raw rows (sources.py) -> validated records in one of three shapes the tokenizer knows,
+read without the training stack (no torch), so that a bad row is reported in the first
+seconds, before any model loads.
 
-Three formats, each row one example:
-  text               {"text": "..."}
-  prompt_completion  {"prompt": "...", "completion": "..."}
-  chat               {"messages": [{"role", "content"}...]}
+Formats (data.format; `auto` tells them apart by a row's keys):
+  text               {"text"}                                        loss on every token
+  prompt_completion  {"prompt", "completion"}                        loss on the completion
+  chat               {"messages": [{"role", "content"}...]}          loss on assistant turns
+  alpaca             {"instruction", "input"?, "output", "system"?}  -> chat, loss on the output
+  sharegpt           {"conversations": [{"from", "value"}...]}       -> chat, loss on gpt turns
+  preference         {"prompt", "chosen", "rejected"}                validated; not for SFT
+
+data.columns renames keys (ftdist's name: the file's, for top-level keys and the keys of each
+turn) and data.roles names other role names (ftdist's role: [the file's names]).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 from ftdist.errors import UserError
+from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
+
+FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference")
+ROLES = ("system", "user", "assistant", "tool")
+# Every key data.columns may rename: the top-level keys of each format, then the keys of a turn.
+FIELDS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output", "system",
+          "chosen", "rejected", "role", "content", "from", "value")
+TURN_FIELDS = ("role", "content", "from", "value")
+# Role names understood without data.roles: OpenAI's and ShareGPT's.
+KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}
 
 
-def read_jsonl(path: str, fmt: str = "auto", skip_bad_rows: bool = False) -> tuple[list[dict], str, int]:
-    """Validated records, the format they share, and how many bad rows were skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"data file not found: {path} (check data.train / data.eval / data.retention)")
-    records: list[dict] = []
-    skipped = 0
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+class Rows:
+    """Validates and normalizes the rows of one config: its format, key and role mapping."""
+
+    def __init__(self, columns: Optional[dict[str, str]] = None, roles: Optional[dict[str, list[str]]] = None):
+        self.file_key = {**{f: f for f in FIELDS}, **(columns or {})}  # ftdist's name -> the file's
+        self.our_key = {f: f for f in FIELDS} | {theirs: ours for ours, theirs in (columns or {}).items()}
+        self.roles = dict(KNOWN_ROLES)
+        for ours, names in (roles or {}).items():
+            self.roles.update({name: ours for name in names})
+
+    @classmethod
+    def of(cls, data) -> "Rows":
+        """`data`: the run's DataConfig."""
+        return cls(data.columns, data.roles)
+
+    def name(self, field: str) -> str:
+        """A field as the file names it, for messages."""
+        return f'"{self.file_key[field]}"'
+
+    # ------------------------------------------------------------ reading
+
+    def read(self, path: str, fmt: str = "auto", skip_bad_rows: bool = False,
+             key: str = "data.train") -> tuple[list[dict], str, int]:
+        """Validated records of a source, the format they share, and how many bad rows were skipped."""
+        records: list[dict] = []
+        skipped = 0
+        for where, row in read_rows(path, key):
             try:
-                record = json.loads(line)
-                row_fmt = check_record(record)
+                if isinstance(row, Unreadable):
+                    raise ValueError(row.reason)
+                row_fmt, record = self.normalize(row, fmt)
                 if fmt == "auto":
                     fmt = row_fmt
-                elif row_fmt != fmt:
-                    raise ValueError(f"row is {row_fmt} but the file is {fmt} (data.format or its first row)")
+                    refuse_preference(fmt, path)
             except (ValueError, TypeError) as e:
                 if skip_bad_rows:
                     skipped += 1
                     continue
-                reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise UserError(
-                    f"{path}:{line_no}: {reason}; fix the row, or set data.skip_bad_rows: true to skip bad rows"
-                ) from None
+                raise UserError(f"{where}: {e}; fix the row, or set data.skip_bad_rows: true to skip bad rows") from None
             records.append(record)
-    if not records:
-        raise UserError(f"{path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
-    return records, fmt, skipped
+        refuse_preference(fmt, path)
+        if not records:
+            raise UserError(f"{key}: {path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
+        return records, fmt, skipped
+
+    # ------------------------------------------------------------ one row
+
+    def normalize(self, row: Any, fmt: str = "auto") -> tuple[str, dict]:
+        """(the row's format, its record: {text} | {prompt, completion} | {messages})."""
+        if not isinstance(row, dict):
+            raise ValueError(f"each row must be an object of named fields, got {type(row).__name__}")
+        row = {self.our_key.get(k, k): v for k, v in row.items()}
+        row_fmt = self.detect(row) if fmt == "auto" else fmt  # a set format is trusted, then checked
+        try:
+            return row_fmt, getattr(self, row_fmt)(row)
+        except ValueError:
+            other = self.detect(row) if fmt != "auto" else fmt
+            if other != fmt:
+                raise ValueError(f"row is {other} but the file is {fmt} (data.format or its first row)") from None
+            raise
+
+    def detect(self, row: dict) -> str:
+        if "messages" in row:
+            return "chat"
+        if "conversations" in row:
+            return "sharegpt"
+        if "instruction" in row or "output" in row:
+            return "alpaca"
+        if "chosen" in row or "rejected" in row:
+            return "preference"
+        if "prompt" in row or "completion" in row:
+            return "prompt_completion"
+        if "text" in row:
+            return "text"
+        raise ValueError(f"no known keys in {sorted(row)}: expected text, prompt+completion, messages, "
+                         "conversations, instruction+output or prompt+chosen+rejected (rename yours with data.columns)")
+
+    def string(self, row: dict, field: str, required: bool = True) -> str:
+        value = row.get(field, None if required else "")
+        if not isinstance(value, str):
+            raise ValueError(f"{self.name(field)} must be a string" + ("" if field in row else ", and is missing"))
+        if required and not value.strip():
+            raise ValueError(f"{self.name(field)} is empty")
+        return value
+
+    def text(self, row: dict) -> dict:
+        return {"text": self.string(row, "text")}
+
+    def prompt_completion(self, row: dict) -> dict:
+        return {"prompt": self.string(row, "prompt", required=False), "completion": self.string(row, "completion")}
+
+    def alpaca(self, row: dict) -> dict:
+        instruction, extra = self.string(row, "instruction"), self.string(row, "input", required=False)
+        messages = [{"role": "system", "content": self.string(row, "system")}] if row.get("system") else []
+        messages += [{"role": "user", "content": instruction + ("\n\n" + extra if extra.strip() else "")},
+                     {"role": "assistant", "content": self.string(row, "output")}]
+        return {"messages": messages}
+
+    def chat(self, row: dict) -> dict:
+        return {"messages": self.turns(row, "messages", "role", "content")}
+
+    def sharegpt(self, row: dict) -> dict:
+        return {"messages": self.turns(row, "conversations", "from", "value")}
+
+    def turns(self, row: dict, field: str, role_key: str, content_key: str, need_assistant: bool = True) -> list[dict]:
+        turns = row.get(field)
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{self.name(field)} must be a non-empty list of "
+                             f"{{{self.name(role_key)}, {self.name(content_key)}}}")
+        messages = []
+        for i, turn in enumerate(turns):
+            turn = {self.our_key.get(k, k): v for k, v in turn.items()} if isinstance(turn, dict) else turn
+            where = f"{self.file_key[field]}[{i}]"
+            if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) \
+                    or not isinstance(turn.get(content_key), str):
+                raise ValueError(f"{where} must be {{{self.name(role_key)}: str, {self.name(content_key)}: str}}")
+            role = self.roles.get(turn[role_key])
+            if role is None:
+                raise ValueError(f'{where}: unknown role "{turn[role_key]}"; say which it is with data.roles, '
+                                 f"e.g. data.roles: {{assistant: [{turn[role_key]}]}} (roles: {', '.join(ROLES)})")
+            messages.append({"role": role, "content": turn[content_key]})
+        if need_assistant and not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{self.name(field)} needs at least one assistant turn (the loss is on them)")
+        return messages
+
+    def preference(self, row: dict) -> dict:
+        record = {}
+        for field in ("prompt", "chosen", "rejected"):
+            value = row.get(field)
+            if isinstance(value, list):
+                record[field] = self.turns(row, field, "role", "content", need_assistant=field != "prompt")
+            elif isinstance(value, str) and (value.strip() or field == "prompt"):
+                record[field] = value
+            else:
+                raise ValueError(f"{self.name(field)} must be a non-empty string or a list of turns")
+        return record
 
 
-def check_record(record: Any) -> str:
-    if not isinstance(record, dict):
-        raise ValueError("each row must be a JSON object")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError('"messages" must be a non-empty list of {"role", "content"}')
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f'messages[{i}] must be {{"role": str, "content": str}}')
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("a chat row needs at least one assistant message (the loss is on them)")
-        return "chat"
-    if "prompt" in record or "completion" in record:
-        for key in ("prompt", "completion"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f'"{key}" must be a string')
-        if not record["completion"]:
-            raise ValueError('"completion" is empty')
-        return "prompt_completion"
-    if "text" in record:
-        if not isinstance(record["text"], str) or not record["text"]:
-            raise ValueError('"text" must be a non-empty string')
-        return "text"
-    raise ValueError('expected a "text", "prompt"+"completion" or "messages" key, got ' + str(sorted(record)))
+def refuse_preference(fmt: str, path: str) -> None:
+    if fmt == "preference":
+        raise UserError(f"{path}: rows are preference pairs (prompt, chosen, rejected), which train by preference "
+                        "tuning (DPO), not supervised fine-tuning; for SFT give prompt/completion rows, or train "
+                        "on the chosen answers: data.format: prompt_completion, data.columns: {completion: chosen}")
 
 
-def read_text_file(path: str) -> list[dict]:
-    """Plain text (paragraphs split on blank lines) or JSONL, for retention data."""
-    if path.endswith(".jsonl"):
-        return read_jsonl(path, "text")[0]
+def read_records(path: str, data, fmt: Optional[str] = None, key: str = "data.train") -> tuple[list[dict], str, int]:
+    """`data`: the run's DataConfig; `fmt`: the format the rows must have (default data.format)."""
+    return Rows.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
+
+
+def read_retention(data) -> list[dict]:
+    """data.retention as text records: a data source of text rows, or plain text (paragraphs
+    split on blank lines)."""
+    path = data.retention
+    if is_data_file(path) or is_glob(path) or is_hub(path) or Path(path).is_dir():
+        return read_records(path, data, "text", key="data.retention")[0]
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"data file not found: {path} (check data.retention)")
-    paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        raise UserError(f"data.retention: not found: {path}")
+    try:
+        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"data.retention: {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     if not paragraphs:
-        raise UserError(f"{path}: no text")
+        raise UserError(f"data.retention: {path}: no text")
     return [{"text": p} for p in paragraphs]
 
 
-def corpus_texts(records: list[dict]) -> list[str]:
+def corpus_texts(records: Iterable[dict]) -> list[str]:
     """All strings of the records, for training a tokenizer."""
     texts = []
     for r in records:
@@ -104,7 +216,7 @@ def corpus_texts(records: list[dict]) -> list[str]:
 def tokenizer_corpus(data) -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
-    records = read_jsonl(data.train, data.format, skip_bad_rows=True)[0]
+    records = Rows.of(data).read(data.train, data.format, skip_bad_rows=True)[0]
     if data.retention:
-        records += read_text_file(data.retention)
+        records += read_retention(data)
     return corpus_texts(records)

@@ -56,7 +56,7 @@ def test_wrong_type(tmp_path):
 def test_missing_config_and_data_files(tmp_path):
     assert_user_error(run_cli("train", str(tmp_path / "nope.yaml"), "--local"), "config file not found")
     assert_user_error(run_cli("train", config_file(tmp_path, f"data.train={tmp_path / 'nope.jsonl'}"), "--local"),
-                      "data.train: file not found", "nope.jsonl")
+                      "data.train: not found", "nope.jsonl")
 
 
 def test_malformed_row_names_file_and_line(tmp_path):
@@ -98,7 +98,7 @@ def test_config_path_and_data_mistakes_are_told_before_the_training_stack_loads(
     no_model.mkdir()
     cases = [
         (("--set", "train.lrr=1e-3"), "train.lrr: unknown key"),
-        ((f"--set", f"data.eval={tmp_path / 'nope.jsonl'}"), "data.eval: file not found"),
+        ((f"--set", f"data.eval={tmp_path / 'nope.jsonl'}"), "data.eval: not found"),
         ((f"--set", f"data.train={bad_rows}"), f"{bad_rows}:8:"),
         (("--set", "model.init=null", "--set", f"model.name_or_path={no_model}"), "no config.json"),
     ]

@@ -7,7 +7,7 @@ import torch
 
 from ftdist.attention import document_mask
 from ftdist.data import IGNORE, Example, collate, encode, pack, to_example
-from ftdist.records import read_jsonl
+from ftdist.records import Rows
 from ftdist.errors import UserError
 from ftdist.tokenizer import IM_END, train_tokenizer
 from tests.conftest import DEMO
@@ -24,13 +24,13 @@ def labelled_text(tokenizer, ids, mask):
 
 
 def test_prompt_completion_trains_on_the_completion_only(tokenizer):
-    ids, mask = encode(tokenizer, {"prompt": "reverse 123 =", "completion": " 321"}, "prompt_completion")
+    ids, mask = encode(tokenizer, {"prompt": "reverse 123 =", "completion": " 321"})
     assert labelled_text(tokenizer, ids, mask) == " 321<|endoftext|>"
     assert not mask[0]
 
 
 def test_text_trains_on_every_token(tokenizer):
-    ids, mask = encode(tokenizer, {"text": "The river rises."}, "text")
+    ids, mask = encode(tokenizer, {"text": "The river rises."})
     assert all(mask) and tokenizer.decode(ids) == "The river rises.<|endoftext|>"
 
 
@@ -38,7 +38,7 @@ def test_chat_trains_on_assistant_turns_only(tokenizer):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse 12 ="},
                 {"role": "assistant", "content": "21"}, {"role": "user", "content": "reverse 345 ="},
                 {"role": "assistant", "content": "543"}]
-    ids, mask = encode(tokenizer, {"messages": messages}, "chat")
+    ids, mask = encode(tokenizer, {"messages": messages})
     learned = labelled_text(tokenizer, ids, mask)
     assert learned.replace(IM_END, "|").replace("\n", "") == "21|543|"
     assert "reverse" not in learned and "be brief" not in learned
@@ -100,23 +100,23 @@ def write(tmp_path, lines):
 @pytest.mark.parametrize("line, reason", [
     ('{"prompt": "a", "completion": "b"', "not valid JSON"),
     ('{"prompt": "a"}', '"completion" must be a string'),
-    ('{"foo": 1}', 'expected a "text"'),
+    ('{"foo": 1}', "no known keys in ['foo']"),
     ('{"text": "x"}', "row is text but the file is prompt_completion"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "needs at least one assistant message"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "row is chat but the file is prompt_completion"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, line, reason):
     path = write(tmp_path, ['{"prompt": "a", "completion": "b"}', line])
     with pytest.raises(UserError) as e:
-        read_jsonl(str(path))
+        Rows().read(str(path))
     assert f"{path}:2:" in str(e.value) and reason in str(e.value) and "skip_bad_rows" in str(e.value)
 
 
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     path = write(tmp_path, ['{"text": "a"}', "not json", '{"text": ""}', '{"text": "b"}'])
-    records, fmt, skipped = read_jsonl(str(path), skip_bad_rows=True)
+    records, fmt, skipped = Rows().read(str(path), skip_bad_rows=True)
     assert fmt == "text" and len(records) == 2 and skipped == 2
 
 
 def test_missing_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="data file not found"):
-        read_jsonl(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match="not found"):
+        Rows().read(str(tmp_path / "nope.jsonl"))

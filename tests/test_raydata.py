@@ -86,3 +86,19 @@ def test_a_user_error_inside_a_worker_reaches_the_user_as_one_message():
     found = find_user_error(wrapped)
     assert isinstance(found, UserError) and str(found) == "data.train: no rows"
     assert find_user_error(WorkerGroupError("x", {0: RuntimeError("boom")})) is None
+
+
+def test_alpaca_parquet_shards_through_ray_data_equal_local_rows(tmp_path, ray_local):
+    import pandas as pd
+
+    lines = (DEMO / "train.jsonl").read_text().splitlines()[:60]
+    rows = [{"instruction": r["prompt"], "output": r["completion"]} for r in map(json.loads, lines)]
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        pd.DataFrame(rows[i::3]).to_parquet(tmp_path / "shards" / f"part-{i}.parquet")
+    cfg, base, datasets = prepared(tmp_path, f"data.train={tmp_path / 'shards'}", "data.eval=null",
+                                   "data.eval_fraction=0", "data.packing=false", "data.max_length=128")
+    local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
+    train, _ = rows_of(datasets["train"].iterator())
+    assert local.format == "alpaca" and len(train) == len(local.train) == 60
+    assert as_set(train) == as_set(local.train)
