@@ -6,19 +6,24 @@
   every mode:             rng-<rank>.pt, state.json (the loop's TrainState and the engine's layout),
                           metrics.jsonl (the log up to this step: a resume continues it)
   done-<rank>             one per rank, once its files are written (and, for s3:// runs, uploaded)
-  COMPLETE                written last by rank 0, once every rank's done-<rank> is there;
-                          a directory without it is never resumed from, and is removed
+  COMPLETE                written last by rank 0, once every rank's done-<rank> is there, with
+                          the manifest: each file's size and SHA-256; a directory without it is
+                          never resumed from, and is removed
 
 Saving costs the training thread only the copy into memory (local mode) or the local write
 (DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
 Uploader. Resuming at another world size or ZeRO stage goes through DeepSpeed's universal
-checkpoint (engine.load).
+checkpoint (engine.load). A resume first checks, on every rank, the files that rank loads
+against the manifest: a damaged checkpoint is named with the file that failed and skipped for
+the one before it (and then removed); the only one left is never removed: the run stops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import sys
 import re
 import shutil
 import time
@@ -108,10 +113,20 @@ def commit(store: RunStore, step: int, rank: int, world_size: int, write_rest: O
     upload_s = time.perf_counter() - uploading
     if rank == 0:  # the log so far, readable in the store while training goes on (s3:// runs)
         store.upload_file(store.local / rel / METRICS, METRICS)
-    store.write_text(f"{rel}/done-{rank}", json.dumps({"bytes": sent}))
+    # s3:// runs: each rank hashes its own local part; a local run's ranks share one directory,
+    # which rank 0 hashes once all are done.
+    files = manifest(store.local / rel) if store.remote else None
+    store.write_text(f"{rel}/done-{rank}", json.dumps({"bytes": sent, "files": files}))
     if rank == 0:
         wait_for_ranks(store, rel, world_size)
-        store.write_text(f"{rel}/{MARKER}", json.dumps({"eval_loss": eval_loss, "world_size": world_size}))
+        if store.remote:
+            files = {}
+            for r in range(world_size):
+                files.update(json.loads(store.read_text(f"{rel}/done-{r}")).get("files") or {})
+        else:
+            files = manifest(store.local / rel)
+        store.write_text(f"{rel}/{MARKER}", json.dumps({"eval_loss": eval_loss, "world_size": world_size,
+                                                         "files": files}))
         prune(store, keep)
     if store.remote:  # older local copies of this rank are in the store now
         for old in (store.local / ROOT).glob(PREFIX + "*"):
@@ -147,8 +162,8 @@ def prune(store: RunStore, keep: int) -> None:
             store.remove(step_dir(step))
 
 
-def start_point(store: RunStore) -> Optional[int]:
-    """Before a run (re)starts: the newest complete checkpoint's step (None: none). Directories
+def start_points(store: RunStore) -> list[int]:
+    """Before a run (re)starts: the steps of the complete checkpoints, newest first. Directories
     without a marker are the remains of a crash or a cut upload; they are removed, so that their
     stale done-<rank> markers can never complete a new checkpoint."""
     markers = complete_markers(store)
@@ -156,7 +171,50 @@ def start_point(store: RunStore) -> Optional[int]:
     for step in all_steps(store):
         if step not in complete:
             store.remove(step_dir(step))
-    return markers[-1]["step"] if markers else None
+    return [m["step"] for m in reversed(markers)]
+
+
+# ---------------------------------------------------------------- the manifest
+
+MARKER_FILE = re.compile(rf"^(done-\d+|{MARKER})$")
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """{path in the checkpoint: [bytes, SHA-256]} of every file but the markers."""
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        name = f.relative_to(folder).as_posix()
+        if f.is_file() and not MARKER_FILE.match(name):
+            files[name] = [f.stat().st_size, file_sha256(f)]
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damage(path: Path, files: Optional[dict], loads: Callable[[str], bool]) -> Optional[str]:
+    """What is wrong with this rank's copy of a checkpoint (None: nothing): each file it loads
+    against the manifest, then state.json as JSON. No manifest (older checkpoints): sizes unknown,
+    only state.json is checked."""
+    for name, (size, digest) in sorted((files or {}).items()):
+        if not loads(name):
+            continue
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, not the {size} it was saved with"
+        if file_sha256(f) != digest:
+            return f"{name} does not match its checksum (changed after it was saved)"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "state.json is missing or not the loop's state"
+    return None
 
 
 # ---------------------------------------------------------------- resuming
@@ -169,13 +227,44 @@ class ResumePoint:
 
 
 def resume_point(ctx) -> Optional[ResumePoint]:
-    """The newest complete checkpoint, the same on every rank (rank 0 decides and cleans up the
-    partial ones; all_reduce_sum is collective, so no barrier is needed after it), or None."""
-    step = int(ctx.all_reduce_sum((start_point(ctx.store) or 0) if ctx.is_main else 0))
-    if not step:
-        return None
-    path = fetch_checkpoint(ctx.store, step, ctx.rank, ctx.world_size)
-    return ResumePoint(path, read_state(path))
+    """The newest complete checkpoint whose files are intact on every rank, the same on every
+    rank (rank 0 lists them and cleans up the partial ones; all_reduce_sum is collective, so no
+    barrier is needed after it), or None. A damaged one is named and removed for the one before
+    it; when it is the last, the run stops with it kept."""
+    store = ctx.store
+    steps = start_points(store) if ctx.is_main else []
+    n = int(ctx.all_reduce_sum(len(steps)))
+    for i in range(n):
+        step = int(ctx.all_reduce_sum(steps[i] if ctx.is_main else 0))
+        path = fetch_checkpoint(store, step, ctx.rank, ctx.world_size)
+        marker = json.loads(store.read_text(f"{step_dir(step)}/{MARKER}") or "{}")
+        loads = rank_loads(ctx.rank, ctx.world_size, marker.get("world_size", ctx.world_size))
+        problem = damage(path, marker.get("files"), loads)
+        if not int(ctx.all_reduce_sum(1 if problem else 0)):
+            return ResumePoint(path, read_state(path))
+        where = f"{store.url}/{step_dir(step)}"
+        if i + 1 == n:
+            raise UserError(f"{where} is damaged ({problem or 'on another rank'}) and is the only checkpoint left; "
+                            "restore the file, or rerun with --restart to start over") from None
+        if problem:
+            print(f"ftdist: warning: {where} is damaged ({problem}): resuming from the checkpoint before it",
+                  file=sys.stderr, flush=True)
+        if ctx.is_main:
+            store.remove(step_dir(step))
+    return None
+
+
+def rank_loads(rank: int, world_size: int, saved_world: int) -> Callable[[str], bool]:
+    """Which of a checkpoint's files this rank reads: every file when the world size changed
+    (DeepSpeed's universal conversion reads all), else its own and the shared ones."""
+    def loads(name: str) -> bool:
+        if saved_world != world_size:
+            return True
+        leaf = name.rsplit("/", 1)[-1]
+        rng = RNG_FILE.match(leaf)
+        owner = int(rng.group(1)) if rng else deepspeed_file_rank(leaf)
+        return owner is None or owner == rank
+    return loads
 
 
 def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> Path:
@@ -187,16 +276,7 @@ def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> 
         return path
     saved_world = json.loads(store.read_text(f"{rel}/{MARKER}") or "{}").get("world_size", world_size)
     shutil.rmtree(path, ignore_errors=True)
-
-    def needed(name: str) -> bool:
-        if saved_world != world_size:
-            return True
-        leaf = name.rsplit("/", 1)[-1]
-        rng = RNG_FILE.match(leaf)
-        owner = int(rng.group(1)) if rng else deepspeed_file_rank(leaf)
-        return owner is None or owner == rank
-
-    store.download(rel, path, keep=needed)
+    store.download(rel, path, keep=rank_loads(rank, world_size, saved_world))
     return path
 
 

@@ -96,6 +96,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.local or cfg.distributed.workers == 0:
+        if args.address:
+            why = "--local" if args.local else "distributed.workers: 0"
+            raise UserError(f"--address {args.address} joins a Ray cluster, but {why} runs in this process; "
+                            "drop one of the two")
         from ftdist.local import train_local
         from ftdist.quiet import without_deepspeed
 

@@ -384,18 +384,45 @@ def freeze_depth_problem(freeze_layers: Union[int, str], method: str, num_layers
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read YAML, apply `dotted.key=value` overrides, validate. Errors are UserErrors."""
-    return validate_config(load_raw(path, overrides), source=str(path))
+    return validate_config(load_raw(path, overrides), source=str(path), overridden=override_keys(overrides))
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error: YAML would keep the
+    last silently (a second `train:` section replacing the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """A YAML file's content; a UserError naming the file (and line) for every way it can be wrong."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the {what} file itself (e.g. {path / 'config.yaml'})")
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
 
 
 def load_raw(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The YAML as written, with the overrides applied, not yet validated."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
     for item in overrides:
@@ -403,11 +430,16 @@ def load_raw(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+def validate_config(raw: dict[str, Any], source: str = "config", overridden: frozenset[str] = frozenset()) -> Config:
+    """`overridden`: the keys --set gave, which an error names as such (not the file's)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        raise UserError(format_validation_error(e, source, overridden)) from None
+
+
+def override_keys(overrides: list[str]) -> frozenset[str]:
+    return frozenset(item.partition("=")[0].strip() for item in overrides)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -439,11 +471,13 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in error.errors():
         loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
         key = ".".join(loc) or "(top level)"
+        if any(key == k or key.startswith(k + ".") for k in overridden):
+            key = f"--set {key}"
         if err["type"] == "extra_forbidden":
             hint = suggest_key(loc)
             lines.append(f"  {key}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
@@ -490,9 +524,23 @@ def _section_type(annotation: Any) -> Optional[type[BaseModel]]:
     return None
 
 
+# What other tools (HF Trainer, PEFT, Axolotl) call a key: the suggestion for it names ours.
+KNOWN_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+                 "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length",
+                 "sequence_len": "max_length", "r": "rank", "lora_r": "rank", "lora_alpha": "alpha",
+                 "lora_dropout": "dropout", "max_grad_norm": "grad_clip", "lr_scheduler_type": "schedule",
+                 "gradient_accumulation_steps": "batch_size", "dataset": "train"}
+
+
 def suggest_key(loc: list[str]) -> Optional[str]:
     keys = all_keys()
     dotted = ".".join(loc)
+    alias = KNOWN_ALIASES.get(loc[-1])
+    if alias:
+        ours = [k for k in keys if k.rsplit(".", 1)[-1] == alias]
+        in_section = [k for k in ours if k.rsplit(".", 1)[0] == ".".join(loc[:-1])]
+        if in_section or ours:
+            return (in_section or ours)[0]
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == loc[-1] and k != dotted]
     if same_leaf:  # the right key in another section ("rank" at the top level -> lora.rank)
         return same_leaf[0]

@@ -190,11 +190,49 @@ def connect(address: Optional[str]) -> None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
+    address = reachable_address(address or os.environ.get("RAY_ADDRESS"))
     try:
         ray.init(address=address, logging_config=ray.LoggingConfig(log_level="WARNING"))
     except ConnectionError as e:
         raise UserError(f"cannot reach the Ray cluster at {address}: {e}; start it with `ray start --head` "
                         "or drop --address to start a local one") from None
+
+
+def reachable_address(address: Optional[str]) -> Optional[str]:
+    """The address to give ray.init, checked first: Ray retries an address where nothing
+    answers for minutes, and waits for ever on the cluster a stale ray_current_cluster file
+    names (a `ray start` since stopped). A given address that does not answer is an error;
+    a stale file is ignored, with one line, for a new local Ray."""
+    from ray._common.utils import get_ray_address_file
+
+    if address is not None:
+        if address not in ("auto", "local") and not address.startswith("ray://") and not answers(address):
+            raise UserError(f"no Ray cluster answers at {address} (--address or RAY_ADDRESS); start one there with "
+                            "`ray start --head`, or drop the address to start a local Ray")
+        return address
+    current = Path(get_ray_address_file(None))
+    if not current.is_file():
+        return None
+    named = current.read_text().strip()
+    if named and answers(named):
+        return None  # ray.init joins the cluster the file names
+    print(f"ftdist: ignoring {current}: no Ray answers at {named or '(empty file)'} (a stopped `ray start`); "
+          "starting a local Ray", flush=True)
+    return "local"
+
+
+def answers(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether something accepts a TCP connection at host:port (a Ray head's GCS port)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return True  # not host:port: left to Ray to judge
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def cluster_budget(cfg: Config) -> tuple[bool, str, float]:

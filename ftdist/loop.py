@@ -161,6 +161,13 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     run.say(f"data: {data.format}, " + plan.describe(cfg))
     if data.stats.get("skipped_rows"):
         run.say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
+    truncated = data.stats.get("truncated") or data.stats.get("shard_truncated")
+    if truncated:
+        run.say(f"data: {truncated} examples longer than data.max_length {cfg.data.max_length} were cut to it"
+                + (" (this worker's shard)" if "shard_truncated" in data.stats else ""))
+    if data.stats.get("dropped_no_target"):
+        run.say(f"data: {data.stats['dropped_no_target']} examples dropped: no token to learn within "
+                f"data.max_length {cfg.data.max_length} (raise it to keep them)")
     return run
 
 

@@ -153,10 +153,20 @@ def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: in
     problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, model_config.num_hidden_layers)
     if problem:
         raise UserError(problem)
+    check_length(cfg, model_config)
     est = memory.estimate(cfg, model_config, workers, zero_stage, dtype, device_type)
     limit = memory.usable(available, device_type)
     tips = memory.advice(cfg, model_config, est, workers, dtype, limit) if est.device_total > limit else []
     return est, limit, tips
+
+
+def check_length(cfg: Config, model_config) -> None:
+    """data.max_length within the positions the model has: past them no memory would help."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and cfg.data.max_length > limit:
+        source = "model.init.max_position_embeddings" if cfg.model.init else "max_position_embeddings in its config.json"
+        raise UserError(f"data.max_length {cfg.data.max_length} is longer than the model's {limit} positions "
+                        f"({source}); set data.max_length to at most {limit}")
 
 
 def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,

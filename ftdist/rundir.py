@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from ftdist import __version__
 from ftdist.config import Config, config_yaml
 from ftdist.errors import UserError
-from ftdist.layout import FINAL_DIR, FINISHED, RUN_MARKER, SNAPSHOT, SUMMARY, TRIAL_PREFIX, is_ftdist_entry
+from ftdist.layout import CHECKPOINTS, FINAL_DIR, FINISHED, RUN_MARKER, SNAPSHOT, SUMMARY, TRIAL_PREFIX, is_ftdist_entry
 from ftdist.storage import RunStore, open_run_store
 
 # Keys that may change between an interrupted run and its resumption: how long and how
@@ -50,9 +51,14 @@ def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_
     new_text = config_yaml(cfg)
     old_text = store.read_text(SNAPSHOT) if store.exists(SNAPSHOT) else None
     if old_text is not None:
-        old = yaml.safe_load(old_text)
+        old = read_snapshot(store, old_text)
         changed = sorted(k for k in diff_keys(old, yaml.safe_load(new_text)) if not may_change(k, resumable))
-        if changed:
+        if changed and not holds_progress(store):
+            # An attempt that stopped before its first checkpoint (a failed start): nothing of it
+            # can be resumed, so the corrected config simply starts the run.
+            print(f"ftdist: {store.url}: an earlier attempt with another config ({', '.join(changed)}) saved no "
+                  "checkpoint; starting with this config", file=sys.stderr, flush=True)
+        elif changed:
             raise UserError(
                 f"{store.url} holds a run with a different config ({', '.join(changed)}); "
                 "rerun with --restart to start over, or set another run.name"
@@ -66,6 +72,25 @@ def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_
     if new_text != old_text:  # a finished run opened again is left as it was
         store.write_text(SNAPSHOT, new_text)
     return store
+
+
+def read_snapshot(store: RunStore, text: str) -> dict:
+    """The run's config snapshot; a damaged one is named with the ways to go on, never overwritten."""
+    try:
+        snapshot = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        snapshot = e
+    if not isinstance(snapshot, dict):
+        why = f"not valid YAML ({getattr(snapshot, 'problem', None) or snapshot})" if isinstance(snapshot, Exception) \
+            else "not a mapping of config sections"
+        raise UserError(f"{store.url}/{SNAPSHOT}: the run's config snapshot is {why}; repair it (it is the config "
+                        "the run started with), or rerun with --restart to start the run over")
+    return snapshot
+
+
+def holds_progress(store: RunStore) -> bool:
+    """Whether an earlier attempt left anything to resume or keep: a checkpoint or a final model."""
+    return bool(store.list_dirs(CHECKPOINTS)) or store.exists(FINAL_DIR) or store.exists(SUMMARY)
 
 
 def claim(store: RunStore) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, TypeVar
 
 from ftdist.config import StorageConfig
@@ -95,10 +96,10 @@ def short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
-def retrying(action: Callable[[], T], what: str, deadline_s: float,
-             on_retry: Optional[Callable[[BaseException, float], None]] = None) -> T:
+def retrying(action: Callable[[], T], what: str, deadline_s: float) -> T:
     """Run `action`, retrying transient failures with exponential backoff (0.5 s doubling to
-    10 s) until `deadline_s` has passed since the first failure."""
+    10 s) until `deadline_s` has passed since the first failure, which is told in one line (a
+    store that does not answer would otherwise be minutes of silence)."""
     first_failure: Optional[float] = None
     delay = 0.5
     while True:
@@ -116,8 +117,9 @@ def retrying(action: Callable[[], T], what: str, deadline_s: float,
                 raise StoreUnavailable(
                     f"{what}: the object store did not answer for {deadline_s:g} s "
                     f"(storage.retry_deadline_s): {short(e)}") from None
-            if on_retry is not None:
-                on_retry(e, delay)
+            if now == first_failure and deadline_s > delay and not isinstance(e, NotYet):  # NotYet: waiting, not away
+                print(f"ftdist: warning: {what}: the object store does not answer ({short(e)}); retrying for up "
+                      f"to {deadline_s:g} s (storage.retry_deadline_s)", file=sys.stderr, flush=True)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -245,10 +247,11 @@ def open_run_store(cfg, rank: int = 0) -> RunStore:
 
 
 def cache_path(storage: StorageConfig, kind: str, url: str) -> Path:
-    """A stable local place for an s3:// object: <cache_dir>/<kind>/<bucket>/<key>-<hash>."""
-    key = url[len(SCHEME):].strip("/")
+    """A stable local place for an s3:// object: <cache_dir>/<kind>/<bucket>/<key>-<hash>(.suffix)."""
+    key = PurePosixPath(url[len(SCHEME):].strip("/"))
     digest = hashlib.sha1(f"{storage.endpoint_url}|{url}".encode()).hexdigest()[:8]
-    return Path(storage.cache_dir).expanduser() / kind / f"{key}-{digest}"
+    # The suffix stays last: readers tell a file's type by it (.jsonl, .parquet, ...).
+    return Path(storage.cache_dir).expanduser() / kind / key.parent / f"{key.stem}-{digest}{key.suffix}"
 
 
 # ---------------------------------------------------------------- inputs: models and data

@@ -59,6 +59,11 @@ def test_missing_config_and_data_files(tmp_path):
                       "data.train: not found", "nope.jsonl")
 
 
+def test_address_with_a_local_run_is_refused(tmp_path):
+    assert_user_error(run_cli("train", config_file(tmp_path), "--local", "--address", "127.0.0.1:1"),
+                      "--address 127.0.0.1:1 joins a Ray cluster, but --local runs in this process")
+
+
 def test_malformed_row_names_file_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     rows = (DEMO / "train.jsonl").read_text().splitlines()[:200]
@@ -86,6 +91,13 @@ def test_model_that_does_not_fit(tmp_path):
     result = run_cli("train", config_file(tmp_path, *huge), "--local")
     assert_user_error(result, "needs about", "GiB", "per cpu device", "use method: qlora")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_a_max_length_past_the_models_positions_names_the_key_not_memory(tmp_path):
+    result = run_cli("train", config_file(tmp_path, "data.max_length=1000000"), "--local")
+    assert_user_error(result, "data.max_length 1000000 is longer than the model's 2048 positions",
+                      "model.init.max_position_embeddings", "at most 2048")
+    assert "GiB" not in result.stderr
 
 
 def test_config_path_and_data_mistakes_are_told_before_the_training_stack_loads(tmp_path):
@@ -231,3 +243,33 @@ def test_example_configs_are_valid(path):
     cfg = load_config(path)
     if not Path(cfg.data.train).is_absolute():  # cluster examples point at the user's shared storage
         assert (REPO / cfg.data.train).is_file()
+
+
+def test_an_address_where_no_ray_answers_is_one_message_in_seconds(tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = run_cli("train", config_file(tmp_path), "--address", "127.0.0.1:1", timeout=60)
+    assert_user_error(result, "no Ray cluster answers at 127.0.0.1:1", "ray start --head")
+    assert time.monotonic() - start < 45  # Ray alone retried for minutes
+
+
+def test_a_stale_ray_current_cluster_file_is_ignored_for_a_local_ray(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from ray._common.utils import get_ray_address_file
+
+    from ftdist.distributed import reachable_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    current = Path(get_ray_address_file(None))
+    assert str(current).startswith(str(tmp_path))
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text("127.0.0.1:1")
+    assert reachable_address(None) == "local"
+    assert f"ignoring {current}: no Ray answers at 127.0.0.1:1" in capsys.readouterr().out
+    with socket.socket() as live:  # a file naming a head that answers: joined, as Ray would
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        current.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert reachable_address(None) is None

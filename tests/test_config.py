@@ -1,6 +1,7 @@
 """The YAML contract: validation, overrides, suggestions, redaction."""
 
 import pytest
+import yaml
 
 from ftdist.config import Config, load_config, redacted
 from ftdist.errors import UserError
@@ -69,7 +70,7 @@ def test_load_config_file_and_bad_override(tmp_path):
 def test_invalid_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("run: {name: x\n")
-    with pytest.raises(UserError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(UserError, match=r"bad.yaml:2: not valid YAML"):
         load_config(path)
 
 
@@ -78,3 +79,26 @@ def test_secrets_are_redacted_but_tokenizer_is_not():
     out = redacted(data)
     assert out["storage"] == {"aws_secret_access_key": "***", "session_token": "***"}
     assert out["model"]["tokenizer"] == "tok/dir"
+
+
+def test_a_key_written_twice_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {name: x}\ntrain:\n  lr: 1.0e-3\ndata: {train: d.jsonl}\ntrain:\n  lr: 2.0e-3\n")
+    with pytest.raises(UserError, match=r"c.yaml:5: not valid YAML: key 'train' appears twice \(lines 2 and 5\)"):
+        load_config(path)
+
+
+def test_a_directory_as_the_config_says_so(tmp_path):
+    with pytest.raises(UserError, match=r"is a directory; give the config file itself"):
+        load_config(tmp_path)
+
+
+def test_a_set_override_is_named_as_such_and_other_tools_names_are_translated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "model": {"init": {"arch": "llama"}},
+                                    "data": {"train": "d.jsonl"}}))
+    with pytest.raises(UserError) as e:
+        load_config(path, ["train.learning_rate=1e-4"])
+    assert "--set train.learning_rate: unknown key; did you mean train.lr?" in str(e.value)
+    with pytest.raises(UserError, match=r"lora.lora_r: unknown key; did you mean lora.rank\?"):
+        load_config(path, ["lora.lora_r=8"])

@@ -225,8 +225,12 @@ def test_a_datasetdict_directory_names_its_splits(tmp_path):
 
 
 def test_a_hub_dataset_without_network_is_one_message(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Read at import: the environment variables alone would come too late here.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"data.train: cannot load the hub dataset nobody/none \(split test\)"):
         Rows().read("hf:nobody/none:test")
 

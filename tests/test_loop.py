@@ -55,3 +55,68 @@ def test_a_rerun_resumes_from_the_newest_complete_checkpoint_to_the_same_curve(t
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in curve], rel=1e-6)
     assert again["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
     assert again["forgetting"] == pytest.approx(summary["forgetting"], rel=1e-6)
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "model.safetensors has 1000 bytes"),
+    (lambda d: flip_a_byte(d / "optimizer.pt"), "optimizer.pt does not match its checksum"),
+    (lambda d: (d / "state.json").write_text("{garbage"), "state.json has 8 bytes"),
+])
+def test_a_damaged_checkpoint_is_named_and_skipped_for_the_one_before(tmp_path, capsys, damage, named):
+    from ftdist.errors import UserError
+
+    cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
+                      "checkpoint.keep=5", "train.eval_every=2")
+    store = prepare_run_dir(cfg, restart=False)
+    run_dir, checkpoints = store.local, store.local / "checkpoints"
+
+    def context() -> LocalContext:
+        return LocalContext(store=store, device=torch.device("cpu"), show_progress=False)
+
+    train(cfg, context())
+    curve = steps_of(run_dir)
+    manifest = json.loads((checkpoints / "step-4" / "COMPLETE").read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "state.json", "rng-0.pt"} <= set(manifest)
+
+    shutil.rmtree(run_dir / "final")
+    damage(checkpoints / "step-4")
+    train(cfg, context())
+    assert f"step-4 is damaged ({named}" in capsys.readouterr().err
+    resumes = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert [r["checkpoint"] for r in resumes] == ["step-2"]
+    assert [loss for _, loss in steps_of(run_dir)] == pytest.approx([loss for _, loss in curve], rel=1e-6)
+
+    # The only checkpoint left, damaged: the run stops, and the checkpoint stays for repair.
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(checkpoints / "step-2")
+    damage(checkpoints / "step-4")
+    with pytest.raises(UserError, match=r"step-4 is damaged .* only checkpoint left; restore the file, or rerun "
+                                         r"with --restart"):
+        train(cfg, context())
+    assert (checkpoints / "step-4" / "COMPLETE").is_file()
+
+
+def test_a_damaged_checkpoint_in_the_bucket_is_skipped_for_the_one_before(tmp_path, s3, capsys):
+    cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
+                      "checkpoint.keep=5", "train.eval_every=2", *s3.overrides())
+    store = prepare_run_dir(cfg, restart=False)
+
+    def context() -> LocalContext:
+        return LocalContext(store=store, device=torch.device("cpu"), show_progress=False)
+
+    train(cfg, context())
+    run = s3.url("runs", "t")
+    s3.fs.rm(f"{run}/final", recursive=True)
+    s3.fs.pipe_file(f"{run}/checkpoints/step-4/rng-0.pt", b"not the rng state")
+    train(cfg, context())
+    assert "step-4 is damaged (rng-0.pt has 17 bytes" in capsys.readouterr().err
+    resumes = [r for r in read_metrics(store.local / "metrics.jsonl") if r.get("event") == "resume"]
+    assert [r["checkpoint"] for r in resumes] == ["step-2"]
+    assert s3.fs.exists(f"{run}/checkpoints/step-4/COMPLETE")  # saved again, whole

@@ -98,3 +98,24 @@ def test_the_same_rules_on_object_storage(tmp_path, s3):
     prepare_run_dir(cfg, restart=True)
     names = {p.rsplit("/", 1)[-1] for p in s3.fs.ls(s3.url("runs", "run"))}
     assert names == {RUN_MARKER, "config.yaml", "notes.md"}
+
+
+def test_a_damaged_snapshot_is_named_and_kept(tmp_path):
+    store = prepare_run_dir(tiny_config(tmp_path), restart=False)
+    snapshot = store.local / "config.yaml"
+    snapshot.write_text("run: {name: t\nmodel: [")
+    with pytest.raises(UserError, match=r"config.yaml: the run's config snapshot is not valid YAML.*--restart"):
+        prepare_run_dir(tiny_config(tmp_path), restart=False)
+    assert snapshot.read_text() == "run: {name: t\nmodel: ["
+    prepare_run_dir(tiny_config(tmp_path), restart=True)  # the way out the message names
+    assert "lr: 0.003" in snapshot.read_text()
+
+
+def test_a_corrected_config_starts_a_run_whose_first_attempt_saved_no_checkpoint(tmp_path, capsys):
+    prepare_run_dir(tiny_config(tmp_path, "train.lr=1.0"), restart=False)  # say it failed before step 1
+    store = prepare_run_dir(tiny_config(tmp_path), restart=False)
+    assert "saved no checkpoint; starting with this config" in capsys.readouterr().err
+    assert "lr: 0.003" in (store.local / "config.yaml").read_text()
+    (store.local / "checkpoints" / "step-10").mkdir(parents=True)  # now there is progress to protect
+    with pytest.raises(UserError, match=r"different config \(train.lr\)"):
+        prepare_run_dir(tiny_config(tmp_path, "train.lr=1.0"), restart=False)

@@ -213,3 +213,20 @@ def test_prune_keeps_the_newest_and_the_best_and_drops_partial_leftovers(tmp_pat
     prune(store, keep=2)
     left = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
     assert left == [20, 40, 50, 60]  # the newest two, the best (step 20), the one in progress
+
+
+def test_a_store_that_does_not_answer_is_told_at_its_first_failure(capsys):
+    from ftdist.storage import retrying
+
+    failures = iter([ConnectionError("connection refused"), ConnectionError("connection refused")])
+
+    def flaky() -> str:
+        error = next(failures, None)
+        if error:
+            raise error
+        return "answered"
+
+    assert retrying(flaky, "reading s3://b/k", deadline_s=30) == "answered"
+    lines = [x for x in capsys.readouterr().err.splitlines() if x]
+    assert lines == ["ftdist: warning: reading s3://b/k: the object store does not answer (ConnectionError: connection refused); "
+                     "retrying for up to 30 s (storage.retry_deadline_s)"]
