@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from ftdist.chat_templates import check_choice
 from ftdist.config import Config, freeze_depth_problem
 from ftdist.errors import UserError
+from ftdist.hfhub import check_reachable
 from ftdist.records import read_records, read_retention
 from ftdist.sources import GLOB_CHARS, check_source, is_data_file, is_glob
 from ftdist.storage import fetch, is_remote
@@ -83,6 +84,7 @@ def check_model_source(name_or_path: str, storage) -> str:
                 "point it at a Hugging Face model directory (or a hub id)"
             )
         return str(path)
+    check_reachable("model.name_or_path", name_or_path)
     return name_or_path  # a hub id
 
 

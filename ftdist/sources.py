@@ -191,7 +191,10 @@ def saved_rows(path: str) -> Iterator[tuple[str, Row]]:
 def hub_rows(source: str, key: str) -> Iterator[tuple[str, Row]]:
     from datasets import load_dataset
 
+    from ftdist.hfhub import check_reachable
+
     name, _, split = source[len(HUB_PREFIX):].partition(":")
+    check_reachable(key, name, cached_file=None)
     try:
         ds = load_dataset(name, split=split or "train")
     except Exception as e:  # no network, no such dataset or split, a gated one: all the same to the user

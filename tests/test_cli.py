@@ -273,3 +273,16 @@ def test_a_stale_ray_current_cluster_file_is_ignored_for_a_local_ray(tmp_path, m
         live.listen()
         current.write_text(f"127.0.0.1:{live.getsockname()[1]}")
         assert reachable_address(None) is None
+
+
+def test_a_hub_model_without_network_is_one_message_without_retry_noise(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # a hub that cannot be reached, network or not
+    start = time.monotonic()
+    result = run_cli("train", config_file(tmp_path, "model.init=null", "model.name_or_path=someorg/somemodel",
+                                          "method=lora"), "--local", timeout=60)
+    assert_user_error(result, "model.name_or_path someorg/somemodel: not a local path, and the Hugging Face hub "
+                              "(http://127.0.0.1:1) cannot be reached", "HF_HUB_OFFLINE=1")
+    assert "Retrying" not in result.stderr + result.stdout and len(result.stderr.splitlines()) == 1
+    assert time.monotonic() - start < 30
