@@ -20,13 +20,16 @@ the one before it (and then removed); the only one left is never removed: the ru
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
-import sys
 import re
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,39 @@ def latest_step(store: RunStore) -> Optional[int]:
 # ---------------------------------------------------------------- saving
 
 
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@contextmanager
+def disk_full_stops(path: Path, step: int, store: RunStore):
+    """A checkpoint that does not fit the disk (or a file-size limit) stops the run with one
+    message; its partial directory goes (freeing what it took), the complete ones stay."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
+        code = e.errno if isinstance(e, OSError) else rust_os_error(e)  # safetensors reports "os error 28"
+        if code not in DISK_FULL:
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        before = [s for s in start_steps_local(store) if s < step]
+        resume = f"step-{before[-1]}" if before else "the start"
+        raise UserError(f"checkpoint step-{step}: no room to write it in {path.parent} ({os.strerror(code)}); free space "
+                        f"there (or point storage.cache_dir / run.output elsewhere) and run the same command again: "
+                        f"it resumes from {resume}") from None
+
+
+def rust_os_error(error: Exception) -> Optional[int]:
+    found = re.search(r"os error (\d+)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def start_steps_local(store: RunStore) -> list[int]:
+    """Steps of the complete checkpoints in this rank's local copy (no store call: it may be away)."""
+    root = store.local / ROOT
+    return sorted(s for s in (step_of(p.name) for p in root.glob(PREFIX + "*") if (p / MARKER).is_file())
+                  if s is not None) if root.is_dir() else []
+
+
 def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, ctx, uploader: Uploader) -> Path:
     """Collective: every rank calls it. Returns once this rank's part is staged locally."""
     rel = step_dir(step)
@@ -88,13 +124,14 @@ def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, 
         path.mkdir(parents=True)
     if shared:
         ctx.barrier()
-    write_rest = engine.save(path, ctx.is_main)
-    torch.save(rng_state(), path / f"rng-{ctx.rank}.pt")
-    if ctx.is_main:
-        (path / "state.json").write_text(json.dumps(state, indent=2))
-        metrics = store.local / METRICS
-        if metrics.is_file():
-            shutil.copyfile(metrics, path / METRICS)
+    with disk_full_stops(path, step, store):
+        write_rest = engine.save(path, ctx.is_main)
+        torch.save(rng_state(), path / f"rng-{ctx.rank}.pt")
+        if ctx.is_main:
+            (path / "state.json").write_text(json.dumps(state, indent=2))
+            metrics = store.local / METRICS
+            if metrics.is_file():
+                shutil.copyfile(metrics, path / METRICS)
     uploader.submit(partial(commit, store, step, ctx.rank, ctx.world_size, write_rest, keep, state.get("eval_loss")))
     return path
 
@@ -106,7 +143,8 @@ def commit(store: RunStore, step: int, rank: int, world_size: int, write_rest: O
     started = time.perf_counter()
     rel = step_dir(step)
     if write_rest is not None:
-        write_rest()
+        with disk_full_stops(store.local / rel, step, store):
+            write_rest()
     size = size_bytes(store.local / rel)
     uploading = time.perf_counter()
     sent = store.upload(rel)

@@ -7,6 +7,7 @@ without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -202,6 +203,8 @@ def cmd_export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGXFSZ"):  # under a file-size limit a write fails (and is told), not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         quiet_libraries()
         return {"train": cmd_train, "tune": cmd_tune, "plan": cmd_plan, "generate": cmd_generate,

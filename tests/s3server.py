@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Optional
 from pathlib import Path
 
 
@@ -68,6 +69,7 @@ class Relay:
         self.lock = threading.Lock()
         self.sockets: set[socket.socket] = set()
         self.listener: socket.socket | None = None
+        self.status: Optional[tuple[int, str]] = None
         self.up()
 
     def up(self) -> None:
@@ -77,6 +79,28 @@ class Relay:
         listener.listen(64)
         self.listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def answer_with(self, status: Optional[tuple[int, str]]) -> None:
+        """Answer every request with this S3 error (e.g. (503, "SlowDown"), (403, "AccessDenied"))
+        instead of relaying it; None: relay again."""
+        self.status = status
+
+    def _refuse(self, client: socket.socket, status: tuple[int, str]) -> None:
+        code, name = status
+        with contextlib.suppress(OSError):
+            client.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 65536:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                request += chunk
+            body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{name}</Code><Message>{name}</Message>'
+                    "</Error>").encode()
+            reason = {503: "Slow Down", 403: "Forbidden"}.get(code, "Error")
+            client.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\nContent-Length: "
+                           f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        client.close()
 
     def down(self) -> None:
         with self.lock:
@@ -97,6 +121,9 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return  # down()
+            if self.status is not None:
+                threading.Thread(target=self._refuse, args=(client, self.status), daemon=True).start()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
             except OSError:

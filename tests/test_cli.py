@@ -13,7 +13,7 @@ import pytest
 
 from ftdist.metrics import read_metrics
 from tests.conftest import (DEMO, REPO, complete_checkpoints, foreign_lines, run_cli, run_cli_probed, tiny_config,
-                            write_config)
+                            wait_until, write_config)
 
 
 def assert_user_error(result, *needles):
@@ -286,3 +286,30 @@ def test_a_hub_model_without_network_is_one_message_without_retry_noise(tmp_path
                               "(http://127.0.0.1:1) cannot be reached", "HF_HUB_OFFLINE=1")
     assert "Retrying" not in result.stderr + result.stdout and len(result.stderr.splitlines()) == 1
     assert time.monotonic() - start < 30
+
+
+def test_a_full_disk_while_staging_a_checkpoint_stops_the_run_and_keeps_the_complete_ones(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, set on the running process) stands in for a full disk:
+    the same EFBIG/ENOSPC path, without a filesystem of its own."""
+    import resource
+
+    cfg = write_config(tmp_path, tiny_config(tmp_path, "train.max_steps=200", "checkpoint.every_steps=2",
+                                             "checkpoint.keep=3", "train.eval_every=100"))
+    run_dir = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(cfg), "--local"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: complete_checkpoints(run_dir), 120, "a complete checkpoint", proc)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("ftdist: error:")]
+    assert len(lines) == 1 and "no room to write it" in lines[0] and "run the same command again" in lines[0], err
+    assert "Traceback" not in err
+    kept = complete_checkpoints(run_dir)
+    assert kept
+    from ftdist.checkpoint import damage
+
+    for checkpoint in kept:  # each intact against its manifest
+        files = json.loads((checkpoint / "COMPLETE").read_text())["files"]
+        assert damage(checkpoint, files, lambda name: True) is None, checkpoint
+    assert f"resumes from {kept[-1].name}" in lines[0]

@@ -230,3 +230,27 @@ def test_a_store_that_does_not_answer_is_told_at_its_first_failure(capsys):
     lines = [x for x in capsys.readouterr().err.splitlines() if x]
     assert lines == ["ftdist: warning: reading s3://b/k: the object store does not answer (ConnectionError: connection refused); "
                      "retrying for up to 30 s (storage.retry_deadline_s)"]
+
+
+def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_not(s3):
+    import threading
+    import time
+
+    from ftdist.config import StorageConfig
+    from ftdist.errors import UserError
+    from ftdist.storage import filesystem, retrying
+
+    storage = StorageConfig(endpoint_url=s3.relay.url, region="us-east-1", retry_deadline_s=60)
+    fs = filesystem(s3.url(), storage)
+    target = s3.url("throttled.txt")
+    s3.relay.answer_with((503, "SlowDown"))
+    threading.Timer(3, s3.relay.answer_with, (None,)).start()
+    started = time.monotonic()
+    retrying(lambda: fs.pipe_file(target, b"written"), f"writing {target}", storage.retry_deadline_s)
+    assert time.monotonic() - started >= 2.5  # it was throttled, then retried through (s3fs's own tries, then ours)
+    assert s3.fs.cat_file(target) == b"written"
+    s3.relay.answer_with((403, "AccessDenied"))
+    with pytest.raises(UserError, match="access denied; check the AWS credentials"):
+        retrying(lambda: fs.pipe_file(target, b"again"), f"writing {target}", storage.retry_deadline_s)
+    s3.relay.answer_with(None)
+    assert s3.fs.cat_file(target) == b"written"
