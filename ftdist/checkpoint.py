@@ -91,20 +91,38 @@ def disk_full_stops(path: Path, step: int, store: RunStore):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
-        code = e.errno if isinstance(e, OSError) else rust_os_error(e)  # safetensors reports "os error 28"
-        if code not in DISK_FULL:
+        reason = disk_full(e, path)
+        if reason is None:
             raise
         shutil.rmtree(path, ignore_errors=True)
         before = [s for s in start_steps_local(store) if s < step]
         resume = f"step-{before[-1]}" if before else "the start"
-        raise UserError(f"checkpoint step-{step}: no room to write it in {path.parent} ({os.strerror(code)}); free space "
+        raise UserError(f"checkpoint step-{step}: no room to write it in {path.parent} ({reason}); free space "
                         f"there (or point storage.cache_dir / run.output elsewhere) and run the same command again: "
                         f"it resumes from {resume}") from None
 
 
-def rust_os_error(error: Exception) -> Optional[int]:
+def disk_full(error: Exception, path: Path) -> Optional[str]:
+    """Why `error` means the disk (or a file-size limit) is full; None when it does not.
+    Writers report it differently: OSError's errno; safetensors' "os error 28"; torch.save's
+    zip writer only a RuntimeError ("unexpected pos"), told by the disk's free space or a
+    file that reached the file-size limit."""
+    import resource
+
+    if isinstance(error, OSError):
+        return error.strerror if error.errno in DISK_FULL else None
     found = re.search(r"os error (\d+)", str(error))
-    return int(found.group(1)) if found else None
+    if found:
+        return os.strerror(int(found.group(1))) if int(found.group(1)) in DISK_FULL else None
+    if not isinstance(error, RuntimeError):
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+    if limit != resource.RLIM_INFINITY and sizes and max(sizes) >= limit - 4096:
+        return os.strerror(errno.EFBIG)
+    if shutil.disk_usage(path.parent if path.parent.exists() else "/").free < 16 * 2**20:
+        return os.strerror(errno.ENOSPC)
+    return None
 
 
 def start_steps_local(store: RunStore) -> list[int]:
