@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/ray_vs_hf_recipe.py
 	$(BIN)/python bench/checkpoint_stall.py
 	$(BIN)/python bench/memory_switches.py
+	$(BIN)/python bench/data_scale.py
 
 clean:
 	rm -rf $(VENV) runs

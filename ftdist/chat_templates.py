@@ -63,7 +63,10 @@ def apply_choice(tokenizer, choice: Optional[str]) -> None:
 
 
 def require_template(tokenizer, fmt: str) -> None:
-    if fmt in CHAT_FORMATS and not getattr(tokenizer, "chat_template", None):
+    """`fmt`: a format, or a mixture's formats joined by "+"."""
+    chat = [f for f in fmt.split("+") if f in CHAT_FORMATS]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        fmt = chat[0]
         raise UserError(f"data.format {fmt} renders each row with a chat template, and this tokenizer has none; "
                         f"set data.chat_template: chatml (or {', '.join(n for n in NAMED if n != 'chatml')}, "
                         "or a Jinja file's path), or model.tokenizer to one with a template")

@@ -1,4 +1,4 @@
-"""ftdist train | tune | plan | generate | report | export.
+"""ftdist train | tune | prepare | plan | generate | report | export.
 
 Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
 without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,plan,generate,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
                            description="Fine-tune a model. The same command again resumes from the newest "
@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
     tun.add_argument("--restart", action="store_true",
                      help="delete the experiment's directory and search again from scratch")
+
+    pre = sub.add_parser("prepare", help="tokenize and pack a config's data into the prepared-data cache",
+                         description="Validate, tokenize and pack the config's data into storage.cache_dir "
+                                     "(keyed by the files' content and the settings that shape the rows), so "
+                                     "that its runs, and every trial of a search, start from the packed rows. "
+                                     "Prints rows, tokens and the packing efficiency.")
+    pre.add_argument("config", help="YAML config")
+    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (repeatable)")
 
     pla = sub.add_parser("plan", help="will a config fit its GPUs? the plan and memory estimate, before renting them",
                          description="Print the plan and the per-device memory estimate of a config on GPUs of a "
@@ -150,6 +159,16 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from ftdist.config import load_config
+    from ftdist.prepared import prepare
+    from ftdist.quiet import without_deepspeed
+
+    without_deepspeed()
+    print("\n".join(prepare(load_config(args.config, args.overrides))))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from ftdist.config import load_config
     from ftdist.sizing import DEFAULT_GPU_GIB, size_up
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         quiet_libraries()
-        return {"train": cmd_train, "tune": cmd_tune, "plan": cmd_plan, "generate": cmd_generate,
+        return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
                 "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"ftdist: error: {e}", file=sys.stderr)

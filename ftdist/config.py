@@ -84,13 +84,28 @@ class QloraConfig(Section):
     double_quant: bool = True
 
 
+FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference"]
+
+
+class SourceConfig(Section):
+    """One source of a mixture (data.train as a list): its own format and mapping, and its
+    weight, the share of the training rows drawn from it (weights are relative)."""
+
+    path: str
+    format: Optional[FORMAT] = None  # unset: data.format
+    weight: Optional[float] = Field(None, gt=0)
+    columns: Optional[dict[str, str]] = None  # unset: data.columns
+    roles: Optional[dict[str, list[str]]] = None  # unset: data.roles
+
+
 class DataConfig(Section):
-    train: str
+    # One source (a path, see README: Data sources), or a mixture: a list of sources.
+    train: Union[str, list[SourceConfig]]
     eval: Optional[str] = None
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     retention: Optional[str] = None
     # auto tells the formats apart by a row's keys (ftdist.records).
-    format: Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference"] = "auto"
+    format: FORMAT = "auto"
     # Keys renamed, ftdist's name: the file's (e.g. {messages: dialog, role: speaker, content: text}).
     columns: dict[str, str] = Field(default_factory=dict)
     # More role names, ftdist's role: [the file's] (e.g. {assistant: [bot]}).
@@ -105,12 +120,37 @@ class DataConfig(Section):
     def _known_names(self):
         from ftdist.records import FIELDS, ROLES
 
-        for section, names, known in (("columns", self.columns, FIELDS), ("roles", self.roles, ROLES)):
-            for name in names:
-                if name not in known:
-                    raise ValueError(f"data.{section}: unknown key {name!r}; the keys are ftdist's names "
-                                     f"({', '.join(known)}), each mapped to the file's")
+        mappings = [("data", self.columns, self.roles)] + [
+            (f"data.train.{i}", s.columns or {}, s.roles or {}) for i, s in enumerate(self.sources)]
+        for where, columns, roles in mappings:
+            for section, names, known in (("columns", columns, FIELDS), ("roles", roles, ROLES)):
+                for name in names:
+                    if name not in known:
+                        raise ValueError(f"{where}.{section}: unknown key {name!r}; the keys are ftdist's names "
+                                         f"({', '.join(known)}), each mapped to the file's")
+        if isinstance(self.train, list):
+            if not self.train:
+                raise ValueError("data.train: an empty list; give a path, or a list of sources ({path, weight?})")
+            weighted = [s.weight is not None for s in self.train]
+            if any(weighted) and not all(weighted):
+                missing = ", ".join(f"data.train.{i}" for i, w in enumerate(weighted) if not w)
+                raise ValueError(f"{missing}: no weight, where other sources have one; give every source a "
+                                 "weight, or none (each source's rows then count as they are)")
         return self
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """data.train as sources, each with its own format and mapping filled in from data.*."""
+        given = [SourceConfig(path=self.train)] if isinstance(self.train, str) else self.train
+        return [SourceConfig(path=s.path, format=s.format or self.format, weight=s.weight,
+                             columns=self.columns if s.columns is None else s.columns,
+                             roles=self.roles if s.roles is None else s.roles) for s in given]
+
+    @property
+    def weights(self) -> Optional[list[float]]:
+        """The mixture's weights, normalized; None where rows count as they are."""
+        w = [s.weight for s in self.sources]
+        return None if w[0] is None else [x / sum(w) for x in w]
 
 
 class TrainConfig(Section):

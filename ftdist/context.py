@@ -49,9 +49,9 @@ class LocalContext:
         return {"world_size": self.world_size, "nodes": 1}
 
     def load_data(self, cfg: Config, tokenizer):
-        from ftdist.data import build_dataset
+        from ftdist.prepared import prepared_dataset
 
-        return build_dataset(cfg.data, tokenizer, cfg.train.seed)
+        return prepared_dataset(cfg, tokenizer)
 
     def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
         """`resume`: the state.json of the checkpoint the run continues from, if any."""

@@ -23,7 +23,7 @@ import torch
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
 from ftdist.chat_templates import require_template
-from ftdist.records import read_records, read_retention
+from ftdist.records import read_records, read_retention, read_train
 
 IGNORE = -100
 
@@ -34,20 +34,72 @@ class Example:
     targets: list[int]
 
 
+COLUMNS = ("ids", "targets", "positions", "doc")
+
+
 @dataclass
 class Rows:
-    """Fixed rows of tokens. doc[i] == -1 marks padding."""
+    """Rows of tokens, stored flat and compact (int32, no per-row Python objects): row i of
+    each column is flat[name][offsets[i]:offsets[i + 1]]. doc == -1 marks padding."""
 
-    ids: list[np.ndarray]
-    targets: list[np.ndarray]
-    positions: list[np.ndarray]
-    doc: list[np.ndarray]
+    flat: dict[str, np.ndarray]
+    offsets: np.ndarray  # int64, one more than there are rows
+    source: Optional[np.ndarray] = None  # per row, which source of a mixture it came from
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.offsets) - 1
+
+    def row(self, name: str, i: int) -> np.ndarray:
+        return self.flat[name][self.offsets[i] : self.offsets[i + 1]]
+
+    def column(self, name: str) -> list[np.ndarray]:
+        return [self.row(name, i) for i in range(len(self))]
+
+    ids = property(lambda self: self.column("ids"))
+    targets = property(lambda self: self.column("targets"))
+    positions = property(lambda self: self.column("positions"))
+    doc = property(lambda self: self.column("doc"))
 
     def target_tokens(self) -> int:
-        return int(sum((t != IGNORE).sum() for t in self.targets))
+        return int((self.flat["targets"] != IGNORE).sum())
+
+    def tokens(self) -> int:
+        """Real tokens, padding excluded."""
+        return int((self.flat["doc"] >= 0).sum())
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.flat.values()) + self.offsets.nbytes
+
+    def take(self, index) -> "Rows":
+        """The rows at `index`, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        starts, ends = self.offsets[index], self.offsets[index + 1]
+        picked = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(index) else np.zeros(0, int)
+        return Rows({n: a[picked] for n, a in self.flat.items()},
+                    np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
+                    None if self.source is None else self.source[index])
+
+    @classmethod
+    def concat(cls, parts: list["Rows"], sources: bool = False) -> "Rows":
+        """The rows of `parts` in order; `sources`: part i is source i of a mixture (else each
+        part's own source ids are kept, if it has them)."""
+        if not parts:
+            return empty_rows()
+        sizes = np.concatenate([np.diff(p.offsets) for p in parts])
+        if sources:
+            source = np.concatenate([np.full(len(p), i, np.int16) for i, p in enumerate(parts)])
+        else:
+            source = None if parts[0].source is None else np.concatenate([p.source for p in parts])
+        return cls({n: np.concatenate([p.flat[n] for p in parts]) for n in COLUMNS},
+                   np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), source)
+
+    def of_source(self, s: int) -> np.ndarray:
+        """The indices of source s's rows (every row where there is one source)."""
+        return np.arange(len(self)) if self.source is None else np.flatnonzero(self.source == s)
+
+
+def empty_rows() -> Rows:
+    return Rows({n: np.zeros(0, np.int32) for n in COLUMNS}, np.zeros(1, np.int64))
 
 
 @dataclass
@@ -102,15 +154,40 @@ def to_example(ids: list[int], mask: list[bool], max_length: int) -> tuple[Optio
     return Example(ids, targets), truncated
 
 
+ENCODE_BATCH = 2048  # records tokenized per call of the fast tokenizer (which runs them in parallel)
+
+
+def encode_all(tokenizer, records: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    """encode() of every record; text and prompt/completion rows in batched tokenizer calls."""
+    eos = tokenizer.eos_token_id
+    out: list = [None] * len(records)
+    texts = [i for i, r in enumerate(records) if "text" in r]
+    prompts = [i for i, r in enumerate(records) if "prompt" in r]
+    if texts:
+        for i, ids in zip(texts, tokenizer([records[i]["text"] for i in texts])["input_ids"]):
+            ids.append(eos)
+            out[i] = (ids, [True] * len(ids))
+    if prompts:
+        heads = tokenizer([records[i]["prompt"] for i in prompts])["input_ids"]
+        tails = tokenizer([records[i]["completion"] for i in prompts], add_special_tokens=False)["input_ids"]
+        for i, head, tail in zip(prompts, heads, tails):
+            out[i] = (head + tail + [eos], [False] * len(head) + [True] * (len(tail) + 1))
+    for i, r in enumerate(records):
+        if out[i] is None:
+            out[i] = encode_chat(tokenizer, r["messages"])
+    return out
+
+
 def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], dict]:
     examples, truncated, dropped = [], 0, 0
-    for r in records:
-        ex, cut = to_example(*encode(tokenizer, r), max_length)
-        truncated += cut
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
+    for start in range(0, len(records), ENCODE_BATCH):
+        for ids, mask in encode_all(tokenizer, records[start : start + ENCODE_BATCH]):
+            ex, cut = to_example(ids, mask, max_length)
+            truncated += cut
+            if ex is None:
+                dropped += 1
+            else:
+                examples.append(ex)
     return examples, {"examples": len(examples), "truncated": truncated, "dropped_no_target": dropped}
 
 
@@ -118,56 +195,58 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[l
 
 
 def pack(examples: list[Example], max_length: int, packing: bool, pad_id: int) -> Rows:
-    """Greedy, in order: examples fill rows of max_length; without packing one per row."""
-    rows = Rows([], [], [], [])
+    """Greedy, in order: examples fill rows of max_length (padded); without packing one per row."""
+    if not examples:
+        return empty_rows()
+    lengths = np.fromiter((len(ex.ids) for ex in examples), np.int64, len(examples))
+    ids = np.fromiter((t for ex in examples for t in ex.ids), np.int32, int(lengths.sum()))
+    targets = np.fromiter((t for ex in examples for t in ex.targets), np.int32, len(ids))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = (np.arange(len(ids)) - np.repeat(starts, lengths)).astype(np.int32)
     if not packing:
-        for ex in examples:
-            n = len(ex.ids)
-            rows.ids.append(np.array(ex.ids))
-            rows.targets.append(np.array(ex.targets))
-            rows.positions.append(np.arange(n))
-            rows.doc.append(np.zeros(n, dtype=np.int64))
-        return rows
-    ids, targets, positions, doc = [], [], [], []
-
-    def flush():
-        pad = max_length - len(ids)
-        rows.ids.append(np.array(ids + [pad_id] * pad))
-        rows.targets.append(np.array(targets + [IGNORE] * pad))
-        rows.positions.append(np.array(positions + list(range(pad))))
-        rows.doc.append(np.array(doc + [-1] * pad))
-
-    for ex in examples:
-        if len(ids) + len(ex.ids) > max_length:
-            flush()
-            ids, targets, positions, doc = [], [], [], []
-        doc_id = (doc[-1] + 1) if doc else 0
-        ids += ex.ids
-        targets += ex.targets
-        positions += list(range(len(ex.ids)))
-        doc += [doc_id] * len(ex.ids)
-    if ids:
-        flush()
-    return rows
+        return Rows({"ids": ids, "targets": targets, "positions": positions, "doc": np.zeros(len(ids), np.int32)},
+                    np.concatenate([[0], np.cumsum(lengths)]))
+    # Each example's row, its place in the row, its document number there: a new row
+    # whenever the next example would overflow this one.
+    row_of, at, doc_of = (np.empty(len(examples), np.int64) for _ in range(3))
+    row, used, doc = 0, 0, 0
+    for k, n in enumerate(lengths.tolist()):
+        if used + n > max_length and used:
+            row, used, doc = row + 1, 0, 0
+        row_of[k], at[k], doc_of[k] = row, used, doc
+        used, doc = used + n, doc + 1
+    n_rows = row + 1
+    dest = np.repeat(row_of * max_length + at, lengths) + positions  # each token's place in the grid
+    size = n_rows * max_length
+    flat = {"ids": np.full(size, pad_id, np.int32), "targets": np.full(size, IGNORE, np.int32),
+            "positions": np.zeros(size, np.int32), "doc": np.full(size, -1, np.int32)}
+    flat["ids"][dest], flat["targets"][dest], flat["positions"][dest] = ids, targets, positions
+    flat["doc"][dest] = np.repeat(doc_of, lengths)
+    # Padding's positions count from 0 after the row's last example (what it sees is masked anyway).
+    used_in_row = np.bincount(row_of, weights=lengths, minlength=n_rows).astype(np.int64)
+    pad = flat["doc"] < 0
+    flat["positions"][pad] = (np.tile(np.arange(max_length), n_rows) - np.repeat(used_in_row, max_length))[pad]
+    return Rows(flat, np.arange(0, size + 1, max_length, dtype=np.int64))
 
 
 def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows -> model inputs: ids, positions, document ids (the mask is the attention
     backend's: ftdist.attention), targets."""
-    length = max(len(rows.ids[i]) for i in index)
+    length = max(int(rows.offsets[i + 1] - rows.offsets[i]) for i in index)
 
-    def stack(arrays, fill):
+    def stack(name, fill):
         out = np.full((len(index), length), fill, dtype=np.int64)
         for j, i in enumerate(index):
-            out[j, : len(arrays[i])] = arrays[i]
+            row = rows.row(name, i)
+            out[j, : len(row)] = row
         return torch.from_numpy(out)
 
-    doc = stack(rows.doc, -1)
+    doc = stack("doc", -1)
     return {
-        "input_ids": stack(rows.ids, pad_id),
-        "position_ids": stack(rows.positions, 0),
+        "input_ids": stack("ids", pad_id),
+        "position_ids": stack("positions", 0),
         "doc": doc,
-        "targets": stack(rows.targets, IGNORE),
+        "targets": stack("targets", IGNORE),
         "n_tokens": int((doc >= 0).sum()),  # real tokens, padding excluded
     }
 
@@ -176,26 +255,34 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 
 
 def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
-    records, fmt, skipped = read_records(cfg.train, cfg)
+    """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
+    each source, unless data.eval is given), tokenized and packed on its own; the training
+    rows of all sources together, each row knowing its source (a mixture: train_order)."""
+    parts, fmt, skipped = read_train(cfg)
     require_template(tokenizer, fmt)
-    random.Random(seed).shuffle(records)
-    if cfg.eval:
-        train_records = records
-        eval_records, _, eval_skipped = read_records(cfg.eval, cfg, fmt, key="data.eval")
-        skipped += eval_skipped
-    elif cfg.eval_fraction > 0 and len(records) > 1:
-        n_eval = max(1, round(len(records) * cfg.eval_fraction))
-        eval_records, train_records = records[:n_eval], records[n_eval:]
-    else:
-        train_records, eval_records = records, []
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_examples, stats = tokenize_records(tokenizer, train_records, cfg.max_length)
-    if not train_examples:
-        raise UserError(f"{cfg.train}: no example has a token to learn after truncation to data.max_length")
-    train = pack(train_examples, cfg.max_length, cfg.packing, pad_id)
+    train_parts, held_out, stats = [], [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+    for i, records in enumerate(parts):
+        random.Random(seed if i == 0 else f"{seed}-{i}").shuffle(records)
+        if not cfg.eval and cfg.eval_fraction > 0 and len(records) > 1:
+            n_eval = max(1, round(len(records) * cfg.eval_fraction))
+            held_out += records[:n_eval]
+            records = records[n_eval:]
+        examples, counts = tokenize_records(tokenizer, records, cfg.max_length)
+        for k, v in counts.items():
+            stats[k] += v
+        train_parts.append(pack(examples, cfg.max_length, cfg.packing, pad_id))
+    train = Rows.concat(train_parts, sources=len(parts) > 1)
+    if not len(train):
+        raise UserError("data.train: no example has a token to learn after truncation to data.max_length")
     stats.update(format=fmt, skipped_rows=skipped, train_rows=len(train), train_target_tokens=train.target_tokens())
+    if len(parts) > 1:
+        stats["sources"] = source_stats(cfg, train)
 
+    eval_records = held_out
+    if cfg.eval:
+        eval_records, _, eval_skipped = read_records(cfg.eval, cfg, fmt if "+" not in fmt else None, key="data.eval")
+        stats["skipped_rows"] += eval_skipped
     eval_rows = None
     if eval_records:
         eval_examples, _ = tokenize_records(tokenizer, eval_records, cfg.max_length)
@@ -208,6 +295,60 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
         retention_rows = pack(ret_examples, cfg.max_length, cfg.packing, pad_id)
         stats["retention_rows"] = len(retention_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats)
+
+
+# ---------------------------------------------------------------- row order, mixtures
+
+
+def source_stats(cfg: DataConfig, train: Rows) -> list[dict]:
+    """Per source of a mixture: its packed rows, real tokens, and its share of an epoch's rows."""
+    quotas = mixture_quotas(train, cfg.weights)
+    out = []
+    for s, source in enumerate(cfg.sources):
+        mine = train.take(train.of_source(s))
+        out.append({"path": source.path, "rows": len(mine), "tokens": mine.tokens(), "weight": source.weight,
+                    "share": quotas[s] / len(train)})
+    return out
+
+
+def source_line(source: dict) -> str:
+    """One source of a mixture, as the start of a run and `ftdist prepare` tell it."""
+    return (f"{source['path']}: {source['rows']} rows, {source['tokens']} tokens, {source['share']:.1%} of each "
+            "epoch's rows" + (f" (weight {source['weight']:g})" if source["weight"] is not None else ""))
+
+
+def mixture_quotas(rows: Rows, weights: Optional[list[float]]) -> list[int]:
+    """How many of an epoch's len(rows) draws each source gets: by weight (largest remainder),
+    among the sources that have rows here; without weights, the rows each source has."""
+    if rows.source is None:
+        return [len(rows)]
+    counts = np.bincount(rows.source, minlength=len(weights) if weights else 0).tolist()
+    if weights is None:
+        return counts
+    present = [w if c else 0.0 for w, c in zip(weights, counts)]
+    exact = np.array(present) / sum(present) * len(rows)
+    quotas = np.floor(exact).astype(int)
+    for s in np.argsort(-(exact - quotas), kind="stable")[: len(rows) - int(quotas.sum())]:
+        quotas[s] += 1
+    return quotas.tolist()
+
+
+def train_order(rows: Rows, weights: Optional[list[float]], seed: int, epoch: int) -> np.ndarray:
+    """The training rows of one epoch, in order: a function of (seed, epoch) alone, so
+    resumable at the exact position. A weighted mixture draws each source's quota of the
+    epoch's len(rows) rows, going through its rows in a shuffled order (again, reshuffled,
+    when the quota is larger than the source), then shuffles the draws together."""
+    if weights is None or rows.source is None:
+        return epoch_order(len(rows), seed, epoch)
+    drawn = []
+    for s, quota in enumerate(mixture_quotas(rows, weights)):
+        mine = rows.of_source(s)
+        if quota == 0:
+            continue
+        passes = -(-quota // len(mine))
+        rng = np.random.default_rng([seed, epoch, s + 1])
+        drawn.append(np.concatenate([rng.permutation(mine) for _ in range(passes)])[:quota])
+    return np.random.default_rng([seed, epoch]).permutation(np.concatenate(drawn))
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:

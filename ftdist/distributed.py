@@ -75,8 +75,8 @@ class SharedInputs:
     datasets: dict  # Ray datasets of packed rows, materialized
     data_stats: dict
     plan: Plan
-    # Small data, packed by the driver: every worker reads all training rows and keeps its
-    # part, which spares Ray Data's split coordinator (an actor that holds up the workers' start).
+    # Small data: every worker reads all training rows and keeps its part, which spares
+    # Ray Data's split coordinator (an actor that holds up the workers' start).
     split_in_workers: bool
 
 
@@ -85,15 +85,15 @@ def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     datasets; the loop's own batch checks run on them before any worker starts."""
     from ftdist.model import resolve_base
     from ftdist.plan import make_plan
-    from ftdist.raydata import packs_on_driver, ray_datasets
+    from ftdist.raydata import SPLIT_IN_WORKERS_MAX_ROWS, ray_datasets
 
     cfg = checked.cfg
     base_path = resolve_base(cfg, store)
-    datasets = {name: ds.materialize() for name, ds in ray_datasets(cfg, base_path, checked.data_format).items()}
-    stats = {"format": checked.data_format, "skipped_rows": checked.skipped_rows,
-             "train_rows": datasets["train"].count()}
+    datasets, stats = ray_datasets(cfg, base_path)
+    datasets = {name: ds.materialize() for name, ds in datasets.items()}
     plan = make_plan(cfg, stats["train_rows"], cfg.distributed.workers)
-    return SharedInputs(base_path, datasets, stats, plan, split_in_workers=packs_on_driver(cfg))
+    return SharedInputs(base_path, datasets, stats, plan,
+                        split_in_workers=stats["train_rows"] <= SPLIT_IN_WORKERS_MAX_ROWS)
 
 
 def worker_config(cfg: Config, store: RunStore, data_stats: dict, split_in_workers: bool,

@@ -34,7 +34,7 @@ from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import Dataset, collate, epoch_order
+from ftdist.data import Dataset, collate, source_line, train_order
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
@@ -161,10 +161,13 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     run.say(f"data: {data.format}, " + plan.describe(cfg))
     if data.stats.get("skipped_rows"):
         run.say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
-    truncated = data.stats.get("truncated") or data.stats.get("shard_truncated")
-    if truncated:
-        run.say(f"data: {truncated} examples longer than data.max_length {cfg.data.max_length} were cut to it"
-                + (" (this worker's shard)" if "shard_truncated" in data.stats else ""))
+    for source in data.stats.get("sources", []):
+        run.say(f"data: {source_line(source)}")
+    if data.stats.get("prepared"):
+        run.say(f"data: {data.stats['train_rows']} training rows {data.stats['prepared']}")
+    if data.stats.get("truncated"):
+        run.say(f"data: {data.stats['truncated']} examples longer than data.max_length {cfg.data.max_length} "
+                "were cut to it")
     if data.stats.get("dropped_no_target"):
         run.say(f"data: {data.stats['dropped_no_target']} examples dropped: no token to learn within "
                 f"data.max_length {cfg.data.max_length} (raise it to keep them)")
@@ -222,7 +225,7 @@ def step_batches(run: Run, epoch: int, index: int) -> list[dict]:
     (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
     cfg, ctx, rows = run.cfg, run.ctx, run.data.train
     per_rank = cfg.train.batch_size // ctx.world_size
-    order = epoch_order(len(rows), cfg.train.seed + ctx.rank, epoch)
+    order = train_order(rows, cfg.data.weights, cfg.train.seed + ctx.rank, epoch)
     mine = order[index * per_rank : (index + 1) * per_rank].tolist()
     micro = cfg.train.micro_batch_size
     return [collate(rows, mine[i : i + micro], pad_id(run)) for i in range(0, len(mine), micro)]
@@ -297,7 +300,8 @@ def finish(run: Run, state: TrainState) -> dict:
     run.uploader.flush()  # every checkpoint complete before the run counts as finished
     note_uploads(run, run.plan.total_steps)
     summary = {"steps": run.plan.total_steps, "tokens_seen": state.tokens_seen, **run.bundle.info.record(),
-               **(run.checkpoint_sizes or {}), "peak_memory_gib": run.peak.gib()}
+               **(run.checkpoint_sizes or {}), "peak_memory_gib": run.peak.gib(),
+               **({"data_sources": data.stats["sources"]} if "sources" in data.stats else {})}
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
         summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
                        best_eval_loss=state.best_eval_loss)

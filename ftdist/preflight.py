@@ -21,7 +21,7 @@ from ftdist.chat_templates import check_choice
 from ftdist.config import Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
-from ftdist.records import read_records, read_retention
+from ftdist.records import read_records, read_retention, read_train, train_sources
 from ftdist.sources import GLOB_CHARS, check_source, is_data_file, is_glob
 from ftdist.storage import fetch, is_remote
 
@@ -50,14 +50,19 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     return CheckedInputs(local, fmt, skipped)
 
 
+def data_paths(data) -> list[tuple[str, str]]:
+    """(config key, path) of every data source: each training source, eval, retention."""
+    paths = [(key, source.path) for key, source in train_sources(data)]
+    return paths + [(f"data.{key}", getattr(data, key)) for key in DATA_KEYS[1:] if getattr(data, key)]
+
+
 def check_paths(cfg: Config) -> None:
-    for key in DATA_KEYS:
-        value = getattr(cfg.data, key)
-        if value is None or is_remote(value):  # fetched (and checked) by localize_data
+    for key, value in data_paths(cfg.data):
+        if is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if key == "retention" and Path(value).is_file() and not is_data_file(value):
+        if key == "data.retention" and Path(value).is_file() and not is_data_file(value):
             continue  # plain text
-        check_source(value, f"data.{key}")
+        check_source(value, key)
     check_choice(cfg.data.chat_template)
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
@@ -91,22 +96,31 @@ def check_model_source(name_or_path: str, storage) -> str:
 def localize_data(cfg: Config) -> Config:
     """The config with s3:// data files replaced by local copies (fetched once into the cache):
     data is read where the run starts (this process, or the Ray driver)."""
-    local = {}
-    for key in DATA_KEYS:
-        value = getattr(cfg.data, key)
-        if value is not None and is_remote(value):
-            local[key] = str(fetch_source(value, cfg.storage))
+    def local_copy(path: str) -> str:
+        return str(fetch_source(path, cfg.storage)) if is_remote(path) else path
+
+    local = {key: local_copy(getattr(cfg.data, key)) for key in DATA_KEYS if isinstance(getattr(cfg.data, key), str)}
+    if isinstance(cfg.data.train, list):
+        local["train"] = [s.model_copy(update={"path": local_copy(s.path)}) for s in cfg.data.train]
+    local = {k: v for k, v in local.items() if v != getattr(cfg.data, k)}
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
 
 
 def check_data(cfg: Config) -> tuple[str, int]:
     """Validate every training and eval row here, where an error can name its file and line
-    (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped)."""
-    _, fmt, skipped = read_records(cfg.data.train, cfg.data)
+    (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped).
+    Data validated before (the same bytes and settings: ftdist.prepared) is not read again."""
+    from ftdist.prepared import remember_validated, validated
+
+    known = validated(cfg)
+    if known is not None:
+        return known
+    _, fmt, skipped = read_train(cfg.data)
     if cfg.data.eval:
-        skipped += read_records(cfg.data.eval, cfg.data, fmt, key="data.eval")[2]
+        skipped += read_records(cfg.data.eval, cfg.data, fmt if "+" not in fmt else None, key="data.eval")[2]
     if cfg.data.retention:
         read_retention(cfg.data)
+    remember_validated(cfg, fmt, skipped)
     return fmt, skipped
 
 

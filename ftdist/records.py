@@ -182,6 +182,25 @@ def read_records(path: str, data, fmt: Optional[str] = None, key: str = "data.tr
     return Rows.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
 
 
+def read_train(data) -> tuple[list[list[dict]], str, int]:
+    """Each training source's validated records (one list per source of a mixture), the
+    format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
+    parts, formats, skipped = [], [], 0
+    for key, source in train_sources(data):
+        records, fmt, bad = Rows(source.columns, source.roles).read(source.path, source.format,
+                                                                     data.skip_bad_rows, key)
+        parts.append(records)
+        formats.append(fmt)
+        skipped += bad
+    return parts, "+".join(dict.fromkeys(formats)), skipped
+
+
+def train_sources(data) -> list[tuple[str, Any]]:
+    """(the config key that names it, the source) for each training source."""
+    sources = data.sources
+    return [("data.train" if isinstance(data.train, str) else f"data.train.{i}", s) for i, s in enumerate(sources)]
+
+
 def read_retention(data) -> list[dict]:
     """data.retention as text records: a data source of text rows, or plain text (paragraphs
     split on blank lines)."""
@@ -216,7 +235,8 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
 def tokenizer_corpus(data) -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
-    records = Rows.of(data).read(data.train, data.format, skip_bad_rows=True)[0]
+    records = [r for key, s in train_sources(data)
+               for r in Rows(s.columns, s.roles).read(s.path, s.format, skip_bad_rows=True, key=key)[0]]
     if data.retention:
         records += read_retention(data)
     return corpus_texts(records)

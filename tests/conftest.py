@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,12 @@ os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECR
 # which Ray Train's placement-group cleaner polls, finds "the" local cluster through /tmp/ray).
 ONE_RAY_AT_A_TIME = pytest.mark.xdist_group("ray")
 
+# One prepared-data cache per pytest process, as one machine's runs share theirs: the many runs
+# of the same demo data tokenize it once. It is keyed by content, so a test never sees another's
+# rows; tests of the cache itself give each run its own (storage.cache_dir under tmp_path).
+PREPARED_CACHE = Path(tempfile.mkdtemp(prefix="ftdist-test-cache-"))
+atexit.register(shutil.rmtree, PREPARED_CACHE, True)
+
 
 def tiny_config(tmp_path: Path, *overrides: str, name: str = "t") -> Config:
     """A run of a few seconds: tiny Llama, bundled digit-reversal data, 30 steps."""
@@ -44,6 +53,7 @@ def tiny_config(tmp_path: Path, *overrides: str, name: str = "t") -> Config:
         "train": {"lr": 3e-3, "max_steps": 30, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5,
                   "eval_every": 15, "log_every": 10},
         "checkpoint": {"every_steps": 10, "keep": 2},
+        "storage": {"cache_dir": str(PREPARED_CACHE)},
     }
     for item in overrides:
         apply_override(raw, item)

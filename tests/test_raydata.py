@@ -21,8 +21,9 @@ def prepared(tmp_path: Path, *overrides: str):
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
     base = resolve_base(cfg, RunStore(str(run_dir), run_dir, cfg.storage))
-    fmt, _ = check_data(cfg)
-    datasets = {k: v.materialize() for k, v in ray_datasets(cfg, base, fmt).items()}
+    check_data(cfg)
+    datasets, _ = ray_datasets(cfg, base)
+    datasets = {k: v.materialize() for k, v in datasets.items()}
     return cfg, base, datasets
 
 
@@ -37,8 +38,8 @@ def as_set(rows) -> set[tuple]:
 def test_rows_through_ray_data_equal_local_rows(tmp_path, ray_local):
     cfg, base, datasets = prepared(tmp_path, "data.packing=false")
     local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
-    train, _ = rows_of(datasets["train"].iterator())
-    evaluation, _ = rows_of(datasets["eval"].iterator())
+    train = rows_of(datasets["train"].iterator())
+    evaluation = rows_of(datasets["eval"].iterator())
     assert as_set(train) == as_set(local.train) and len(train) == len(local.train)
     assert as_set(evaluation) == as_set(local.eval)
 
@@ -46,7 +47,7 @@ def test_rows_through_ray_data_equal_local_rows(tmp_path, ray_local):
 def test_packed_rows_hold_every_target_token(tmp_path, ray_local):
     cfg, base, datasets = prepared(tmp_path)  # packing on
     local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
-    train, _ = rows_of(datasets["train"].iterator())
+    train = rows_of(datasets["train"].iterator())
     assert train.target_tokens() == local.train.target_tokens()  # packed differently, nothing lost
     assert all(len(ids) == cfg.data.max_length for ids in train.ids)
 
@@ -55,8 +56,8 @@ def test_eval_fraction_holds_out_part_of_train(tmp_path, ray_local):
     from collections import Counter
 
     cfg, base, datasets = prepared(tmp_path, "data.eval=null", "data.eval_fraction=0.1", "data.packing=false")
-    train, _ = rows_of(datasets["train"].iterator())
-    held_out, _ = rows_of(datasets["eval"].iterator())
+    train = rows_of(datasets["train"].iterator())
+    held_out = rows_of(datasets["eval"].iterator())
     every = build_dataset(cfg.data.model_copy(update={"eval_fraction": 0.0}), load_tokenizer(cfg, base), 0).train
     assert abs(len(held_out) - len(every) * 0.1) <= 1
     # Together exactly every example once (the demo data has repeated rows: count them).
@@ -69,7 +70,7 @@ def test_bad_rows_are_skipped_with_skip_bad_rows_and_named_by_line_without(tmp_p
     bad = [json.dumps({"prompt": 1, "completion": "x"}), "{not json", json.dumps({"text": "other format"})]
     data.write_text("\n".join(lines[:10] + bad + lines[10:]) + "\n")
     cfg, _, datasets = prepared(tmp_path, f"data.train={data}", "data.skip_bad_rows=true", "data.packing=false")
-    train, _ = rows_of(datasets["train"].iterator())
+    train = rows_of(datasets["train"].iterator())
     assert len(train) == 40  # the bad rows are gone, every good one is there
     with pytest.raises(UserError, match=r"bad.jsonl:11: \"prompt\" must be a string"):
         check_data(tiny_config(tmp_path, f"data.train={data}"))
@@ -99,6 +100,20 @@ def test_alpaca_parquet_shards_through_ray_data_equal_local_rows(tmp_path, ray_l
     cfg, base, datasets = prepared(tmp_path, f"data.train={tmp_path / 'shards'}", "data.eval=null",
                                    "data.eval_fraction=0", "data.packing=false", "data.max_length=128")
     local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
-    train, _ = rows_of(datasets["train"].iterator())
+    train = rows_of(datasets["train"].iterator())
     assert local.format == "alpaca" and len(train) == len(local.train) == 60
     assert as_set(train) == as_set(local.train)
+
+
+def test_a_mixtures_rows_reach_the_workers_knowing_their_source(tmp_path, ray_local):
+    import numpy as np
+
+    lines = (DEMO / "train.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:60]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[60:80]) + "\n")
+    cfg, base, datasets = prepared(tmp_path, f"data.train=[{{path: {tmp_path / 'a.jsonl'}, weight: 1}}, "
+                                             f"{{path: {tmp_path / 'b.jsonl'}, weight: 3}}]", "data.packing=false")
+    local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
+    train = rows_of(datasets["train"].iterator())
+    assert np.array_equal(train.source, local.train.source) and np.bincount(train.source).tolist() == [60, 20]
+    assert as_list(train) == as_list(local.train)

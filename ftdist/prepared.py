@@ -1,0 +1,253 @@
+"""The prepared-data cache: tokenized, packed rows kept on disk, so that a rerun, `best.yaml`
+after a search, and every trial read them back in seconds instead of tokenizing again.
+
+Keyed by content, not by name: the bytes of every source file, the data settings that shape
+the rows (format, mapping, max_length, packing, the eval split and its seed) and the
+tokenizer. Two levels, so that preflight can skip validating rows it has validated before
+(it has no tokenizer):
+
+  <storage.cache_dir>/prepared/<data key>/records.json          format, rows skipped
+  <storage.cache_dir>/prepared/<data key>/<tokenizer key>/      <split>.<column>.npy, stats.json
+
+Runs on object storage (run.output s3://...) keep a copy in the bucket too, in
+<run.output>/.prepared/, so that a fresh node (a new KubeRay pod) reads the rows instead of
+tokenizing again; its stats.json is sent last and marks it whole.
+
+A rows directory is written beside its final place and renamed into it, so a crash never
+leaves half of one; the .npy files are memory-mapped on load (memory follows what is read).
+Hub sources (hf:) have no local bytes to key by and are not cached. Preflight imports this
+module before torch: ftdist.data (which needs torch) is imported where rows are built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from ftdist.config import Config
+from ftdist.sources import is_hub, shard_files
+
+if TYPE_CHECKING:
+    from ftdist.data import Dataset
+
+VERSION = 1  # of the rows' layout: a new one never reads an old one's files
+SPLITS = ("train", "eval", "retention")
+CHUNK = 2**20
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.storage.cache_dir).expanduser() / "prepared"
+
+
+def source_files(path: str) -> list[Path]:
+    """The files whose bytes make a source: the file (plain retention text too), its shards,
+    or every file of a save_to_disk directory."""
+    if Path(path).is_file():
+        return [Path(path)]
+    files = shard_files(path, "data")
+    return files or sorted(f for f in Path(path).rglob("*") if f.is_file())
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_key(cfg: Config) -> Optional[str]:
+    """What the records depend on; None where a source cannot be keyed by content (hub ids)."""
+    d = cfg.data
+    sources = [s.path for s in d.sources] + [getattr(d, name) for name in SPLITS[1:] if getattr(d, name)]
+    if any(is_hub(p) for p in sources):
+        return None
+    held_out = d.eval_fraction if not d.eval else None
+    # Each source's own format and mapping; not its weight: the mixture is drawn as the run goes.
+    settings = {"version": VERSION, "format": d.format, "columns": d.columns, "roles": d.roles,
+                "sources": [s.model_dump(exclude={"path", "weight"}) for s in d.sources],
+                "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
+                "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
+                "splits": [name for name in SPLITS[1:] if getattr(d, name)],
+                "files": [[file_digest(f) for f in source_files(p)] for p in sources]}
+    return digest(settings)
+
+
+def tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return digest({"class": type(tokenizer).__name__, "vocab": backend.to_str() if backend else repr(tokenizer),
+                   "chat_template": tokenizer.chat_template, "eos": tokenizer.eos_token_id,
+                   "pad": tokenizer.pad_token_id, "bos": getattr(tokenizer, "bos_token_id", None)})
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- validated records (preflight)
+
+
+def validated(cfg: Config) -> Optional[tuple[str, int]]:
+    """(format, rows skipped) of data validated before, by content; None if not yet."""
+    key = data_key(cfg)
+    path = cache_root(cfg) / key / "records.json" if key else None
+    if path is None or not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return info["format"], info["skipped_rows"]
+
+
+def remember_validated(cfg: Config, fmt: str, skipped: int) -> None:
+    key = data_key(cfg)
+    if key:
+        write_atomic(cache_root(cfg) / key / "records.json", json.dumps({"format": fmt, "skipped_rows": skipped}))
+
+
+# ---------------------------------------------------------------- packed rows
+
+
+def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
+    """The run's packed rows: from the cache, or built (and kept); stats["prepared"] says which."""
+    from ftdist.data import build_dataset
+
+    key = data_key(cfg)
+    if key is None:
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed)
+    rel = f"{key}/{tokenizer_key(tokenizer)}"
+    where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
+    fetched = not (where / "stats.json").is_file() and bucket is not None and bucket.exists(f"{rel}/stats.json")
+    if fetched:
+        fetch_rows(bucket, rel, where)
+    if (where / "stats.json").is_file():
+        dataset = load(where)
+        dataset.stats["prepared"] = f"from the cache, {bucket.path(rel) if fetched else where}"
+        return dataset
+    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+    save(dataset, where)
+    remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0))
+    if bucket is not None:
+        bucket.upload(rel, source=where, skip={f"{rel}/stats.json"})
+        bucket.upload_file(where / "stats.json", f"{rel}/stats.json")  # last: the copy is whole
+    dataset.stats["prepared"] = f"tokenized, kept in {where}"
+    return dataset
+
+
+def bucket_copy(cfg: Config):
+    """The bucket's copy of the cache (a RunStore over <run.output>/.prepared), for runs on
+    object storage; None otherwise."""
+    from ftdist.storage import RunStore, is_remote, join
+
+    if not is_remote(cfg.run.output):
+        return None
+    return RunStore(join(cfg.run.output, ".prepared"), cache_root(cfg), cfg.storage)
+
+
+def fetch_rows(bucket, rel: str, where: Path) -> None:
+    """The bucket's rows into the local cache, renamed into place once whole."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=where.parent))
+    try:
+        bucket.download(rel, staging)
+        try:
+            os.rename(staging, where)
+        except OSError:  # another process fetched it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save(dataset: "Dataset", where: Path) -> None:
+    from ftdist.data import COLUMNS
+
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=where.parent))
+    try:
+        for split in SPLITS:
+            rows = getattr(dataset, split)
+            if rows is None:
+                continue
+            for name in COLUMNS:
+                np.save(staging / f"{split}.{name}.npy", rows.flat[name])
+            np.save(staging / f"{split}.offsets.npy", rows.offsets)
+            if rows.source is not None:
+                np.save(staging / f"{split}.source.npy", rows.source)
+        (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))
+        try:
+            os.rename(staging, where)
+        except OSError:  # another process prepared the same data first: theirs is as good
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load(where: Path) -> "Dataset":
+    from ftdist.data import COLUMNS, Dataset, Rows
+
+    info = json.loads((where / "stats.json").read_text())
+
+    def split(name: str) -> Optional[Rows]:
+        if not (where / f"{name}.offsets.npy").is_file():
+            return None
+        source = where / f"{name}.source.npy"
+        return Rows({c: np.load(where / f"{name}.{c}.npy", mmap_mode="r") for c in COLUMNS},
+                    np.load(where / f"{name}.offsets.npy"), np.load(source) if source.is_file() else None)
+
+    return Dataset(split("train"), split("eval"), split("retention"), info["format"], info["stats"])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- ftdist prepare
+
+
+def prepare(cfg: Config) -> list[str]:
+    """Build (or find) a config's prepared rows ahead of its runs; the lines to print."""
+    import time
+
+    from ftdist.model import load_tokenizer, resolve_base
+    from ftdist.preflight import check_inputs
+    from ftdist.rundir import prepare_run_dir
+
+    started = time.perf_counter()
+    checked = check_inputs(cfg)
+    # A tokenizer trained for model.init lives with the run's base model: the run's directory.
+    store = None if cfg.model.name_or_path else prepare_run_dir(cfg, restart=False)
+    tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
+    dataset = prepared_dataset(checked.cfg, tokenizer)
+    return describe(dataset, cfg.data.max_length, cfg.data.packing) + [
+        f"prepared in {time.perf_counter() - started:.1f} s: {dataset.stats.get('prepared', 'not cached (hub data)')}"]
+
+
+def describe(dataset: "Dataset", max_length: int, packing: bool) -> list[str]:
+    lines = []
+    for split in SPLITS:
+        rows = getattr(dataset, split)
+        if rows is None:
+            continue
+        tokens = rows.tokens()
+        filled = f", packing efficiency {tokens / (len(rows) * max_length):.1%}" if packing and len(rows) else ""
+        lines.append(f"{split}: {len(rows)} rows, {tokens} tokens ({rows.target_tokens()} trained on){filled}, "
+                     f"{rows.nbytes() / 2**20:.1f} MiB")
+    from ftdist.data import source_line
+
+    stats = dataset.stats
+    lines[1:1] = [f"  {source_line(s)}" for s in stats.get("sources", [])]
+    lines.insert(0, f"data: {dataset.format}, {stats.get('examples', '?')} training examples"
+                    + (f", {stats['skipped_rows']} bad rows skipped" if stats.get("skipped_rows") else "")
+                    + (f", {stats['truncated']} cut to data.max_length" if stats.get("truncated") else "")
+                    + (f", {stats['dropped_no_target']} dropped (no token to learn)"
+                       if stats.get("dropped_no_target") else ""))
+    return lines

@@ -1,0 +1,111 @@
+"""The prepared-data cache: compact rows kept by content, read back on a rerun, missed when a
+byte of the data changes; `ftdist prepare`; the batched tokenizing equals the per-row one."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ftdist.data import Rows, encode, encode_all, pack, to_example
+from ftdist.preflight import check_data
+from ftdist.prepared import data_key, prepared_dataset, validated
+from ftdist.tokenizer import train_tokenizer
+from tests.conftest import DEMO, run_cli, tiny_config, write_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
+
+
+def config_with_copy(tmp_path, name="train.jsonl", *overrides):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    shutil.copyfile(DEMO / "train.jsonl", data / name)
+    # Its own cache, unlike other tests: what is asserted here is whether the rows were cached.
+    return tiny_config(tmp_path, f"data.train={data / name}", f"storage.cache_dir={tmp_path / 'cache'}",
+                       *overrides), data / name
+
+
+def test_a_rerun_reads_the_cache_and_one_changed_byte_misses_it(tmp_path, tokenizer):
+    cfg, data = config_with_copy(tmp_path)
+    first = prepared_dataset(cfg, tokenizer)
+    again = prepared_dataset(cfg, tokenizer)
+    assert first.stats["prepared"].startswith("tokenized") and again.stats["prepared"].startswith("from the cache")
+    for split in ("train", "eval"):
+        a, b = getattr(first, split), getattr(again, split)
+        assert all(np.array_equal(a.flat[c], b.flat[c]) for c in a.flat) and np.array_equal(a.offsets, b.offsets)
+    # Another name for the same bytes: the same rows (the cache is keyed by content).
+    renamed, _ = config_with_copy(tmp_path, "renamed.jsonl")
+    assert prepared_dataset(renamed, tokenizer).stats["prepared"].startswith("from the cache")
+    # One byte of one row changed (a digit of a completion): tokenized again.
+    text = data.read_text()
+    i = text.index('"completion": "') + len('"completion": "')
+    data.write_text(text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1 :])
+    assert prepared_dataset(cfg, tokenizer).stats["prepared"].startswith("tokenized")
+    # Settings that shape the rows are part of the key; others are not.
+    assert data_key(cfg) != data_key(cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 32})}))
+    assert data_key(cfg) == data_key(cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.1})}))
+
+
+def test_preflight_reads_rows_validated_before_only_once(tmp_path):
+    cfg, data = config_with_copy(tmp_path)
+    assert validated(cfg) is None
+    assert check_data(cfg) == ("prompt_completion", 0)
+    assert validated(cfg) == ("prompt_completion", 0)
+    with open(data, "a") as f:
+        f.write("{not json\n")  # new bytes: validated again, and the bad row found
+    assert validated(cfg) is None
+
+
+def test_rows_are_compact_int32_arrays(tmp_path, tokenizer):
+    cfg, _ = config_with_copy(tmp_path)
+    train = prepared_dataset(cfg, tokenizer).train
+    assert all(a.dtype == np.int32 for a in train.flat.values())
+    # Every column is 4 bytes a token slot, plus one offset a row: no per-row objects.
+    assert train.nbytes() == 4 * 4 * len(train.flat["ids"]) + 8 * (len(train) + 1)
+    picked = train.take([3, 1])
+    assert np.array_equal(picked.ids[0], train.ids[3]) and np.array_equal(picked.targets[1], train.targets[1])
+    both = Rows.concat([picked, train.take([0])])
+    assert len(both) == 3 and np.array_equal(both.doc[2], train.doc[0])
+
+
+def test_batched_tokenizing_equals_one_row_at_a_time(tokenizer):
+    records = [json.loads(line) for line in (DEMO / "train.jsonl").read_text().splitlines()[:50]]
+    records += [{"text": "plain text row"}, {"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "yo"}]}]
+    tokenizer.chat_template = tokenizer.chat_template or "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    assert encode_all(tokenizer, records) == [encode(tokenizer, r) for r in records]
+
+
+def test_unpacked_rows_keep_one_example_each():
+    examples = [to_example([1, 2, 3], [True] * 3, 8)[0], to_example([4, 5], [True] * 2, 8)[0]]
+    rows = pack(examples, 8, packing=False, pad_id=0)
+    assert [r.tolist() for r in rows.ids] == [[1, 2, 3], [4, 5]]
+    assert [r.tolist() for r in rows.positions] == [[0, 1, 2], [0, 1]]
+
+
+def test_prepare_command_prints_rows_tokens_and_packing_then_hits_the_cache(tmp_path):
+    cfg, _ = config_with_copy(tmp_path)
+    config = write_config(tmp_path, cfg)
+    first = run_cli("prepare", str(config))
+    assert first.returncode == 0, first.stderr
+    assert "train: " in first.stdout and "packing efficiency" in first.stdout and "tokenized, kept in" in first.stdout
+    second = run_cli("prepare", str(config))
+    assert "from the cache" in second.stdout
+    assert first.stdout.splitlines()[:3] == second.stdout.splitlines()[:3]  # the same rows, counted the same
+    assert second.stderr == ""  # nothing but ftdist's lines
+
+
+def test_runs_on_object_storage_keep_the_rows_in_the_bucket_for_a_fresh_node(tmp_path, tokenizer, s3):
+    cfg, _ = config_with_copy(tmp_path, "train.jsonl", *s3.overrides())
+    first = prepared_dataset(cfg, tokenizer)
+    copies = s3.fs.find(s3.url("runs", ".prepared"))
+    assert any(f.endswith("/stats.json") for f in copies) and any(f.endswith("/train.ids.npy") for f in copies)
+    # A fresh node: an empty local cache, the same bucket.
+    fresh = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"cache_dir": str(tmp_path / "node2")})})
+    again = prepared_dataset(fresh, tokenizer)
+    assert again.stats["prepared"].startswith(f"from the cache, {s3.url('runs', '.prepared')}")
+    assert np.array_equal(first.train.flat["ids"], again.train.flat["ids"])
+    assert np.array_equal(first.eval.offsets, again.eval.offsets)
