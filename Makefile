@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/ftdist report runs/tiny-demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/local_vs_torch.py

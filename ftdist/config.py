@@ -308,6 +308,8 @@ SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
 # name are the experiment's, the same for every trial (they share one base and one dataset).
 TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.")
 FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order"}
+# A mixture's weights are searchable too: they choose which of the shared rows a trial draws.
+MIXTURE_WEIGHT = re.compile(r"^data\.train\.(\d+)\.weight$")
 
 
 class SchedulerConfig(Section):
@@ -343,6 +345,8 @@ class TuneConfig(Section):
     def _known_tunable_keys(self) -> "TuneConfig":
         leaves = set(all_keys(leaves_only=True))
         for key in self.space:
+            if MIXTURE_WEIGHT.match(key):  # checked against data.train by Config
+                continue
             if key not in leaves:
                 hint = difflib.get_close_matches(key, sorted(leaves), n=1, cutoff=0.6)
                 what = "a section, not a key" if key in set(all_keys()) else "not a config key"
@@ -398,6 +402,12 @@ class Config(Section):
             if self.tune.metric == "eval_loss_plus_forgetting" and self.data.retention is None:
                 raise ValueError("tune.metric eval_loss_plus_forgetting measures forgetting on data.retention: set "
                                  "data.retention (held-out general text), or use tune.metric eval_loss")
+            for key in self.tune.space:
+                match = MIXTURE_WEIGHT.match(key)
+                if match and (self.data.weights is None or int(match.group(1)) >= len(self.data.sources)):
+                    raise ValueError(f"tune.space: {key} names no weighted source; data.train has "
+                                     f"{len(self.data.sources)} source(s)"
+                                     + ("" if self.data.weights else ", without weights (give each a weight)"))
         return self
 
 
@@ -493,21 +503,28 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         set_dotted(raw, key.strip(), value)
     except KeyError as e:
-        raise UserError(f"--set {item!r}: {e.args[0]} is not a section") from None
+        raise UserError(f"--set {item!r}: {e.args[0]}") from None
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """raw[a][b][c] = value for key "a.b.c", creating absent sections; KeyError(part) where a
-    part names a value that is not a section."""
+    """raw[a][b][c] = value for key "a.b.c", creating absent sections (a list's items by index:
+    data.train.1.weight); KeyError(what is wrong) where a part is neither a section nor an item."""
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise KeyError(part)
+        if isinstance(node, list):  # a list's item by its index: data.train.1.weight
+            if not part.isdigit() or int(part) >= len(node):
+                raise KeyError(f"{part} is not an index of that list (it has {len(node)} items, from 0)")
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise KeyError(f"{part} is not a section")
         node = child
+    if isinstance(node, list):
+        raise KeyError(f"{leaf} is an item of a list: set one of its keys, e.g. {key}.weight")
     node[leaf] = value
 
 

@@ -311,6 +311,13 @@ def source_stats(cfg: DataConfig, train: Rows) -> list[dict]:
     return out
 
 
+def with_weights(sources: list[dict], cfg: DataConfig) -> list[dict]:
+    """Per-source stats with this config's weights and shares (the rows are the same)."""
+    if cfg.weights is None:
+        return sources
+    return [dict(s, weight=c.weight, share=w) for s, c, w in zip(sources, cfg.sources, cfg.weights)]
+
+
 def source_line(source: dict) -> str:
     """One source of a mixture, as the start of a run and `ftdist prepare` tell it."""
     return (f"{source['path']}: {source['rows']} rows, {source['tokens']} tokens, {source['share']:.1%} of each "

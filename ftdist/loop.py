@@ -34,7 +34,7 @@ from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import Dataset, collate, source_line, train_order
+from ftdist.data import Dataset, collate, source_line, train_order, with_weights
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
@@ -161,8 +161,10 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     run.say(f"data: {data.format}, " + plan.describe(cfg))
     if data.stats.get("skipped_rows"):
         run.say(f"data: skipped {data.stats['skipped_rows']} bad rows (data.skip_bad_rows)")
-    for source in data.stats.get("sources", []):
-        run.say(f"data: {source_line(source)}")
+    if "sources" in data.stats:  # a trial's own weights (a search may vary them), over the shared rows
+        data.stats["sources"] = with_weights(data.stats["sources"], cfg.data)
+        for source in data.stats["sources"]:
+            run.say(f"data: {source_line(source)}")
     if data.stats.get("prepared"):
         run.say(f"data: {data.stats['train_rows']} training rows {data.stats['prepared']}")
     if data.stats.get("truncated"):

@@ -10,7 +10,7 @@ from ftdist.data import build_dataset, train_order
 from ftdist.errors import UserError
 from ftdist.preflight import check_inputs
 from ftdist.tokenizer import train_tokenizer
-from tests.conftest import DEMO, run_cli, tiny_config, write_config
+from tests.conftest import DEMO, tiny_config
 
 LINES = (DEMO / "train.jsonl").read_text().splitlines()
 
@@ -88,14 +88,40 @@ def test_each_source_keeps_its_own_format_and_mapping_and_bad_input_names_the_so
         check_inputs(mixture(tmp_path, a, b, 1, 1))
 
 
-def test_a_mixture_trains_and_tells_each_source_at_the_start_and_in_the_summary(tmp_path):
+def test_a_mixture_trains_and_tells_each_source_at_the_start_and_in_the_summary(tmp_path, capsys):
+    from ftdist.local import train_local
+
     a, b = two_sources(tmp_path, 200, 50)
     cfg = mixture(tmp_path, a, b, 0.5, 0.5, "train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=2",
                   "data.chat_template=chatml")
-    result = run_cli("train", str(write_config(tmp_path, cfg)), "--local")
-    assert result.returncode == 0, result.stderr
-    assert f"data: {a}: 200 rows" in result.stdout and "50.0% of each epoch's rows (weight 0.5)" in result.stdout
+    train_local(cfg)
+    out = capsys.readouterr().out
+    assert f"data: {a}: 200 rows" in out and "50.0% of each epoch's rows (weight 0.5)" in out
     summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
     assert [s["rows"] for s in summary["data_sources"]] == [200, 50]
     start = json.loads((tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["format"] == "prompt_completion+alpaca"
+
+
+def search_raw(tmp_path, a, b, space):
+    raw = mixture(tmp_path, a, b, 0.5, 0.5).model_dump(mode="json")
+    raw["tune"] = {"name": "s", "space": space}
+    return raw
+
+
+def test_a_sources_weight_is_searchable_and_set_by_index(tmp_path):
+    from ftdist.config import apply_override, validate_config
+    from ftdist.tune.space import check_space, with_params
+
+    a, b = two_sources(tmp_path, 20, 20)
+    raw = search_raw(tmp_path, a, b, {"data.train.1.weight": {"uniform": [0.1, 0.5]}})
+    cfg = validate_config(raw)
+    check_space(raw, cfg, num_layers=4)  # every candidate gives a valid config
+    trial = validate_config(with_params(raw, {"data.train.1.weight": 0.25}))
+    assert trial.data.weights == pytest.approx([0.5 / 0.75, 0.25 / 0.75])
+    apply_override(raw, "data.train.0.weight=3")
+    assert validate_config(raw).data.weights == pytest.approx([3 / 3.5, 0.5 / 3.5])
+    with pytest.raises(UserError, match=r"data.train.2.weight names no weighted source; data.train has 2"):
+        validate_config(search_raw(tmp_path, a, b, {"data.train.2.weight": {"choice": [1, 2]}}))
+    with pytest.raises(UserError, match=r"--set 'data.train.7.weight=1': 7 is not an index of that list \(it has 2 items"):
+        apply_override(raw, "data.train.7.weight=1")
