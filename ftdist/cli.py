@@ -18,6 +18,11 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def add_overrides(command: argparse.ArgumentParser, example: str) -> None:
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"override a config key, e.g. --set {example} (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,report,export}")
@@ -32,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", default=None,
                        help="Ray cluster to join (default: RAY_ADDRESS, the cluster a `ray job submit` job "
                             "runs in, or a Ray started on this machine; else a new local one)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    add_overrides(train, "train.lr=3e-4")
     train.add_argument("--restart", action="store_true",
                        help="delete this run's directory and start over instead of resuming")
 
@@ -44,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "search without rerunning finished trials.")
     tun.add_argument("config", help="YAML config with a tune: section (see README: Tuning)")
     tun.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
-    tun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set tune.num_samples=16 (repeatable)")
+    add_overrides(tun, "tune.num_samples=16")
     tun.add_argument("--restart", action="store_true",
                      help="delete the experiment's directory and search again from scratch")
 
@@ -55,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "that its runs, and every trial of a search, start from the packed rows. "
                                      "Prints rows, tokens and the packing efficiency.")
     pre.add_argument("config", help="YAML config")
-    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (repeatable)")
+    add_overrides(pre, "data.max_length=1024")
 
     pla = sub.add_parser("plan", help="will a config fit its GPUs? the plan and memory estimate, before renting them",
                          description="Print the plan and the per-device memory estimate of a config on GPUs of a "
@@ -66,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     pla.add_argument("--workers", type=int, default=None, help="number of GPU workers (default: distributed.workers)")
     pla.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                      help="memory of each GPU in GiB (default: 79.1, an 80 GB H100 or A100)")
-    pla.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.gradient_checkpointing=true (repeatable)")
+    add_overrides(pla, "train.gradient_checkpointing=true")
 
     gen = sub.add_parser("generate", help="generate text with a trained model",
                          description="Generate with a model or adapter directory, e.g. runs/NAME/final.")

@@ -116,15 +116,7 @@ class Dataset:
 
 def encode(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     """Token ids and, per token, whether the model is trained to produce it."""
-    eos = tokenizer.eos_token_id
-    if "text" in record:
-        ids = tokenizer(record["text"])["input_ids"] + [eos]
-        return ids, [True] * len(ids)
-    if "prompt" in record:
-        prompt = tokenizer(record["prompt"])["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + [eos]
-        return prompt + completion, [False] * len(prompt) + [True] * len(completion)
-    return encode_chat(tokenizer, record["messages"])
+    return encode_all(tokenizer, [record])[0]
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
@@ -303,12 +295,11 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
 def source_stats(cfg: DataConfig, train: Rows) -> list[dict]:
     """Per source of a mixture: its packed rows, real tokens, and its share of an epoch's rows."""
     quotas = mixture_quotas(train, cfg.weights)
-    out = []
-    for s, source in enumerate(cfg.sources):
-        mine = train.take(train.of_source(s))
-        out.append({"path": source.path, "rows": len(mine), "tokens": mine.tokens(), "weight": source.weight,
-                    "share": quotas[s] / len(train)})
-    return out
+    n = len(cfg.sources)
+    real = np.add.reduceat((train.flat["doc"] >= 0).astype(np.int64), train.offsets[:-1])  # per row (none empty)
+    rows, tokens = np.bincount(train.source, minlength=n), np.bincount(train.source, weights=real, minlength=n)
+    return [{"path": source.path, "rows": int(rows[s]), "tokens": int(tokens[s]), "weight": source.weight,
+             "share": quotas[s] / len(train)} for s, source in enumerate(cfg.sources)]
 
 
 def with_weights(sources: list[dict], cfg: DataConfig) -> list[dict]:

@@ -21,6 +21,7 @@ module before torch: ftdist.data (which needs torch) is imported where rows are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,14 @@ def source_files(path: str) -> list[Path]:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file; once per process for each (path, size, mtime): preflight and the
+    build key the same files."""
+    st = path.stat()
+    return content_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def content_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):

@@ -29,13 +29,11 @@ def ray_datasets(cfg: Config, base_path: str) -> tuple[dict[str, Any], dict[str,
     data's stats (format, rows, what was skipped, truncated, dropped, whether from the cache)."""
     import ray.data
 
-    from ftdist.chat_templates import require_template
     from ftdist.model import load_tokenizer
     from ftdist.prepared import prepared_dataset
 
     tokenizer = load_tokenizer(cfg, base_path)
     dataset = prepared_dataset(cfg, tokenizer)
-    require_template(tokenizer, dataset.format)
     splits = {name: getattr(dataset, name) for name in ("train", "eval", "retention")}
     datasets = {name: ray.data.from_arrow([arrow_table(rows, i, i + BLOCK_ROWS)
                                            for i in range(0, max(len(rows), 1), BLOCK_ROWS)])
