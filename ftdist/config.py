@@ -88,22 +88,31 @@ FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegp
 
 
 class SourceConfig(Section):
-    """One source of a mixture (data.train as a list): its own format and mapping, and its
-    weight, the share of the training rows drawn from it (weights are relative)."""
+    """One source of a list (data.train, data.eval, data.retention): its own format and
+    mapping; in data.train its weight, the share of the training rows drawn from it (weights
+    are relative); its name in per-source metrics (eval_loss/<name>)."""
 
     path: str
-    format: Optional[FORMAT] = None  # unset: data.format
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]+$")  # unset: the file's or directory's name
+    format: Optional[FORMAT] = None  # unset: data.format (data.retention: text)
     weight: Optional[float] = Field(None, gt=0)
     columns: Optional[dict[str, str]] = None  # unset: data.columns
     roles: Optional[dict[str, list[str]]] = None  # unset: data.roles
 
 
+SOURCES = Union[str, list[SourceConfig]]  # one path, or a list of sources
+SPLITS = ("train", "eval", "retention")
+
+
 class DataConfig(Section):
     # One source (a path, see README: Data sources), or a mixture: a list of sources.
-    train: Union[str, list[SourceConfig]]
-    eval: Optional[str] = None
+    train: SOURCES
+    # Unset: data.eval_fraction of each training source's rows. A list: each source evaluated
+    # on its own (eval_loss/<name>) and all together (eval_loss).
+    eval: Optional[SOURCES] = None
     eval_fraction: float = Field(0.05, ge=0, lt=1)
-    retention: Optional[str] = None
+    # General text whose loss before and after tells the forgetting; a list, per source too.
+    retention: Optional[SOURCES] = None
     # auto tells the formats apart by a row's keys (ftdist.records).
     format: FORMAT = "auto"
     # Keys renamed, ftdist's name: the file's (e.g. {messages: dialog, role: speaker, content: text}).
@@ -120,17 +129,28 @@ class DataConfig(Section):
     def _known_names(self):
         from ftdist.records import FIELDS, ROLES
 
-        mappings = [("data", self.columns, self.roles)] + [
-            (f"data.train.{i}", s.columns or {}, s.roles or {}) for i, s in enumerate(self.sources)]
+        listed = [(f"data.{split}.{i}", s) for split in SPLITS if isinstance(getattr(self, split), list)
+                  for i, s in enumerate(getattr(self, split))]
+        mappings = [("data", self.columns, self.roles)] + [(key, s.columns or {}, s.roles or {}) for key, s in listed]
         for where, columns, roles in mappings:
             for section, names, known in (("columns", columns, FIELDS), ("roles", roles, ROLES)):
                 for name in names:
                     if name not in known:
                         raise ValueError(f"{where}.{section}: unknown key {name!r}; the keys are ftdist's names "
                                          f"({', '.join(known)}), each mapped to the file's")
+        for split in SPLITS:
+            if getattr(self, split) == []:
+                raise ValueError(f"data.{split}: an empty list; give a path, or a list of sources ({{path, ...}})")
+        for key, s in listed:
+            if s.weight is not None and not key.startswith("data.train."):
+                raise ValueError(f"{key}.weight: weights mix training rows; each source of data.eval and "
+                                 "data.retention is evaluated on its own and, by tokens, together: drop the weight")
+        for split in SPLITS:
+            given = [s.name for s in getattr(self, split) or [] if isinstance(s, SourceConfig) and s.name]
+            twice = sorted({n for n in given if given.count(n) > 1})
+            if twice:
+                raise ValueError(f"data.{split}: the name {twice[0]} is given to two sources; give each its own")
         if isinstance(self.train, list):
-            if not self.train:
-                raise ValueError("data.train: an empty list; give a path, or a list of sources ({path, weight?})")
             weighted = [s.weight is not None for s in self.train]
             if any(weighted) and not all(weighted):
                 missing = ", ".join(f"data.train.{i}" for i, w in enumerate(weighted) if not w)
@@ -141,10 +161,36 @@ class DataConfig(Section):
     @property
     def sources(self) -> list[SourceConfig]:
         """data.train as sources, each with its own format and mapping filled in from data.*."""
-        given = [SourceConfig(path=self.train)] if isinstance(self.train, str) else self.train
-        return [SourceConfig(path=s.path, format=s.format or self.format, weight=s.weight,
+        return self.split_sources("train")
+
+    def split_sources(self, split: str) -> list[SourceConfig]:
+        """data.<split> as sources (none where unset), each with its name, format and mapping
+        filled in from data.*."""
+        given = getattr(self, split)
+        if given is None:
+            return []
+        given = [SourceConfig(path=given)] if isinstance(given, str) else given
+        default_format = "text" if split == "retention" else self.format
+        names = unique_names([s.name or source_name(s.path) for s in given])
+        return [SourceConfig(path=s.path, name=name, format=s.format or default_format, weight=s.weight,
                              columns=self.columns if s.columns is None else s.columns,
-                             roles=self.roles if s.roles is None else s.roles) for s in given]
+                             roles=self.roles if s.roles is None else s.roles) for s, name in zip(given, names)]
+
+    def source_names(self, split: str) -> list[str]:
+        """The names of data.<split>'s sources, one for each source."""
+        return [s.name for s in self.split_sources(split)]
+
+    def eval_names(self) -> list[str]:
+        """The names eval_loss is told per source by: data.eval's sources when it is a list;
+        a training mixture's sources when the eval rows are held out of them; else none."""
+        if isinstance(self.eval, list):
+            return self.source_names("eval")
+        if self.eval is None and isinstance(self.train, list) and self.eval_fraction > 0:
+            return self.source_names("train")
+        return []
+
+    def retention_names(self) -> list[str]:
+        return self.source_names("retention") if isinstance(self.retention, list) else []
 
     @property
     def weights(self) -> Optional[list[float]]:
@@ -409,6 +455,23 @@ class Config(Section):
                                      f"{len(self.data.sources)} source(s)"
                                      + ("" if self.data.weights else ", without weights (give each a weight)"))
         return self
+
+
+def source_name(path: str) -> str:
+    """A source's default name: its file's name less the data suffixes, or its directory's
+    (a hub id's dataset name; a glob's directory)."""
+    if path.startswith("hf:"):  # hf:org/name:split
+        path = path[3:].split(":")[0]
+    last = re.split(r"[/:]", path.rstrip("/").split("*")[0].rstrip("/"))
+    name = next((part for part in reversed(last) if part), "data")
+    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "data"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Names made unique by their place where they repeat (a-0, a-1)."""
+    return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def frozen_blocks(freeze_layers: Union[int, str], num_layers: int) -> int:

@@ -23,7 +23,7 @@ import torch
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
 from ftdist.chat_templates import require_template
-from ftdist.records import read_records, read_retention, read_train
+from ftdist.records import read_split, read_train
 
 IGNORE = -100
 
@@ -248,43 +248,47 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 
 def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
     """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
-    each source, unless data.eval is given), tokenized and packed on its own; the training
-    rows of all sources together, each row knowing its source (a mixture: train_order)."""
+    each source, unless data.eval is given), tokenized and packed on its own; the rows of
+    all sources of a split together, each row knowing its source (a mixture: train_order;
+    per-source evaluation: ftdist.objective.evaluate_rows)."""
     parts, fmt, skipped = read_train(cfg)
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_parts, held_out, stats = [], [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+    counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+
+    def rows_of(split_parts: list[list[dict]], tally: bool = False) -> Rows:
+        packed = []
+        for records in split_parts:
+            examples, seen = tokenize_records(tokenizer, records, cfg.max_length)
+            if tally:
+                for k, v in seen.items():
+                    counts[k] += v
+            packed.append(pack(examples, cfg.max_length, cfg.packing, pad_id))
+        return Rows.concat(packed, sources=len(packed) > 1)
+
+    held_out = []
     for i, records in enumerate(parts):
         random.Random(seed if i == 0 else f"{seed}-{i}").shuffle(records)
-        if not cfg.eval and cfg.eval_fraction > 0 and len(records) > 1:
-            n_eval = max(1, round(len(records) * cfg.eval_fraction))
-            held_out += records[:n_eval]
-            records = records[n_eval:]
-        examples, counts = tokenize_records(tokenizer, records, cfg.max_length)
-        for k, v in counts.items():
-            stats[k] += v
-        train_parts.append(pack(examples, cfg.max_length, cfg.packing, pad_id))
-    train = Rows.concat(train_parts, sources=len(parts) > 1)
+        if not cfg.eval and cfg.eval_fraction > 0:  # each source's share; none of a one-row source
+            n_eval = max(1, round(len(records) * cfg.eval_fraction)) if len(records) > 1 else 0
+            held_out.append(records[:n_eval])
+            parts[i] = records[n_eval:]
+    train = rows_of(parts, tally=True)
     if not len(train):
         raise UserError("data.train: no example has a token to learn after truncation to data.max_length")
-    stats.update(format=fmt, skipped_rows=skipped, train_rows=len(train), train_target_tokens=train.target_tokens())
+    stats = dict(counts, format=fmt, skipped_rows=skipped, train_rows=len(train),
+                 train_target_tokens=train.target_tokens())
     if len(parts) > 1:
         stats["sources"] = source_stats(cfg, train)
 
-    eval_records = held_out
     if cfg.eval:
-        eval_records, _, eval_skipped = read_records(cfg.eval, cfg, fmt if "+" not in fmt else None, key="data.eval")
+        held_out, _, eval_skipped = read_split(cfg, "eval", fmt)
         stats["skipped_rows"] += eval_skipped
-    eval_rows = None
-    if eval_records:
-        eval_examples, _ = tokenize_records(tokenizer, eval_records, cfg.max_length)
-        eval_rows = pack(eval_examples, cfg.max_length, cfg.packing, pad_id)
+    eval_rows = rows_of(held_out) if any(held_out) else None
+    if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
-
-    retention_rows = None
-    if cfg.retention:
-        ret_examples, _ = tokenize_records(tokenizer, read_retention(cfg), cfg.max_length)
-        retention_rows = pack(ret_examples, cfg.max_length, cfg.packing, pad_id)
+    retention_rows = rows_of(read_split(cfg, "retention")[0]) if cfg.retention else None
+    if retention_rows is not None:
         stats["retention_rows"] = len(retention_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats)
 

@@ -58,6 +58,10 @@ class TrainState:
     best_eval_loss: Optional[float] = None
     retention_before: Optional[float] = None  # data.retention's loss before training
     retention_loss: Optional[float] = None  # ... at the latest evaluation
+    # Per source of a list, by name: the same three figures (eval, retention before, latest).
+    eval_by_source: Optional[dict] = None
+    retention_before_by_source: Optional[dict] = None
+    retention_by_source: Optional[dict] = None
 
     @classmethod
     def of_checkpoint(cls, saved: dict) -> "TrainState":
@@ -92,9 +96,13 @@ class Run:
         if self.ctx.is_main and self.ctx.show_progress:
             print(line, flush=True)
 
-    def evaluate(self, rows) -> float:
-        """The mean loss over `rows` (every rank's share), the model as it is now."""
-        return evaluate_rows(self.cfg, self.ctx, self.engine, rows, pad_id(self), self.bundle)
+    def evaluate(self, split: str) -> tuple[float, dict]:
+        """The mean loss over the eval or retention rows (every rank's share), the model as it
+        is now: together, and by source name (empty for one source)."""
+        names = self.cfg.data.eval_names() if split == "eval" else self.cfg.data.retention_names()
+        result = evaluate_rows(self.cfg, self.ctx, self.engine, getattr(self.data, split), pad_id(self),
+                               self.bundle, max(len(names), 1))
+        return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}
 
     def evaluates_at(self, step: int) -> bool:
         return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
@@ -196,9 +204,10 @@ def begin(run: Run, state: TrainState) -> None:
     data = run.data
     run.log.reset()
     if data.retention is not None:
-        state.retention_before = run.evaluate(data.retention)
+        state.retention_before, state.retention_before_by_source = run.evaluate("retention")
     run.log.append({"step": 0, "event": "start", **run.bundle.info.record(), **data.stats, **run.ctx.topology(),
-                    "retention_loss_before": state.retention_before})
+                    "retention_loss_before": state.retention_before,
+                    **named("retention_loss_before", state.retention_before_by_source)})
     if data.eval is not None:
         evaluate_and_report(run, state, 0)  # what every later evaluation is compared with
 
@@ -256,20 +265,38 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
 
 def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     """Eval loss (and, with data.retention, forgetting) into the log, the orchestrator and the terminal."""
-    cfg, ctx, data = run.cfg, run.ctx, run.data
-    eval_loss = run.evaluate(data.eval)
-    record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)}
+    ctx, data = run.ctx, run.data
+    eval_loss, by_source = run.evaluate("eval")
+    record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss), **named("eval_loss", by_source)}
+    line = f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}" + told(by_source, ".4f")
     if step > 0:
-        state.eval_loss = eval_loss
+        state.eval_loss, state.eval_by_source = eval_loss, by_source
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         if data.retention is not None:  # forgetting as training goes, not only at the end
-            state.retention_loss = run.evaluate(data.retention)
-            record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before)
+            state.retention_loss, state.retention_by_source = run.evaluate("retention")
+            forgetting = forgetting_by_source(state)
+            record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before,
+                          **named("retention_loss", state.retention_by_source), **named("forgetting", forgetting))
+            line += f", forgetting {record['forgetting']:+.4f}" + told(forgetting, "+.4f")
     run.log.append(record)
     # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
     ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params})
-    run.progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
-                       + (f", forgetting {record['forgetting']:+.4f}" if "forgetting" in record else ""))
+    run.progress.write(line)
+
+
+def named(metric: str, by_source: Optional[dict]) -> dict:
+    """Per-source figures as metrics: metric/<source name>."""
+    return {f"{metric}/{name}": value for name, value in (by_source or {}).items()}
+
+
+def told(by_source: Optional[dict], fmt: str) -> str:
+    """Per-source figures for the terminal: " (code 1.2345, chat 2.3456)"."""
+    return f" ({', '.join(f'{n} {v:{fmt}}' for n, v in by_source.items())})" if by_source else ""
+
+
+def forgetting_by_source(state: TrainState) -> dict:
+    before = state.retention_before_by_source or {}
+    return {n: v - before[n] for n, v in (state.retention_by_source or {}).items() if n in before}
 
 
 def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
@@ -307,10 +334,17 @@ def finish(run: Run, state: TrainState) -> dict:
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
         summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
                        best_eval_loss=state.best_eval_loss)
+        if state.eval_by_source:
+            summary["eval_loss_by_source"] = state.eval_by_source
     if data.retention is not None:
-        after = state.retention_loss if data.eval is not None else run.evaluate(data.retention)
-        summary.update(retention_loss_before=state.retention_before, retention_loss_after=after,
-                       forgetting=after - state.retention_before)
+        if data.eval is None:
+            state.retention_loss, state.retention_by_source = run.evaluate("retention")
+        summary.update(retention_loss_before=state.retention_before, retention_loss_after=state.retention_loss,
+                       forgetting=state.retention_loss - state.retention_before)
+        if state.retention_by_source:
+            before, after = state.retention_before_by_source, state.retention_by_source
+            summary["retention_by_source"] = {n: {"before": before[n], "after": after[n], "forgetting": f}
+                                              for n, f in forgetting_by_source(state).items()}
     model_state = run.engine.model_state()  # collective under ZeRO-3
     if ctx.is_main:
         from ftdist.report import plot_run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -151,24 +152,44 @@ def target_count(batch: dict) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """The token-weighted mean loss over a set of rows, and over each source's rows (None for
+    a source with no rows there); `by_source` is empty where the rows have one source."""
+
+    loss: float
+    by_source: list[Optional[float]]
+
+
 @torch.no_grad()
-def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle) -> float:
-    """Token-weighted mean loss over all rows; each rank takes every world_size-th row."""
+def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle, n_sources: int = 1) -> Evaluation:
+    """Each source's rows evaluated (each rank takes every world_size-th row of them), and
+    all of them together."""
     model = engine.model
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    mine = list(range(ctx.rank, len(rows), ctx.world_size))
+    groups = [rows.of_source(s) for s in range(n_sources)] if rows.source is not None else [range(len(rows))]
+    sums = []
+    with autocast(cfg, ctx.device):
+        for group in groups:
+            sums.append(loss_over(cfg, ctx, engine, rows, list(group), pad_id, bundle))
+    model.train(was_training)
+    totals = [(ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)) for total, count in sums]
+    together = sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
+    return Evaluation(together, [t / c if c else None for t, c in totals] if len(groups) > 1 else [])
+
+
+def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, bundle) -> tuple[float, int]:
+    """This rank's summed loss and target count over its share of the rows `group`."""
+    mine = group[ctx.rank :: ctx.world_size]
     size = cfg.train.micro_batch_size
     # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
-    n_batches = math.ceil(math.ceil(len(rows) / ctx.world_size) / size)
-    with autocast(cfg, ctx.device):
-        for i in range(n_batches):
-            index = mine[i * size : (i + 1) * size]
-            batch = collate(rows, index or [0], pad_id)
-            loss = loss_sum(engine.forward, batch, ctx.device, bundle.head, bundle.attention)
-            if index:  # a rank with no rows left runs row 0 and ignores it
-                total, count = total + float(loss), count + target_count(batch)
-    model.train(was_training)
-    total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
-    return total / max(count, 1)
+    n_batches = math.ceil(math.ceil(len(group) / ctx.world_size) / size)
+    total, count = 0.0, 0
+    for i in range(n_batches):
+        index = mine[i * size : (i + 1) * size]
+        batch = collate(rows, index or [group[0]], pad_id)
+        loss = loss_sum(engine.forward, batch, ctx.device, bundle.head, bundle.attention)
+        if index:  # a rank with no rows left runs one row and ignores it
+            total, count = total + float(loss), count + target_count(batch)
+    return total, count

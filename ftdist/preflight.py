@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ftdist.chat_templates import check_choice
-from ftdist.config import Config, freeze_depth_problem
+from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
-from ftdist.records import read_records, read_retention, read_train, train_sources
+from ftdist.records import keyed_sources, read_split, read_train
 from ftdist.sources import GLOB_CHARS, check_source, is_data_file, is_glob
 from ftdist.storage import fetch, is_remote
 
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     import torch
 
     from ftdist.memory import MemoryEstimate
-
-DATA_KEYS = ("train", "eval", "retention")
-
 
 @dataclass(frozen=True)
 class CheckedInputs:
@@ -51,16 +48,15 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
 
 def data_paths(data) -> list[tuple[str, str]]:
-    """(config key, path) of every data source: each training source, eval, retention."""
-    paths = [(key, source.path) for key, source in train_sources(data)]
-    return paths + [(f"data.{key}", getattr(data, key)) for key in DATA_KEYS[1:] if getattr(data, key)]
+    """(config key, path) of every data source: each source of train, eval, retention."""
+    return [(key, source.path) for split in SPLITS for key, source in keyed_sources(data, split)]
 
 
 def check_paths(cfg: Config) -> None:
     for key, value in data_paths(cfg.data):
         if is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if key == "data.retention" and Path(value).is_file() and not is_data_file(value):
+        if key.startswith("data.retention") and Path(value).is_file() and not is_data_file(value):
             continue  # plain text
         check_source(value, key)
     check_choice(cfg.data.chat_template)
@@ -99,9 +95,12 @@ def localize_data(cfg: Config) -> Config:
     def local_copy(path: str) -> str:
         return str(fetch_source(path, cfg.storage)) if is_remote(path) else path
 
-    local = {key: local_copy(getattr(cfg.data, key)) for key in DATA_KEYS if isinstance(getattr(cfg.data, key), str)}
-    if isinstance(cfg.data.train, list):
-        local["train"] = [s.model_copy(update={"path": local_copy(s.path)}) for s in cfg.data.train]
+    def local_copies(given):
+        if isinstance(given, list):
+            return [s.model_copy(update={"path": local_copy(s.path)}) for s in given]
+        return given and local_copy(given)
+
+    local = {split: local_copies(getattr(cfg.data, split)) for split in SPLITS}
     local = {k: v for k, v in local.items() if v != getattr(cfg.data, k)}
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
 
@@ -116,10 +115,8 @@ def check_data(cfg: Config) -> tuple[str, int]:
     if known is not None:
         return known
     _, fmt, skipped = read_train(cfg.data)
-    if cfg.data.eval:
-        skipped += read_records(cfg.data.eval, cfg.data, fmt if "+" not in fmt else None, key="data.eval")[2]
-    if cfg.data.retention:
-        read_retention(cfg.data)
+    skipped += read_split(cfg.data, "eval", fmt)[2]
+    read_split(cfg.data, "retention")
     remember_validated(cfg, fmt, skipped)
     return fmt, skipped
 

@@ -32,14 +32,13 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from ftdist.config import Config
+from ftdist.config import SPLITS, Config
 from ftdist.sources import is_hub, shard_files
 
 if TYPE_CHECKING:
     from ftdist.data import Dataset
 
-VERSION = 1  # of the rows' layout: a new one never reads an old one's files
-SPLITS = ("train", "eval", "retention")
+VERSION = 2  # of the rows' layout: a new one never reads an old one's files (2: eval rows per source)
 CHUNK = 2**20
 
 
@@ -75,13 +74,16 @@ def content_digest(path: str, size: int, mtime_ns: int) -> str:
 def data_key(cfg: Config) -> Optional[str]:
     """What the records depend on; None where a source cannot be keyed by content (hub ids)."""
     d = cfg.data
-    sources = [s.path for s in d.sources] + [getattr(d, name) for name in SPLITS[1:] if getattr(d, name)]
+    listed = {split: d.split_sources(split) for split in SPLITS}
+    sources = [s.path for split in SPLITS for s in listed[split]]
     if any(is_hub(p) for p in sources):
         return None
     held_out = d.eval_fraction if not d.eval else None
-    # Each source's own format and mapping; not its weight: the mixture is drawn as the run goes.
+    # Each source's own format and mapping; not its weight (the mixture is drawn as the run
+    # goes) nor its name (the run's config names them).
     settings = {"version": VERSION, "format": d.format, "columns": d.columns, "roles": d.roles,
-                "sources": [s.model_dump(exclude={"path", "weight"}) for s in d.sources],
+                "sources": {split: [s.model_dump(exclude={"path", "weight", "name"}) for s in listed[split]]
+                            for split in SPLITS},
                 "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
                 "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
                 "splits": [name for name in SPLITS[1:] if getattr(d, name)],

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ftdist.config import Config
+from ftdist.config import SPLITS, Config
 from ftdist.data import COLUMNS, Dataset, Rows, empty_rows
 
 SPLIT = ["train"]  # eval and retention go whole to every worker (small data: train too, see SharedInputs)
@@ -34,7 +34,7 @@ def ray_datasets(cfg: Config, base_path: str) -> tuple[dict[str, Any], dict[str,
 
     tokenizer = load_tokenizer(cfg, base_path)
     dataset = prepared_dataset(cfg, tokenizer)
-    splits = {name: getattr(dataset, name) for name in ("train", "eval", "retention")}
+    splits = {name: getattr(dataset, name) for name in SPLITS}
     datasets = {name: ray.data.from_arrow([arrow_table(rows, i, i + BLOCK_ROWS)
                                            for i in range(0, max(len(rows), 1), BLOCK_ROWS)])
                 for name, rows in splits.items() if rows is not None}
@@ -90,7 +90,7 @@ def dataset_from_shards(cfg: Config, stats: dict[str, Any], part: Optional[tuple
             return None
 
     train, eval_rows, retention = (rows_of(shard(n), part if n == "train" else None)
-                                   for n in ("train", "eval", "retention"))
+                                   for n in SPLITS)
     stats = dict(stats, shard_rows=len(train), shard_target_tokens=train.target_tokens())
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)

@@ -182,40 +182,58 @@ def read_records(path: str, data, fmt: Optional[str] = None, key: str = "data.tr
     return Rows.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
 
 
-def read_train(data) -> tuple[list[list[dict]], str, int]:
-    """Each training source's validated records (one list per source of a mixture), the
-    format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
+def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[list[list[dict]], str, int]:
+    """Each source of data.<split>'s validated records (one list per source), the format they
+    have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
+    own must have the training rows' `train_format` (where that is one format); retention
+    sources are text, or plain text files (paragraphs split on blank lines)."""
     parts, formats, skipped = [], [], 0
-    for key, source in train_sources(data):
-        records, fmt, bad = Rows(source.columns, source.roles).read(source.path, source.format,
-                                                                     data.skip_bad_rows, key)
+    for key, source in keyed_sources(data, split):
+        fmt = source.format
+        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format:
+            fmt = train_format
+        if split == "retention" and is_plain_text(source.path):
+            records, bad = plain_text(source.path, key), 0
+        else:
+            records, fmt, bad = Rows(source.columns, source.roles).read(source.path, fmt, data.skip_bad_rows, key)
         parts.append(records)
         formats.append(fmt)
         skipped += bad
     return parts, "+".join(dict.fromkeys(formats)), skipped
 
 
+def read_train(data) -> tuple[list[list[dict]], str, int]:
+    """Each training source's validated records (one list per source of a mixture), the
+    format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
+    return read_split(data, "train")
+
+
+def keyed_sources(data, split: str) -> list[tuple[str, Any]]:
+    """(the config key that names it, the source) for each source of data.<split>."""
+    single = not isinstance(getattr(data, split), list)
+    return [(f"data.{split}" if single else f"data.{split}.{i}", s) for i, s in enumerate(data.split_sources(split))]
+
+
 def train_sources(data) -> list[tuple[str, Any]]:
-    """(the config key that names it, the source) for each training source."""
-    sources = data.sources
-    return [("data.train" if isinstance(data.train, str) else f"data.train.{i}", s) for i, s in enumerate(sources)]
+    return keyed_sources(data, "train")
 
 
-def read_retention(data) -> list[dict]:
-    """data.retention as text records: a data source of text rows, or plain text (paragraphs
-    split on blank lines)."""
-    path = data.retention
-    if is_data_file(path) or is_glob(path) or is_hub(path) or Path(path).is_dir():
-        return read_records(path, data, "text", key="data.retention")[0]
+def is_plain_text(path: str) -> bool:
+    """A plain text file (retention text), not a data source of rows."""
+    return not (is_data_file(path) or is_glob(path) or is_hub(path) or Path(path).is_dir())
+
+
+def plain_text(path: str, key: str) -> list[dict]:
+    """A plain text file's paragraphs (split on blank lines) as text records."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"data.retention: not found: {path}")
+        raise UserError(f"{key}: not found: {path}")
     try:
         paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     except UnicodeDecodeError as e:
-        raise UserError(f"data.retention: {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+        raise UserError(f"{key}: {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     if not paragraphs:
-        raise UserError(f"data.retention: {path}: no text")
+        raise UserError(f"{key}: {path}: no text")
     return [{"text": p} for p in paragraphs]
 
 
@@ -237,6 +255,6 @@ def tokenizer_corpus(data) -> list[str]:
     retention text. `data`: the run's DataConfig."""
     records = [r for key, s in train_sources(data)
                for r in Rows(s.columns, s.roles).read(s.path, s.format, skip_bad_rows=True, key=key)[0]]
-    if data.retention:
-        records += read_retention(data)
+    for part in read_split(data, "retention")[0]:
+        records += part
     return corpus_texts(records)

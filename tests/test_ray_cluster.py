@@ -23,7 +23,7 @@ from ftdist.distributed import train_ray
 from ftdist.metrics import read_metrics
 from tests.conftest import ONE_RAY_AT_A_TIME, REPO, complete_checkpoints, run_cli, tiny_config, write_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 
 
@@ -36,6 +36,7 @@ def train_worker_pids() -> list[int]:
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
+@ONE_RAY_AT_A_TIME
 def test_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, ray_local):
     # ZeRO-2 with the optimizer offloaded to CPU: the restart also reloads offloaded optimizer states.
     cfg = tiny_config(tmp_path, "distributed.workers=2", "distributed.max_failures=1", "distributed.zero_stage=2",
@@ -102,6 +103,8 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
+# The next two start clusters of their own, not the session's Ray: they may run beside the Ray
+# group, on the other pytest worker.
 def test_two_nodes_strict_spread_train_together(tmp_path):
     cluster = subprocess.Popen([sys.executable, str(REPO / "cluster" / "local_cluster.py"), "--nodes", "2",
                                 "--cpus-per-node", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

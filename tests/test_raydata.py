@@ -111,9 +111,12 @@ def test_a_mixtures_rows_reach_the_workers_knowing_their_source(tmp_path, ray_lo
     lines = (DEMO / "train.jsonl").read_text().splitlines()
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:60]) + "\n")
     (tmp_path / "b.jsonl").write_text("\n".join(lines[60:80]) + "\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(lines[80:90]) + "\n")  # evaluated: a list of two sources
     cfg, base, datasets = prepared(tmp_path, f"data.train=[{{path: {tmp_path / 'a.jsonl'}, weight: 1}}, "
-                                             f"{{path: {tmp_path / 'b.jsonl'}, weight: 3}}]", "data.packing=false")
+                                             f"{{path: {tmp_path / 'b.jsonl'}, weight: 3}}]", "data.packing=false",
+                                   f"data.eval=[{{path: {tmp_path / 'b.jsonl'}}}, {{path: {tmp_path / 'c.jsonl'}}}]")
     local = build_dataset(cfg.data, load_tokenizer(cfg, base), cfg.train.seed)
-    train = rows_of(datasets["train"].iterator())
+    train, eval_rows = rows_of(datasets["train"].iterator()), rows_of(datasets["eval"].iterator())
     assert np.array_equal(train.source, local.train.source) and np.bincount(train.source).tolist() == [60, 20]
     assert as_list(train) == as_list(local.train)
+    assert np.bincount(eval_rows.source).tolist() == [20, 10] and as_list(eval_rows) == as_list(local.eval)
