@@ -5,9 +5,10 @@ For each size the script writes ROWS prompt/completion rows (about 250 bytes eac
 strings and words, seeded) and measures:
 - floor: the fast tokenizer batch-tokenizing the same prompts and completions in one
   process (the tokenizer's own Rust threads included), the least any pipeline can take;
-- data step, first run and cached rerun: `prepared_dataset` in this process (validate,
+- data step, first run and cached rerun: `prepared_dataset` in a fresh process each (validate,
   tokenize, pack, keep; then read back from the cache), timed, with the peak RSS it adds
-  to the process (psutil, sampled every 20 ms) against the bytes of the packed arrays;
+  to that process once the tokenizer is loaded (psutil, sampled every 20 ms) against the
+  bytes of the packed arrays;
 - whole command, local and Ray (2 workers): `ftdist train` of one step as a subprocess,
   first with an empty cache, then again (cached), wall seconds, and the peak RSS of the
   driver and of each Ray worker (every process on the machine sampled every 0.2 s).
@@ -87,17 +88,49 @@ def bench_config(tmp: Path, data: Path, workers: int):
         "checkpoint.every_steps=1000", f"storage.cache_dir={tmp / 'cache'}", f"distributed.workers={workers}"])
 
 
-def floor_seconds(tokenizer, data: Path) -> float:
+def floor_seconds(config: Path, data: Path, env: dict) -> float:
+    """The fast tokenizer's batch time on the rows, in a fresh process (its lists of token ids
+    take gigabytes at 1M rows, which this process should not keep)."""
+    done = subprocess.run([sys.executable, __file__, "--floor", str(config), str(data)], capture_output=True,
+                          text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"the floor failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def measure_floor(config: Path, data: Path) -> None:
+    from ftdist.config import load_config
+    from ftdist.model import load_tokenizer, resolve_base
+    from ftdist.rundir import prepare_run_dir
+
+    cfg = load_config(config, [])
+    tokenizer = load_tokenizer(cfg, resolve_base(cfg, prepare_run_dir(cfg, restart=False)))
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     started = time.perf_counter()
     tokenizer([r["prompt"] for r in rows])
     tokenizer([r["completion"] for r in rows], add_special_tokens=False)
-    return time.perf_counter() - started
+    print(time.perf_counter() - started)
 
 
-def data_step(cfg, tokenizer) -> dict:
+def data_step(config: Path, env: dict) -> dict:
+    """`prepared_dataset` in a fresh process (what a run's start does): seconds and the peak
+    RSS it adds to that process once the tokenizer is loaded."""
+    done = subprocess.run([sys.executable, __file__, "--data-step", str(config)], capture_output=True, text=True,
+                          env=env, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"the data step failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_data_step(config: Path) -> None:
+    """The child of data_step: prints one JSON line."""
+    from ftdist.config import load_config
+    from ftdist.model import load_tokenizer, resolve_base
     from ftdist.prepared import prepared_dataset
+    from ftdist.rundir import prepare_run_dir
 
+    cfg = load_config(config, [])
+    tokenizer = load_tokenizer(cfg, resolve_base(cfg, prepare_run_dir(cfg, restart=False)))
     me = os.getpid()
     base = psutil.Process(me).memory_info().rss
     with PeakRss(lambda p: "me" if p.pid == me else None, 0.02) as peak:
@@ -106,8 +139,9 @@ def data_step(cfg, tokenizer) -> dict:
         seconds = time.perf_counter() - started
     packed = dataset.train.nbytes() + (dataset.eval.nbytes() if dataset.eval is not None else 0)
     added = max(peak.peaks.values(), default=base) - base
-    return {"seconds": seconds, "prepared": dataset.stats["prepared"].split(",")[0], "packed_bytes": packed,
-            "added_peak_rss_bytes": added, "memory_vs_packed": added / packed, "train_rows": len(dataset.train)}
+    print(json.dumps({"seconds": seconds, "prepared": dataset.stats["prepared"].split(",")[0], "packed_bytes": packed,
+                      "added_peak_rss_bytes": added, "memory_vs_packed": added / packed,
+                      "train_rows": len(dataset.train)}))
 
 
 def command(config: Path, local: bool, env: dict) -> dict:
@@ -136,11 +170,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--data-step", type=Path, help=argparse.SUPPRESS)  # the child of data_step
+    parser.add_argument("--floor", type=Path, nargs=2, help=argparse.SUPPRESS)  # the child of floor_seconds
     args = parser.parse_args()
+    if args.data_step:
+        return measure_data_step(args.data_step)
+    if args.floor:
+        return measure_floor(*args.floor)
 
     import yaml
 
-    from ftdist.model import load_tokenizer, resolve_base
+    from ftdist.model import resolve_base
     from ftdist.rundir import prepare_run_dir
 
     results = []
@@ -151,9 +191,11 @@ def main() -> None:
             data = tmp / "rows.jsonl"
             write_rows(data, n)
             cfg = bench_config(tmp, data, 0)
-            tokenizer = load_tokenizer(cfg, resolve_base(cfg, prepare_run_dir(cfg, restart=True)))
-            row = {"rows": n, "file_mib": data.stat().st_size / 2**20, "floor_s": floor_seconds(tokenizer, data)}
-            row["first"], row["cached"] = data_step(cfg, tokenizer), data_step(cfg, tokenizer)
+            resolve_base(cfg, prepare_run_dir(cfg, restart=True))  # the tokenizer, trained once for all
+            step_config = tmp / "data-step.yaml"
+            step_config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+            row = {"rows": n, "file_mib": data.stat().st_size / 2**20, "floor_s": floor_seconds(step_config, data, env)}
+            row["first"], row["cached"] = data_step(step_config, env), data_step(step_config, env)
             row["first_vs_floor"] = row["first"]["seconds"] / row["floor_s"]
             for workers in ([0] if args.no_ray else [0, 2]):
                 mode = "local" if workers == 0 else "ray"

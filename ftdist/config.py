@@ -279,6 +279,16 @@ class StorageConfig(Section):
     retry_deadline_s: float = Field(300.0, gt=0)  # how long calls to the store retry before the run stops
     cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
 
+    @model_validator(mode="after")
+    def _no_credentials_in_the_url(self) -> "StorageConfig":
+        from urllib.parse import urlparse
+
+        if self.endpoint_url and urlparse(self.endpoint_url).password is not None:
+            raise ValueError("storage.endpoint_url: credentials in the URL (user:password@) are not how S3 requests "
+                             "are signed; give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                             "and drop them from the URL")
+        return self
+
 
 class MlflowConfig(Section):
     """An MLflow tracking server (or a file:/sqlite: store). Credentials come from MLflow's own

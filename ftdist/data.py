@@ -13,6 +13,7 @@ restart per example.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,12 +27,6 @@ from ftdist.chat_templates import require_template
 from ftdist.records import read_split, read_train
 
 IGNORE = -100
-
-
-@dataclass
-class Example:
-    ids: list[int]
-    targets: list[int]
 
 
 COLUMNS = ("ids", "targets", "positions", "doc")
@@ -85,6 +80,8 @@ class Rows:
         part's own source ids are kept, if it has them)."""
         if not parts:
             return empty_rows()
+        if len(parts) == 1 and not sources:
+            return parts[0]
         sizes = np.concatenate([np.diff(p.offsets) for p in parts])
         if sources:
             source = np.concatenate([np.full(len(p), i, np.int16) for i, p in enumerate(parts)])
@@ -114,9 +111,67 @@ class Dataset:
 # ---------------------------------------------------------------- tokenizing
 
 
+def flat(lists: list[list], dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Lists as one flat array, and their lengths."""
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype, int(lengths.sum())), lengths
+
+
+def within(lengths: np.ndarray) -> np.ndarray:
+    """Each element's place in its own list, for lists of these lengths stored flat."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+@dataclass
+class Encoded:
+    """Records' token ids stored flat, with, per token, whether the model is trained to
+    produce it: record i is ids[starts[i]:starts[i] + lengths[i]]."""
+
+    ids: np.ndarray  # int32
+    trained: np.ndarray  # bool
+    lengths: np.ndarray  # int64, one per record
+
+    @classmethod
+    def of(cls, pairs: list[tuple[list[int], list[bool]]]) -> "Encoded":
+        ids, lengths = flat([p[0] for p in pairs])
+        return cls(ids, flat([p[1] for p in pairs], bool)[0], lengths)
+
+    @classmethod
+    def joined(cls, segments: list[tuple[np.ndarray, np.ndarray, bool]]) -> "Encoded":
+        """Records made of segments, in order: (flat ids, one length per record, trained)."""
+        lengths = sum(lens for _, lens, _ in segments)
+        ids, trained = np.empty(int(lengths.sum()), np.int32), np.empty(int(lengths.sum()), bool)
+        at = np.cumsum(lengths) - lengths
+        for seg_ids, lens, flag in segments:
+            dest = np.repeat(at, lens) + within(lens)
+            ids[dest], trained[dest] = seg_ids, flag
+            at = at + lens
+        return cls(ids, trained, lengths)
+
+    @classmethod
+    def in_order(cls, pieces: list[tuple[list[int], "Encoded"]], n: int) -> "Encoded":
+        """Pieces (record indices, their Encoded) as the n records in index order."""
+        if len(pieces) == 1:
+            return pieces[0][1]
+        lengths = np.zeros(n, np.int64)
+        for index, enc in pieces:
+            lengths[index] = enc.lengths
+        starts = np.cumsum(lengths) - lengths
+        ids, trained = np.empty(int(lengths.sum()), np.int32), np.empty(int(lengths.sum()), bool)
+        for index, enc in pieces:
+            dest = np.repeat(starts[index], enc.lengths) + within(enc.lengths)
+            ids[dest], trained[dest] = enc.ids, enc.trained
+        return cls(ids, trained, lengths)
+
+    def record(self, i: int) -> tuple[list[int], list[bool]]:
+        start = int(self.lengths[:i].sum())
+        end = start + int(self.lengths[i])
+        return self.ids[start:end].tolist(), self.trained[start:end].tolist()
+
+
 def encode(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     """Token ids and, per token, whether the model is trained to produce it."""
-    return encode_all(tokenizer, [record])[0]
+    return encode_all(tokenizer, [record]).record(0)
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
@@ -136,71 +191,100 @@ def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]
     return enc["input_ids"], mask
 
 
-def to_example(ids: list[int], mask: list[bool], max_length: int) -> tuple[Optional[Example], bool]:
-    """Shift targets within the example; truncate to max_length. Returns (example, truncated)."""
-    truncated = len(ids) > max_length
-    ids, mask = ids[:max_length], mask[:max_length]
-    targets = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
-    if all(t == IGNORE for t in targets):
-        return None, truncated
-    return Example(ids, targets), truncated
-
-
 ENCODE_BATCH = 2048  # records tokenized per call of the fast tokenizer (which runs them in parallel)
 
 
-def encode_all(tokenizer, records: list[dict]) -> list[tuple[list[int], list[bool]]]:
-    """encode() of every record; text and prompt/completion rows in batched tokenizer calls."""
+def encode_all(tokenizer, records: list[dict]) -> Encoded:
+    """encode() of every record, stored flat; text and prompt/completion rows in batched
+    tokenizer calls, their ids joined in arrays (no per-token Python work)."""
     eos = tokenizer.eos_token_id
-    out: list = [None] * len(records)
-    texts = [i for i, r in enumerate(records) if "text" in r]
-    prompts = [i for i, r in enumerate(records) if "prompt" in r]
-    if texts:
-        for i, ids in zip(texts, tokenizer([records[i]["text"] for i in texts])["input_ids"]):
-            ids.append(eos)
-            out[i] = (ids, [True] * len(ids))
-    if prompts:
-        heads = tokenizer([records[i]["prompt"] for i in prompts])["input_ids"]
-        tails = tokenizer([records[i]["completion"] for i in prompts], add_special_tokens=False)["input_ids"]
-        for i, head, tail in zip(prompts, heads, tails):
-            out[i] = (head + tail + [eos], [False] * len(head) + [True] * (len(tail) + 1))
+    kinds = {"text": [], "prompt": [], "messages": []}
     for i, r in enumerate(records):
-        if out[i] is None:
-            out[i] = encode_chat(tokenizer, r["messages"])
-    return out
+        kinds["text" if "text" in r else "prompt" if "prompt" in r else "messages"].append(i)
+    pieces = []
+    if kinds["text"]:
+        index = kinds["text"]
+        ids, lens = flat(tokenizer([records[i]["text"] for i in index], return_attention_mask=False)["input_ids"])
+        pieces.append((index, Encoded.joined([(ids, lens, True), eos_segment(eos, len(index))])))
+    if kinds["prompt"]:
+        index = kinds["prompt"]
+        head, head_lens = flat(tokenizer([records[i]["prompt"] for i in index], return_attention_mask=False)["input_ids"])
+        tail, tail_lens = flat(tokenizer([records[i]["completion"] for i in index], add_special_tokens=False,
+                                         return_attention_mask=False)["input_ids"])
+        pieces.append((index, Encoded.joined([(head, head_lens, False), (tail, tail_lens, True),
+                                              eos_segment(eos, len(index))])))
+    if kinds["messages"]:
+        index = kinds["messages"]
+        pieces.append((index, Encoded.of([encode_chat(tokenizer, records[i]["messages"]) for i in index])))
+    return Encoded.in_order(pieces, len(records))
 
 
-def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], dict]:
-    examples, truncated, dropped = [], 0, 0
+def eos_segment(eos: int, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    return np.full(n, eos, np.int32), np.ones(n, np.int64), True
+
+
+@dataclass
+class Examples:
+    """Training examples stored flat: ids, and targets shifted within each example
+    (targets[j] is the token after ids[j] where the model learns it, else IGNORE)."""
+
+    ids: np.ndarray  # int32
+    targets: np.ndarray  # int32
+    lengths: np.ndarray  # int64, one per example
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @classmethod
+    def concat(cls, parts: list["Examples"]) -> "Examples":
+        return cls(*(np.concatenate([getattr(p, n) for p in parts] or [np.zeros(0, t)])
+                     for n, t in (("ids", np.int32), ("targets", np.int32), ("lengths", np.int64))))
+
+
+def to_examples(enc: Encoded, max_length: int) -> tuple[Examples, dict]:
+    """Each record truncated to max_length, its targets shifted within it; records with no
+    token to learn dropped. Returns the examples and the counts (truncated, dropped)."""
+    keep = within(enc.lengths) < max_length
+    lengths = np.minimum(enc.lengths, max_length)
+    ids, trained = enc.ids[keep], enc.trained[keep]
+    targets = np.full(len(ids), IGNORE, np.int32)
+    targets[:-1] = np.where(trained[1:], ids[1:], IGNORE)
+    targets[(np.cumsum(lengths) - 1)[lengths > 0]] = IGNORE  # an example's last token predicts nothing
+    learns = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=targets != IGNORE,
+                         minlength=len(lengths)) > 0
+    token_kept = np.repeat(learns, lengths)
+    return (Examples(ids[token_kept], targets[token_kept], lengths[learns]),
+            {"truncated": int((enc.lengths > max_length).sum()), "dropped_no_target": int((~learns).sum())})
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[Examples, dict]:
+    """Records to examples, a batch at a time: only the arrays of each batch are kept."""
+    parts, counts = [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
     for start in range(0, len(records), ENCODE_BATCH):
-        for ids, mask in encode_all(tokenizer, records[start : start + ENCODE_BATCH]):
-            ex, cut = to_example(ids, mask, max_length)
-            truncated += cut
-            if ex is None:
-                dropped += 1
-            else:
-                examples.append(ex)
-    return examples, {"examples": len(examples), "truncated": truncated, "dropped_no_target": dropped}
+        examples, seen = to_examples(encode_all(tokenizer, records[start : start + ENCODE_BATCH]), max_length)
+        parts.append(examples)
+        for k, v in seen.items():
+            counts[k] += v
+    examples = Examples.concat(parts)
+    counts["examples"] = len(examples)
+    return examples, counts
 
 
 # ---------------------------------------------------------------- rows
 
 
-def pack(examples: list[Example], max_length: int, packing: bool, pad_id: int) -> Rows:
+def pack(examples: Examples, max_length: int, packing: bool, pad_id: int) -> Rows:
     """Greedy, in order: examples fill rows of max_length (padded); without packing one per row."""
-    if not examples:
+    if not len(examples):
         return empty_rows()
-    lengths = np.fromiter((len(ex.ids) for ex in examples), np.int64, len(examples))
-    ids = np.fromiter((t for ex in examples for t in ex.ids), np.int32, int(lengths.sum()))
-    targets = np.fromiter((t for ex in examples for t in ex.targets), np.int32, len(ids))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    positions = (np.arange(len(ids)) - np.repeat(starts, lengths)).astype(np.int32)
+    lengths, ids, targets = examples.lengths, examples.ids, examples.targets
+    positions = within(lengths).astype(np.int32)
     if not packing:
         return Rows({"ids": ids, "targets": targets, "positions": positions, "doc": np.zeros(len(ids), np.int32)},
                     np.concatenate([[0], np.cumsum(lengths)]))
     # Each example's row, its place in the row, its document number there: a new row
     # whenever the next example would overflow this one.
-    row_of, at, doc_of = (np.empty(len(examples), np.int64) for _ in range(3))
+    row_of, at, doc_of = (np.empty(len(lengths), np.int64) for _ in range(3))
     row, used, doc = 0, 0, 0
     for k, n in enumerate(lengths.tolist()):
         if used + n > max_length and used:
@@ -208,17 +292,19 @@ def pack(examples: list[Example], max_length: int, packing: bool, pad_id: int) -
         row_of[k], at[k], doc_of[k] = row, used, doc
         used, doc = used + n, doc + 1
     n_rows = row + 1
-    dest = np.repeat(row_of * max_length + at, lengths) + positions  # each token's place in the grid
+    dest = np.repeat(row_of * max_length + at, lengths)  # each token's place in the grid
+    dest += positions
     size = n_rows * max_length
-    flat = {"ids": np.full(size, pad_id, np.int32), "targets": np.full(size, IGNORE, np.int32),
-            "positions": np.zeros(size, np.int32), "doc": np.full(size, -1, np.int32)}
-    flat["ids"][dest], flat["targets"][dest], flat["positions"][dest] = ids, targets, positions
-    flat["doc"][dest] = np.repeat(doc_of, lengths)
+    flat_rows = {"ids": np.full(size, pad_id, np.int32), "targets": np.full(size, IGNORE, np.int32),
+                 "positions": np.zeros(size, np.int32), "doc": np.full(size, -1, np.int32)}
+    flat_rows["ids"][dest], flat_rows["targets"][dest], flat_rows["positions"][dest] = ids, targets, positions
+    flat_rows["doc"][dest] = np.repeat(doc_of.astype(np.int32), lengths)
+    del dest
     # Padding's positions count from 0 after the row's last example (what it sees is masked anyway).
     used_in_row = np.bincount(row_of, weights=lengths, minlength=n_rows).astype(np.int64)
-    pad = flat["doc"] < 0
-    flat["positions"][pad] = (np.tile(np.arange(max_length), n_rows) - np.repeat(used_in_row, max_length))[pad]
-    return Rows(flat, np.arange(0, size + 1, max_length, dtype=np.int64))
+    pad = np.flatnonzero(flat_rows["doc"] < 0)
+    flat_rows["positions"][pad] = pad % max_length - used_in_row[pad // max_length]
+    return Rows(flat_rows, np.arange(0, size + 1, max_length, dtype=np.int64))
 
 
 def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -257,14 +343,16 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
 
     def rows_of(split_parts: list[list[dict]], tally: bool = False) -> Rows:
-        packed = []
-        for records in split_parts:
-            examples, seen = tokenize_records(tokenizer, records, cfg.max_length)
+        """Each part's rows, packed; the records are let go once tokenized (memory)."""
+        packed, n = [], len(split_parts)
+        while split_parts:
+            examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length)
             if tally:
                 for k, v in seen.items():
                     counts[k] += v
             packed.append(pack(examples, cfg.max_length, cfg.packing, pad_id))
-        return Rows.concat(packed, sources=len(packed) > 1)
+            del examples
+        return Rows.concat(packed, sources=n > 1)
 
     held_out = []
     for i, records in enumerate(parts):
@@ -273,12 +361,14 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
             n_eval = max(1, round(len(records) * cfg.eval_fraction)) if len(records) > 1 else 0
             held_out.append(records[:n_eval])
             parts[i] = records[n_eval:]
+    del records  # the loop's last; parts holds what is trained on
+    n_sources = len(parts)
     train = rows_of(parts, tally=True)
     if not len(train):
         raise UserError("data.train: no example has a token to learn after truncation to data.max_length")
     stats = dict(counts, format=fmt, skipped_rows=skipped, train_rows=len(train),
                  train_target_tokens=train.target_tokens())
-    if len(parts) > 1:
+    if n_sources > 1:
         stats["sources"] = source_stats(cfg, train)
 
     if cfg.eval:

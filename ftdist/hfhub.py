@@ -14,14 +14,18 @@ PROBE_TIMEOUT_S = 5.0
 
 def check_reachable(key: str, repo_id: str, cached_file: Optional[str] = "config.json") -> None:
     """A UserError naming `key` when the hub cannot be reached and `repo_id` is not in the local
-    cache (checked by `cached_file`; None: not checked). Offline mode (HF_HUB_OFFLINE) is left
-    to the libraries: they read the cache only."""
+    cache (checked by `cached_file`; None: not checked, and offline mode (HF_HUB_OFFLINE) is
+    left to the library, which reads its cache only)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE:
-        return
     if cached_file and isinstance(try_to_load_from_cache(repo_id, cached_file), str):
         return
+    if constants.HF_HUB_OFFLINE:
+        if cached_file is None:
+            return  # datasets keeps a cache of its own: left to it
+        raise UserError(f"{key} {repo_id}: not a local path, and not in the local Hugging Face cache, which is all "
+                        "there is with HF_HUB_OFFLINE set; download it where there is network and point "
+                        f"{key} at the copy (a local directory or s3://), or unset HF_HUB_OFFLINE")
     endpoint = urlparse(constants.ENDPOINT)
     host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:

@@ -85,6 +85,7 @@ class Run:
     tracking: Tracking  # rank 0's trackers (none on other ranks)
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
+    epoch_order: Optional[tuple[int, np.ndarray]] = None  # (epoch, its row order): Run.order
 
     @cached_property
     def base_size(self) -> Optional[int]:
@@ -103,6 +104,14 @@ class Run:
         result = evaluate_rows(self.cfg, self.ctx, self.engine, getattr(self.data, split), pad_id(self),
                                self.bundle, max(len(names), 1))
         return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's training rows of `epoch`, in order (kept for the epoch: at a million rows
+        drawing it takes a moment)."""
+        if self.epoch_order is None or self.epoch_order[0] != epoch:
+            rows, ctx = self.data.train, self.ctx
+            self.epoch_order = (epoch, train_order(rows, self.cfg.data.weights, self.cfg.train.seed + ctx.rank, epoch))
+        return self.epoch_order[1]
 
     def evaluates_at(self, step: int) -> bool:
         return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
@@ -236,8 +245,7 @@ def step_batches(run: Run, epoch: int, index: int) -> list[dict]:
     (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
     cfg, ctx, rows = run.cfg, run.ctx, run.data.train
     per_rank = cfg.train.batch_size // ctx.world_size
-    order = train_order(rows, cfg.data.weights, cfg.train.seed + ctx.rank, epoch)
-    mine = order[index * per_rank : (index + 1) * per_rank].tolist()
+    mine = run.order(epoch)[index * per_rank : (index + 1) * per_rank].tolist()
     micro = cfg.train.micro_batch_size
     return [collate(rows, mine[i : i + micro], pad_id(run)) for i in range(0, len(mine), micro)]
 

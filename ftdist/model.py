@@ -211,9 +211,11 @@ def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig]
     kwargs = {"dtype": torch.float32} if qlora is None else quantized_load_kwargs(qlora, dtype, device)
     if attention:
         kwargs["attn_implementation"] = attention
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{what}: cannot load a causal LM from {path}: {e}") from None
     if qlora is not None:
         keep_4bit_trainable(model)

@@ -74,6 +74,7 @@ def check_model_source(name_or_path: str, storage) -> str:
         if not (local / "config.json").is_file():
             raise UserError(f"model.name_or_path {name_or_path}: no config.json there; point it at a Hugging Face "
                             "model directory in the bucket")
+        check_weight_files(local, "model.name_or_path")
         return str(local)
     path = Path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
@@ -84,9 +85,24 @@ def check_model_source(name_or_path: str, storage) -> str:
                 f"model.name_or_path {name_or_path}: no config.json there; "
                 "point it at a Hugging Face model directory (or a hub id)"
             )
+        check_weight_files(path, "model.name_or_path")
         return str(path)
     check_reachable("model.name_or_path", name_or_path)
     return name_or_path  # a hub id
+
+
+def check_weight_files(model_dir: Path, key: str) -> None:
+    """Each .safetensors file's header read, which tells a truncated or damaged file (its
+    tensors would reach past its end) in milliseconds, before the model loads."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{key} {model_dir}: {file.name} is damaged or incomplete ({e}); copy or download "
+                            "it again") from None
 
 
 def localize_data(cfg: Config) -> Config:

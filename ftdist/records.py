@@ -32,7 +32,7 @@ TURN_FIELDS = ("role", "content", "from", "value")
 KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}
 
 
-class Rows:
+class RowReader:
     """Validates and normalizes the rows of one config: its format, key and role mapping."""
 
     def __init__(self, columns: Optional[dict[str, str]] = None, roles: Optional[dict[str, list[str]]] = None):
@@ -43,7 +43,7 @@ class Rows:
             self.roles.update({name: ours for name in names})
 
     @classmethod
-    def of(cls, data) -> "Rows":
+    def of(cls, data) -> "RowReader":
         """`data`: the run's DataConfig."""
         return cls(data.columns, data.roles)
 
@@ -179,7 +179,7 @@ def refuse_preference(fmt: str, path: str) -> None:
 
 def read_records(path: str, data, fmt: Optional[str] = None, key: str = "data.train") -> tuple[list[dict], str, int]:
     """`data`: the run's DataConfig; `fmt`: the format the rows must have (default data.format)."""
-    return Rows.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
+    return RowReader.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
 
 
 def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[list[list[dict]], str, int]:
@@ -195,7 +195,7 @@ def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[li
         if split == "retention" and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
         else:
-            records, fmt, bad = Rows(source.columns, source.roles).read(source.path, fmt, data.skip_bad_rows, key)
+            records, fmt, bad = RowReader(source.columns, source.roles).read(source.path, fmt, data.skip_bad_rows, key)
         parts.append(records)
         formats.append(fmt)
         skipped += bad
@@ -254,7 +254,7 @@ def tokenizer_corpus(data) -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
     records = [r for key, s in train_sources(data)
-               for r in Rows(s.columns, s.roles).read(s.path, s.format, skip_bad_rows=True, key=key)[0]]
+               for r in RowReader(s.columns, s.roles).read(s.path, s.format, skip_bad_rows=True, key=key)[0]]
     for part in read_split(data, "retention")[0]:
         records += part
     return corpus_texts(records)

@@ -66,7 +66,10 @@ def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_
     try:
         store.local.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"run.output: cannot create {store.local}: {e.strerror}") from None
+        blocked = next((p for p in (store.local, *store.local.parents) if p.is_file()), None)
+        why = f"{blocked} is a file, where the run's directory goes" if blocked else e.strerror
+        raise UserError(f"run.output: cannot create {store.local}: {why}; set run.output (or run.name) to a "
+                        "directory") from None
     if not store.exists(RUN_MARKER):
         store.write_text(RUN_MARKER, json.dumps({"ftdist": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     if new_text != old_text:  # a finished run opened again is left as it was

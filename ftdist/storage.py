@@ -87,6 +87,9 @@ def permanent_error(error: BaseException, what: str) -> Optional[UserError]:
         return UserError(f"{what}: access denied; check the AWS credentials and the bucket's permissions")
     if isinstance(error, FileNotFoundError):
         return UserError(f"{what}: not found ({short(error)}); check the bucket and path")
+    if name == "ParamValidationError":  # botocore refuses the request before sending it
+        return UserError(f"{what}: not a valid S3 bucket name or key ({str(error).splitlines()[-1].strip()}); bucket "
+                         "names are 3-63 lowercase letters, digits, dots and hyphens")
     return None
 
 
@@ -116,7 +119,8 @@ def retrying(action: Callable[[], T], what: str, deadline_s: float) -> T:
             if now - first_failure + delay > deadline_s:
                 raise StoreUnavailable(
                     f"{what}: the object store did not answer for {deadline_s:g} s "
-                    f"(storage.retry_deadline_s): {short(e)}") from None
+                    f"(storage.retry_deadline_s): {short(e)}; check that the store at storage.endpoint_url (or "
+                    "AWS's) is up and reachable from here") from None
             if now == first_failure and deadline_s > delay and not isinstance(e, NotYet):  # NotYet: waiting, not away
                 print(f"ftdist: warning: {what}: the object store does not answer ({short(e)}); retrying for up "
                       f"to {deadline_s:g} s (storage.retry_deadline_s)", file=sys.stderr, flush=True)

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from ftdist.attention import document_mask
-from ftdist.data import IGNORE, Example, collate, encode, pack, to_example
-from ftdist.records import Rows
+from ftdist.data import IGNORE, Encoded, Examples, collate, encode, pack, to_examples
+from ftdist.records import RowReader
 from ftdist.errors import UserError
 from ftdist.tokenizer import IM_END, train_tokenizer
 from tests.conftest import DEMO
@@ -44,16 +45,43 @@ def test_chat_trains_on_assistant_turns_only(tokenizer):
     assert "reverse" not in learned and "be brief" not in learned
 
 
+def examples(*pairs) -> Examples:
+    """Examples from (ids, targets) lists."""
+    return Examples(np.array([t for ids, _ in pairs for t in ids], np.int32),
+                    np.array([t for _, targets in pairs for t in targets], np.int32),
+                    np.array([len(ids) for ids, _ in pairs], np.int64))
+
+
 def test_targets_are_shifted_within_the_example():
-    ex, truncated = to_example([5, 6, 7, 8], [False, False, True, True], max_length=10)
-    assert ex.targets == [IGNORE, 7, 8, IGNORE] and not truncated
-    ex, truncated = to_example([5, 6, 7, 8], [False, False, True, True], max_length=3)
-    assert ex.ids == [5, 6, 7] and ex.targets == [IGNORE, 7, IGNORE] and truncated
+    record = Encoded.of([([5, 6, 7, 8], [False, False, True, True])])
+    ex, counts = to_examples(record, max_length=10)
+    assert ex.targets.tolist() == [IGNORE, 7, 8, IGNORE] and counts["truncated"] == 0
+    ex, counts = to_examples(record, max_length=3)
+    assert ex.ids.tolist() == [5, 6, 7] and ex.targets.tolist() == [IGNORE, 7, IGNORE] and counts["truncated"] == 1
+
+
+def test_records_of_any_length_become_examples_each_shifted_on_its_own():
+    """The arrays' way equals the plain definition, example by example: targets[i] is ids[i+1]
+    where that token is trained; records cut to max_length; none without a target kept."""
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(0, 50, n).tolist(), (rng.random(n) < 0.5).tolist()) for n in rng.integers(1, 12, 300)]
+    pairs.append(([1, 2], [True, False]))  # nothing to learn: dropped
+    got, counts = to_examples(Encoded.of(pairs), max_length=6)
+    want = []
+    for ids, mask in pairs:
+        ids, mask = ids[:6], mask[:6]
+        targets = [ids[i + 1] if mask[i + 1] else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+        if any(t != IGNORE for t in targets):
+            want.append((ids, targets))
+    assert got.lengths.tolist() == [len(ids) for ids, _ in want]
+    assert got.ids.tolist() == [t for ids, _ in want for t in ids]
+    assert got.targets.tolist() == [t for _, targets in want for t in targets]
+    assert counts == {"truncated": sum(len(ids) > 6 for ids, _ in pairs), "dropped_no_target": len(pairs) - len(want)}
 
 
 def test_packing_restarts_positions_and_masks_across_documents():
-    examples = [Example([1, 2, 3], [2, 3, IGNORE]), Example([4, 5], [5, IGNORE]), Example([6, 7, 8, 9], [7, 8, 9, IGNORE])]
-    rows = pack(examples, max_length=6, packing=True, pad_id=0)
+    rows = pack(examples(([1, 2, 3], [2, 3, IGNORE]), ([4, 5], [5, IGNORE]), ([6, 7, 8, 9], [7, 8, 9, IGNORE])),
+                max_length=6, packing=True, pad_id=0)
     assert len(rows) == 2
     assert rows.ids[0].tolist() == [1, 2, 3, 4, 5, 0]
     assert rows.positions[0].tolist() == [0, 1, 2, 0, 1, 0]
@@ -77,9 +105,9 @@ def test_packed_rows_give_the_same_loss_as_separate_examples(attention):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
-    examples = [to_example(list(range(1 + k, 9 + k)), [True] * 8, 16)[0] for k in range(3)]
-    packed = pack(examples, 16, packing=True, pad_id=0)
-    single = pack(examples, 16, packing=False, pad_id=0)
+    three = to_examples(Encoded.of([(list(range(1 + k, 9 + k)), [True] * 8) for k in range(3)]), 16)[0]
+    packed = pack(three, 16, packing=True, pad_id=0)
+    single = pack(three, 16, packing=False, pad_id=0)
 
     def total(rows):
         batch = collate(rows, list(range(len(rows))), 0)
@@ -107,16 +135,16 @@ def write(tmp_path, lines):
 def test_malformed_row_names_file_and_line(tmp_path, line, reason):
     path = write(tmp_path, ['{"prompt": "a", "completion": "b"}', line])
     with pytest.raises(UserError) as e:
-        Rows().read(str(path))
+        RowReader().read(str(path))
     assert f"{path}:2:" in str(e.value) and reason in str(e.value) and "skip_bad_rows" in str(e.value)
 
 
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     path = write(tmp_path, ['{"text": "a"}', "not json", '{"text": ""}', '{"text": "b"}'])
-    records, fmt, skipped = Rows().read(str(path), skip_bad_rows=True)
+    records, fmt, skipped = RowReader().read(str(path), skip_bad_rows=True)
     assert fmt == "text" and len(records) == 2 and skipped == 2
 
 
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        Rows().read(str(tmp_path / "nope.jsonl"))
+        RowReader().read(str(tmp_path / "nope.jsonl"))

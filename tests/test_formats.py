@@ -11,7 +11,7 @@ from ftdist.config import validate_config
 from ftdist.data import encode
 from ftdist.errors import UserError
 from ftdist.preflight import check_inputs
-from ftdist.records import Rows
+from ftdist.records import RowReader
 from ftdist.tokenizer import train_tokenizer
 from tests.conftest import DEMO, tiny_config
 
@@ -38,7 +38,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def test_alpaca_rows_become_a_conversation_trained_on_the_output(tokenizer):
-    rows = Rows()
+    rows = RowReader()
     fmt, record = rows.normalize(ALPACA[0])
     assert fmt == "alpaca"
     assert record == {"messages": [{"role": "user", "content": "reverse\n\n12"},
@@ -53,14 +53,14 @@ def test_sharegpt_rows_train_on_the_gpt_turns_only(tokenizer):
     row = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "reverse 12"},
                              {"from": "gpt", "value": "21"}, {"from": "tool", "value": "ok"},
                              {"from": "gpt", "value": "done"}]}
-    fmt, record = Rows().normalize(row)
+    fmt, record = RowReader().normalize(row)
     assert fmt == "sharegpt"
     assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert learned(tokenizer, record) == "21<|im_end|>\ndone<|im_end|>\n"
 
 
 def test_other_key_and_role_names_through_columns_and_roles(tokenizer):
-    rows = Rows(columns={"messages": "dialog", "role": "speaker", "content": "text"},
+    rows = RowReader(columns={"messages": "dialog", "role": "speaker", "content": "text"},
                 roles={"user": ["person"], "assistant": ["bot"]})
     row = {"dialog": [{"speaker": "person", "text": "hi"}, {"speaker": "bot", "text": "hello"}]}
     fmt, record = rows.normalize(row)
@@ -68,24 +68,24 @@ def test_other_key_and_role_names_through_columns_and_roles(tokenizer):
     with pytest.raises(ValueError, match=r'dialog\[1\]: unknown role "robot".*data.roles: \{assistant: \[robot\]\}'):
         rows.normalize({"dialog": [{"speaker": "person", "text": "hi"}, {"speaker": "robot", "text": "x"}]})
     with pytest.raises(ValueError, match=r'"answer" must be a string, and is missing'):
-        Rows(columns={"completion": "answer"}).normalize({"prompt": "q", "response": "a"}, "prompt_completion")
+        RowReader(columns={"completion": "answer"}).normalize({"prompt": "q", "response": "a"}, "prompt_completion")
 
 
 def test_an_unknown_chat_role_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r'messages\[0\]: unknown role "narrator"'):
-        Rows().normalize({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]})
+        RowReader().normalize({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]})
 
 
 def test_preference_rows_are_validated_then_refused_for_sft(tmp_path):
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
-    assert Rows().normalize(good) == ("preference", good)
+    assert RowReader().normalize(good) == ("preference", good)
     with pytest.raises(ValueError, match='"rejected" must be a non-empty string'):
-        Rows().normalize({"prompt": "q", "chosen": "a", "rejected": ""})
+        RowReader().normalize({"prompt": "q", "chosen": "a", "rejected": ""})
     path = write_jsonl(tmp_path / "pref.jsonl", [good])
     with pytest.raises(UserError, match=r"preference pairs .*\(DPO\).*data.columns: \{completion: chosen\}"):
-        Rows().read(str(path))
+        RowReader().read(str(path))
     # Trained on the chosen answers, as the message says.
-    records, fmt, _ = Rows(columns={"completion": "chosen"}).read(str(path), "prompt_completion")
+    records, fmt, _ = RowReader(columns={"completion": "chosen"}).read(str(path), "prompt_completion")
     assert fmt == "prompt_completion" and records == [{"prompt": "q", "completion": "a"}]
 
 
@@ -100,7 +100,7 @@ def test_unknown_mapping_keys_are_config_errors():
 
 
 def test_named_and_file_chat_templates(tokenizer, tmp_path):
-    record = Rows().normalize(ALPACA[0])[1]
+    record = RowReader().normalize(ALPACA[0])[1]
     llama3 = train_tokenizer(["x"], 300)
     apply_choice(llama3, "llama3")
     ids, _ = encode(llama3, record)
@@ -155,14 +155,14 @@ def write_each_type(folder: Path, rows: list[dict]) -> dict[str, Path]:
 def test_every_file_type_gives_the_same_records(tmp_path):
     rows = rows_of_demo()
     for kind, path in write_each_type(tmp_path, rows).items():
-        records, fmt, _ = Rows().read(str(path))
+        records, fmt, _ = RowReader().read(str(path))
         assert fmt == "prompt_completion" and records == rows, kind
 
 
 def test_alpaca_in_csv_keeps_an_empty_input_empty(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text('instruction,input,output\nreverse 12,,21\n"reverse, twice",34,43\n')
-    records, fmt, _ = Rows().read(str(path))
+    records, fmt, _ = RowReader().read(str(path))
     assert fmt == "alpaca" and records[0]["messages"][0]["content"] == "reverse 12"
     assert records[1]["messages"][0]["content"] == "reverse, twice\n\n34"
 
@@ -174,9 +174,9 @@ def test_a_bad_row_is_named_by_file_line_or_row_and_field(tmp_path, kind, where)
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}, {"prompt": "d", "completion": "e"}]
     path = write_each_type(tmp_path, rows)[kind]
     with pytest.raises(UserError) as e:
-        Rows().read(str(path))
+        RowReader().read(str(path))
     assert where in str(e.value) and '"completion" is empty' in str(e.value)
-    records, _, skipped = Rows().read(str(path), skip_bad_rows=True)
+    records, _, skipped = RowReader().read(str(path), skip_bad_rows=True)
     assert skipped == 1 and [r["prompt"] for r in records] == ["a", "d"]
 
 
@@ -184,13 +184,13 @@ def test_invalid_utf8_is_a_bad_row_in_jsonl_and_csv(tmp_path):
     jsonl = tmp_path / "u.jsonl"
     jsonl.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "also fine"}\n')
     with pytest.raises(UserError, match=r"u.jsonl:2: not valid UTF-8 \(byte 0xff at column 15\)"):
-        Rows().read(str(jsonl))
-    assert Rows().read(str(jsonl), skip_bad_rows=True)[2] == 1
+        RowReader().read(str(jsonl))
+    assert RowReader().read(str(jsonl), skip_bad_rows=True)[2] == 1
     csv = tmp_path / "u.csv"
     csv.write_bytes(b'text\nfine\nbad \xff byte\n')
     with pytest.raises(UserError, match=r"u.csv:3: not valid UTF-8"):
-        Rows().read(str(csv))
-    assert Rows().read(str(csv), skip_bad_rows=True)[0] == [{"text": "fine"}]
+        RowReader().read(str(csv))
+    assert RowReader().read(str(csv), skip_bad_rows=True)[0] == [{"text": "fine"}]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -204,16 +204,16 @@ def test_unreadable_sources_are_one_message(tmp_path, make, message):
     make(tmp_path)
     path = next(p for p in tmp_path.iterdir() if p.name.startswith("x"))
     with pytest.raises(UserError, match=message):
-        Rows().read(str(path))
+        RowReader().read(str(path))
 
 
 def test_shards_of_mixed_types_and_empty_globs_are_refused(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}])
     (tmp_path / "b.csv").write_text("text\nb\n")
     with pytest.raises(UserError, match=r"mixes file types \(csv, jsonl\)"):
-        Rows().read(str(tmp_path))
+        RowReader().read(str(tmp_path))
     with pytest.raises(UserError, match="matches no file"):
-        Rows().read(str(tmp_path / "*.parquet"))
+        RowReader().read(str(tmp_path / "*.parquet"))
 
 
 def test_a_datasetdict_directory_names_its_splits(tmp_path):
@@ -221,7 +221,7 @@ def test_a_datasetdict_directory_names_its_splits(tmp_path):
 
     DatasetDict({"train": Dataset.from_list([{"text": "a"}])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UserError, match=r"DatasetDict with splits \['train'\].*dd/train"):
-        Rows().read(str(tmp_path / "dd"))
+        RowReader().read(str(tmp_path / "dd"))
 
 
 def test_a_hub_dataset_without_network_is_one_message(monkeypatch):
@@ -232,7 +232,7 @@ def test_a_hub_dataset_without_network_is_one_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match=r"data.train: cannot load the hub dataset nobody/none \(split test\)"):
-        Rows().read("hf:nobody/none:test")
+        RowReader().read("hf:nobody/none:test")
 
 
 def test_s3_directories_and_globs_are_fetched_and_read(tmp_path, s3):
@@ -244,7 +244,7 @@ def test_s3_directories_and_globs_are_fetched_and_read(tmp_path, s3):
         cfg = tiny_config(tmp_path, f"data.train={source}", "data.eval=null", *s3.overrides())
         checked = check_inputs(cfg)
         assert checked.data_format == "prompt_completion"
-        assert Rows().read(checked.cfg.data.train)[0] == rows, source
+        assert RowReader().read(checked.cfg.data.train)[0] == rows, source
 
 
 # ---------------------------------------------------------------- end to end

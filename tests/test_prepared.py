@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ftdist.data import Rows, encode, encode_all, pack, to_example
+from ftdist.data import Encoded, Rows, encode, encode_all, pack, to_examples
 from ftdist.preflight import check_data
 from ftdist.prepared import data_key, prepared_dataset, validated
 from ftdist.tokenizer import train_tokenizer
@@ -76,11 +76,15 @@ def test_batched_tokenizing_equals_one_row_at_a_time(tokenizer):
     records += [{"text": "plain text row"}, {"messages": [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "yo"}]}]
     tokenizer.chat_template = tokenizer.chat_template or "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    assert encode_all(tokenizer, records) == [encode(tokenizer, r) for r in records]
+    batched = encode_all(tokenizer, records)
+    assert [batched.record(i) for i in range(len(records))] == [encode(tokenizer, r) for r in records]
+    # Record order kept across kinds (a chat row between prompt/completion rows)
+    mixed = records[:3] + records[-1:] + records[3:6] + records[-2:-1]
+    assert [encode_all(tokenizer, mixed).record(i) for i in range(len(mixed))] == [encode(tokenizer, r) for r in mixed]
 
 
 def test_unpacked_rows_keep_one_example_each():
-    examples = [to_example([1, 2, 3], [True] * 3, 8)[0], to_example([4, 5], [True] * 2, 8)[0]]
+    examples = to_examples(Encoded.of([([1, 2, 3], [True] * 3), ([4, 5], [True] * 2)]), 8)[0]
     rows = pack(examples, 8, packing=False, pad_id=0)
     assert [r.tolist() for r in rows.ids] == [[1, 2, 3], [4, 5]]
     assert [r.tolist() for r in rows.positions] == [[0, 1, 2], [0, 1]]

@@ -1,0 +1,902 @@
+"""The bad-input battery: the mistakes and faults a new user meets, each through the real
+`ftdist` command in a process of its own, each expected to end in one clear message or, where
+the run can go on safely, in a finished run with one warning line.
+
+A case passes when:
+- error: exit code 2, exactly one `ftdist: error:` line, every expected fragment (the file,
+  key or line it names, and the fix) in stderr, no traceback, within its time limit;
+- runs: exit code 0, the expected fragments (the warning) in the output, no traceback;
+- refuses: a report that answers no (`ftdist plan` of a config that cannot fit): exit code 2,
+  the reason in the output, no traceback.
+
+Families: config (YAML, keys, types, values, --set), data (files, rows, formats, mixtures,
+lists), model (paths, weights, hub, fit), storage (a real S3 server: moto_server on loopback),
+ray (addresses, placement), resume (damaged snapshots and checkpoints), tune, cli.
+
+Run: .venv/bin/python bench/bad_inputs.py [-k SUBSTRING] [-j JOBS]
+Prints each case and `N passed, N failed`; writes bench/results/bad_inputs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEMO = ROOT / "data" / "demo"
+RESULTS = ROOT / "bench" / "results"
+FTDIST = [sys.executable, "-m", "ftdist"]
+PROMPTS = (DEMO / "train.jsonl").read_text().splitlines()
+
+
+class Workspace:
+    """One case's directory, its files and its config."""
+
+    def __init__(self, root: Path, env: dict):
+        self.dir, self.env = root, env
+
+    def file(self, name: str, content) -> str:
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        return str(path)
+
+    def rows(self, name: str, rows: list, n_good: int = 20) -> str:
+        """A JSONL file: n_good demo rows, then `rows` (dicts, or raw lines as str)."""
+        lines = PROMPTS[:n_good] + [r if isinstance(r, str) else json.dumps(r) for r in rows]
+        return self.file(name, "\n".join(lines) + "\n")
+
+    def raw(self, *overrides: str) -> dict:
+        from ftdist.config import apply_override
+
+        raw = {
+            "run": {"name": "case", "output": str(self.dir / "runs")},
+            "model": {"init": {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                               "vocab_size": 384}},
+            "method": "full",
+            "data": {"train": str(DEMO / "train.jsonl"), "eval": str(DEMO / "eval.jsonl"), "max_length": 64},
+            "train": {"max_steps": 2, "batch_size": 8, "micro_batch_size": 4, "warmup_steps": 1,
+                      "eval_every": 2, "log_every": 1},
+            "checkpoint": {"every_steps": 1, "keep": 3},
+            "distributed": {"workers": 0},
+            "storage": {"cache_dir": str(self.dir / "cache")},
+        }
+        for item in overrides:
+            apply_override(raw, item)
+        return raw
+
+    def config(self, *overrides: str, raw: dict | None = None, name: str = "config.yaml") -> str:
+        return self.file(name, yaml.safe_dump(raw if raw is not None else self.raw(*overrides), sort_keys=False))
+
+    def run(self, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        """A command the case needs before the one it checks (e.g. a run to damage)."""
+        done = subprocess.run(FTDIST + list(argv), capture_output=True, text=True, env=self.env, cwd=self.dir,
+                              timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"set-up command failed: {argv}\n{done.stderr[-2000:]}")
+        return done
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    make: Callable[[Workspace], list]  # writes the case's files; returns the ftdist arguments
+    expect: tuple = ()  # fragments the message (or the warning) must have
+    outcome: str = "error"  # error | runs | refuses
+    env: dict = field(default_factory=dict)
+    timeout: int = 120
+
+
+@dataclass
+class Result:
+    case: Case
+    passed: bool
+    seconds: float
+    why: str
+    message: str
+
+
+CASES: list[Case] = []
+
+
+def case(family: str, name: str, expect=(), outcome: str = "error", env=None, timeout: int = 120):
+    def register(make):
+        CASES.append(Case(family, name, make, tuple([expect] if isinstance(expect, str) else expect), outcome,
+                          env or {}, timeout))
+        return make
+    return register
+
+
+def train(w: Workspace, *overrides: str, config: str | None = None) -> list:
+    return ["train", config or w.config(*overrides), "--local"]
+
+
+# ---------------------------------------------------------------- config
+
+
+@case("config", "unknown top-level key", ("trian: unknown key", "did you mean train"))
+def _(w): return ["train", w.config(raw={**w.raw(), "trian": {"lr": 1}})]
+
+
+@case("config", "unknown nested key", ("train.lrr", "did you mean train.lr"))
+def _(w):
+    raw = w.raw()
+    raw["train"]["lrr"] = 0.1
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("config", "wrong type", ("train.lr",))
+def _(w): return train(w, "train.lr=fast")
+
+
+@case("config", "negative batch size", ("train.batch_size",))
+def _(w): return train(w, "train.batch_size=-8")
+
+
+@case("config", "micro batch not dividing", ("micro_batch_size 3 does not divide batch_size 8",))
+def _(w): return train(w, "train.micro_batch_size=3")
+
+
+@case("config", "missing section", ("run",))
+def _(w):
+    raw = w.raw()
+    del raw["run"]
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("config", "missing data.train", ("data.train",))
+def _(w):
+    raw = w.raw()
+    del raw["data"]["train"]
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("config", "unknown method", ("method",))
+def _(w): return train(w, "method=lora2")
+
+
+@case("config", "YAML syntax error", ("config.yaml:2:", "not valid YAML"))
+def _(w): return ["train", w.file("config.yaml", "run: {name: x\nmodel: [\n"), "--local"]
+
+
+@case("config", "duplicate key", ("train", "twice"))
+def _(w):
+    text = Path(w.config()).read_text() + "train: {lr: 0.1}\n"
+    return ["train", w.file("config.yaml", text), "--local"]
+
+
+@case("config", "config file missing", ("nope.yaml",))
+def _(w): return ["train", str(w.dir / "nope.yaml"), "--local"]
+
+
+@case("config", "config path is a directory", ("directory",))
+def _(w):
+    (w.dir / "conf").mkdir()
+    return ["train", str(w.dir / "conf"), "--local"]
+
+
+@case("config", "empty config file", ("config.yaml",))
+def _(w): return ["train", w.file("config.yaml", ""), "--local"]
+
+
+@case("config", "config is a YAML list", ("config.yaml",))
+def _(w): return ["train", w.file("config.yaml", "- a\n- b\n"), "--local"]
+
+
+@case("config", "run.name with a slash", ("run.name",))
+def _(w): return train(w, "run.name=a/b")
+
+
+@case("config", "both model sources", ("model.name_or_path", "model.init"))
+def _(w): return train(w, f"model.name_or_path={w.dir}")
+
+
+@case("config", "heads do not divide hidden size", ("num_heads",))
+def _(w): return train(w, "model.init.num_heads=5")
+
+
+@case("config", "freeze more layers than the model has", ("freeze_layers 5", "2 layers"))
+def _(w): return train(w, "freeze_layers=5")
+
+
+@case("config", "freeze all with lora", ("freeze_layers 'all'",))
+def _(w): return train(w, "freeze_layers=all", "method=lora")
+
+
+@case("config", "qlora with ZeRO-3", ("zero_stage 3",))
+def _(w): return ["train", w.config("method=qlora", "distributed.zero_stage=3", "distributed.workers=2")]
+
+
+@case("config", "--set without =", ("--set 'train.lr'", "dotted.key=value"))
+def _(w): return ["train", w.config(), "--local", "--set", "train.lr"]
+
+
+@case("config", "--set unknown key", ("train.learning_rate", "train.lr"))
+def _(w): return ["train", w.config(), "--local", "--set", "train.learning_rate=1e-3"]
+
+
+@case("config", "--set a section", ("--set", "train"))
+def _(w): return ["train", w.config(), "--local", "--set", "train=3"]
+
+
+@case("config", "--set wrong type", ("train.max_steps",))
+def _(w): return ["train", w.config(), "--local", "--set", "train.max_steps=many"]
+
+
+@case("config", "max_length zero", ("data.max_length",))
+def _(w): return train(w, "data.max_length=0")
+
+
+@case("config", "eval_fraction above 1", ("data.eval_fraction",))
+def _(w): return train(w, "data.eval_fraction=1.5")
+
+
+@case("config", "empty train list", ("data.train: an empty list",))
+def _(w): return train(w, "data.train=[]")
+
+
+@case("config", "a mixture with a missing weight", ("data.train.1: no weight",))
+def _(w): return train(w, f"data.train=[{{path: {DEMO / 'train.jsonl'}, weight: 1}}, {{path: {DEMO / 'eval.jsonl'}}}]")
+
+
+@case("config", "a weight on an eval source", ("data.eval.1.weight",))
+def _(w): return train(w, f"data.eval=[{{path: {DEMO / 'eval.jsonl'}}}, {{path: {DEMO / 'eval.jsonl'}, weight: 2}}]")
+
+
+@case("config", "one name for two eval sources", ("data.eval: the name x",))
+def _(w):
+    return train(w, f"data.eval=[{{path: {DEMO / 'eval.jsonl'}, name: x}}, {{path: {DEMO / 'train.jsonl'}, name: x}}]")
+
+
+@case("config", "unknown columns key", ("data.columns", "unknown key"))
+def _(w): return train(w, "data.columns={answer: output}")
+
+
+@case("config", "unknown roles key", ("data.roles", "unknown key"))
+def _(w): return train(w, "data.roles={bot: [gpt]}")
+
+
+@case("config", "keep zero checkpoints", ("checkpoint.keep",))
+def _(w): return train(w, "checkpoint.keep=0")
+
+
+@case("config", "negative workers", ("distributed.workers",))
+def _(w): return train(w, "distributed.workers=-1")
+
+
+@case("config", "unknown zero stage", ("distributed.zero_stage",))
+def _(w): return train(w, "distributed.zero_stage=4")
+
+
+@case("config", "unknown schedule", ("train.schedule",))
+def _(w): return train(w, "train.schedule=exponential")
+
+
+@case("config", "unknown tracker key", ("logging.mlflow",))
+def _(w): return train(w, "logging.mlflow={uri: http://127.0.0.1:1}")
+
+
+@case("config", "another tool's key name", ("train.lr",))
+def _(w):
+    raw = w.raw()
+    raw["train"]["learning_rate"] = 1e-4
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("config", "float16 on a CPU", ("float16",))
+def _(w): return train(w, "model.dtype=float16")
+
+
+# ---------------------------------------------------------------- data
+
+
+@case("data", "training file missing", ("data.train", "not found"))
+def _(w): return train(w, f"data.train={w.dir / 'gone.jsonl'}")
+
+
+@case("data", "eval file missing", ("data.eval", "not found"))
+def _(w): return train(w, f"data.eval={w.dir / 'gone.jsonl'}")
+
+
+@case("data", "retention file missing", ("data.retention", "not found"))
+def _(w): return train(w, f"data.retention={w.dir / 'gone.txt'}")
+
+
+@case("data", "a directory without data files", ("data.train", "holds no data files"))
+def _(w):
+    (w.dir / "shards").mkdir()
+    (w.dir / "shards" / "README").write_text("nothing here")
+    return train(w, f"data.train={w.dir / 'shards'}")
+
+
+@case("data", "a glob that matches nothing", ("data.train", "*.parquet"))
+def _(w): return train(w, f"data.train={w.dir / '*.parquet'}")
+
+
+@case("data", "invalid JSON on a line", ("bad.jsonl:21", "JSON"))
+def _(w): return train(w, f"data.train={w.rows('bad.jsonl', ['{not json'])}")
+
+
+@case("data", "a row without its completion", ("bad.jsonl:21", "completion"))
+def _(w): return train(w, f"data.train={w.rows('bad.jsonl', [{'prompt': 'x'}])}")
+
+
+@case("data", "a completion that is a number", ("bad.jsonl:21", "completion", "string"))
+def _(w): return train(w, f"data.train={w.rows('bad.jsonl', [{'prompt': 'x', 'completion': 3}])}")
+
+
+@case("data", "a row that is a list", ("bad.jsonl:21",))
+def _(w): return train(w, f"data.train={w.rows('bad.jsonl', ['[1, 2]'])}")
+
+
+def bad_utf8(w: Workspace, name: str = "bad.jsonl", good: int = 20) -> str:
+    """A JSONL file whose last row has a byte that is not UTF-8."""
+    return w.file(name, "\n".join(PROMPTS[:good]).encode() + b'\n{"prompt": "\xff", "completion": "1"}\n')
+
+
+@case("data", "invalid UTF-8 in training data", ("bad.jsonl", "UTF-8"))
+def _(w): return train(w, f"data.train={bad_utf8(w)}")
+
+
+@case("data", "invalid UTF-8 in eval data", ("bad.jsonl", "UTF-8"))
+def _(w): return train(w, f"data.eval={bad_utf8(w)}")
+
+
+@case("data", "invalid UTF-8 in retention text", ("data.retention", "UTF-8"))
+def _(w): return train(w, f"data.retention={w.file('general.txt', b'fine text' + bytes([10, 10, 255]) + b' broken')}")
+
+
+@case("data", "invalid UTF-8 skipped with skip_bad_rows", ("skipped 1 bad rows",), outcome="runs")
+def _(w): return train(w, f"data.train={bad_utf8(w, good=40)}", "data.skip_bad_rows=true")
+
+
+@case("data", "an empty training file", ("data.train", "empty.jsonl"))
+def _(w): return train(w, f"data.train={w.file('empty.jsonl', '')}")
+
+
+@case("data", "an unknown chat role", ("bad.jsonl:1", "narrator", "data.roles"))
+def _(w):
+    row = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    return train(w, f"data.train={w.rows('bad.jsonl', [row], 0)}", "data.format=chat", "data.chat_template=chatml",
+                 "data.eval=null")
+
+
+@case("data", "preference rows for SFT", ("preference", "DPO"))
+def _(w):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 20
+    return train(w, f"data.train={w.rows('pref.jsonl', rows, 0)}", "data.eval=null")
+
+
+@case("data", "text rows under data.format prompt_completion", ("rows.jsonl:1", "prompt"))
+def _(w): return train(w, f"data.train={w.rows('rows.jsonl', [{'text': 'a b c'}] * 20, 0)}",
+                       "data.format=prompt_completion")
+
+
+@case("data", "a damaged parquet file", ("broken.parquet",))
+def _(w): return train(w, f"data.train={w.file('broken.parquet', b'PAR1 not really parquet')}")
+
+
+@case("data", "a CSV without the columns", ("rows.csv", "completion"))
+def _(w): return train(w, f"data.train={w.file('rows.csv', 'prompt,answer' + chr(10) + 'a,b' + chr(10))}",
+                       "data.format=prompt_completion")
+
+
+@case("data", "a .json file that is not an array", ("rows.json",))
+def _(w): return train(w, f"data.train={w.file('rows.json', json.dumps({'prompt': 'a', 'completion': 'b'}))}")
+
+
+@case("data", "shards of two file types in one directory", ("mixed",))
+def _(w):
+    w.rows("mixed/a.jsonl", [])
+    w.file("mixed/b.csv", "prompt,completion\na,b\n")
+    return train(w, f"data.train={w.dir / 'mixed'}")
+
+
+@case("data", "a hub dataset without network", ("nobody/none", "save it to files"), env={"HF_HUB_OFFLINE": "1"})
+def _(w): return train(w, "data.train=hf:nobody/none:train")
+
+
+@case("data", "an unknown chat template name", ("data.chat_template",))
+def _(w): return train(w, "data.chat_template=vicuna9")
+
+
+@case("data", "a chat template file that is missing", ("data.chat_template", "tmpl.jinja"))
+def _(w): return train(w, f"data.chat_template={w.dir / 'tmpl.jinja'}")
+
+
+def without_template(w: Workspace) -> Path:
+    """A model directory whose tokenizer has no chat template (as many base models')."""
+    final = model_dir(w)
+    config = final / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings.pop("chat_template", None)
+    config.write_text(json.dumps(settings))
+    for f in final.glob("chat_template.*"):
+        f.unlink()
+    return final
+
+
+@case("data", "chat rows and a tokenizer without a template", ("chat template", "data.chat_template"), timeout=200)
+def _(w):
+    return train(w, "model.init=null", f"model.name_or_path={without_template(w)}", f"data.train={DEMO / 'chat.jsonl'}",
+                 "data.eval=null", "run.name=chat")
+
+
+@case("data", "max_length beyond the model's positions", ("data.max_length", "max_position_embeddings"))
+def _(w): return train(w, "data.max_length=100000", "model.init.max_position_embeddings=128")
+
+
+@case("data", "nothing left to learn after truncation", ("data.train", "data.max_length"))
+def _(w):
+    rows = [{"prompt": "word " * 60, "completion": " 1"}] * 20
+    return train(w, f"data.train={w.rows('long.jsonl', rows, 0)}", "data.eval=null", "data.max_length=8")
+
+
+@case("data", "alpaca rows without an output", ("bad.jsonl:1", "output"))
+def _(w): return train(w, f"data.train={w.rows('bad.jsonl', [{'instruction': 'x'}] * 2, 0)}", "data.format=alpaca")
+
+
+@case("data", "sharegpt rows without an assistant turn", ("bad.jsonl:1", "assistant"))
+def _(w):
+    row = {"conversations": [{"from": "human", "value": "hi"}]}
+    return train(w, f"data.train={w.rows('bad.jsonl', [row] * 2, 0)}", "data.format=sharegpt",
+                 "data.chat_template=chatml")
+
+
+@case("data", "a mixture's second source missing", ("data.train.1", "not found"))
+def _(w): return train(w, f"data.train=[{{path: {DEMO / 'train.jsonl'}}}, {{path: {w.dir / 'gone.jsonl'}}}]")
+
+
+@case("data", "a bad row in a listed eval source", ("two.jsonl:21",))
+def _(w):
+    return train(w, f"data.eval=[{{path: {DEMO / 'eval.jsonl'}}}, {{path: {w.rows('two.jsonl', [{'prompt': 1}])}}}]")
+
+
+@case("data", "a listed retention source missing", ("data.retention.1", "not found"))
+def _(w): return train(w, f"data.retention=[{{path: {DEMO / 'general.txt'}}}, {{path: {w.dir / 'gone.txt'}}}]")
+
+
+@case("data", "retention text that is empty", ("data.retention", "no text"))
+def _(w): return train(w, f"data.retention={w.file('general.txt', chr(10) * 3)}")
+
+
+@case("data", "examples cut to max_length are told", ("were cut to it", "data.max_length 16"), outcome="runs")
+def _(w):
+    rows = [{"text": f"row {i}: " + "the river rises and the river falls " * 8} for i in range(40)]
+    return train(w, f"data.train={w.rows('long.jsonl', rows, 0)}", "data.eval=null", "data.max_length=16")
+
+
+@case("data", "the data path is a directory of text files", ("data.train",))
+def _(w):
+    w.file("notes/a.txt", "hello")
+    return train(w, f"data.train={w.dir / 'notes'}")
+
+
+@case("data", "an unsupported file type", ("data.train", "rows.xlsx"))
+def _(w): return train(w, f"data.train={w.file('rows.xlsx', 'x')}")
+
+
+# ---------------------------------------------------------------- model
+
+
+def model_dir(w: Workspace) -> Path:
+    """A real (tiny) model directory: a run's final model."""
+    w.run("train", w.config("train.max_steps=1", "data.eval=null", "data.eval_fraction=0",
+                            "checkpoint.every_steps=100", name="base.yaml"), "--local")
+    return w.dir / "runs" / "case" / "final"
+
+
+@case("model", "a model directory that does not exist", ("model.name_or_path",))
+def _(w): return train(w, "model.init=null", f"model.name_or_path={w.dir / 'no-model'}")
+
+
+@case("model", "a directory without config.json", ("model.name_or_path", "config.json"))
+def _(w):
+    (w.dir / "empty-model").mkdir()
+    return train(w, "model.init=null", f"model.name_or_path={w.dir / 'empty-model'}")
+
+
+@case("model", "truncated weights", ("model.safetensors",), timeout=200)
+def _(w):
+    final = model_dir(w)
+    copy = w.dir / "damaged"
+    shutil.copytree(final, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return train(w, "model.init=null", f"model.name_or_path={copy}", "run.name=second")
+
+
+@case("model", "a hub id without network", ("someorg/somemodel", "HF_HUB_OFFLINE=1"),
+      env={"HF_ENDPOINT": "http://127.0.0.1:1", "HF_HUB_OFFLINE": None})
+def _(w): return train(w, "model.init=null", "model.name_or_path=someorg/somemodel", "method=lora")
+
+
+@case("model", "a hub id in offline mode, not in the cache", ("someorg/somemodel", "HF_HUB_OFFLINE set"))
+def _(w): return train(w, "model.init=null", "model.name_or_path=someorg/somemodel", "method=lora")
+
+
+@case("model", "a tokenizer path that is missing", ("model.tokenizer",))
+def _(w): return train(w, f"model.tokenizer={w.dir / 'no-tokenizer'}")
+
+
+@case("model", "a model that cannot fit this machine", ("412.33B parameters", "GiB is free", "method: qlora"))
+def _(w): return train(w, "model.init.hidden_size=16384", "model.init.num_layers=96", "model.init.num_heads=128")
+
+
+@case("model", "lora target modules the model does not have", ("lora.target_modules", "not_a_module"))
+def _(w): return train(w, "method=lora", "lora.target_modules=[not_a_module]")
+
+
+# ---------------------------------------------------------------- storage
+
+
+@case("storage", "an unreachable endpoint", ("storage.endpoint_url", "127.0.0.1:1", "storage.retry_deadline_s"))
+def _(w):
+    return train(w, "run.output=s3://bucket/runs", "storage.endpoint_url=http://127.0.0.1:1", "storage.retry_deadline_s=3")
+
+
+@case("storage", "a bucket that does not exist", ("no-such-bucket",))
+def _(w): return train(w, "run.output=s3://no-such-bucket/runs", *S3.overrides()[1:])
+
+
+@case("storage", "no credentials", ("no AWS credentials", "AWS_ACCESS_KEY_ID"),
+      env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+           "AWS_CONFIG_FILE": "/nonexistent"})
+def _(w): return train(w, f"run.output=s3://{S3.bucket}/runs", *S3.overrides())
+
+
+@case("storage", "credentials inside the endpoint URL are refused, not shown", ("storage.endpoint_url", "AWS_ACCESS_KEY_ID"))
+def _(w):
+    return train(w, "run.output=s3://bucket/runs", "storage.endpoint_url=http://user:hunter2@127.0.0.1:1",
+                 "storage.retry_deadline_s=3")
+
+
+@case("storage", "an s3:// data file that is missing", ("s3://", "missing.jsonl"))
+def _(w): return train(w, f"data.train=s3://{S3.bucket}/missing.jsonl", *S3.overrides()[1:])
+
+
+@case("storage", "an s3:// model without config.json", ("model.name_or_path", "config.json"))
+def _(w):
+    S3.put_text("empty-model/README", "no model here")
+    return train(w, "model.init=null", f"model.name_or_path=s3://{S3.bucket}/empty-model", *S3.overrides()[1:])
+
+
+@case("storage", "a bad bucket name", ("s3://Bad_Bucket!", "not a valid S3 bucket name"))
+def _(w): return train(w, "run.output=s3://Bad_Bucket!/runs", *S3.overrides()[1:])
+
+
+# ---------------------------------------------------------------- ray
+
+
+@case("ray", "an address where nothing answers", ("no Ray cluster answers at 127.0.0.1:1", "ray start --head"))
+def _(w): return ["train", w.config("distributed.workers=2"), "--address", "127.0.0.1:1"]
+
+
+@case("ray", "RAY_ADDRESS where nothing answers", ("127.0.0.1:1", "RAY_ADDRESS"), env={"RAY_ADDRESS": "127.0.0.1:1"})
+def _(w): return ["train", w.config("distributed.workers=2")]
+
+
+@case("ray", "--address with --local", ("--address", "--local"))
+def _(w): return ["train", w.config(), "--local", "--address", "127.0.0.1:6379"]
+
+
+@case("ray", "a tune with --address where nothing answers", ("no Ray cluster answers",))
+def _(w): return ["tune", tune_config(w), "--address", "127.0.0.1:1"]
+
+
+@case("ray", "more workers than the cluster can place", ("workers", "CPU"), timeout=240)
+def _(w): return ["train", w.config("distributed.workers=64")]
+
+
+# ---------------------------------------------------------------- resume
+
+
+def interrupted_run(w: Workspace) -> Path:
+    """A run of 3 steps with complete checkpoints at steps 1 and 2, as if killed before its end."""
+    w.run("train", w.config("train.max_steps=3"), "--local")
+    run = w.dir / "runs" / "case"
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    return run
+
+
+@case("resume", "a snapshot that is not valid YAML", ("config.yaml", "--restart"), timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    (run / "config.yaml").write_text("run: [broken\n")
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "a changed config on resume", ("different", "--restart"), timeout=200)
+def _(w):
+    interrupted_run(w)
+    return train(w, "train.max_steps=3", "train.lr=0.5")
+
+
+@case("resume", "the newest checkpoint's state.json is garbage", ("step-2", "state.json", "resuming from"),
+      outcome="runs", timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    (run / "checkpoints" / "step-2" / "state.json").write_text("{garbage")
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "the newest checkpoint's weights were damaged", ("step-2", "model.safetensors", "resuming from"),
+      outcome="runs", timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    for f in (run / "checkpoints" / "step-2").rglob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "the only checkpoint damaged", ("step-1", "the only checkpoint left", "--restart"), timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    shutil.rmtree(run / "checkpoints" / "step-2")
+    (run / "checkpoints" / "step-1" / "state.json").write_text("{}")
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "--restart on a directory ftdist did not write", ("thesis.tex", "not an ftdist run"))
+def _(w):
+    (w.dir / "runs" / "case").mkdir(parents=True)
+    (w.dir / "runs" / "case" / "thesis.tex").write_text("years of work")
+    return ["train", w.config(), "--local", "--restart"]
+
+
+@case("resume", "the run directory is a file", ("runs/case is a file", "run.output"))
+def _(w):
+    (w.dir / "runs").mkdir()
+    (w.dir / "runs" / "case").write_text("a file")
+    return train(w)
+
+
+@case("resume", "export of a run without a model or checkpoint", ("runs/case", "neither a run directory"))
+def _(w):
+    (w.dir / "runs" / "case").mkdir(parents=True)
+    return ["export", str(w.dir / "runs" / "case"), "--out", str(w.dir / "out")]
+
+
+@case("resume", "export into a non-empty directory", ("--out", "--force"), timeout=200)
+def _(w):
+    w.run("train", w.config(), "--local")
+    run = w.dir / "runs" / "case"
+    w.file("out/keep.txt", "mine")
+    return ["export", str(run), "--out", str(w.dir / "out")]
+
+
+# ---------------------------------------------------------------- tune
+
+
+def tune_config(w: Workspace, **tune) -> str:
+    raw = w.raw("distributed.workers=1")
+    raw["tune"] = {"name": "search", "num_samples": 2, "metric": "eval_loss",
+                   "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}, **tune}
+    return w.config(raw=raw, name="tune.yaml")
+
+
+@case("tune", "an unknown space key", ("train.lrr", "did you mean"))
+def _(w): return ["tune", tune_config(w, space={"train.lrr": {"choice": [1, 2]}})]
+
+
+@case("tune", "a key that cannot be searched", ("data.max_length", "cannot be searched"))
+def _(w): return ["tune", tune_config(w, space={"data.max_length": {"choice": [64, 128]}})]
+
+
+@case("tune", "an unknown distribution", ("train.lr",))
+def _(w): return ["tune", tune_config(w, space={"train.lr": {"gaussian": [0, 1]}})]
+
+
+@case("tune", "forgetting without retention", ("data.retention",))
+def _(w): return ["tune", tune_config(w, metric="eval_loss_plus_forgetting")]
+
+
+@case("tune", "no eval data", ("eval loss", "data.eval"))
+def _(w):
+    raw = w.raw("distributed.workers=1", "data.eval=null", "data.eval_fraction=0")
+    raw["tune"] = {"name": "s", "space": {"train.lr": {"choice": [1e-3, 1e-2]}}}
+    return ["tune", w.config(raw=raw)]
+
+
+@case("tune", "zero samples", ("tune.num_samples",))
+def _(w): return ["tune", tune_config(w, num_samples=0)]
+
+
+@case("tune", "a config without a tune section", ("tune",))
+def _(w): return ["tune", w.config()]
+
+
+@case("tune", "a choice with no values", ("train.lr",))
+def _(w): return ["tune", tune_config(w, space={"train.lr": {"choice": []}})]
+
+
+@case("tune", "a weight of a source that is not there", ("data.train.3.weight",))
+def _(w): return ["tune", tune_config(w, space={"data.train.3.weight": {"uniform": [0.1, 0.5]}})]
+
+
+@case("tune", "a range the wrong way round", ("train.lr",))
+def _(w): return ["tune", tune_config(w, space={"train.lr": {"loguniform": [1e-2, 1e-4]}})]
+
+
+@case("tune", "a freeze depth beyond the model", ("freeze_layers",))
+def _(w): return ["tune", tune_config(w, space={"freeze_layers": {"choice": [0, 9]}})]
+
+
+# ---------------------------------------------------------------- cli
+
+
+@case("cli", "generate from a directory that does not exist", ("no-model", "no such directory"))
+def _(w): return ["generate", str(w.dir / "no-model"), "--prompt", "hi"]
+
+
+@case("cli", "report on a directory without metrics", ("metrics.jsonl",))
+def _(w):
+    (w.dir / "empty-run").mkdir()
+    return ["report", str(w.dir / "empty-run")]
+
+
+@case("cli", "prepare with a missing data file", ("data.train", "not found"))
+def _(w): return ["prepare", w.config(f"data.train={w.dir / 'gone.jsonl'}")]
+
+
+@case("cli", "plan with a config error", ("train.lr",))
+def _(w): return ["plan", w.config(raw={**w.raw(), "train": {"lr": "fast"}})]
+
+
+@case("cli", "plan for a model that cannot fit", ("does not fit", "offload_optimizer"), outcome="refuses", timeout=60)
+def _(w):
+    return ["plan", w.config("model.init.hidden_size=16384", "model.init.num_layers=96", "model.init.num_heads=128"),
+            "--gpu-memory", "24"]
+
+
+@case("cli", "generate --chat without a chat template", ("chat template", "--chat"), timeout=200)
+def _(w): return ["generate", str(without_template(w)), "--prompt", "hi", "--chat"]
+
+
+@case("cli", "export of a missing source", ("gone",))
+def _(w): return ["export", str(w.dir / "gone"), "--out", str(w.dir / "out")]
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class Store:
+    """The S3 cases' store: a real moto_server on loopback, one bucket."""
+
+    bucket = "battery"
+
+    def __init__(self):
+        self.server = None
+
+    def start(self, log: Path) -> None:
+        import s3fs
+
+        from tests.s3server import MotoServer
+
+        self.server = MotoServer(log)
+        os.environ.update(AWS_ACCESS_KEY_ID="battery", AWS_SECRET_ACCESS_KEY="battery-secret",
+                          AWS_DEFAULT_REGION="us-east-1")
+        self.fs = s3fs.S3FileSystem(endpoint_url=self.server.url, use_listings_cache=False, skip_instance_cache=True)
+        self.fs.mkdir(self.bucket)
+
+    def overrides(self) -> list[str]:
+        return [f"run.output=s3://{self.bucket}/runs", f"storage.endpoint_url={self.server.url}",
+                "storage.region=us-east-1", "storage.retry_deadline_s=5"]
+
+    def put_text(self, rel: str, text: str) -> None:
+        self.fs.pipe_file(f"{self.bucket}/{rel}", text.encode())
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+
+
+S3 = Store()
+
+
+def run_case(c: Case, root: Path, base_env: dict) -> Result:
+    env = dict(base_env)
+    for k, v in c.env.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    where = root / f"{c.family}-{CASES.index(c):03d}"
+    where.mkdir()
+    w = Workspace(where, env)
+    started = time.monotonic()
+    try:
+        argv = [str(a) for a in c.make(w)]
+        done = subprocess.run(FTDIST + argv, capture_output=True, text=True, env=env, cwd=where, timeout=c.timeout)
+    except subprocess.TimeoutExpired:
+        return Result(c, False, time.monotonic() - started, f"no answer within {c.timeout} s (a hang)", "")
+    except Exception as e:  # the case's own set-up failed
+        return Result(c, False, time.monotonic() - started, f"set-up: {e}"[:300], "")
+    seconds = time.monotonic() - started
+    out, err = done.stdout, done.stderr
+    errors = [line for line in err.splitlines() if line.startswith("ftdist: error:")]
+    message = "\n".join(line for line in err.splitlines() if line.strip())[:600]
+    problems = []
+    if "Traceback" in out + err:
+        problems.append("a traceback")
+    if c.outcome == "error":
+        if done.returncode != 2:
+            problems.append(f"exit {done.returncode}, not 2")
+        if len(errors) != 1:
+            problems.append(f"{len(errors)} 'ftdist: error:' lines, not 1")
+        missing = [f for f in c.expect if f not in err]
+    elif c.outcome == "refuses":  # a report that ends in "no" (ftdist plan): exit 2, the reason on stdout
+        if done.returncode != 2:
+            problems.append(f"exit {done.returncode}, not 2")
+        missing = [f for f in c.expect if f not in out + err]
+        message = "\n".join(line for line in out.splitlines() if any(f in line for f in c.expect))[:600]
+    else:
+        if done.returncode != 0:
+            problems.append(f"exit {done.returncode}, not 0")
+        missing = [f for f in c.expect if f not in out + err]
+        message = "\n".join(line for line in (out + err).splitlines()
+                            if any(f in line for f in c.expect))[:600] or message
+    if missing:
+        problems.append("the message lacks " + ", ".join(repr(m) for m in missing))
+    return Result(c, not problems, seconds, "; ".join(problems), message)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-k", default="", help="only cases whose family or name has this substring")
+    parser.add_argument("-j", type=int, default=2, help="cases at a time")
+    args = parser.parse_args()
+    chosen = [c for c in CASES if args.k in f"{c.family} {c.name}"]
+    root = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="battery", AWS_SECRET_ACCESS_KEY="battery-secret",
+               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", HF_HUB_OFFLINE="1",
+               RAY_TMPDIR=str(root / "ray"), TOKENIZERS_PARALLELISM="false")
+    started = time.monotonic()
+    S3.start(root / "moto.log")
+    try:
+        with ThreadPoolExecutor(max_workers=args.j) as pool:
+            results = list(pool.map(lambda c: run_case(c, root, env), chosen))
+    finally:
+        S3.stop()
+    for r in results:
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.case.family:8} {r.case.name} ({r.seconds:.1f} s)"
+              + ("" if r.passed else f"\n      {r.why}\n      " + r.message.replace("\n", "\n      ")))
+    passed = sum(r.passed for r in results)
+    print(f"{passed} passed, {len(results) - passed} failed in {time.monotonic() - started:.0f} s")
+    if not args.k:
+        write(results)
+    shutil.rmtree(root, ignore_errors=True)
+    sys.exit(0 if passed == len(results) else 1)
+
+
+def write(results: list[Result]) -> None:
+    passed = sum(r.passed for r in results)
+    lines = [f"# bad_inputs ({datetime.datetime.now().isoformat(timespec='seconds')})", "",
+             f"{passed} passed, {len(results) - passed} failed, of {len(results)} cases "
+             "(`.venv/bin/python bench/bad_inputs.py`).", "",
+             "| family | case | result | what ftdist said |", "|---|---|---|---|"]
+    for r in results:
+        said = r.message.replace("|", "\\|").replace("\n", " / ")
+        lines.append(f"| {r.case.family} | {r.case.name} | {'pass' if r.passed else 'FAIL: ' + r.why} | {said} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bad_inputs.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
