@@ -105,8 +105,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-# The next two start clusters of their own, not the session's Ray: they may run beside the Ray
-# group, on the other pytest worker.
+@ONE_RAY_AT_A_TIME  # its cluster lives in /tmp/ray, where Ray's State API looks for the session's
 def test_two_nodes_strict_spread_train_together(tmp_path):
     cluster = subprocess.Popen([sys.executable, str(REPO / "cluster" / "local_cluster.py"), "--nodes", "2",
                                 "--cpus-per-node", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -139,6 +138,8 @@ def leaked(text) -> list[str]:
     return [s for s in SECRETS if s.encode() in data]
 
 
+# Its head keeps its files in a directory of its own (--temp-dir), not /tmp/ray: it may run
+# beside the Ray group, on the other pytest worker.
 def test_ray_job_submit_runs_the_tiny_job_and_no_secret_leaves_ftdist(tmp_path, s3, mlflow_server):
     """`ray job submit` of the example job, on a run in the S3 server tracked by MLflow and W&B
     (offline): it trains, and no planted credential appears in what the user and others see:

@@ -231,3 +231,45 @@ def test_optuna_search_on_object_storage(tmp_path, ray_local, pretrained_base, s
     assert any(p.startswith("tuner/") for p in listing)  # Tune's own state, for a rerun anywhere
     summary = json.loads(s3.fs.cat_file(s3.url("runs", "tpe", "tune.json")))
     assert summary["by_status"] == {"finished": 2} and summary["best"]["final_model"].startswith("s3://")
+
+
+def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_local, pretrained_base):
+    """The driver SIGKILLed (no Ctrl-C handler runs: a preempted node, an OOM kill) once one
+    trial has finished and the next has a complete checkpoint: the same command again keeps the
+    finished trial's files byte for byte and resumes the running one from its checkpoint."""
+    steps = 12
+    config, raw = search_config(tmp_path, pretrained_base("llama"), f"train.max_steps={steps}",
+                                "checkpoint.every_steps=2", name="killed")
+    raw["tune"].update(num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"})
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    experiment = tmp_path / "runs" / "killed"
+    address = ray_local.get_runtime_context().gcs_address
+
+    def finished_and_checkpointed():
+        finals = {p.parents[1].name for p in experiment.glob("trial-*/final/ftdist.json")}
+        running = [p.parents[2].name for p in experiment.glob("trial-*/checkpoints/step-*/COMPLETE")
+                   if p.parents[2].name not in finals]
+        return (finals, running[0]) if finals and running else None
+
+    first = start_cli("tune", str(config), "--address", address)
+    try:
+        finals, running = wait_until(finished_and_checkpointed, 600, "a finished trial and a checkpointed one", first)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == -signal.SIGKILL
+    snapshot = {p: p.read_bytes() for t in finals for p in (experiment / t).glob("**/*") if p.is_file()}
+
+    second = run_cli("tune", str(config), "--address", address, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "continuing the experiment" in second.stdout
+    rows = read_results(experiment)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
+    for path, content in snapshot.items():  # the finished trial: not trained again, not touched
+        assert path.read_bytes() == content, path
+    records = read_metrics(experiment / running / "metrics.jsonl")
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert resumes and resumes[0]["checkpoint"].startswith("step-")  # from its checkpoint, not from step 0
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # every step once
