@@ -789,7 +789,7 @@ class Store:
 
         from tests.s3server import MotoServer
 
-        self.server = MotoServer(log)
+        self.server = MotoServer(log)  # stopped by stop(), whatever happens next
         os.environ.update(AWS_ACCESS_KEY_ID="battery", AWS_SECRET_ACCESS_KEY="battery-secret",
                           AWS_DEFAULT_REGION="us-east-1")
         self.fs = s3fs.S3FileSystem(endpoint_url=self.server.url, use_listings_cache=False, skip_instance_cache=True)
@@ -868,8 +868,8 @@ def main() -> None:
                AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", HF_HUB_OFFLINE="1",
                RAY_TMPDIR=str(root / "ray"), TOKENIZERS_PARALLELISM="false")
     started = time.monotonic()
-    S3.start(root / "moto.log")
     try:
+        S3.start(root / "moto.log")
         with ThreadPoolExecutor(max_workers=args.j) as pool:
             results = list(pool.map(lambda c: run_case(c, root, env), chosen))
     finally:
