@@ -138,8 +138,9 @@ def leaked(text) -> list[str]:
     return [s for s in SECRETS if s.encode() in data]
 
 
-# Its head keeps its files in a directory of its own (--temp-dir), not /tmp/ray: it may run
-# beside the Ray group, on the other pytest worker.
+# Its head keeps its files in a directory of its own (--temp-dir), not /tmp/ray; in the Ray group
+# all the same: beside another Ray test, the two cores make both slower than one after the other.
+@ONE_RAY_AT_A_TIME
 def test_ray_job_submit_runs_the_tiny_job_and_no_secret_leaves_ftdist(tmp_path, s3, mlflow_server):
     """`ray job submit` of the example job, on a run in the S3 server tracked by MLflow and W&B
     (offline): it trains, and no planted credential appears in what the user and others see:

@@ -237,7 +237,7 @@ def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_l
     """The driver SIGKILLed (no Ctrl-C handler runs: a preempted node, an OOM kill) once one
     trial has finished and the next has a complete checkpoint: the same command again keeps the
     finished trial's files byte for byte and resumes the running one from its checkpoint."""
-    steps = 12
+    steps = 8
     config, raw = search_config(tmp_path, pretrained_base("llama"), f"train.max_steps={steps}",
                                 "checkpoint.every_steps=2", name="killed")
     raw["tune"].update(num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"})
