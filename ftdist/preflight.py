@@ -21,8 +21,8 @@ from ftdist.chat_templates import check_choice
 from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
-from ftdist.records import keyed_sources, read_split, read_train
-from ftdist.sources import GLOB_CHARS, check_source, is_data_file, is_glob
+from ftdist.records import is_plain_text, keyed_sources, read_split, read_train
+from ftdist.sources import GLOB_CHARS, check_source, is_glob
 from ftdist.storage import fetch, is_remote
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def check_paths(cfg: Config) -> None:
     for key, value in data_paths(cfg.data):
         if is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if key.startswith("data.retention") and Path(value).is_file() and not is_data_file(value):
+        if key.startswith("data.retention") and is_plain_text(value) and Path(value).is_file():
             continue  # plain text
         check_source(value, key)
     check_choice(cfg.data.chat_template)

@@ -42,11 +42,6 @@ class RowReader:
         for ours, names in (roles or {}).items():
             self.roles.update({name: ours for name in names})
 
-    @classmethod
-    def of(cls, data) -> "RowReader":
-        """`data`: the run's DataConfig."""
-        return cls(data.columns, data.roles)
-
     def name(self, field: str) -> str:
         """A field as the file names it, for messages."""
         return f'"{self.file_key[field]}"'
@@ -177,11 +172,6 @@ def refuse_preference(fmt: str, path: str) -> None:
                         "on the chosen answers: data.format: prompt_completion, data.columns: {completion: chosen}")
 
 
-def read_records(path: str, data, fmt: Optional[str] = None, key: str = "data.train") -> tuple[list[dict], str, int]:
-    """`data`: the run's DataConfig; `fmt`: the format the rows must have (default data.format)."""
-    return RowReader.of(data).read(path, fmt or data.format, data.skip_bad_rows, key)
-
-
 def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[list[list[dict]], str, int]:
     """Each source of data.<split>'s validated records (one list per source), the format they
     have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
@@ -212,10 +202,6 @@ def keyed_sources(data, split: str) -> list[tuple[str, Any]]:
     """(the config key that names it, the source) for each source of data.<split>."""
     single = not isinstance(getattr(data, split), list)
     return [(f"data.{split}" if single else f"data.{split}.{i}", s) for i, s in enumerate(data.split_sources(split))]
-
-
-def train_sources(data) -> list[tuple[str, Any]]:
-    return keyed_sources(data, "train")
 
 
 def is_plain_text(path: str) -> bool:
@@ -253,8 +239,5 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
 def tokenizer_corpus(data) -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
-    records = [r for key, s in train_sources(data)
-               for r in RowReader(s.columns, s.roles).read(s.path, s.format, skip_bad_rows=True, key=key)[0]]
-    for part in read_split(data, "retention")[0]:
-        records += part
-    return corpus_texts(records)
+    parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train")[0] + read_split(data, "retention")[0]
+    return corpus_texts(r for part in parts for r in part)
