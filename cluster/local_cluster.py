@@ -1,12 +1,14 @@
 """Start a Ray cluster of several nodes on this machine, on loopback, for trying multi-node
-runs by hand (and for the multi-node test). Each node is a real raylet with its own
+runs by hand (and for the multi-node tests). Each node is a real raylet with its own
 resources; workers placed with STRICT_SPREAD land on different nodes.
 
     python cluster/local_cluster.py --nodes 2 --cpus-per-node 1
     # prints "address: 127.0.0.1:PORT"; in another shell:
     ftdist train jobs/configs/tiny-ray.yaml --address 127.0.0.1:PORT --set distributed.placement=STRICT_SPREAD
 
-Ctrl-C (or SIGTERM) stops every node it started, and nothing else.
+SIGUSR1 loses the head node as a crash would (its processes SIGKILLed, the other nodes left
+to notice), for trying what a lost head does to a run. Ctrl-C (or SIGTERM) stops every node
+it started, and nothing else.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ def main() -> None:
     print(f"address: {cluster.address}", flush=True)
     print(f"{args.nodes} nodes x {args.cpus_per_node} CPUs; Ctrl-C stops them", flush=True)
 
-    stop = threading.Event()
+    stop, lose_head = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: (lose_head.set(), stop.set()))
     stop.wait()
+    if lose_head.is_set():
+        cluster.remove_node(cluster.head_node, allow_graceful=False)
+        print("head node killed", flush=True)
+        stop.clear()
+        stop.wait()  # the other nodes stay until Ctrl-C, as on a real cluster
     cluster.shutdown()
     print("cluster stopped", flush=True)
 
