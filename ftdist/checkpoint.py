@@ -78,6 +78,14 @@ def latest_step(store: RunStore) -> Optional[int]:
     return markers[-1]["step"] if markers else None
 
 
+def describe_newest(store: RunStore) -> str:
+    """Where a rerun of this run resumes from, in words."""
+    step = latest_step(store)
+    if step is None:
+        return f"no checkpoint of {store.url} is complete yet: a rerun starts from step 0"
+    return f"the newest complete checkpoint is {store.path(step_dir(step))}"
+
+
 # ---------------------------------------------------------------- saving
 
 

@@ -278,6 +278,9 @@ class StorageConfig(Section):
     anon: bool = False  # unsigned requests, for public buckets
     retry_deadline_s: float = Field(300.0, gt=0)  # how long calls to the store retry before the run stops
     cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
+    # A shared copy of the prepared-data cache that a fresh node reads instead of tokenizing again.
+    # None: <run.output>/.prepared for runs on s3://, else s3://BUCKET/.ftdist-prepared for s3:// data.
+    prepared_url: Optional[str] = None
 
     @model_validator(mode="after")
     def _no_credentials_in_the_url(self) -> "StorageConfig":

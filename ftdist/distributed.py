@@ -21,6 +21,7 @@ from ftdist.config import Config
 from ftdist.errors import UserError
 from ftdist.plan import Plan, accumulation_steps
 from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
+from ftdist.rayhead import answers, watch_head
 from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
 from ftdist.storage import RunStore, cache_path, is_remote
 
@@ -127,13 +128,16 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if loop_config["split_in_workers"] else SPLIT),
     )
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; a user error inside is still one message
-        user_error = find_user_error(e)
-        if user_error is not None:
-            raise UserError(str(user_error)) from None
-        raise
+    from ftdist.checkpoint import describe_newest
+
+    with watch_head(lambda: describe_newest(store)):
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps worker errors; a user error inside is still one message
+            user_error = find_user_error(e)
+            if user_error is not None:
+                raise UserError(str(user_error)) from None
+            raise
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -219,20 +223,6 @@ def reachable_address(address: Optional[str]) -> Optional[str]:
     print(f"ftdist: ignoring {current}: no Ray answers at {named or '(empty file)'} (a stopped `ray start`); "
           "starting a local Ray", flush=True)
     return "local"
-
-
-def answers(address: str, timeout_s: float = 5.0) -> bool:
-    """Whether something accepts a TCP connection at host:port (a Ray head's GCS port)."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if "://" in address or not port.isdigit():
-        return True  # not host:port: left to Ray to judge
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def cluster_budget(cfg: Config) -> tuple[bool, str, float]:

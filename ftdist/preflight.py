@@ -107,7 +107,8 @@ def check_weight_files(model_dir: Path, key: str) -> None:
 
 def localize_data(cfg: Config) -> Config:
     """The config with s3:// data files replaced by local copies (fetched once into the cache):
-    data is read where the run starts (this process, or the Ray driver)."""
+    data is read where the run starts (this process, or the Ray driver); and with the bucket
+    copy of the prepared rows resolved, while the data's URLs still name their bucket."""
     def local_copy(path: str) -> str:
         return str(fetch_source(path, cfg.storage)) if is_remote(path) else path
 
@@ -116,9 +117,12 @@ def localize_data(cfg: Config) -> Config:
             return [s.model_copy(update={"path": local_copy(s.path)}) for s in given]
         return given and local_copy(given)
 
+    from ftdist.prepared import shared_url
+
     local = {split: local_copies(getattr(cfg.data, split)) for split in SPLITS}
     local = {k: v for k, v in local.items() if v != getattr(cfg.data, k)}
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=local)}) if local else cfg
+    storage = cfg.storage.model_copy(update={"prepared_url": shared_url(cfg)})
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=local), "storage": storage})
 
 
 def check_data(cfg: Config) -> tuple[str, int]:

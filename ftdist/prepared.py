@@ -9,8 +9,9 @@ tokenizer. Two levels, so that preflight can skip validating rows it has validat
   <storage.cache_dir>/prepared/<data key>/records.json          format, rows skipped
   <storage.cache_dir>/prepared/<data key>/<tokenizer key>/      <split>.<column>.npy, stats.json
 
-Runs on object storage (run.output s3://...) keep a copy in the bucket too, in
-<run.output>/.prepared/, so that a fresh node (a new KubeRay pod) reads the rows instead of
+Runs on object storage (run.output s3://...) and runs of s3:// data keep a copy in the bucket
+too (storage.prepared_url; by default <run.output>/.prepared/, or s3://BUCKET/.ftdist-prepared/
+for the data's bucket), so that a fresh node (a new KubeRay pod) reads the rows instead of
 tokenizing again; its stats.json is sent last and marks it whole.
 
 A rows directory is written beside its final place and renamed into it, so a crash never
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ftdist.config import SPLITS, Config
+from ftdist.errors import UserError
 from ftdist.sources import is_hub, shard_files
 
 if TYPE_CHECKING:
@@ -144,20 +146,45 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
     save(dataset, where)
     remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0))
     if bucket is not None:
-        bucket.upload(rel, source=where, skip={f"{rel}/stats.json"})
-        bucket.upload_file(where / "stats.json", f"{rel}/stats.json")  # last: the copy is whole
+        keep_copy(bucket, rel, where)
     dataset.stats["prepared"] = f"tokenized, kept in {where}"
     return dataset
 
 
-def bucket_copy(cfg: Config):
-    """The bucket's copy of the cache (a RunStore over <run.output>/.prepared), for runs on
-    object storage; None otherwise."""
-    from ftdist.storage import RunStore, is_remote, join
+def shared_url(cfg: Config) -> Optional[str]:
+    """Where the bucket's copy of the cache lives: storage.prepared_url, else beside a run on
+    object storage, else in the bucket of the first s3:// data source; None for local work.
+    Resolved on the config as written (preflight's local copies of the data no longer name
+    their bucket)."""
+    from ftdist.preflight import data_paths
+    from ftdist.storage import is_remote, join
 
-    if not is_remote(cfg.run.output):
-        return None
-    return RunStore(join(cfg.run.output, ".prepared"), cache_root(cfg), cfg.storage)
+    if cfg.storage.prepared_url:
+        return cfg.storage.prepared_url
+    if is_remote(cfg.run.output):
+        return join(cfg.run.output, ".prepared")
+    remote = [path for _, path in data_paths(cfg.data) if is_remote(path)]
+    return f"s3://{remote[0].removeprefix('s3://').split('/', 1)[0]}/.ftdist-prepared" if remote else None
+
+
+def bucket_copy(cfg: Config):
+    """The bucket's copy of the cache (a RunStore over storage.prepared_url, which preflight
+    resolves with shared_url); None where there is none."""
+    from ftdist.storage import RunStore
+
+    url = cfg.storage.prepared_url
+    return RunStore(url, cache_root(cfg), cfg.storage) if url else None
+
+
+def keep_copy(bucket, rel: str, where: Path) -> None:
+    """The rows into the bucket, stats.json last (it marks the copy whole). A bucket that takes
+    no writes (read-only data, say) costs only the copy: the local cache has the rows."""
+    try:
+        bucket.upload(rel, source=where, skip={f"{rel}/stats.json"})
+        bucket.upload_file(where / "stats.json", f"{rel}/stats.json")
+    except UserError as e:
+        print(f"ftdist: warning: the prepared rows are kept in {where} only, not in {bucket.url}: {e}; "
+              "set storage.prepared_url to a place this run may write", flush=True)
 
 
 def fetch_rows(bucket, rel: str, where: Path) -> None:

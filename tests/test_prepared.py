@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ftdist.data import Encoded, Rows, encode, encode_all, pack, to_examples
-from ftdist.preflight import check_data
+from ftdist.preflight import check_data, check_inputs
 from ftdist.prepared import data_key, prepared_dataset, validated
 from ftdist.tokenizer import train_tokenizer
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
@@ -106,14 +106,38 @@ def test_prepare_command_prints_rows_tokens_and_packing_then_hits_the_cache(tmp_
     assert first.stdout.splitlines()[:3] == second.splitlines()[:3]  # the same rows, counted the same
 
 
+def on_a_fresh_node(cfg, tmp_path, node: str):
+    """The config as preflight hands it on, with an empty local cache (a new node's disk)."""
+    storage = cfg.storage.model_copy(update={"cache_dir": str(tmp_path / node)})
+    return check_inputs(cfg.model_copy(update={"storage": storage})).cfg
+
+
 def test_runs_on_object_storage_keep_the_rows_in_the_bucket_for_a_fresh_node(tmp_path, tokenizer, s3):
     cfg, _ = config_with_copy(tmp_path, "train.jsonl", *s3.overrides())
-    first = prepared_dataset(cfg, tokenizer)
+    first = prepared_dataset(check_inputs(cfg).cfg, tokenizer)
     copies = s3.fs.find(s3.url("runs", ".prepared"))
     assert any(f.endswith("/stats.json") for f in copies) and any(f.endswith("/train.ids.npy") for f in copies)
-    # A fresh node: an empty local cache, the same bucket.
-    fresh = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"cache_dir": str(tmp_path / "node2")})})
-    again = prepared_dataset(fresh, tokenizer)
+    again = prepared_dataset(on_a_fresh_node(cfg, tmp_path, "node2"), tokenizer)
     assert again.stats["prepared"].startswith(f"from the cache, {s3.url('runs', '.prepared')}")
     assert np.array_equal(first.train.flat["ids"], again.train.flat["ids"])
     assert np.array_equal(first.eval.offsets, again.eval.offsets)
+
+
+def test_a_local_run_of_s3_data_keeps_the_rows_in_the_datas_bucket(tmp_path, tokenizer, s3, capsys):
+    _, local_file = config_with_copy(tmp_path)
+    cfg, _ = config_with_copy(tmp_path, "train.jsonl", f"data.train={s3.put(local_file, 'sets', 'train.jsonl')}",
+                              *s3.overrides()[1:])  # run.output stays local
+    first = prepared_dataset(check_inputs(cfg).cfg, tokenizer)
+    shared = s3.url(".ftdist-prepared")
+    assert any(f.endswith("/stats.json") for f in s3.fs.find(shared))
+    again = prepared_dataset(on_a_fresh_node(cfg, tmp_path, "node2"), tokenizer)
+    assert again.stats["prepared"].startswith(f"from the cache, {shared}")
+    assert np.array_equal(first.train.flat["ids"], again.train.flat["ids"])
+    # A copy that cannot be written (no such bucket here; read-only data, say) is one warning: the rows stay local.
+    unwritable = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"prepared_url": "s3://no-such-bucket/prepared", "cache_dir": str(tmp_path / "node3")})})
+    capsys.readouterr()
+    third = prepared_dataset(check_inputs(unwritable).cfg, tokenizer)
+    warning = capsys.readouterr().out
+    assert "ftdist: warning: the prepared rows are kept in" in warning and "storage.prepared_url" in warning
+    assert np.array_equal(first.train.flat["ids"], third.train.flat["ids"])

@@ -23,7 +23,8 @@ import pytest
 
 from ftdist.distributed import train_ray
 from ftdist.metrics import read_metrics
-from tests.conftest import ONE_RAY_AT_A_TIME, REPO, complete_checkpoints, run_cli, tiny_config, write_config
+from tests.conftest import (ONE_RAY_AT_A_TIME, REPO, complete_checkpoints, run_cli, start_cli, tiny_config, wait_until,
+                            write_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
@@ -105,23 +106,63 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-@ONE_RAY_AT_A_TIME  # its cluster lives in /tmp/ray, where Ray's State API looks for the session's
-def test_two_nodes_strict_spread_train_together(tmp_path):
-    cluster = subprocess.Popen([sys.executable, str(REPO / "cluster" / "local_cluster.py"), "--nodes", "2",
+def start_cluster(nodes: int = 2) -> tuple[subprocess.Popen, str]:
+    """cluster/local_cluster.py in the background, and its address."""
+    cluster = subprocess.Popen([sys.executable, str(REPO / "cluster" / "local_cluster.py"), "--nodes", str(nodes),
                                 "--cpus-per-node", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        address = wait_for_line(cluster, r"address: (\S+)", 120).group(1)
-        cfg = tiny_config(tmp_path, "distributed.workers=2", "distributed.placement=STRICT_SPREAD",
-                          "distributed.max_failures=0", "train.max_steps=20", name="two-nodes")
-        result = run_cli("train", str(write_config(tmp_path, cfg)), "--address", address, timeout=600)
-        assert result.returncode == 0, result.stdout + result.stderr
+        return cluster, wait_for_line(cluster, r"address: (\S+)", 120).group(1)
+    except BaseException:
+        stop(cluster)
+        raise
+
+
+@ONE_RAY_AT_A_TIME  # its clusters live in /tmp/ray, where Ray's State API looks for the session's
+def test_two_nodes_train_together_and_a_lost_head_resumes_on_a_new_cluster(tmp_path, s3):
+    """One worker on each node of a 2-node cluster, the run in the S3 server. The head node is
+    killed as a crash would once a checkpoint is complete: the driver ends with exit 2 and one
+    message naming that checkpoint. The same command on a new cluster, from an empty local
+    cache (a fresh KubeRay pod's disk), resumes from it: every step logged once."""
+    cfg = tiny_config(tmp_path, *s3.overrides(), "distributed.workers=2", "distributed.placement=STRICT_SPREAD",
+                      "distributed.max_failures=0", "train.max_steps=40", "train.log_every=1",
+                      "checkpoint.every_steps=10", name="two-nodes")
+    config = str(write_config(tmp_path, cfg))
+    run = s3.url("runs", "two-nodes")
+
+    cluster, address = start_cluster()
+    try:
+        driver = start_cli("train", config, "--address", address)
+        wait_until(lambda: s3.fs.exists(f"{run}/checkpoints/step-10/COMPLETE"), 300, "a complete checkpoint", driver)
+        cluster.send_signal(signal.SIGUSR1)
+        lost = time.monotonic()
+        out, _ = driver.communicate(timeout=120)
+        told_after = time.monotonic() - lost
     finally:
         stop(cluster)
-    run_dir = tmp_path / "runs" / "two-nodes"
-    start = read_metrics(run_dir / "metrics.jsonl")[0]
-    assert start["world_size"] == 2 and start["nodes"] == 2  # one worker on each node, one process group
-    assert step_numbers(run_dir) == list(range(1, 21))
+    assert driver.returncode == 2, out[-4000:]
+    message = [x for x in out.splitlines() if x.startswith("ftdist: error: lost the Ray head at")]
+    assert len(message) == 1 and "Traceback" not in out, out[-4000:]
+    newest = max(int(p.rsplit("-", 1)[1]) for p in s3.fs.ls(f"{run}/checkpoints")
+                 if s3.fs.exists(f"{p}/COMPLETE"))
+    assert f"the newest complete checkpoint is {run}/checkpoints/step-{newest}" in message[0]
+    assert "run the same command on a new Ray cluster" in message[0]
+    assert told_after < 45, told_after  # before Ray's own minute of reconnecting
+    assert not s3.fs.exists(f"{run}/final")
+
+    shutil.rmtree(s3.cache)  # the new cluster's nodes start with nothing on disk
+    cluster, address = start_cluster()
+    try:
+        result = run_cli("train", config, "--address", address, timeout=600)
+    finally:
+        stop(cluster)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "plan: 2 workers on cpu (gloo), DeepSpeed ZeRO-2, placement STRICT_SPREAD" in result.stdout
+    records = [json.loads(x) for x in s3.fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    starts = [r for r in records if r.get("event") == "start"]
+    assert starts and all(r["world_size"] == 2 and r["nodes"] == 2 for r in starts)  # one worker a node
+    assert [r["checkpoint"] for r in records if r.get("event") == "resume"] == [f"step-{newest}"]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))  # every step once
+    assert s3.fs.exists(f"{run}/final/model.safetensors")
 
 
 # Credentials planted wherever a user puts them: the cluster's environment (what a KubeRay

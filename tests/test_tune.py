@@ -17,7 +17,7 @@ import yaml
 
 from ftdist.metrics import read_metrics
 
-from tests.conftest import ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_config, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
@@ -216,8 +216,14 @@ def test_a_bad_search_space_is_refused_before_any_trial_naming_the_key(tmp_path,
 
 
 @pytest.mark.s3
-def test_optuna_search_on_object_storage(tmp_path, ray_local, pretrained_base, s3):
-    config, _ = search_config(tmp_path, pretrained_base("llama"), name="tpe")
+def test_optuna_search_on_object_storage_over_a_mixtures_weight(tmp_path, ray_local, pretrained_base, s3):
+    """TPE over the learning rate and the second source's weight of a two-source mixture, the
+    experiment in the S3 server: each trial trains on its own shares of the same prepared rows."""
+    config, raw = search_config(tmp_path, pretrained_base("llama"), name="tpe")
+    raw["data"]["train"] = [{"path": str(DEMO / "train.jsonl"), "weight": 0.7},
+                            {"path": str(DEMO / "text.jsonl"), "weight": 0.3}]
+    raw["tune"]["space"] = {"train.lr": SPACE["train.lr"], "data.train.1.weight": {"uniform": [0.1, 0.5]}}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
     overrides = [f"--set={o}" for o in s3.overrides()]
     result = run_cli("tune", str(config), "--address", ray_local.get_runtime_context().gcs_address, *overrides,
                      "--set=tune.search=optuna", "--set=tune.num_samples=2", "--set=tune.scheduler.type=none",
@@ -231,6 +237,13 @@ def test_optuna_search_on_object_storage(tmp_path, ray_local, pretrained_base, s
     assert any(p.startswith("tuner/") for p in listing)  # Tune's own state, for a rerun anywhere
     summary = json.loads(s3.fs.cat_file(s3.url("runs", "tpe", "tune.json")))
     assert summary["by_status"] == {"finished": 2} and summary["best"]["final_model"].startswith("s3://")
+    rows = list(csv.DictReader(s3.fs.cat_file(s3.url("runs", "tpe", "results.csv")).decode().splitlines()))
+    weights = {r["trial"]: float(r["data.train.1.weight"]) for r in rows}
+    assert len(set(weights.values())) == 2 and all(0.1 <= w <= 0.5 for w in weights.values())
+    for trial, weight in weights.items():  # what each trial trained on: its own weight's share
+        sources = json.loads(s3.fs.cat_file(s3.url("runs", "tpe", trial, "summary.json")))["data_sources"]
+        assert sources[1]["weight"] == pytest.approx(weight)
+        assert sources[1]["share"] == pytest.approx(weight / (0.7 + weight), abs=1e-6)
 
 
 def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_local, pretrained_base):

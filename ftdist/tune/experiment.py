@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ftdist.config import Config
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR, TUNER_DIR
+from ftdist.rayhead import watch_head
 from ftdist.storage import RunStore
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20
@@ -48,7 +49,8 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
           f"{t.search}, scheduler {t.scheduler.type}; {steps} steps per trial; outputs in {store.url}", flush=True)
     tuner = build_tuner(cfg, store, experiment, datasets, concurrency)
     try:
-        results = tuner.fit()
+        with watch_head(lambda: f"the search's state and its trials' checkpoints are kept in {store.url}"):
+            results = tuner.fit()
     except BaseException:
         tracking.end("FAILED")
         raise
