@@ -21,7 +21,7 @@ from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_con
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
-STEPS = 24
+STEPS = 16
 SPACE = {
     "lora.rank": {"choice": [2, 4, 8, 16]},
     "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},
