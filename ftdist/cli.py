@@ -25,7 +25,7 @@ def add_overrides(command: argparse.ArgumentParser, example: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,classify,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
                            description="Fine-tune a model. The same command again resumes from the newest "
@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the tokenizer's chat template")
 
+    cls = sub.add_parser("classify", help="label texts with a trained classifier (task: classification)",
+                         description="Print each text's most likely label and every label's probability, with "
+                                     "a classification run's final model or adapters (runs/NAME/final).")
+    cls.add_argument("model", help="a classification run's final/ directory")
+    cls.add_argument("--text", action="append", required=True, help="a text to label (repeatable)")
+
     rep = sub.add_parser("report", help="plots and a summary of a run",
                          description="Write loss.png, lr.png, throughput.png and report.json into the run "
                                      "directory and print a summary.")
@@ -121,9 +127,14 @@ def cmd_train(args) -> int:
 
         summary = train_ray(cfg, restart=args.restart, address=args.address)
     print(f"done: model in {summary['final_dir']}")
-    for key in ("eval_loss", "eval_ppl", "forgetting"):
+    for key in ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "forgetting"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]:.4f}")
+    worse = summary.get("negative_transfer")
+    if worse:
+        print(f"  negative transfer: the task's eval loss rose from {worse['eval_loss_start']:.4f} before training to "
+              f"{worse['eval_loss_end']:.4f} at the end; the fine-tune made the task worse than the base model: lower "
+              "train.lr, freeze more layers (freeze_layers), or check the training data against the eval data")
     print(f"  metrics: {summary['run_dir']}/metrics.jsonl, plot: {summary['run_dir']}/loss.png")
     return 0
 
@@ -201,6 +212,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from ftdist.classify import load_classifier, predict
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
+    model, tokenizer, pooling = load_classifier(Path(args.model))
+    for text, probs in zip(args.text, predict(model, tokenizer, args.text, pooling)):
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+        print(f"{ranked[0][0]} ({', '.join(f'{label} {p:.3f}' for label, p in ranked)}): {text}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from ftdist.report import format_summary, report
 
@@ -228,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
-                "report": cmd_report, "export": cmd_export}[args.command](args)
+                "classify": cmd_classify, "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
         print(f"ftdist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

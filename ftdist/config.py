@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ftdist.errors import UserError
 
@@ -84,7 +84,7 @@ class QloraConfig(Section):
     double_quant: bool = True
 
 
-FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference"]
+FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification"]
 
 
 class SourceConfig(Section):
@@ -197,6 +197,28 @@ class DataConfig(Section):
         """The mixture's weights, normalized; None where rows count as they are."""
         w = [s.weight for s in self.sources]
         return None if w[0] is None else [x / sum(w) for x in w]
+
+
+class ClassificationConfig(Section):
+    """task: classification. `labels` unset: read from the training rows (numbers in numeric
+    order, else sorted); given, a row with another label is a bad row."""
+
+    labels: Optional[list[Union[int, str]]] = Field(None, min_length=2)
+    pooling: Literal["last", "mean"] = "last"  # the example's last token's hidden state, or their mean
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_booleans(cls, labels):
+        if isinstance(labels, list) and any(isinstance(x, bool) for x in labels):
+            raise ValueError("YAML reads yes, no, true and false as booleans, not labels; quote them "
+                             '(labels: ["yes", "no"])')
+        return labels
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "ClassificationConfig":
+        if self.labels is not None and len({str(x) for x in self.labels}) != len(self.labels):
+            raise ValueError("labels: a label is given twice; list each once")
+        return self
 
 
 class TrainConfig(Section):
@@ -392,7 +414,7 @@ class TuneConfig(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # outputs in <run.output>/<name>/
     num_samples: int = Field(8, gt=0)
-    metric: Literal["eval_loss", "eval_loss_plus_forgetting"] = "eval_loss"
+    metric: Literal["eval_loss", "eval_loss_plus_forgetting", "eval_accuracy", "eval_macro_f1"] = "eval_loss"
     forgetting_weight: float = Field(0.0, ge=0)  # eval_loss_plus_forgetting = eval_loss + weight * forgetting
     mode: Literal["min", "max"] = "min"
     search: Literal["random", "optuna"] = "random"
@@ -421,6 +443,9 @@ class TuneConfig(Section):
 class Config(Section):
     run: RunConfig
     model: ModelConfig
+    # causal_lm: next-token loss on the rows' targets; classification: a new head over labels.
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    classification: ClassificationConfig = ClassificationConfig()
     method: Literal["full", "lora", "qlora"] = "lora"
     freeze_layers: Union[int, Literal["all"]] = 0
     lora: LoraConfig = LoraConfig()
@@ -454,7 +479,21 @@ class Config(Section):
                 "freeze_layers: all for feature extraction (only the final norm and head "
                 "train), or a number of blocks for lora/qlora"
             )
+        formats = {self.data.format} | {s.format for s in self.data.sources if s.format}
+        if self.task == "classification" and not formats <= {"auto", "classification"}:
+            raise ValueError(f"task classification trains on {{text, label}} rows: set data.format to classification "
+                             f"(or auto), not {', '.join(sorted(formats - {'auto', 'classification'}))}")
+        if self.task == "causal_lm" and "classification" in formats:
+            raise ValueError("data.format classification rows ({text, label}) need task: classification")
         if self.tune is not None:
+            higher_is_better = self.tune.metric in ("eval_accuracy", "eval_macro_f1")
+            if higher_is_better and self.task != "classification":
+                raise ValueError(f"tune.metric {self.tune.metric} is a classification metric: set task: "
+                                 "classification, or use eval_loss")
+            if (self.tune.mode == "max") != higher_is_better:
+                raise ValueError(f"tune.mode {self.tune.mode} with tune.metric {self.tune.metric}: "
+                                 f"{'higher' if higher_is_better else 'lower'} is better, so set tune.mode: "
+                                 f"{'max' if higher_is_better else 'min'}")
             if self.data.eval is None and self.data.eval_fraction == 0:
                 raise ValueError("tune compares trials by their eval loss: set data.eval, or data.eval_fraction "
                                  "above 0")

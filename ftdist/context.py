@@ -36,7 +36,8 @@ class LocalContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_sum(self, value: float) -> float:
+    def all_reduce_sum(self, value):
+        """A number's (or a numpy array's) sum over the ranks."""
         return value
 
     def barrier(self) -> None:
@@ -68,12 +69,16 @@ class RayContext(LocalContext):
     data_stats: dict[str, Any] = field(default_factory=dict)
     split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
 
-    def all_reduce_sum(self, value: float) -> float:
+    def all_reduce_sum(self, value):
+        import numpy as np
         import torch.distributed as dist
 
         # NCCL reduces only GPU tensors; float64 keeps token counts exact.
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        array = isinstance(value, np.ndarray)
+        tensor = torch.as_tensor(np.asarray(value, np.float64).reshape(-1), device=self.device)
         dist.all_reduce(tensor)
+        if array:
+            return tensor.cpu().numpy().reshape(value.shape)
         total = tensor.item()
         return int(total) if isinstance(value, int) else total
 

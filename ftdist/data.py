@@ -257,11 +257,30 @@ def to_examples(enc: Encoded, max_length: int) -> tuple[Examples, dict]:
             {"truncated": int((enc.lengths > max_length).sum()), "dropped_no_target": int((~learns).sum())})
 
 
-def tokenize_records(tokenizer, records: list[dict], max_length: int) -> tuple[Examples, dict]:
-    """Records to examples, a batch at a time: only the arrays of each batch are kept."""
+def classification_examples(tokenizer, records: list[dict], max_length: int,
+                            labels: list[str]) -> tuple[Examples, dict]:
+    """{text, label} records: the text's first max_length tokens, and one target, the label's
+    index, on the last of them (where the classifier reads the example: ftdist.classify)."""
+    index = {label: i for i, label in enumerate(labels)}
+    ids, lengths = flat(tokenizer([r["text"] for r in records], return_attention_mask=False)["input_ids"])
+    kept = np.minimum(lengths, max_length)
+    ids = ids[within(lengths) < max_length]
+    targets = np.full(len(ids), IGNORE, np.int32)
+    has = kept > 0
+    targets[(np.cumsum(kept) - 1)[has]] = [index[str(r["label"])] for r, ok in zip(records, has) if ok]
+    return Examples(ids, targets, kept[has]), {"truncated": int((lengths > max_length).sum()),
+                                               "dropped_no_target": int((~has).sum())}
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int,
+                     labels: Optional[list[str]] = None) -> tuple[Examples, dict]:
+    """Records to examples, a batch at a time: only the arrays of each batch are kept.
+    `labels`: classification rows, by these labels."""
     parts, counts = [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
     for start in range(0, len(records), ENCODE_BATCH):
-        examples, seen = to_examples(encode_all(tokenizer, records[start : start + ENCODE_BATCH]), max_length)
+        batch = records[start : start + ENCODE_BATCH]
+        examples, seen = classification_examples(tokenizer, batch, max_length, labels) if labels is not None \
+            else to_examples(encode_all(tokenizer, batch), max_length)
         parts.append(examples)
         for k, v in seen.items():
             counts[k] += v
@@ -332,21 +351,23 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 # ---------------------------------------------------------------- the dataset
 
 
-def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
+def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[str]] = None) -> Dataset:
     """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
     each source, unless data.eval is given), tokenized and packed on its own; the rows of
     all sources of a split together, each row knowing its source (a mixture: train_order;
-    per-source evaluation: ftdist.objective.evaluate_rows)."""
-    parts, fmt, skipped = read_train(cfg)
+    per-source evaluation: ftdist.objective.evaluate_rows). `labels`: a classification task's
+    (its training and eval rows carry one each; retention text stays text)."""
+    parts, fmt, skipped = read_train(cfg, labels)
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
 
-    def rows_of(split_parts: list[list[dict]], tally: bool = False) -> Rows:
+    def rows_of(split_parts: list[list[dict]], tally: bool = False, labelled: bool = True) -> Rows:
         """Each part's rows, packed; the records are let go once tokenized (memory)."""
         packed, n = [], len(split_parts)
         while split_parts:
-            examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length)
+            examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length,
+                                              labels if labelled else None)
             if tally:
                 for k, v in seen.items():
                     counts[k] += v
@@ -372,12 +393,12 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int) -> Dataset:
         stats["sources"] = source_stats(cfg, train)
 
     if cfg.eval:
-        held_out, _, eval_skipped = read_split(cfg, "eval", fmt)
+        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels)
         stats["skipped_rows"] += eval_skipped
     eval_rows = rows_of(held_out) if any(held_out) else None
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
-    retention_rows = rows_of(read_split(cfg, "retention")[0]) if cfg.retention else None
+    retention_rows = rows_of(read_split(cfg, "retention")[0], labelled=False) if cfg.retention else None
     if retention_rows is not None:
         stats["retention_rows"] = len(retention_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats)

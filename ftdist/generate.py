@@ -19,11 +19,14 @@ def load_trained(path: str | Path, device: torch.device):
     from ftdist.model import load_causal_lm
 
     path = Path(path)
+    meta_file = path / FINAL_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("task") == "classification":
+        raise UserError(f"{path}: a classifier (task: classification) labels texts, it does not generate; use "
+                        f"ftdist classify {path} --text ...")
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        meta_file = path / FINAL_META
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         # The adapters learned against the 4-bit base: generate with that same base.
         qlora = QloraConfig(**meta["qlora"]) if meta.get("method") == "qlora" else None

@@ -54,7 +54,9 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
+    eval_loss_start: Optional[float] = None  # before training (step 0): what negative transfer is told against
     eval_loss: Optional[float] = None  # at the latest evaluation after step 0
+    eval_scores: Optional[dict] = None  # a classifier's accuracy and macro-F1, ditto
     best_eval_loss: Optional[float] = None
     retention_before: Optional[float] = None  # data.retention's loss before training
     retention_loss: Optional[float] = None  # ... at the latest evaluation
@@ -97,13 +99,13 @@ class Run:
         if self.ctx.is_main and self.ctx.show_progress:
             print(line, flush=True)
 
-    def evaluate(self, split: str) -> tuple[float, dict]:
+    def evaluate(self, split: str) -> tuple[float, dict, Optional[dict]]:
         """The mean loss over the eval or retention rows (every rank's share), the model as it
-        is now: together, and by source name (empty for one source)."""
+        is now: together, by source name (empty for one source), and a classifier's scores."""
         names = self.cfg.data.eval_names() if split == "eval" else self.cfg.data.retention_names()
         result = evaluate_rows(self.cfg, self.ctx, self.engine, getattr(self.data, split), pad_id(self),
-                               self.bundle, max(len(names), 1))
-        return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}
+                               self.bundle, max(len(names), 1), split)
+        return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}, result.scores
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's training rows of `epoch`, in order (kept for the epoch: at a million rows
@@ -213,7 +215,7 @@ def begin(run: Run, state: TrainState) -> None:
     data = run.data
     run.log.reset()
     if data.retention is not None:
-        state.retention_before, state.retention_before_by_source = run.evaluate("retention")
+        state.retention_before, state.retention_before_by_source, _ = run.evaluate("retention")
     run.log.append({"step": 0, "event": "start", **run.bundle.info.record(), **data.stats, **run.ctx.topology(),
                     "retention_loss_before": state.retention_before,
                     **named("retention_loss_before", state.retention_before_by_source)})
@@ -274,14 +276,23 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
 def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     """Eval loss (and, with data.retention, forgetting) into the log, the orchestrator and the terminal."""
     ctx, data = run.ctx, run.data
-    eval_loss, by_source = run.evaluate("eval")
-    record = {"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss), **named("eval_loss", by_source)}
-    line = f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}" + told(by_source, ".4f")
-    if step > 0:
-        state.eval_loss, state.eval_by_source = eval_loss, by_source
+    eval_loss, by_source, scores = run.evaluate("eval")
+    record = {"step": step, "eval_loss": eval_loss, **named("eval_loss", by_source)}
+    line = f"step {step}: eval loss {eval_loss:.4f}"
+    if scores:  # a classifier: its accuracy (a perplexity over labels would say nothing)
+        record.update({f"eval_{k}": v for k, v in scores.items()})
+        line += f", accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+    else:
+        record["eval_ppl"] = perplexity(eval_loss)
+        line += f", perplexity {record['eval_ppl']:.2f}"
+    line += told(by_source, ".4f")
+    if step == 0:
+        state.eval_loss_start = eval_loss
+    else:
+        state.eval_loss, state.eval_by_source, state.eval_scores = eval_loss, by_source, scores
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         if data.retention is not None:  # forgetting as training goes, not only at the end
-            state.retention_loss, state.retention_by_source = run.evaluate("retention")
+            state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
             forgetting = forgetting_by_source(state)
             record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before,
                           **named("retention_loss", state.retention_by_source), **named("forgetting", forgetting))
@@ -340,13 +351,16 @@ def finish(run: Run, state: TrainState) -> dict:
                **(run.checkpoint_sizes or {}), "peak_memory_gib": run.peak.gib(),
                **({"data_sources": data.stats["sources"]} if "sources" in data.stats else {})}
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
-        summary.update(eval_loss=state.eval_loss, eval_ppl=perplexity(state.eval_loss),
-                       best_eval_loss=state.best_eval_loss)
+        summary.update(eval_loss=state.eval_loss, best_eval_loss=state.best_eval_loss,
+                       **({"eval_ppl": perplexity(state.eval_loss)} if cfg.task == "causal_lm" else {}))
         if state.eval_by_source:
             summary["eval_loss_by_source"] = state.eval_by_source
+        summary.update({f"eval_{k}": v for k, v in (state.eval_scores or {}).items()})
+        if state.eval_loss_start is not None and state.eval_loss > state.eval_loss_start:
+            summary["negative_transfer"] = {"eval_loss_start": state.eval_loss_start, "eval_loss_end": state.eval_loss}
     if data.retention is not None:
         if data.eval is None:
-            state.retention_loss, state.retention_by_source = run.evaluate("retention")
+            state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
         summary.update(retention_loss_before=state.retention_before, retention_loss_after=state.retention_loss,
                        forgetting=state.retention_loss - state.retention_before)
         if state.retention_by_source:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ftdist.attention import implementation as attention_implementation
+from ftdist.classify import HEAD, add_head
 from ftdist.config import Config, ModelInit, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR
@@ -53,7 +54,7 @@ class ModelBundle:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
-    head: Optional["ChunkedHead"] = None  # computing the loss (train.chunked_loss)
+    head: Optional["ChunkedHead"] = None  # computing the loss (train.chunked_loss; a task's classifier)
     attention: str = "sdpa"  # the model's attn_implementation, deciding the mask's form
 
 
@@ -274,6 +275,9 @@ def freeze_full(model: nn.Module, cfg: Config) -> int:
     _, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     model.requires_grad_(True)
+    task_head = getattr(model, HEAD, None) if cfg.task == "classification" else None
+    if task_head is not None and not model.config.tie_word_embeddings:
+        model.get_output_embeddings().requires_grad_(False)  # the task's loss never reaches the LM head
     if n == 0:
         return 0
     for block in blocks[:n]:
@@ -283,8 +287,12 @@ def freeze_full(model: nn.Module, cfg: Config) -> int:
         if isinstance(module, nn.Embedding) and not any(id(p) in block_params for p in module.parameters()):
             module.requires_grad_(False)
     if cfg.freeze_layers == "all":
-        # Feature extraction: only the final norm and the head learn.
-        model.get_output_embeddings().requires_grad_(True)
+        # Feature extraction: only the head learns (an LM's final norm and head; a task's new head alone).
+        if task_head is not None:
+            model.requires_grad_(False)
+            task_head.requires_grad_(True)
+        else:
+            model.get_output_embeddings().requires_grad_(True)
     return n
 
 
@@ -341,6 +349,7 @@ def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[st
         target_modules=target_list,
         layers_to_transform=list(range(n, len(blocks))) if n else None,
         layers_pattern=blocks_name.split(".")[-1] if n else None,
+        modules_to_save=[HEAD] if cfg.task == "classification" else None,  # the new head trains whole
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), n, target_list
@@ -360,6 +369,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundle:
     tokenizer = load_tokenizer(cfg, base_path)
     model = load_base_model(cfg, base_path, device)
+    if cfg.task == "classification":
+        add_head(model, len(cfg.classification.labels), cfg.train.seed)
     targets = None
     if cfg.train.checkpoint_every:
         enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
@@ -373,7 +384,18 @@ def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundl
     # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
     # (transformers checkpoints only in training mode). Evaluation switches back and forth.
     model.train()
-    return ModelBundle(model, tokenizer, info, chunked_head(cfg, model), model.config._attn_implementation)
+    return ModelBundle(model, tokenizer, info, loss_head(cfg, model), model.config._attn_implementation)
+
+
+def loss_head(cfg: Config, model: nn.Module):
+    """What computes the loss inside the LM head's forward: the task's classifier, or the
+    chunked LM loss (train.chunked_loss); None: the loss from the logits."""
+    if cfg.task == "classification":
+        from ftdist.classify import ClassifierHead
+
+        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its trained copy
+        return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling)
+    return chunked_head(cfg, model)
 
 
 def chunked_head(cfg: Config, model: nn.Module):

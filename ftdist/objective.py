@@ -8,11 +8,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ftdist.attention import document_mask
+from ftdist.classify import ClassifierHead, confusion, scores
 from ftdist.config import Config
 from ftdist.data import IGNORE, Rows, collate
 from ftdist.model import compute_dtype
@@ -51,6 +53,12 @@ class ChunkedHead:
         self.chunk_loss = chunk_loss  # train.compile replaces it with its compiled form
         self.logits_forward = head.forward
         head.forward = self.forward  # an instance attribute: the module, its names and hooks stay
+
+    def expect(self, targets: torch.Tensor, doc: torch.Tensor) -> None:
+        self.targets = targets
+
+    def done(self) -> None:
+        self.targets = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
@@ -139,11 +147,11 @@ def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedH
     inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                   attention_mask=document_mask(batch["doc"], attention, device), use_cache=False)
     if head is not None:
-        head.targets = targets
+        head.expect(targets, batch["doc"])
         try:
             return forward(**inputs).logits  # the head's output is the loss
         finally:
-            head.targets = None
+            head.done()
     logits = forward(**inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
@@ -159,28 +167,42 @@ class Evaluation:
 
     loss: float
     by_source: list[Optional[float]]
+    scores: Optional[dict] = None  # a classifier's accuracy and macro-F1 over all the rows
+
+
+def task_head(bundle, split: str):
+    """The loss head an evaluation of `split` uses: retention text is scored as text (a
+    classifier's LM head is still the base's)."""
+    from ftdist.classify import ClassifierHead
+
+    return None if split == "retention" and isinstance(bundle.head, ClassifierHead) else bundle.head
 
 
 @torch.no_grad()
-def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle, n_sources: int = 1) -> Evaluation:
+def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle, n_sources: int = 1,
+                  split: str = "eval") -> Evaluation:
     """Each source's rows evaluated (each rank takes every world_size-th row of them), and
-    all of them together."""
+    all of them together; a classifier's predictions counted too."""
     model = engine.model
     was_training = model.training
     model.eval()
     groups = [rows.of_source(s) for s in range(n_sources)] if rows.source is not None else [range(len(rows))]
-    sums = []
+    sums, head = [], task_head(bundle, split)
+    counts = np.zeros((len(cfg.classification.labels),) * 2) if isinstance(head, ClassifierHead) else None
     with autocast(cfg, ctx.device):
         for group in groups:
-            sums.append(loss_over(cfg, ctx, engine, rows, list(group), pad_id, bundle))
+            sums.append(loss_over(cfg, ctx, engine, rows, list(group), pad_id, bundle, head, counts))
     model.train(was_training)
     totals = [(ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)) for total, count in sums]
     together = sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
-    return Evaluation(together, [t / c if c else None for t, c in totals] if len(groups) > 1 else [])
+    return Evaluation(together, [t / c if c else None for t, c in totals] if len(groups) > 1 else [],
+                      None if counts is None else scores(ctx.all_reduce_sum(counts)))
 
 
-def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, bundle) -> tuple[float, int]:
-    """This rank's summed loss and target count over its share of the rows `group`."""
+def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, bundle, head,
+              counts: Optional[np.ndarray] = None) -> tuple[float, int]:
+    """This rank's summed loss and target count over its share of the rows `group`; a
+    classifier's [true, predicted] counts added into `counts`."""
     mine = group[ctx.rank :: ctx.world_size]
     size = cfg.train.micro_batch_size
     # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
@@ -189,7 +211,9 @@ def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: in
     for i in range(n_batches):
         index = mine[i * size : (i + 1) * size]
         batch = collate(rows, index or [group[0]], pad_id)
-        loss = loss_sum(engine.forward, batch, ctx.device, bundle.head, bundle.attention)
+        loss = loss_sum(engine.forward, batch, ctx.device, head, bundle.attention)
         if index:  # a rank with no rows left runs one row and ignores it
             total, count = total + float(loss), count + target_count(batch)
+            if counts is not None:
+                counts += confusion(head.logits, head.labels, len(counts))
     return total, count

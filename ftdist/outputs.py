@@ -12,7 +12,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ftdist.checkpoint import size_bytes
 from ftdist.config import Config
 from ftdist.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
 
@@ -24,13 +23,21 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if model_state is None:
-        model.save_pretrained(tmp)
+    if cfg.task == "classification" and cfg.method == "full":
+        from ftdist.classify import save_full_classifier
+
+        save_full_classifier(tmp, model, cfg.classification.labels, tokenizer.pad_token_id, model_state)
     else:
-        model.save_pretrained(tmp, state_dict=model_state)
+        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
+        if cfg.task == "classification":
+            from ftdist.classify import mark_adapter_for_classification
+
+            mark_adapter_for_classification(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
-            "dtype": cfg.model.dtype}
+            "dtype": cfg.model.dtype, "task": cfg.task}
+    if cfg.task == "classification":
+        meta["classification"] = cfg.classification.model_dump()
     (tmp / FINAL_META).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -21,7 +21,7 @@ from ftdist.chat_templates import check_choice
 from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
-from ftdist.records import is_plain_text, keyed_sources, read_split, read_train
+from ftdist.records import is_plain_text, keyed_sources, labels_of, read_split, read_train
 from ftdist.sources import GLOB_CHARS, check_source, is_glob
 from ftdist.storage import fetch, is_remote
 
@@ -43,7 +43,9 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     cfg = check_tracking(cfg)  # less the optional trackers that cannot be reached
     check_paths(cfg)
     local = localize_data(cfg)
-    fmt, skipped = check_data(local)
+    fmt, skipped, labels = check_data(local)
+    if labels is not None:  # the task's labels, read from the rows where not given: fixed for the run
+        local = local.model_copy(update={"classification": local.classification.model_copy(update={"labels": labels})})
     return CheckedInputs(local, fmt, skipped)
 
 
@@ -125,20 +127,33 @@ def localize_data(cfg: Config) -> Config:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=local), "storage": storage})
 
 
-def check_data(cfg: Config) -> tuple[str, int]:
+def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     """Validate every training and eval row here, where an error can name its file and line
-    (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped).
-    Data validated before (the same bytes and settings: ftdist.prepared) is not read again."""
-    from ftdist.prepared import remember_validated, validated
+    (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped,
+    a classification task's labels). Data validated before (the same bytes and settings:
+    ftdist.prepared) is not read again."""
+    from ftdist.prepared import remember_validated, task_labels, validated
 
     known = validated(cfg)
     if known is not None:
         return known
-    _, fmt, skipped = read_train(cfg.data)
-    skipped += read_split(cfg.data, "eval", fmt)[2]
+    given = task_labels(cfg)
+    parts, fmt, skipped = read_train(cfg.data, given)
+    labels = None
+    if cfg.task == "classification":
+        if fmt != "classification":
+            raise UserError(f"data.train: rows are {fmt}, but task: classification needs {{text, label}} rows "
+                            "(rename your columns with data.columns, e.g. {label: category})")
+        labels = given or labels_of(r for part in parts for r in part)
+        if len(labels) < 2:
+            raise UserError(f"data.train: every row has the label {labels[0]!r}; a classifier needs two labels or more")
+    elif "classification" in fmt.split("+"):
+        raise UserError("data.train: rows are {text, label} (classification): set task: classification to train a "
+                        "classifier on them")
+    skipped += read_split(cfg.data, "eval", fmt, labels)[2]
     read_split(cfg.data, "retention")
-    remember_validated(cfg, fmt, skipped)
-    return fmt, skipped
+    remember_validated(cfg, fmt, skipped, labels)
+    return fmt, skipped, labels
 
 
 def fetch_source(url: str, storage) -> Path:

@@ -87,10 +87,18 @@ def data_key(cfg: Config) -> Optional[str]:
                 "sources": {split: [s.model_dump(exclude={"path", "weight", "name"}) for s in listed[split]]
                             for split in SPLITS},
                 "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
+                "labels": task_labels(cfg),
                 "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
                 "splits": [name for name in SPLITS[1:] if getattr(d, name)],
                 "files": [[file_digest(f) for f in source_files(p)] for p in sources]}
     return digest(settings)
+
+
+def task_labels(cfg: Config) -> Optional[list[str]]:
+    """A classification task's labels, as its rows are made (preflight resolves them); None
+    for the causal LM."""
+    labels = cfg.classification.labels
+    return [str(x) for x in labels] if cfg.task == "classification" and labels else None
 
 
 def tokenizer_key(tokenizer) -> str:
@@ -107,20 +115,22 @@ def digest(value) -> str:
 # ---------------------------------------------------------------- validated records (preflight)
 
 
-def validated(cfg: Config) -> Optional[tuple[str, int]]:
-    """(format, rows skipped) of data validated before, by content; None if not yet."""
+def validated(cfg: Config) -> Optional[tuple[str, int, Optional[list[str]]]]:
+    """(format, rows skipped, classification labels) of data validated before, by content;
+    None if not yet."""
     key = data_key(cfg)
     path = cache_root(cfg) / key / "records.json" if key else None
     if path is None or not path.is_file():
         return None
     info = json.loads(path.read_text())
-    return info["format"], info["skipped_rows"]
+    return info["format"], info["skipped_rows"], info.get("labels")
 
 
-def remember_validated(cfg: Config, fmt: str, skipped: int) -> None:
+def remember_validated(cfg: Config, fmt: str, skipped: int, labels: Optional[list[str]] = None) -> None:
     key = data_key(cfg)
     if key:
-        write_atomic(cache_root(cfg) / key / "records.json", json.dumps({"format": fmt, "skipped_rows": skipped}))
+        write_atomic(cache_root(cfg) / key / "records.json",
+                     json.dumps({"format": fmt, "skipped_rows": skipped, "labels": labels}))
 
 
 # ---------------------------------------------------------------- packed rows
@@ -132,7 +142,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
 
     key = data_key(cfg)
     if key is None:
-        return build_dataset(cfg.data, tokenizer, cfg.train.seed)
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg))
     rel = f"{key}/{tokenizer_key(tokenizer)}"
     where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
     fetched = not (where / "stats.json").is_file() and bucket is not None and bucket.exists(f"{rel}/stats.json")
@@ -142,9 +152,9 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         dataset = load(where)
         dataset.stats["prepared"] = f"from the cache, {bucket.path(rel) if fetched else where}"
         return dataset
-    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg))
     save(dataset, where)
-    remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0))
+    remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
     if bucket is not None:
         keep_copy(bucket, rel, where)
     dataset.stats["prepared"] = f"tokenized, kept in {where}"

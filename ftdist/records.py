@@ -22,11 +22,11 @@ from typing import Any, Iterable, Optional
 from ftdist.errors import UserError
 from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
-FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference")
+FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification")
 ROLES = ("system", "user", "assistant", "tool")
 # Every key data.columns may rename: the top-level keys of each format, then the keys of a turn.
 FIELDS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output", "system",
-          "chosen", "rejected", "role", "content", "from", "value")
+          "chosen", "rejected", "label", "role", "content", "from", "value")
 TURN_FIELDS = ("role", "content", "from", "value")
 # Role names understood without data.roles: OpenAI's and ShareGPT's.
 KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}
@@ -35,7 +35,9 @@ KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}
 class RowReader:
     """Validates and normalizes the rows of one config: its format, key and role mapping."""
 
-    def __init__(self, columns: Optional[dict[str, str]] = None, roles: Optional[dict[str, list[str]]] = None):
+    def __init__(self, columns: Optional[dict[str, str]] = None, roles: Optional[dict[str, list[str]]] = None,
+                 labels: Optional[list] = None):
+        self.labels = None if labels is None else {str(x) for x in labels}  # classification.labels, if given
         self.file_key = {**{f: f for f in FIELDS}, **(columns or {})}  # ftdist's name -> the file's
         self.our_key = {f: f for f in FIELDS} | {theirs: ours for ours, theirs in (columns or {}).items()}
         self.roles = dict(KNOWN_ROLES)
@@ -99,10 +101,13 @@ class RowReader:
             return "preference"
         if "prompt" in row or "completion" in row:
             return "prompt_completion"
+        if "label" in row:
+            return "classification"
         if "text" in row:
             return "text"
         raise ValueError(f"no known keys in {sorted(row)}: expected text, prompt+completion, messages, "
-                         "conversations, instruction+output or prompt+chosen+rejected (rename yours with data.columns)")
+                         "conversations, instruction+output, prompt+chosen+rejected or text+label (rename yours "
+                         "with data.columns)")
 
     def string(self, row: dict, field: str, required: bool = True) -> str:
         value = row.get(field, None if required else "")
@@ -114,6 +119,16 @@ class RowReader:
 
     def text(self, row: dict) -> dict:
         return {"text": self.string(row, "text")}
+
+    def classification(self, row: dict) -> dict:
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, str) and not label.strip()):
+            raise ValueError(f"{self.name('label')} must be a label: a non-empty string or an integer"
+                             + ("" if "label" in row else ", and is missing"))
+        if self.labels is not None and str(label) not in self.labels:
+            raise ValueError(f"{self.name('label')} {label!r} is not one of classification.labels "
+                             f"({', '.join(sorted(self.labels))})")
+        return {"text": self.string(row, "text"), "label": label}
 
     def prompt_completion(self, row: dict) -> dict:
         return {"prompt": self.string(row, "prompt", required=False), "completion": self.string(row, "completion")}
@@ -165,6 +180,14 @@ class RowReader:
         return record
 
 
+def labels_of(records: Iterable[dict]) -> list[str]:
+    """The label set of classification records, each label as the string it reads as (1 and
+    "1" are one label): numbers in numeric order, else sorted as text."""
+    found = {str(r["label"]) for r in records}
+    numeric = all(x.lstrip("-").isdigit() for x in found)
+    return sorted(found, key=lambda x: (int(x), x) if numeric else (0, x))
+
+
 def refuse_preference(fmt: str, path: str) -> None:
     if fmt == "preference":
         raise UserError(f"{path}: rows are preference pairs (prompt, chosen, rejected), which train by preference "
@@ -172,11 +195,13 @@ def refuse_preference(fmt: str, path: str) -> None:
                         "on the chosen answers: data.format: prompt_completion, data.columns: {completion: chosen}")
 
 
-def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[list[list[dict]], str, int]:
+def read_split(data, split: str, train_format: Optional[str] = None,
+               labels: Optional[list] = None) -> tuple[list[list[dict]], str, int]:
     """Each source of data.<split>'s validated records (one list per source), the format they
     have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
     own must have the training rows' `train_format` (where that is one format); retention
-    sources are text, or plain text files (paragraphs split on blank lines)."""
+    sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
+    classification labels a row may have (unset: any)."""
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format
@@ -185,17 +210,18 @@ def read_split(data, split: str, train_format: Optional[str] = None) -> tuple[li
         if split == "retention" and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
         else:
-            records, fmt, bad = RowReader(source.columns, source.roles).read(source.path, fmt, data.skip_bad_rows, key)
+            records, fmt, bad = RowReader(source.columns, source.roles, labels).read(source.path, fmt,
+                                                                                    data.skip_bad_rows, key)
         parts.append(records)
         formats.append(fmt)
         skipped += bad
     return parts, "+".join(dict.fromkeys(formats)), skipped
 
 
-def read_train(data) -> tuple[list[list[dict]], str, int]:
+def read_train(data, labels: Optional[list] = None) -> tuple[list[list[dict]], str, int]:
     """Each training source's validated records (one list per source of a mixture), the
     format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
-    return read_split(data, "train")
+    return read_split(data, "train", labels=labels)
 
 
 def keyed_sources(data, split: str) -> list[tuple[str, Any]]:

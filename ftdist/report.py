@@ -120,10 +120,15 @@ def summarize(run_dir: Path) -> dict:
         "steps": steps[-1]["step"] if steps else 0,
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
+        "eval_loss_start": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "eval_ppl": evals[-1]["eval_ppl"] if evals else None,
+        "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
+        "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
         "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
         # Median, so that the first (warm-up) steps do not skew throughput.
+        # The task's eval loss worse at the end than before training: the fine-tune hurt it.
+        "negative_transfer": bool(len(evals) > 1 and evals[0]["step"] == 0 and evals[-1]["eval_loss"] > evals[0]["eval_loss"])
+        if evals else None,
         "median_tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2] if steps else None,
     }
     final = run_dir / SUMMARY

@@ -51,7 +51,7 @@ def prepare_run_dir(cfg: Config, restart: bool, resumable: set[str] = RESUMABLE_
     new_text = config_yaml(cfg)
     old_text = store.read_text(SNAPSHOT) if store.exists(SNAPSHOT) else None
     if old_text is not None:
-        old = read_snapshot(store, old_text)
+        old = with_defaults(read_snapshot(store, old_text))
         changed = sorted(k for k in diff_keys(old, yaml.safe_load(new_text)) if not may_change(k, resumable))
         if changed and not holds_progress(store):
             # An attempt that stopped before its first checkpoint (a failed start): nothing of it
@@ -89,6 +89,17 @@ def read_snapshot(store: RunStore, text: str) -> dict:
         raise UserError(f"{store.url}/{SNAPSHOT}: the run's config snapshot is {why}; repair it (it is the config "
                         "the run started with), or rerun with --restart to start the run over")
     return snapshot
+
+
+def with_defaults(snapshot: dict) -> dict:
+    """The snapshot with every key's default filled in, as a config written now has them: keys
+    a newer ftdist added (at their defaults) are no change to a run started before them."""
+    from pydantic import ValidationError
+
+    try:
+        return yaml.safe_load(config_yaml(Config.model_validate(snapshot)))
+    except ValidationError:  # a key since renamed or removed: compared as written
+        return snapshot
 
 
 def holds_progress(store: RunStore) -> bool:

@@ -72,7 +72,7 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
 # is a library's, which the user should never have to read.
 FTDIST_LINE = re.compile(
     r"^(plan: |memory \(estimate\): |model: |data: |step \d+|checkpoint step \d+ complete|resuming from |done: |"
-    r"  (eval_loss|eval_ppl|forgetting|metrics): |.* is already finished|ftdist: )")
+    r"  (eval_loss|eval_ppl|eval_accuracy|eval_macro_f1|forgetting|negative transfer|metrics): |.* is already finished|ftdist: )")
 
 # `ftdist ARGS` in a subprocess that reports at exit which heavy libraries it imported.
 IMPORT_PROBE = """

@@ -88,8 +88,46 @@ def matrix(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
                                  *(tracked if (method, stage) == TRACKED else ()), name=f"ray-{method}-{stage}")
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
+    def classify():
+        tmp = tmp_path_factory.mktemp("ray-classify")
+        cfg = classification_equivalence_config(tmp, base, "distributed.workers=2", "distributed.zero_stage=3",
+                                                name="ray-classify")
+        return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return {case: pool.submit(run, *case) for case in CASES}
+        return {**{case: pool.submit(run, *case) for case in CASES}, "classification": pool.submit(classify)}
+
+
+def classification_equivalence_config(tmp_path: Path, base: Path, *extra: str, name: str) -> Config:
+    """A classifier with its top blocks and new head trained (mean pooling), on 32 rows a step:
+    the whole set every step, as equivalence_config's LM runs."""
+    from tests.test_classification import topic_rows, write_rows
+
+    train = write_rows(tmp_path / "train.jsonl", topic_rows(32, 0))
+    eval_ = write_rows(tmp_path / "eval.jsonl", topic_rows(16, 1))
+    return tiny_config(tmp_path, "task=classification", "classification.pooling=mean", "method=full",
+                       "freeze_layers=2", "model.init=null", f"model.name_or_path={base}", f"data.train={train}",
+                       f"data.eval={eval_}", "data.packing=false", "train.lr=1e-3", "train.batch_size=32",
+                       "train.micro_batch_size=4", "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4",
+                       "train.log_every=1", "checkpoint.every_steps=4", "distributed.max_failures=0", *extra,
+                       name=name)
+
+
+def test_a_classifier_on_two_workers_under_zero3_matches_local_mode(tmp_path, pretrained_base, matrix):
+    """The new head gathered under ZeRO-3 in its forward and saved whole: the same curve, the
+    same accuracy and the same final weights as one process."""
+    result, run_dir = matrix["classification"].result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
+    local = Path(train_local(classification_equivalence_config(tmp_path, pretrained_base("llama"), name="local"),
+                             show_progress=False)["run_dir"])
+    for key in ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1"):
+        ours, theirs = curve(run_dir, key), curve(local, key)
+        assert len(ours) == len(theirs) > 2 and ours == pytest.approx(theirs, rel=REL_TOL), key
+    ours, theirs = load_file(str(run_dir / "final" / "model.safetensors")), load_file(str(local / "final" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and "score.weight" in ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("method, stage", CASES)

@@ -120,3 +120,26 @@ def test_a_damaged_checkpoint_in_the_bucket_is_skipped_for_the_one_before(tmp_pa
     resumes = [r for r in read_metrics(store.local / "metrics.jsonl") if r.get("event") == "resume"]
     assert [r["checkpoint"] for r in resumes] == ["step-2"]
     assert s3.fs.exists(f"{run}/checkpoints/step-4/COMPLETE")  # saved again, whole
+
+
+def test_negative_transfer_is_told_with_the_two_numbers(tmp_path, capsys):
+    """A fine-tune that leaves the task worse than the base model did (here: a learning rate
+    far too high) says so in the summary and the end-of-run lines; a good one does not."""
+    from ftdist.cli import main
+    from tests.conftest import write_config
+
+    bad = tiny_config(tmp_path, "model.init.num_layers=2", "train.lr=3.0", "train.grad_clip=null", "train.warmup_steps=0",
+                      "train.schedule=constant", "train.max_steps=6", "train.eval_every=3", name="too-high")
+    assert main(["train", str(write_config(tmp_path, bad, "bad.yaml")), "--local"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "too-high" / "summary.json").read_text())
+    worse = summary["negative_transfer"]
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "runs" / "too-high" / "metrics.jsonl") if "eval_loss" in r]
+    assert (worse["eval_loss_start"], worse["eval_loss_end"]) == (evals[0], evals[-1]) and evals[-1] > evals[0]
+    assert (f"negative transfer: the task's eval loss rose from {evals[0]:.4f} before training to {evals[-1]:.4f}"
+            in out) and "lower train.lr" in out
+
+    good = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "train.eval_every=3", name="fine")
+    assert main(["train", str(write_config(tmp_path, good, "good.yaml")), "--local"]) == 0
+    assert "negative transfer" not in capsys.readouterr().out
+    assert "negative_transfer" not in json.loads((tmp_path / "runs" / "fine" / "summary.json").read_text())

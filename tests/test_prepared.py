@@ -52,8 +52,8 @@ def test_a_rerun_reads_the_cache_and_one_changed_byte_misses_it(tmp_path, tokeni
 def test_preflight_reads_rows_validated_before_only_once(tmp_path):
     cfg, data = config_with_copy(tmp_path)
     assert validated(cfg) is None
-    assert check_data(cfg) == ("prompt_completion", 0)
-    assert validated(cfg) == ("prompt_completion", 0)
+    assert check_data(cfg) == ("prompt_completion", 0, None)
+    assert validated(cfg) == ("prompt_completion", 0, None)
     with open(data, "a") as f:
         f.write("{not json\n")  # new bytes: validated again, and the bad row found
     assert validated(cfg) is None

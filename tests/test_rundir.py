@@ -119,3 +119,20 @@ def test_a_corrected_config_starts_a_run_whose_first_attempt_saved_no_checkpoint
     (store.local / "checkpoints" / "step-10").mkdir(parents=True)  # now there is progress to protect
     with pytest.raises(UserError, match=r"different config \(train.lr\)"):
         prepare_run_dir(tiny_config(tmp_path, "train.lr=1.0"), restart=False)
+
+
+def test_a_run_started_before_a_key_existed_resumes_when_the_key_is_at_its_default(tmp_path):
+    """A snapshot written by an older ftdist lacks the keys added since; at their defaults they
+    are no change (an upgrade never strands a run), set otherwise they are."""
+    import yaml
+
+    store = prepare_run_dir(tiny_config(tmp_path), restart=False)
+    snapshot = store.local / "config.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    del older["task"], older["classification"], older["storage"]["prepared_url"]
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    (store.local / "checkpoints" / "step-10").mkdir(parents=True)
+    prepare_run_dir(tiny_config(tmp_path), restart=False)  # resumed
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.raises(UserError, match=r"different config \(classification.pooling\)"):
+        prepare_run_dir(tiny_config(tmp_path, "classification.pooling=mean"), restart=False)

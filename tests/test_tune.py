@@ -17,7 +17,7 @@ import yaml
 
 from ftdist.metrics import read_metrics
 
-from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, run_cli, start_cli, tiny_config, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 

@@ -1,0 +1,160 @@
+"""task: classification: {text, label} rows, a new float32 head on the final hidden states,
+from a linear probe on frozen features (feature extraction) to LoRA with the head; accuracy
+and macro-F1; final/ loaded by transformers' AutoModelForSequenceClassification (full) or by
+PEFT on that class built from the base (adapters and head); `ftdist classify`."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftdist.classify import scores
+from ftdist.data import IGNORE, build_dataset
+from ftdist.errors import UserError
+from ftdist.records import labels_of
+from ftdist.local import train_local
+from ftdist.tokenizer import train_tokenizer
+from tests.conftest import DEMO, run_cli, tiny_config
+
+
+def topic_rows(n: int, seed: int) -> list[dict]:
+    """English paragraphs (label "english") against digit-reversal prompts ("digits")."""
+    rng = random.Random(seed)
+    english = [p.strip() for p in (DEMO / "general.txt").read_text().split("\n\n") if p.strip()]
+    digits = [json.loads(x)["prompt"] for x in (DEMO / "train.jsonl").read_text().splitlines()]
+    rows = []
+    for i in range(n):
+        if i % 2:
+            sentence = rng.choice(english).split(". ")
+            rows.append({"text": rng.choice(sentence)[:160], "label": "english"})
+        else:
+            rows.append({"text": rng.choice(digits), "label": "digits"})
+    return rows
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def classification_config(tmp_path, base, *extra, name):
+    train = write_rows(tmp_path / "topics-train.jsonl", topic_rows(160, 0))
+    eval_ = write_rows(tmp_path / "topics-eval.jsonl", topic_rows(40, 1))
+    return tiny_config(tmp_path, "task=classification", "model.init=null", f"model.name_or_path={base}",
+                       f"data.train={train}", f"data.eval={eval_}", "data.packing=false", "train.max_steps=30",
+                       "train.eval_every=15", "train.batch_size=16", "checkpoint.every_steps=1000",
+                       "lora.dropout=0", *extra, name=name)
+
+
+# ---------------------------------------------------------------- rows, labels, metrics
+
+
+def test_the_label_is_the_target_of_each_texts_last_token_only(tmp_path):
+    tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
+    rows = [{"text": "the cat sat", "label": "b"}, {"text": "a dog", "label": "a"}, {"text": "x " * 50, "label": "b"}]
+    cfg = tiny_config(tmp_path, "task=classification", f"data.train={write_rows(tmp_path / 'd.jsonl', rows)}",
+                      "data.eval=null", "data.eval_fraction=0", "data.packing=false", "data.max_length=16")
+    data = build_dataset(cfg.data, tokenizer, 0, labels=["a", "b"])
+    by_text = {}
+    for ids, targets in zip(data.train.ids, data.train.targets):
+        assert (targets[:-1] == IGNORE).all() and targets[-1] != IGNORE  # one target: on the last token
+        by_text[tokenizer.decode(ids).replace(" ", "")[:6]] = int(targets[-1])
+    assert by_text == {"thecat": 1, "adog": 0, "xxxxxx": 1}
+    assert max(len(x) for x in data.train.ids) == 16 and data.stats["truncated"] == 1  # cut to max_length
+
+
+def test_labels_are_read_from_the_rows_numbers_in_numeric_order():
+    assert labels_of([{"label": 10}, {"label": 2}, {"label": "2"}]) == ["2", "10"]
+    assert labels_of([{"label": "pos"}, {"label": "neg"}]) == ["neg", "pos"]
+
+
+def test_accuracy_and_macro_f1_from_the_confusion_counts():
+    counts = np.array([[3, 1], [0, 4]], float)  # [true, predicted]
+    got = scores(counts)
+    assert got["accuracy"] == pytest.approx(7 / 8)
+    f1_a, f1_b = 2 * 1 * 0.75 / 1.75, 2 * 0.8 * 1 / 1.8
+    assert got["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"text": "fine", "label": "maybe"}, "'maybe' is not one of classification.labels"),
+    ({"text": "fine", "label": None}, '"label" must be a label'),
+    ({"text": "", "label": "yes"}, '"text" is empty'),
+])
+def test_a_bad_row_names_the_file_line_and_field(tmp_path, row, problem):
+    from ftdist.preflight import check_inputs
+
+    rows = [{"text": "good", "label": "yes"}, {"text": "bad", "label": "no"}, row]
+    cfg = tiny_config(tmp_path, "task=classification", 'classification.labels=["yes", "no"]',
+                      f"data.train={write_rows(tmp_path / 'd.jsonl', rows)}", "data.eval=null")
+    with pytest.raises(UserError, match=f"d.jsonl:3: .*{problem}"):
+        check_inputs(cfg)
+
+
+def test_unquoted_yes_no_labels_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(UserError, match=r"classification.labels: .*booleans.*quote them"):
+        tiny_config(tmp_path, "task=classification", "classification.labels=[yes, no]")
+
+
+def test_task_and_row_format_must_agree(tmp_path):
+    with pytest.raises(UserError, match="task classification trains on"):
+        tiny_config(tmp_path, "task=classification", "data.format=text")
+    from ftdist.preflight import check_inputs
+
+    with pytest.raises(UserError, match="rows are prompt_completion.*task: classification needs"):
+        check_inputs(tiny_config(tmp_path, "task=classification"))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def base_state(base) -> dict:
+    return load_file(str(base / "model.safetensors"))
+
+
+def test_a_linear_probe_on_frozen_features_learns_and_leaves_every_base_weight_as_it_was(tmp_path, pretrained_base):
+    from ftdist.classify import load_classifier, predict
+    from transformers import AutoModelForSequenceClassification
+
+    base = pretrained_base("llama")
+    cfg = classification_config(tmp_path, base, "method=full", "freeze_layers=all", "train.lr=3e-2", name="probe")
+    summary = train_local(cfg, show_progress=False)
+    assert summary["trainable_params"] == 64 * 2  # the head alone: hidden x labels
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_macro_f1"] >= 0.9, summary
+    final = tmp_path / "runs" / "probe" / "final"
+    trained, pretrained = load_file(str(final / "model.safetensors")), base_state(base)
+    assert set(trained) - set(pretrained) == {"score.weight"}  # the backbone's keys and the head; no LM head
+    for key in set(trained) & set(pretrained):
+        assert torch.equal(trained[key], pretrained[key]), key  # bit for bit
+
+    model = AutoModelForSequenceClassification.from_pretrained(final)  # transformers alone
+    assert model.config.id2label == {0: "digits", 1: "english"}
+    ours, tokenizer, pooling = load_classifier(final)
+    texts = ["reverse 4821 =", "The river ran quietly past the old mill"]
+    probs = predict(ours, tokenizer, texts, pooling)
+    assert [max(p, key=p.get) for p in probs] == ["digits", "english"]
+    with torch.no_grad():  # transformers' own pooling (the last token) gives the same answer
+        for text, p in zip(texts, probs):
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0]
+            assert logits.softmax(-1).tolist() == pytest.approx([p["digits"], p["english"]], abs=1e-5)
+
+
+@pytest.mark.parametrize("method, extra", [("lora", ("train.lr=1e-2",)), ("full", ("train.lr=1e-3", "freeze_layers=2"))])
+def test_adapters_or_top_blocks_learn_with_the_head(tmp_path, pretrained_base, method, extra):
+    base = pretrained_base("llama")
+    cfg = classification_config(tmp_path, base, f"method={method}", *extra, "classification.pooling=mean",
+                                name=method)
+    summary = train_local(cfg, show_progress=False)
+    assert summary["eval_accuracy"] >= 0.9, summary
+    records = [r for r in map(json.loads, (tmp_path / "runs" / method / "metrics.jsonl").read_text().splitlines())
+               if "eval_accuracy" in r]
+    assert [r["step"] for r in records] == [0, 15, 30] and records[-1]["eval_loss"] < records[0]["eval_loss"]
+    final = tmp_path / "runs" / method / "final"
+    result = run_cli("classify", str(final), "--text", "reverse 903 =", "--text", "It was a cold morning in town")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("digits ") and lines[1].startswith("english "), result.stdout
+    assert "(digits " in lines[0] and "english " in lines[0]  # every label's probability
