@@ -62,11 +62,14 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from ftdist.classify import add_head
     from ftdist.model import add_adapters, freeze_full
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config)
     shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
+    if cfg.task == "classification":  # labels unknown before the data is read (ftdist plan): a few
+        add_head(shell, len(cfg.classification.labels or ()) or 2, cfg.train.seed)
     if cfg.method == "full":
         freeze_full(shell, cfg)
         return shell
@@ -94,7 +97,9 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     recomputed = max((per_block[i] for i in checkpointed), default=0.0)
     blocks = kept + recomputed + traced.outside
     vocab = model_config.vocab_size
-    if cfg.train.chunked_loss:  # one chunk's logits in fp32, turned into their gradient in place
+    if cfg.task == "classification":  # a classifier's logits: a few per example, not the vocabulary's
+        logits = 0.0
+    elif cfg.train.chunked_loss:  # one chunk's logits in fp32, turned into their gradient in place
         logits = min(s * b, chunk_tokens(vocab)) * vocab * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
     else:  # the logits and their gradient, in fp32
         logits = 2 * s * b * vocab * 4

@@ -62,7 +62,7 @@ def local_addresses() -> set[str]:
 def lost_message(address: str, resume_hint: Callable[[], str]) -> str:
     return (f"lost the Ray head at {address}: it has not answered for {HEAD_SILENCE_S:.0f} s (its node stopped or "
             f"was preempted); {bounded(resume_hint)}; run the same command on a new Ray cluster (--address or "
-            "RAY_ADDRESS) to resume from there")
+            "RAY_ADDRESS) to resume from its newest complete checkpoint")
 
 
 def bounded(hint: Callable[[], str]) -> str:

@@ -1,7 +1,8 @@
 """Regenerates the bundled demo data (deterministic): python data/demo/make_data.py
 
 The task is one a tiny model can master on a CPU in minutes, so that learning is
-visible in `ftdist generate`: reverse a string of digits.
+visible in `ftdist generate`: reverse a string of digits. check-*.jsonl classify such
+reversals as right or wrong (task: classification), on the demo model's features.
 """
 
 import json
@@ -32,6 +33,30 @@ def main() -> None:
         for _ in range(300):
             ex = example(rng)
             f.write(json.dumps({"text": ex["prompt"] + ex["completion"]}) + "\n")
+    # A classification task on the same strings (task: classification): is the reversal right?
+    # Wrong answers differ from the right one in two digits swapped or one digit changed.
+    for name, n in (("check-train", 2000), ("check-eval", 200)):
+        with (HERE / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                ex = example(rng)
+                answer = ex["completion"].strip()
+                if i % 2:
+                    f.write(json.dumps({"text": ex["prompt"] + " " + wrong(answer, rng), "label": "wrong"}) + "\n")
+                else:
+                    f.write(json.dumps({"text": ex["prompt"] + " " + answer, "label": "right"}) + "\n")
+
+
+def wrong(answer: str, rng: random.Random) -> str:
+    """The answer with one mistake in it (never the answer itself)."""
+    while True:
+        digits = list(answer)
+        i, j = rng.sample(range(len(digits)), 2)
+        if rng.random() < 0.5:
+            digits[i], digits[j] = digits[j], digits[i]
+        else:
+            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+        if "".join(digits) != answer:
+            return "".join(digits)
 
 
 if __name__ == "__main__":
