@@ -115,8 +115,12 @@ class PlainEngine:
         optimizer, scheduler = copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scheduler.state_dict())
 
         def write() -> None:
-            if adapter:
-                self.model.save_pretrained(path / PLAIN_ADAPTER_DIR, state_dict=weights)
+            if adapter:  # the adapters' state as PEFT saves it (PEFT's save_pretrained wants the whole
+                # model's state: given only the adapters', it fails on a modules_to_save head)
+                folder = path / PLAIN_ADAPTER_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                self.model.peft_config["default"].save_pretrained(str(folder))
+                save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             else:
                 save_file(weights, str(path / PLAIN_WEIGHTS), metadata={"format": "pt"})
             torch.save(optimizer, path / "optimizer.pt")

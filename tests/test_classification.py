@@ -5,6 +5,7 @@ PEFT on that class built from the base (adapters and head); `ftdist classify`.""
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -146,8 +147,17 @@ def test_a_linear_probe_on_frozen_features_learns_and_leaves_every_base_weight_a
 def test_adapters_or_top_blocks_learn_with_the_head(tmp_path, pretrained_base, method, extra):
     base = pretrained_base("llama")
     cfg = classification_config(tmp_path, base, f"method={method}", *extra, "classification.pooling=mean",
-                                name=method)
+                                "checkpoint.every_steps=10", name=method)
     summary = train_local(cfg, show_progress=False)
+    # Checkpoints hold the head with the adapters (or the weights): resumed from step 20, the same curve.
+    run_dir = tmp_path / "runs" / method
+    first = (run_dir / "metrics.jsonl").read_text()
+    shutil.rmtree(run_dir / "final")
+    assert train_local(cfg, show_progress=False)["eval_accuracy"] == summary["eval_accuracy"]
+    resumed = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in resumed if r.get("event") == "resume"] == ["step-20"]
+    before = {r["step"]: r["loss"] for r in map(json.loads, first.splitlines()) if "loss" in r}
+    assert {r["step"]: r["loss"] for r in resumed if "loss" in r} == pytest.approx(before, rel=1e-5)
     assert summary["eval_accuracy"] >= 0.9, summary
     records = [r for r in map(json.loads, (tmp_path / "runs" / method / "metrics.jsonl").read_text().splitlines())
                if "eval_accuracy" in r]
