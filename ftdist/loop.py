@@ -351,11 +351,13 @@ def finish(run: Run, state: TrainState) -> dict:
                **(run.checkpoint_sizes or {}), "peak_memory_gib": run.peak.gib(),
                **({"data_sources": data.stats["sources"]} if "sources" in data.stats else {})}
     if data.eval is not None:  # evaluated at the last step: the state holds the final numbers
-        summary.update(eval_loss=state.eval_loss, best_eval_loss=state.best_eval_loss,
-                       **({"eval_ppl": perplexity(state.eval_loss)} if cfg.task == "causal_lm" else {}))
+        summary.update(eval_loss=state.eval_loss, best_eval_loss=state.best_eval_loss)
         if state.eval_by_source:
             summary["eval_loss_by_source"] = state.eval_by_source
-        summary.update({f"eval_{k}": v for k, v in (state.eval_scores or {}).items()})
+        if state.eval_scores:  # a classifier's, in place of a perplexity (as each evaluation tells it)
+            summary.update({f"eval_{k}": v for k, v in state.eval_scores.items()})
+        else:
+            summary["eval_ppl"] = perplexity(state.eval_loss)
         if state.eval_loss_start is not None and state.eval_loss > state.eval_loss_start:
             summary["negative_transfer"] = {"eval_loss_start": state.eval_loss_start, "eval_loss_end": state.eval_loss}
     if data.retention is not None:

@@ -173,8 +173,6 @@ class Evaluation:
 def task_head(bundle, split: str):
     """The loss head an evaluation of `split` uses: retention text is scored as text (a
     classifier's LM head is still the base's)."""
-    from ftdist.classify import ClassifierHead
-
     return None if split == "retention" and isinstance(bundle.head, ClassifierHead) else bundle.head
 
 
