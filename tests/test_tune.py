@@ -286,3 +286,30 @@ def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_l
     resumes = [r for r in records if r.get("event") == "resume"]
     assert resumes and resumes[0]["checkpoint"].startswith("step-")  # from its checkpoint, not from step 0
     assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # every step once
+
+
+def test_a_classifier_search_by_eval_accuracy_picks_the_highest(tmp_path, ray_local):
+    """tune.metric eval_accuracy, mode max: every trial's head gets the labels preflight read
+    from the rows, Tune ranks trials by accuracy, and the best is the highest."""
+    from tests.test_classification import topic_rows, write_rows
+
+    train, eval_ = write_rows(tmp_path / "t.jsonl", topic_rows(64, 0)), write_rows(tmp_path / "e.jsonl", topic_rows(16, 1))
+    cfg = tiny_config(tmp_path, "task=classification", f"data.train={train}", f"data.eval={eval_}", "data.packing=false",
+                      "method=lora", "train.max_steps=8", "train.eval_every=4", "distributed.workers=1",
+                      "distributed.max_failures=0", name="base")
+    raw = cfg.model_dump(mode="json")
+    raw["tune"] = {"name": "classify", "num_samples": 2, "metric": "eval_accuracy", "mode": "max", "search": "random",
+                   "scheduler": {"type": "none"}, "max_concurrent_trials": 2,
+                   "space": {"train.lr": {"loguniform": [1.0e-3, 3.0e-2]}}}
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run_cli("tune", str(config), "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_results(tmp_path / "runs" / "classify")
+    accuracies = [float(r["eval_accuracy"]) for r in rows]
+    assert len(rows) == 2 and accuracies == sorted(accuracies, reverse=True)  # the best first
+    best = json.loads((tmp_path / "runs" / "classify" / "tune.json").read_text())["best"]
+    assert best["trial"] == rows[0]["trial"] and best["metric"] == pytest.approx(max(accuracies))
+    for row in rows:  # each trial's head over the labels read from the rows
+        final = json.loads((tmp_path / "runs" / "classify" / row["trial"] / "final" / "ftdist.json").read_text())
+        assert final["classification"]["labels"] == ["digits", "english"]

@@ -91,6 +91,8 @@ def trial_inputs(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool
     experiment = {
         "raw_config": raw, "tune_url": store.url, "tune": t.model_dump(), "use_gpu": use_gpu,
         "data_stats": inputs.data_stats, "split_in_workers": inputs.split_in_workers, "model_source": trial_model_source(cfg, store.path(BASE_DIR), inputs.base_path),
+        # A classifier's labels as preflight read them from the rows: every trial's head has the same.
+        "classification_labels": checked.cfg.classification.labels,
     }
     return experiment, inputs.datasets, steps
 

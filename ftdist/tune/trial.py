@@ -45,6 +45,8 @@ def trial_config(experiment: dict, params: dict[str, Any], trial_name: str) -> C
     raw = with_params(experiment["raw_config"], params)
     raw["run"] = {"name": trial_name, "output": experiment["tune_url"]}
     raw["model"] = {**raw["model"], **experiment["model_source"]}
+    if experiment.get("classification_labels"):
+        raw["classification"] = {**raw.get("classification", {}), "labels": experiment["classification_labels"]}
     raw.pop("tune", None)
     return Config.model_validate(raw)
 
@@ -71,6 +73,7 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     summary = read_summary(store)
     final = {"step": summary["steps"], "tokens_seen": summary["tokens_seen"],
              "trainable_params": summary["trainable_params"], "eval_loss": summary["eval_loss"], FINISHED: True}
-    if summary.get("forgetting") is not None:
-        final["forgetting"] = summary["forgetting"]
+    for key in ("forgetting", "eval_accuracy", "eval_macro_f1"):
+        if summary.get(key) is not None:
+            final[key] = summary[key]
     return with_metric(final, t["metric"], t["forgetting_weight"])
