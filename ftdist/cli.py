@@ -11,10 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from ftdist.errors import UserError
+from ftdist.errors import EXIT_USER_ERROR, UserError
 from ftdist.quiet import quiet_libraries
 
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-from ftdist.errors import UserError
+from ftdist.errors import EXIT_USER_ERROR, UserError
 
 # How long the head may be silent before the driver gives up on it: long enough for a busy
 # head under load (a TCP connect is answered by the kernel even while the GCS is busy), well
@@ -25,7 +25,6 @@ HEAD_SILENCE_S = 15.0
 PROBE_EVERY_S = 1.0
 # How long the message may spend finding the newest complete checkpoint (the store may be gone too).
 HINT_TIMEOUT_S = 10.0
-EXIT_USER_ERROR = 2
 
 
 def answers(address: str, timeout_s: float = 5.0) -> bool:
