@@ -299,7 +299,8 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
             line += f", forgetting {record['forgetting']:+.4f}" + told(forgetting, "+.4f")
     run.log.append(record)
     # The orchestrator (Ray Train, and Tune's early stopping above it) sees every evaluation.
-    ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params})
+    ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params,
+                "total_steps": run.plan.total_steps})
     run.progress.write(line)
 
 

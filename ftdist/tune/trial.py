@@ -30,6 +30,10 @@ class ReportEvaluations(TuneReportCallback):
         result = dict(metrics[0])
         if "eval_loss" not in result or result.get("step", 0) == 0:
             return  # the baseline at step 0 is the same for every trial: not a result
+        if result["step"] >= result.get("total_steps", float("inf")):
+            # The last evaluation reaches Tune once, as the trial's final result (after its final
+            # model is saved): ASHA's top rung can never cut a trial that has trained every step.
+            return
         super().after_report(run_context, [with_metric(result, self.metric, self.forgetting_weight)], None)
 
 
