@@ -101,7 +101,8 @@ class SourceConfig(Section):
 
 
 SOURCES = Union[str, list[SourceConfig]]  # one path, or a list of sources
-SPLITS = ("train", "eval", "retention")
+SPLITS = ("train", "eval", "retention", "replay")
+TEXT_SPLITS = ("retention", "replay")  # general text: format text, or plain text files
 
 
 class DataConfig(Section):
@@ -113,6 +114,8 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     # General text whose loss before and after tells the forgetting; a list, per source too.
     retention: Optional[SOURCES] = None
+    # General text mixed into the training batches: set as regularization.replay.data.
+    replay: Optional[SOURCES] = None
     # auto tells the formats apart by a row's keys (ftdist.records).
     format: FORMAT = "auto"
     # Keys renamed, ftdist's name: the file's (e.g. {messages: dialog, role: speaker, content: text}).
@@ -144,7 +147,8 @@ class DataConfig(Section):
         for key, s in listed:
             if s.weight is not None and not key.startswith("data.train."):
                 raise ValueError(f"{key}.weight: weights mix training rows; each source of data.eval and "
-                                 "data.retention is evaluated on its own and, by tokens, together: drop the weight")
+                                 "data.retention is evaluated on its own and, by tokens, together (replay text "
+                                 "is drawn evenly): drop the weight")
         for split in SPLITS:
             given = [s.name for s in getattr(self, split) or [] if isinstance(s, SourceConfig) and s.name]
             twice = sorted({n for n in given if given.count(n) > 1})
@@ -170,7 +174,7 @@ class DataConfig(Section):
         if given is None:
             return []
         given = [SourceConfig(path=given)] if isinstance(given, str) else given
-        default_format = "text" if split == "retention" else self.format
+        default_format = "text" if split in TEXT_SPLITS else self.format
         names = unique_names([s.name or source_name(s.path) for s in given])
         return [SourceConfig(path=s.path, name=name, format=s.format or default_format, weight=s.weight,
                              columns=self.columns if s.columns is None else s.columns,
@@ -219,6 +223,35 @@ class ClassificationConfig(Section):
         if self.labels is not None and len({str(x) for x in self.labels}) != len(self.labels):
             raise ValueError("labels: a label is given twice; list each once")
         return self
+
+
+class ReplayConfig(Section):
+    """General text (plain text or text rows, as data.retention takes) mixed into every training
+    batch: `fraction` of the batch's rows, on top of its task rows."""
+
+    data: SOURCES
+    fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class EwcConfig(Section):
+    """Elastic weight consolidation: the diagonal Fisher of the retention loss, estimated on
+    `samples` rows of data.retention before training, weighs each weight's pull to its anchor."""
+
+    weight: float = Field(gt=0)
+    samples: int = Field(64, gt=0)
+
+
+class RegularizationConfig(Section):
+    """What counters forgetting besides freezing and a low learning rate (ftdist.regularize)."""
+
+    replay: Optional[ReplayConfig] = None
+    l2sp: float = Field(0.0, ge=0)  # the pull of each trained weight to its value before training
+    ewc: Optional[EwcConfig] = None
+
+    @property
+    def anchored(self) -> bool:
+        """Whether trained weights are pulled to their values before training (L2-SP, EWC)."""
+        return self.l2sp > 0 or self.ewc is not None
 
 
 class TrainConfig(Section):
@@ -387,8 +420,9 @@ class SpaceSpec(Section):
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
 # What a search may vary: how the model is fine-tuned. Data, base model, storage and the run's
 # name are the experiment's, the same for every trial (they share one base and one dataset).
-TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.")
-FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order"}
+TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.", "regularization.")
+FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order",
+                   "regularization.replay.data": "the replay text is part of the experiment's data"}
 # A mixture's weights are searchable too: they choose which of the shared rows a trial draws.
 MIXTURE_WEIGHT = re.compile(r"^data\.train\.(\d+)\.weight$")
 
@@ -436,7 +470,7 @@ class TuneConfig(Section):
                 why = FIXED_IN_SEARCH.get(key, "data, model, storage, run and distributed keys are the "
                                                "experiment's, the same for every trial")
                 raise ValueError(f"space key {key!r} cannot be searched: {why}; search method, freeze_layers, "
-                                 "lora.*, qlora.*, train.* or checkpoint.* keys")
+                                 "lora.*, qlora.*, train.*, checkpoint.* or regularization.* keys")
         return self
 
 
@@ -456,7 +490,25 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
     tune: Optional[TuneConfig] = None  # read by `ftdist tune` only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replay_text_is_data(cls, raw: Any) -> Any:
+        """regularization.replay.data is the replay text's one key; the data path reads it as
+        data.replay, a split like the others (checked, prepared, shipped to workers)."""
+        if not isinstance(raw, dict):
+            return raw
+        replay = (raw.get("regularization") or {}).get("replay")
+        data = raw.get("data")
+        given = data.get("replay") if isinstance(data, dict) else None
+        wanted = replay.get("data") if isinstance(replay, dict) else None
+        if given is not None and given != wanted:
+            raise ValueError("data.replay: set the replay text as regularization.replay.data (with its fraction)")
+        if wanted is not None and isinstance(data, dict):
+            raw = {**raw, "data": {**data, "replay": wanted}}
+        return raw
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
@@ -485,6 +537,13 @@ class Config(Section):
                              f"(or auto), not {', '.join(sorted(formats - {'auto', 'classification'}))}")
         if self.task == "causal_lm" and "classification" in formats:
             raise ValueError("data.format classification rows ({text, label}) need task: classification")
+        r = self.regularization
+        if r.ewc is not None and self.data.retention is None:
+            raise ValueError("regularization.ewc estimates its Fisher on data.retention: set data.retention "
+                             "(general text, held out), or use regularization.l2sp, which needs none")
+        if r.replay is not None and self.task == "classification":
+            raise ValueError("regularization.replay mixes text into the batches, which a classifier's head does "
+                             "not train on: use regularization.l2sp or regularization.ewc with task classification")
         if self.tune is not None:
             higher_is_better = self.tune.metric in ("eval_accuracy", "eval_macro_f1")
             if higher_is_better and self.task != "classification":

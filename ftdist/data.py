@@ -14,6 +14,7 @@ restart per example.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -106,6 +107,7 @@ class Dataset:
     retention: Optional[Rows]
     format: str
     stats: dict[str, Any] = field(default_factory=dict)
+    replay: Optional[Rows] = None  # regularization.replay's text, mixed into the training batches
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -401,7 +403,10 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     retention_rows = rows_of(read_split(cfg, "retention")[0], labelled=False) if cfg.retention else None
     if retention_rows is not None:
         stats["retention_rows"] = len(retention_rows)
-    return Dataset(train, eval_rows, retention_rows, fmt, stats)
+    replay_rows = rows_of(read_split(cfg, "replay")[0], labelled=False) if cfg.replay else None
+    if replay_rows is not None:
+        stats["replay_rows"] = len(replay_rows)
+    return Dataset(train, eval_rows, retention_rows, fmt, stats, replay_rows)
 
 
 # ---------------------------------------------------------------- row order, mixtures
@@ -462,6 +467,26 @@ def train_order(rows: Rows, weights: Optional[list[float]], seed: int, epoch: in
         rng = np.random.default_rng([seed, epoch, s + 1])
         drawn.append(np.concatenate([rng.permutation(mine) for _ in range(passes)])[:quota])
     return np.random.default_rng([seed, epoch]).permutation(np.concatenate(drawn))
+
+
+def replay_share(step: int, rows_per_step: int, fraction: float) -> range:
+    """Positions in the replay stream of step `step`'s replay rows: `fraction` of the step's
+    rows (task rows and replay rows together), whole rows, exact over the run (a function of the
+    step alone, so resumable)."""
+    per_step = rows_per_step * fraction / (1 - fraction)
+    return range(math.floor((step - 1) * per_step + 1e-9), math.floor(step * per_step + 1e-9))
+
+
+def replay_order(positions: range, n_rows: int, seed: int) -> list[int]:
+    """The replay rows at these stream positions: each pass over the rows in its own order."""
+    orders: dict[int, np.ndarray] = {}
+    out = []
+    for position in positions:
+        cycle, at = divmod(position, n_rows)
+        if cycle not in orders:
+            orders[cycle] = epoch_order(n_rows, seed, cycle)
+        out.append(int(orders[cycle][at]))
+    return out
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:

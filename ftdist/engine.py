@@ -1,9 +1,9 @@
 """One small interface over a plain optimizer (local mode) and a DeepSpeed ZeRO engine (Ray workers).
 
-Per optimizer step the loop calls `step(micro_batches, loss)`: the engine runs forward and
-backward for each micro-batch (`loss(forward, batch)` is that micro-batch's loss, already
-normalised for the whole global batch), then clips and updates, and returns the gradient
-norm. An engine also owns its layout (kind, world size, ZeRO stage: written into every
+Per optimizer step the loop calls `step(micro_batches, loss, before_update)`: the engine runs
+forward and backward for each micro-batch (`loss(forward, batch)` is that micro-batch's loss,
+already normalised for the whole global batch), calls `before_update()` (the anchors' pull:
+ftdist.regularize), then clips and updates, and returns the gradient norm. An engine also owns its layout (kind, world size, ZeRO stage: written into every
 checkpoint, compared on resume), its checkpoint files (`save`, `load`, and the readers
 export uses), and `model_state()` for the final model. Which engine a rank runs is its
 context's choice (context.py).
@@ -85,9 +85,10 @@ class PlainEngine:
         self.forward = model
         self.layout = Layout(self.kind, 1, None)
 
-    def step(self, micro_batches: list[dict], loss: MicroLoss) -> float:
+    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = lambda: None) -> float:
         for batch in micro_batches:
             loss(self.forward, batch).backward()
+        before_update()
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         self.optimizer.step()
@@ -166,12 +167,17 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.forward = self.engine
 
-    def step(self, micro_batches: list[dict], loss: MicroLoss) -> float:
-        for batch in micro_batches:
+    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = lambda: None) -> float:
+        for i, batch in enumerate(micro_batches):
+            # The boundary told, not counted: a step may carry more micro-batches than the plan's
+            # accumulation (replay's rows come as micro-batches of their own).
+            last = i == len(micro_batches) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
             # The loss is already normalised for the whole global batch: no 1/accumulation scaling.
             self.engine.backward(loss(self.forward, batch), scale_wrt_gas=False)
-            # DeepSpeed steps once per micro-batch and updates only at the accumulation boundary,
-            # which the last micro-batch of the step is (gradient_accumulation_steps is the plan's).
+            if last:
+                before_update()
+            # DeepSpeed steps once per micro-batch and updates only at the accumulation boundary.
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

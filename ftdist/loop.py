@@ -18,6 +18,7 @@ rank writes its own part of each checkpoint.
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -34,15 +35,16 @@ from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import Dataset, collate, source_line, train_order, with_weights
+from ftdist.data import Dataset, collate, replay_order, replay_share, source_line, train_order, with_weights
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import ModelBundle, build_model, resolve_base
-from ftdist.objective import autocast, evaluate_rows, loss_sum, target_count
+from ftdist.objective import autocast, evaluate_rows, loss_sum, target_count, task_head
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
+from ftdist.regularize import Anchors, fisher_diagonal
 from ftdist.storage import StoreUnavailable, Uploader
 from ftdist.tracking.hub import Tracking
 from ftdist.tracking.run import open_tracking
@@ -85,6 +87,7 @@ class Run:
     uploader: Uploader
     peak: PeakMemory  # this rank's device memory, measured
     tracking: Tracking  # rank 0's trackers (none on other ranks)
+    anchors: Optional[Anchors] = None  # L2-SP / EWC: the pull of trained weights to their values before training
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
     epoch_order: Optional[tuple[int, np.ndarray]] = None  # (epoch, its row order): Run.order
@@ -167,13 +170,21 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     data = ctx.load_data(cfg, bundle.tokenizer)
     plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
     optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
+    fisher = None
+    if cfg.regularization.ewc is not None:  # at the weights before training, before ZeRO partitions them
+        fisher = fisher_diagonal(cfg, bundle.model, data.retention, bundle.tokenizer.pad_token_id,
+                                 task_head(bundle, "retention"), bundle.attention, ctx.device)
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
+    # Anchors: the master weights as they are now, before a checkpoint is restored into them.
+    anchors = Anchors(cfg, engine.model, ctx.rank, fisher, ctx.all_reduce_sum) if cfg.regularization.anchored \
+        else None
+    del fisher
     tracking = open_tracking(cfg, ctx.store, engine.layout.record(), ctx.tracking_group,
                              resume.saved["step"] if resume else None) \
         if ctx.is_main else Tracking([])
     log = MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main, listener=tracking.log)
-    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, log, Uploader(), peak, tracking)
+    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, log, Uploader(), peak, tracking, anchors)
     run.say(bundle.info.describe())
     if cfg.train.compile:
         compile_model(bundle, ctx.device, run.say)
@@ -229,13 +240,13 @@ def begin(run: Run, state: TrainState) -> None:
 def train_step(run: Run, state: TrainState, step: int) -> None:
     started = time.perf_counter()
     epoch, index = run.plan.position(step)
-    batches = step_batches(run, epoch, index)
-    loss, grad_norm = optimizer_step(run, batches)
+    batches = step_batches(run, epoch, index) + replay_batches(run, step)
+    losses, grad_norm, pulled = optimizer_step(run, batches)
     ctx = run.ctx
-    tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches))
+    tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches if not b.get("ignore")))
     state.step, state.tokens_seen = step, state.tokens_seen + tokens
     elapsed = time.perf_counter() - started
-    record = {"step": step, "epoch": epoch, "loss": loss, "lr": run.engine.lr, "grad_norm": grad_norm,
+    record = {"step": step, "epoch": epoch, **losses, "lr": run.engine.lr, "grad_norm": grad_norm, **pulled,
               "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
               "peak_memory_gib": run.peak.gib()}
     run.log.append(record)
@@ -252,22 +263,53 @@ def step_batches(run: Run, epoch: int, index: int) -> list[dict]:
     return [collate(rows, mine[i : i + micro], pad_id(run)) for i in range(0, len(mine), micro)]
 
 
-def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, float]:
-    """One update over this rank's micro-batches. Returns (the global batch's loss, grad norm)."""
+def replay_batches(run: Run, step: int) -> list[dict]:
+    """This rank's replay rows of step `step` (regularization.replay), as micro-batches of
+    their own. The global batch's replay rows are `fraction` of its rows, drawn from one
+    stream of the replay text (by train.seed); each rank takes every world_size-th: the same
+    rows whatever the number of workers."""
+    replay = run.cfg.regularization.replay
+    if replay is None:
+        return []
+    cfg, ctx, rows = run.cfg, run.ctx, run.data.replay
+    drawn = replay_order(replay_share(step, cfg.train.batch_size, replay.fraction), len(rows), cfg.train.seed)
+    mine, micro = drawn[ctx.rank :: ctx.world_size], cfg.train.micro_batch_size
+    batches = [dict(collate(rows, mine[i : i + micro], pad_id(run)), replay=True) for i in range(0, len(mine), micro)]
+    # Every rank runs as many micro-batches (under ZeRO each is collective): one short of rows
+    # runs a row it ignores.
+    n_batches = math.ceil(math.ceil(len(drawn) / ctx.world_size) / micro)
+    return batches + [dict(collate(rows, drawn[:1], pad_id(run)), replay=True, ignore=True)] * (n_batches - len(batches))
+
+
+def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
+    """One update over this rank's micro-batches. Returns the global batch's loss (and, with
+    replay rows, theirs apart), the grad norm, and the anchors' penalty before the update."""
     cfg, ctx = run.cfg, run.ctx
     # Normalised by the global target-token count: the same loss however the batch is split.
     # Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
-    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches))
-    summed = []
+    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches if not b.get("ignore")))
+    summed = np.zeros(4)  # task rows' loss sum and targets, replay rows' loss sum and targets
+    pulled: dict = {}
 
     def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
         with autocast(cfg, ctx.device):
             loss = loss_sum(forward, batch, ctx.device, run.bundle.head, run.bundle.attention)
-        summed.append(float(loss.detach()))
+        if batch.get("ignore"):
+            return loss * 0.0
+        at = 2 if batch.get("replay") else 0
+        summed[at : at + 2] += (float(loss.detach()), target_count(batch))
         return loss * ctx.world_size / global_targets
 
-    grad_norm = run.engine.step(batches, micro_batch_loss)
-    return ctx.all_reduce_sum(sum(summed)) / global_targets, grad_norm
+    def before_update() -> None:
+        if run.anchors is not None:
+            pulled.update(run.anchors.pull(run.engine.lr))
+
+    grad_norm = run.engine.step(batches, micro_batch_loss, before_update)
+    task_sum, task_targets, replay_sum, replay_targets = ctx.all_reduce_sum(summed)
+    losses = {"loss": task_sum / max(task_targets, 1)}
+    if replay_targets:
+        losses["replay_loss"] = replay_sum / replay_targets
+    return losses, grad_norm, pulled
 
 
 # ---------------------------------------------------------------- evaluations, checkpoints

@@ -6,6 +6,8 @@ bytes follow how ZeRO partitions training state over N workers:
   stage 0: every device holds weights, gradients and optimizer states
   stage 1: optimizer states / N        stage 2: + gradients / N        stage 3: + weights / N
   offload_optimizer / offload_params: those states live in host memory instead
+  regularization.l2sp / ewc: an fp32 anchor (and with EWC a Fisher value) per trained weight,
+  partitioned and offloaded as the optimizer states are (a rank keeps its own share)
 
 Activations are what autograd saves, traced on the same empty model (ftdist.activations),
 floating-point tensors in the compute dtype (a checkpointed block keeps only its input), plus
@@ -44,15 +46,16 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     host: float  # bytes per worker offloaded to CPU memory
+    anchors: float = 0.0  # L2-SP / EWC state
 
     @property
     def device_total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.anchors + self.activations
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in (
             ("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
-            ("activations", self.activations)))
+            *((("anchors", self.anchors),) if self.anchors else ()), ("activations", self.activations)))
         host = f" (+{self.host / GiB:.2f} GiB offloaded to host memory)" if self.host else ""
         return f"{parts} = {self.device_total / GiB:.2f} GiB per device{host}"
 
@@ -116,18 +119,21 @@ def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stag
     weights = (total - trainable) * weight_bytes + trainable * 4
     gradients = trainable * 4
     optimizer = trainable * ADAM_STATE_BYTES
-    if zero_stage >= 1:
+    r = cfg.regularization
+    anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
+    if zero_stage >= 1:  # on the fp32 master weights' partitions
         optimizer /= n
+        anchors /= n
     if zero_stage >= 2:
         gradients /= n
     if zero_stage >= 3:
         weights /= n
     host = 0.0
     if zero_stage >= 1 and d.offload_optimizer == "cpu":
-        host, optimizer = host + optimizer, 0.0
+        host, optimizer, anchors = host + optimizer + anchors, 0.0, 0.0
     if zero_stage == 3 and d.offload_params == "cpu":
         host, weights = host + weights, 0.0
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "host": host}
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "anchors": anchors, "host": host}
 
 
 def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,

@@ -21,7 +21,7 @@ from ftdist.chat_templates import check_choice
 from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
-from ftdist.records import is_plain_text, keyed_sources, labels_of, read_split, read_train
+from ftdist.records import SPLIT_KEYS, is_plain_text, keyed_sources, labels_of, read_split, read_train
 from ftdist.sources import GLOB_CHARS, check_source, is_glob
 from ftdist.storage import fetch, is_remote
 
@@ -50,7 +50,7 @@ def check_inputs(cfg: Config) -> CheckedInputs:
 
 
 def data_paths(data) -> list[tuple[str, str]]:
-    """(config key, path) of every data source: each source of train, eval, retention."""
+    """(config key, path) of every data source: each source of train, eval, retention, replay."""
     return [(key, source.path) for split in SPLITS for key, source in keyed_sources(data, split)]
 
 
@@ -58,7 +58,7 @@ def check_paths(cfg: Config) -> None:
     for key, value in data_paths(cfg.data):
         if is_remote(value):  # fetched (and checked) by localize_data
             continue
-        if key.startswith("data.retention") and is_plain_text(value) and Path(value).is_file():
+        if key.startswith(("data.retention", SPLIT_KEYS["replay"])) and is_plain_text(value) and Path(value).is_file():
             continue  # plain text
         check_source(value, key)
     check_choice(cfg.data.chat_template)
@@ -152,6 +152,7 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
                         "classifier on them")
     skipped += read_split(cfg.data, "eval", fmt, labels)[2]
     read_split(cfg.data, "retention")
+    read_split(cfg.data, "replay")
     remember_validated(cfg, fmt, skipped, labels)
     return fmt, skipped, labels
 

@@ -247,7 +247,7 @@ def load(where: Path) -> "Dataset":
         return Rows({c: np.load(where / f"{name}.{c}.npy", mmap_mode="r") for c in COLUMNS},
                     np.load(where / f"{name}.offsets.npy"), np.load(source) if source.is_file() else None)
 
-    return Dataset(split("train"), split("eval"), split("retention"), info["format"], info["stats"])
+    return Dataset(split("train"), split("eval"), split("retention"), info["format"], info["stats"], split("replay"))
 
 
 def write_atomic(path: Path, text: str) -> None:

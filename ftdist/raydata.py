@@ -89,11 +89,13 @@ def dataset_from_shards(cfg: Config, stats: dict[str, Any], part: Optional[tuple
         except KeyError:
             return None
 
-    train, eval_rows, retention = (rows_of(shard(n), part if n == "train" else None)
-                                   for n in SPLITS)
+    train, eval_rows, retention, replay = (rows_of(shard(n), part if n == "train" else None)
+                                           for n in SPLITS)
     stats = dict(stats, shard_rows=len(train), shard_target_tokens=train.target_tokens())
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
     if retention is not None:
         stats["retention_rows"] = len(retention)
-    return Dataset(train, eval_rows, retention, stats.get("format", cfg.data.format), stats)
+    if replay is not None:
+        stats["replay_rows"] = len(replay)
+    return Dataset(train, eval_rows, retention, stats.get("format", cfg.data.format), stats, replay)

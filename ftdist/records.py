@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from ftdist.config import TEXT_SPLITS
 from ftdist.errors import UserError
 from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
@@ -200,14 +201,14 @@ def read_split(data, split: str, train_format: Optional[str] = None,
     """Each source of data.<split>'s validated records (one list per source), the format they
     have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
     own must have the training rows' `train_format` (where that is one format); retention
-    sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
+    and replay sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
     classification labels a row may have (unset: any)."""
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format
         if split == "eval" and fmt == "auto" and train_format and "+" not in train_format:
             fmt = train_format
-        if split == "retention" and is_plain_text(source.path):
+        if split in TEXT_SPLITS and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
         else:
             records, fmt, bad = RowReader(source.columns, source.roles, labels).read(source.path, fmt,
@@ -227,7 +228,11 @@ def read_train(data, labels: Optional[list] = None) -> tuple[list[list[dict]], s
 def keyed_sources(data, split: str) -> list[tuple[str, Any]]:
     """(the config key that names it, the source) for each source of data.<split>."""
     single = not isinstance(getattr(data, split), list)
-    return [(f"data.{split}" if single else f"data.{split}.{i}", s) for i, s in enumerate(data.split_sources(split))]
+    key = SPLIT_KEYS.get(split, f"data.{split}")
+    return [(key if single else f"{key}.{i}", s) for i, s in enumerate(data.split_sources(split))]
+
+
+SPLIT_KEYS = {"replay": "regularization.replay.data"}  # where a split's sources are set, when not data.<split>
 
 
 def is_plain_text(path: str) -> bool:

@@ -217,12 +217,16 @@ def test_a_bad_search_space_is_refused_before_any_trial_naming_the_key(tmp_path,
 
 @pytest.mark.s3
 def test_optuna_search_on_object_storage_over_a_mixtures_weight(tmp_path, ray_local, pretrained_base, s3):
-    """TPE over the learning rate and the second source's weight of a two-source mixture, the
-    experiment in the S3 server: each trial trains on its own shares of the same prepared rows."""
-    config, raw = search_config(tmp_path, pretrained_base("llama"), name="tpe")
+    """TPE over the learning rate, the second source's weight of a two-source mixture and the
+    L2-SP weight, by eval loss plus forgetting, the experiment in the S3 server: each trial
+    trains on its own shares of the same prepared rows, pulled to the base by its own weight."""
+    config, raw = search_config(tmp_path, pretrained_base("llama"), f"data.retention={DEMO / 'general.txt'}",
+                                name="tpe")
     raw["data"]["train"] = [{"path": str(DEMO / "train.jsonl"), "weight": 0.7},
                             {"path": str(DEMO / "text.jsonl"), "weight": 0.3}]
-    raw["tune"]["space"] = {"train.lr": SPACE["train.lr"], "data.train.1.weight": {"uniform": [0.1, 0.5]}}
+    raw["tune"]["space"] = {"train.lr": SPACE["train.lr"], "data.train.1.weight": {"uniform": [0.1, 0.5]},
+                            "regularization.l2sp": {"loguniform": [0.1, 10.0]}}
+    raw["tune"].update(metric="eval_loss_plus_forgetting", forgetting_weight=1.0)
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     overrides = [f"--set={o}" for o in s3.overrides()]
     result = run_cli("tune", str(config), "--address", ray_local.get_runtime_context().gcs_address, *overrides,
@@ -240,10 +244,18 @@ def test_optuna_search_on_object_storage_over_a_mixtures_weight(tmp_path, ray_lo
     rows = list(csv.DictReader(s3.fs.cat_file(s3.url("runs", "tpe", "results.csv")).decode().splitlines()))
     weights = {r["trial"]: float(r["data.train.1.weight"]) for r in rows}
     assert len(set(weights.values())) == 2 and all(0.1 <= w <= 0.5 for w in weights.values())
-    for trial, weight in weights.items():  # what each trial trained on: its own weight's share
-        sources = json.loads(s3.fs.cat_file(s3.url("runs", "tpe", trial, "summary.json")))["data_sources"]
+    for row in rows:  # what each trial trained on: its own weight's share, its own pull to the base
+        trial, weight = row["trial"], weights[row["trial"]]
+        summary = json.loads(s3.fs.cat_file(s3.url("runs", "tpe", trial, "summary.json")))
+        sources = summary["data_sources"]
         assert sources[1]["weight"] == pytest.approx(weight)
         assert sources[1]["share"] == pytest.approx(weight / (0.7 + weight), abs=1e-6)
+        trial_cfg = yaml.safe_load(s3.fs.cat_file(s3.url("runs", "tpe", trial, "config.yaml")))
+        assert trial_cfg["regularization"]["l2sp"] == pytest.approx(float(row["regularization.l2sp"]))
+        log = [json.loads(x) for x in s3.fs.cat_file(s3.url("runs", "tpe", trial, "metrics.jsonl")).decode().splitlines()]
+        penalties = [r["penalty"] for r in log if "penalty" in r]
+        assert len(penalties) == 8 and penalties[-1] > 0
+        assert float(row["eval_loss_plus_forgetting"]) == pytest.approx(summary["eval_loss"] + summary["forgetting"])
 
 
 def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_local, pretrained_base):

@@ -1,0 +1,187 @@
+"""regularization: replay, L2-SP and EWC against forgetting, in local mode on the tiny base
+pretrained on general text (conftest.pretrained_base), fine-tuned on digit reversal at a high
+learning rate: it forgets much of that text, which each regularizer must lessen.
+
+The replay text and the retention text are the two halves of the general text: what is
+measured is never what is replayed. Under ZeRO (anchors on partitions, replay across ranks)
+they are checked against local mode in test_distributed.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftdist.config import Config
+from ftdist.context import LocalContext
+from ftdist.data import replay_share
+from ftdist.errors import UserError
+from ftdist.local import train_local
+from ftdist.metrics import read_metrics
+from ftdist.rundir import prepare_run_dir
+from tests.conftest import DEMO, tiny_config
+
+LR = 3e-3  # high for full fine-tuning: it forgets
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("texts")
+    paragraphs = [p for p in (DEMO / "general.txt").read_text().split("\n\n") if p.strip()]
+    half = len(paragraphs) // 2
+    (tmp / "replay.txt").write_text("\n\n".join(paragraphs[:half]))
+    (tmp / "retention.txt").write_text("\n\n".join(paragraphs[half:]))
+    return {"replay": tmp / "replay.txt", "retention": tmp / "retention.txt"}
+
+
+def reg_config(tmp_path, base, texts, *extra: str, name: str, steps: int = 30) -> Config:
+    return tiny_config(tmp_path, "model.init=null", f"model.name_or_path={base}", f"data.retention={texts['retention']}",
+                       f"train.max_steps={steps}", f"train.lr={LR}", "checkpoint.every_steps=1000", *extra, name=name)
+
+
+def steps(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+REGULARIZED = {
+    "none": (),
+    "l2sp": ("regularization.l2sp=10",),
+    "ewc": ("regularization.ewc.weight=1e6",),
+    "replay": ("regularization.replay.fraction=0.25",),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, pretrained_base, texts) -> dict:
+    base = pretrained_base("llama")
+    out = {}
+    for name, extra in REGULARIZED.items():
+        tmp = tmp_path_factory.mktemp(name)
+        if name == "replay":
+            extra = (f"regularization.replay.data={texts['replay']}", *extra)
+        out[name] = train_local(reg_config(tmp, base, texts, *extra, name=name), show_progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["l2sp", "ewc", "replay"])
+def test_each_regularizer_lowers_forgetting_against_none(runs, name):
+    plain, regularized = runs["none"], runs[name]
+    assert plain["forgetting"] > 1.0  # the plain run forgets: there is something to counter
+    assert regularized["forgetting"] < 0.9 * plain["forgetting"], (regularized["forgetting"], plain["forgetting"])
+    assert regularized["eval_loss"] < 1.5 * plain["eval_loss"]  # ... while still learning the task
+
+
+def test_the_penalty_and_the_replay_loss_are_logged_apart(runs):
+    for name in ("l2sp", "ewc"):
+        records = steps(Path(runs[name]["run_dir"]))
+        assert records[0]["penalty"] == 0.0 and records[0]["anchor_distance"] == 0.0  # at the anchors before step 1
+        # Step 1 trains at lr 0 (warmup): from step 2 on the weights have left their anchors.
+        assert all(r["penalty"] > 0 for r in records[2:]) and "replay_loss" not in records[0]
+    records = steps(Path(runs["replay"]["run_dir"]))
+    assert all(math.isfinite(r["replay_loss"]) for r in records) and "penalty" not in records[0]
+    assert "replay_loss" not in steps(Path(runs["none"]["run_dir"]))[0]
+
+
+def test_replay_takes_its_fraction_of_the_rows_exactly_over_a_run():
+    for batch, fraction in ((8, 0.25), (8, 0.1), (32, 0.3), (6, 0.5)):
+        drawn = [len(replay_share(step, batch, fraction)) for step in range(1, 201)]
+        share = sum(drawn) / (sum(drawn) + 200 * batch)
+        assert abs(share - fraction) < 1 / 200, (batch, fraction, share)
+        assert max(drawn) - min(drawn) <= 1  # spread evenly over the steps
+    ranges = [replay_share(step, 8, 0.3) for step in range(1, 50)]
+    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:]))  # one stream, no row skipped or repeated
+
+
+def test_a_very_large_l2sp_weight_keeps_every_weight_next_to_its_pretrained_value(tmp_path, pretrained_base, texts):
+    """The pull is a proximal step before each update: what stays is at most about the last
+    update (Adam's steps are about lr per weight), where plain training moves weights far."""
+    base = pretrained_base("llama")
+    summary = train_local(reg_config(tmp_path, base, texts, "regularization.l2sp=1e7", name="held", steps=12),
+                          show_progress=False)
+    pretrained = load_file(str(base / "model.safetensors"))
+    trained = load_file(str(tmp_path / "runs" / "held" / "final" / "model.safetensors"))
+    moved = max(float((trained[k].float() - pretrained[k].float()).abs().max()) for k in pretrained)
+    assert moved < 2 * LR, moved
+    assert summary["forgetting"] < 0.05
+
+
+def test_lora_with_a_very_large_l2sp_weight_keeps_a_near_zero_update(tmp_path, pretrained_base, texts):
+    """For adapters the anchor is their start, where B = 0: the update B·A stays near zero."""
+    base = pretrained_base("llama")
+    train_local(reg_config(tmp_path, base, texts, "method=lora", "lora.dropout=0", "train.lr=1e-2",
+                           "regularization.l2sp=1e7", name="lora-held", steps=12), show_progress=False)
+    adapter = load_file(str(tmp_path / "runs" / "lora-held" / "final" / "adapter_model.safetensors"))
+    b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert b and max(float(t.abs().max()) for t in b) < 2 * 1e-2
+
+
+def test_ewc_fisher_is_positive_and_its_anchors_are_the_pretrained_weights(tmp_path, pretrained_base, texts):
+    from ftdist.loop import build
+
+    base = pretrained_base("llama")
+    cfg = reg_config(tmp_path, base, texts, "regularization.ewc.weight=100", "regularization.l2sp=1", name="fisher")
+    store = prepare_run_dir(cfg, restart=False)
+    run = build(cfg, LocalContext(store=store, device=torch.device("cpu"), show_progress=False), None)
+    try:
+        shares = run.anchors.shares
+        pretrained = load_file(str(base / "model.safetensors"))
+        assert {s.name for s in shares} == {n for n, p in run.bundle.model.named_parameters() if p.requires_grad}
+        for share in shares:
+            assert torch.equal(share.anchor, pretrained[share.name].float().flatten()), share.name
+            assert share.fisher.shape == share.anchor.shape and bool((share.fisher >= 0).all())
+        assert sum(float(s.fisher.sum()) for s in shares) > 0
+        assert run.anchors.pull(LR) == {"penalty": 0.0, "anchor_distance": 0.0}  # zero at step 0
+    finally:
+        run.uploader.close()
+        run.tracking.end("FINISHED")
+
+
+def test_a_resumed_regularized_run_continues_the_same_curve(tmp_path, pretrained_base, texts):
+    """Anchors, Fisher and the replay stream are functions of the base, the data and the step:
+    a rerun from a checkpoint continues exactly."""
+    import shutil
+
+    base = pretrained_base("llama")
+    cfg = reg_config(tmp_path, base, texts, "regularization.l2sp=3", "regularization.ewc.weight=1e5",
+                     f"regularization.replay.data={texts['replay']}", "regularization.replay.fraction=0.2",
+                     "checkpoint.every_steps=4", "checkpoint.keep=5", name="resumed", steps=8)
+    summary = train_local(cfg, show_progress=False)
+    run_dir = tmp_path / "runs" / "resumed"
+    first = steps(run_dir)
+    shutil.rmtree(run_dir / "final")  # as if killed after step 4's checkpoint
+    again = train_local(cfg, show_progress=False)
+    assert [r["event"] for r in read_metrics(run_dir / "metrics.jsonl") if "event" in r] == ["start", "resume"]
+    second = steps(run_dir)
+    for key in ("loss", "replay_loss", "penalty"):
+        assert [r[key] for r in second] == pytest.approx([r[key] for r in first], rel=1e-6), key
+    assert again["forgetting"] == pytest.approx(summary["forgetting"], rel=1e-6)
+
+
+def test_bad_combinations_say_which_work(tmp_path, texts):
+    with pytest.raises(UserError, match="regularization.ewc estimates its Fisher on data.retention"):
+        tiny_config(tmp_path, "regularization.ewc.weight=1")
+    with pytest.raises(UserError, match="use regularization.l2sp or regularization.ewc with task classification"):
+        tiny_config(tmp_path, "task=classification", "data.format=classification",
+                    f"regularization.replay.data={texts['replay']}")
+    with pytest.raises(UserError, match="set the replay text as regularization.replay.data"):
+        tiny_config(tmp_path, f"data.replay={texts['replay']}")
+    with pytest.raises(UserError, match="regularization.replay.fraction"):
+        tiny_config(tmp_path, f"regularization.replay.data={texts['replay']}", "regularization.replay.fraction=1")
+
+
+def test_the_memory_estimate_counts_anchors_and_fisher_on_each_ranks_share(tmp_path, texts):
+    from ftdist import memory
+    from ftdist.preflight import model_config_of
+
+    def anchors(*extra, workers=1, stage=0):
+        cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", *extra)
+        return memory.estimate(cfg, model_config_of(cfg), workers, stage).anchors
+
+    plain = memory.estimate(tiny_config(tmp_path), model_config_of(tiny_config(tmp_path)))
+    assert plain.anchors == 0 and "anchors" not in plain.describe()
+    assert anchors("regularization.l2sp=1") == plain.trainable_params * 4  # one fp32 anchor per trained weight
+    assert anchors("regularization.ewc.weight=1") == plain.trainable_params * 8  # ... and its Fisher value
+    assert anchors("regularization.ewc.weight=1", workers=2, stage=2) == plain.trainable_params * 4  # a half each
+    assert anchors("regularization.l2sp=1", "distributed.offload_optimizer=cpu", workers=2, stage=2) == 0  # on host
