@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/checkpoint_stall.py
 	$(BIN)/python bench/memory_switches.py
 	$(BIN)/python bench/data_scale.py
+	$(BIN)/python bench/spectrum.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 DEMO = ROOT / "data" / "demo"
 GOAL = {"forgetting_ratio": 0.5, "eval_loss_ratio": 1.1}
-HIGH_LR, LOW_LR, ADAPTER_LR = 3e-3, 3e-4, 1e-2
+HIGH_LR, LOW_LR, ADAPTER_LR = 3e-3, 3e-4, 3e-3
 PLAIN = "full, high lr"
 
 
@@ -49,7 +49,7 @@ def runs(texts: dict) -> dict[str, list[str]]:
         "full + replay 0.2": ["method=full", f"train.lr={HIGH_LR}", f"regularization.replay.data={texts['replay']}",
                               "regularization.replay.fraction=0.2"],
         "full + l2sp 10": ["method=full", f"train.lr={HIGH_LR}", "regularization.l2sp=10"],
-        "full + ewc 1e6": ["method=full", f"train.lr={HIGH_LR}", "regularization.ewc.weight=1e6"],
+        "full + ewc 1e8": ["method=full", f"train.lr={HIGH_LR}", "regularization.ewc.weight=1e8"],
     }
 
 

@@ -131,9 +131,11 @@ def cmd_train(args) -> int:
             print(f"  {key}: {summary[key]:.4f}")
     worse = summary.get("negative_transfer")
     if worse:
-        print(f"  negative transfer: the task's eval loss rose from {worse['eval_loss_start']:.4f} before training to "
-              f"{worse['eval_loss_end']:.4f} at the end; the fine-tune made the task worse than the base model: lower "
-              "train.lr, freeze more layers (freeze_layers), or check the training data against the eval data")
+        told = [f"the task's eval {what} {verb} from {worse[f'eval_{what}_start']:.4f} before training to "
+                f"{worse[f'eval_{what}_end']:.4f} at the end" for what, verb in (("loss", "rose"), ("accuracy", "fell"))
+                if f"eval_{what}_start" in worse]
+        print(f"  negative transfer: {' and '.join(told)}; the fine-tune made the task worse than the base model: "
+              "lower train.lr, freeze more layers (freeze_layers), or check the training data against the eval data")
     print(f"  metrics: {summary['run_dir']}/metrics.jsonl, plot: {summary['run_dir']}/loss.png")
     return 0
 

@@ -45,6 +45,7 @@ from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
 from ftdist.regularize import Anchors, fisher_diagonal
+from ftdist.regularize import describe as describe_regularization
 from ftdist.storage import StoreUnavailable, Uploader
 from ftdist.tracking.hub import Tracking
 from ftdist.tracking.run import open_tracking
@@ -57,6 +58,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     eval_loss_start: Optional[float] = None  # before training (step 0): what negative transfer is told against
+    eval_accuracy_start: Optional[float] = None  # ... and a classifier's accuracy then
     eval_loss: Optional[float] = None  # at the latest evaluation after step 0
     eval_scores: Optional[dict] = None  # a classifier's accuracy and macro-F1, ditto
     best_eval_loss: Optional[float] = None
@@ -197,6 +199,9 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
             run.say(f"data: {source_line(source)}")
     if data.stats.get("prepared"):
         run.say(f"data: {data.stats['train_rows']} training rows {data.stats['prepared']}")
+    regularization = describe_regularization(cfg, data.replay and len(data.replay), anchors)
+    if regularization:
+        run.say(regularization)
     if data.stats.get("truncated"):
         run.say(f"data: {data.stats['truncated']} examples longer than data.max_length {cfg.data.max_length} "
                 "were cut to it")
@@ -330,6 +335,7 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     line += told(by_source, ".4f")
     if step == 0:
         state.eval_loss_start = eval_loss
+        state.eval_accuracy_start = scores["accuracy"] if scores else None
     else:
         state.eval_loss, state.eval_by_source, state.eval_scores = eval_loss, by_source, scores
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
@@ -401,8 +407,9 @@ def finish(run: Run, state: TrainState) -> dict:
             summary.update({f"eval_{k}": v for k, v in state.eval_scores.items()})
         else:
             summary["eval_ppl"] = perplexity(state.eval_loss)
-        if state.eval_loss_start is not None and state.eval_loss > state.eval_loss_start:
-            summary["negative_transfer"] = {"eval_loss_start": state.eval_loss_start, "eval_loss_end": state.eval_loss}
+        worse = negative_transfer(state)
+        if worse:
+            summary["negative_transfer"] = worse
     if data.retention is not None:
         if data.eval is None:
             state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
@@ -426,6 +433,18 @@ def finish(run: Run, state: TrainState) -> dict:
             write_summary(ctx.run_dir, summary)
         publish(ctx.store)
     return summary
+
+
+def negative_transfer(state: TrainState) -> dict:
+    """The task's figures before training and at the end where the end is worse (the eval
+    loss higher, or a classifier's accuracy lower); empty where it is not."""
+    worse = {}
+    if state.eval_loss_start is not None and state.eval_loss > state.eval_loss_start:
+        worse.update(eval_loss_start=state.eval_loss_start, eval_loss_end=state.eval_loss)
+    start, end = state.eval_accuracy_start, (state.eval_scores or {}).get("accuracy")
+    if start is not None and end is not None and end < start:
+        worse.update(eval_accuracy_start=start, eval_accuracy_end=end)
+    return worse
 
 
 def pad_id(run: Run) -> int:

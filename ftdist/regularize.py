@@ -34,6 +34,20 @@ from ftdist.data import Rows, collate, epoch_order
 from ftdist.objective import autocast, loss_sum, target_count
 
 
+def describe(cfg: Config, replay_rows: Optional[int], anchors: Optional["Anchors"]) -> Optional[str]:
+    """The run's regularization in one line (None when it has none)."""
+    r, parts = cfg.regularization, []
+    if r.replay is not None:
+        parts.append(f"replay {r.replay.fraction:.0%} of each batch's rows from {replay_rows} rows of general text")
+    if r.l2sp:
+        parts.append(f"l2sp {r.l2sp:g}")
+    if r.ewc is not None:
+        parts.append(f"ewc {r.ewc.weight:g} (Fisher on {r.ewc.samples} retention rows)")
+    if anchors is not None:
+        parts.append(f"anchors {anchors.nbytes() / 2**20:.1f} MiB on this rank")
+    return "regularization: " + ", ".join(parts) if parts else None
+
+
 def anchored_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The trained weights with an anchor: every trainable one but a new classifier head's."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad and HEAD not in name.split(".")]

@@ -127,8 +127,9 @@ def summarize(run_dir: Path) -> dict:
         "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
         # Median, so that the first (warm-up) steps do not skew throughput.
         # The task's eval loss worse at the end than before training: the fine-tune hurt it.
-        "negative_transfer": bool(len(evals) > 1 and evals[0]["step"] == 0 and evals[-1]["eval_loss"] > evals[0]["eval_loss"])
-        if evals else None,
+        "negative_transfer": bool(len(evals) > 1 and evals[0]["step"] == 0 and (
+            evals[-1]["eval_loss"] > evals[0]["eval_loss"]
+            or evals[-1].get("eval_accuracy", 1.0) < evals[0].get("eval_accuracy", 0.0))) if evals else None,
         "median_tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2] if steps else None,
     }
     final = run_dir / SUMMARY

@@ -139,6 +139,15 @@ def test_negative_transfer_is_told_with_the_two_numbers(tmp_path, capsys):
     assert (f"negative transfer: the task's eval loss rose from {evals[0]:.4f} before training to {evals[-1]:.4f}"
             in out) and "lower train.lr" in out
 
+    # A classifier's accuracy counts too: lower at the end than before training is told, with its two numbers.
+    from ftdist.loop import negative_transfer
+
+    assert negative_transfer(TrainState(eval_loss_start=0.69, eval_loss=0.65, eval_accuracy_start=0.62,
+                                        eval_scores={"accuracy": 0.55})) == {"eval_accuracy_start": 0.62,
+                                                                             "eval_accuracy_end": 0.55}
+    assert negative_transfer(TrainState(eval_loss_start=0.69, eval_loss=0.65, eval_accuracy_start=0.5,
+                                        eval_scores={"accuracy": 0.8})) == {}
+
     good = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "train.eval_every=3", name="fine")
     assert main(["train", str(write_config(tmp_path, good, "good.yaml")), "--local"]) == 0
     assert "negative transfer" not in capsys.readouterr().out
