@@ -143,7 +143,8 @@ def test_a_linear_probe_on_frozen_features_learns_and_leaves_every_base_weight_a
             assert logits.softmax(-1).tolist() == pytest.approx([p["digits"], p["english"]], abs=1e-5)
 
 
-@pytest.mark.parametrize("method, extra", [("lora", ("train.lr=1e-2",)), ("full", ("train.lr=1e-3", "freeze_layers=2"))])
+@pytest.mark.parametrize("method, extra", [("lora", ("train.lr=1e-2",)), ("qlora", ("train.lr=1e-2",)),
+                                           ("full", ("train.lr=1e-3", "freeze_layers=2"))])
 def test_adapters_or_top_blocks_learn_with_the_head(tmp_path, pretrained_base, method, extra):
     base = pretrained_base("llama")
     cfg = classification_config(tmp_path, base, f"method={method}", *extra, "classification.pooling=mean",
