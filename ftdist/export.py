@@ -69,6 +69,7 @@ def export(source: str, out: str, merge: bool = False, force: bool = False,
 def export_local(path: Path, source: str, out: str, merge: bool, force: bool) -> str:
     src = resolve_source(path)
     method = src.cfg.method
+    refuse_classifier_checkpoint(src, merge)
     if merge and method == "full":
         raise UserError(f"{source}: --merge folds LoRA adapters into their base, but this run trained every "
                         "weight (method full); drop --merge")
@@ -76,7 +77,7 @@ def export_local(path: Path, source: str, out: str, merge: bool, force: bool) ->
     base = base_model_of(src)
     meta = {"method": "full" if merge else method, "trained_method": method, "merged": merge,
             "source": source if is_remote(source) else str(src.weights), "step": src.step, "base_model": base,
-            "qlora": src.cfg.qlora.model_dump(), "dtype": "float32"}
+            "qlora": src.cfg.qlora.model_dump(), "dtype": "float32", "task": src.cfg.task}
 
     def fill(folder: Path) -> None:
         if method == "full" or merge:
@@ -240,16 +241,31 @@ def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
     tmp.rename(out)
 
 
+def refuse_classifier_checkpoint(src: Source, merge: bool) -> None:
+    """A classifier exports from its final/ (its head and labels are written there); a qlora
+    classifier's adapters stay adapters (its base is 4-bit)."""
+    if src.cfg.task != "classification":
+        return
+    if not src.is_final:
+        raise UserError(f"{src.weights}: a checkpoint of a classifier (task: classification); its head and labels "
+                        f"are written with the final model: export the run once it has finished ({src.run_dir})")
+    if merge and src.cfg.method == "qlora":
+        raise UserError(f"{src.run_dir}: --merge of a qlora classifier is not supported (its adapters learned "
+                        "against the 4-bit base); export without --merge: PEFT puts the adapters and the head on "
+                        "the base loaded as AutoModelForSequenceClassification")
+
+
 # ---------------------------------------------------------------- full models
 
 
 def full_model(src: Source, base: str):
-    """The trained model, float32 on the CPU."""
+    """The trained model, float32 on the CPU (a classifier: *ForSequenceClassification)."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if src.is_final:
-        return AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch.float32)
+        auto = AutoModelForSequenceClassification if src.cfg.task == "classification" else AutoModelForCausalLM
+        return auto.from_pretrained(src.weights, dtype=torch.float32)
     model = load_base(base)  # the architecture; every weight is then replaced
     if (src.weights / PLAIN_WEIGHTS).is_file():
         state = load_file(str(src.weights / PLAIN_WEIGHTS))
@@ -314,9 +330,14 @@ def write_adapter(src: Source, base: str, folder: Path) -> None:
 
 
 def merged_model(src: Source, base: str):
-    """The base with the adapters folded into its weights: a plain model, float32 on the CPU."""
+    """The base with the adapters folded into its weights: a plain model, float32 on the CPU
+    (a classifier: *ForSequenceClassification with its trained head)."""
     from peft import PeftModel
 
+    if src.cfg.task == "classification":
+        from ftdist.classify import load_classifier
+
+        return load_classifier(src.weights)[0].merge_and_unload()
     model = load_base(base, src.cfg)
     saved = adapter_dir(src)
     if saved is not None:

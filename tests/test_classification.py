@@ -169,3 +169,31 @@ def test_adapters_or_top_blocks_learn_with_the_head(tmp_path, pretrained_base, m
     lines = result.stdout.splitlines()
     assert lines[0].startswith("digits ") and lines[1].startswith("english "), result.stdout
     assert "(digits " in lines[0] and "english " in lines[0]  # every label's probability
+    if method == "lora":
+        exports_as_a_sequence_classifier(tmp_path, run_dir)
+
+
+def exports_as_a_sequence_classifier(tmp_path, run_dir):
+    """`ftdist export` of a LoRA classifier: the adapters with the head as they are, and merged
+    into the base, a *ForSequenceClassification transformers loads alone, with the same
+    probabilities; a checkpoint is refused (head and labels come with the final model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ftdist.classify import load_classifier, predict
+
+    texts = ["reverse 4821 =", "The river ran quietly past the old mill"]
+    ours, tokenizer, pooling = load_classifier(run_dir / "final")
+    expected = predict(ours, tokenizer, texts, pooling)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert run_cli("export", str(run_dir), "--out", str(adapter)).returncode == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    result = run_cli("export", str(run_dir), "--out", str(merged), "--merge")
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForSequenceClassification.from_pretrained(merged)  # transformers alone, no PEFT
+    assert model.config.id2label == {0: "digits", 1: "english"} and not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():  # pooled as the run trained (mean here; transformers' own forward takes the last token)
+        merged_probs = predict(model.eval(), tokenizer, texts, pooling)
+    for theirs, p in zip(merged_probs, expected):
+        assert theirs == pytest.approx(p, abs=1e-4)
+    refused = run_cli("export", str(run_dir / "checkpoints" / "step-20"), "--out", str(tmp_path / "ckpt"))
+    assert refused.returncode == 2 and "export the run once it has finished" in refused.stderr
