@@ -110,8 +110,9 @@ class PlainEngine:
             from peft import get_peft_model_state_dict
 
             weights = get_peft_model_state_dict(self.model)
-        else:
-            weights = unique_tensors(self.model.state_dict())
+        else:  # the trained weights: frozen ones are the base's, loaded again on resume
+            trained = trainable_names(self.model)
+            weights = {k: v for k, v in unique_tensors(self.model.state_dict()).items() if k in trained}
         weights = {k: v.detach().clone() for k, v in weights.items()}
         optimizer, scheduler = copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scheduler.state_dict())
 
@@ -136,10 +137,10 @@ class PlainEngine:
             set_peft_model_state_dict(self.model, load_file(str(path / PLAIN_ADAPTER_DIR / "adapter_model.safetensors")))
         else:
             missing, unexpected = self.model.load_state_dict(load_file(str(path / PLAIN_WEIGHTS)), strict=False)
-            tied = tied_names(self.model)
-            if unexpected or set(missing) - tied:
+            missing = set(missing) - tied_names(self.model) - frozen_names(self.model)
+            if unexpected or missing:
                 raise UserError(f"{path}/{PLAIN_WEIGHTS} does not fit this model (missing "
-                                f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); rerun with --restart")
+                                f"{sorted(missing)[:3]}, unexpected {unexpected[:3]}); rerun with --restart")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
@@ -188,8 +189,9 @@ class DeepSpeedEngine:
 
     def save(self, path: Path, is_main: bool) -> None:
         # Collective: every rank writes its own partition of the states, here and now.
+        # Frozen weights (a 4-bit or frozen base, frozen blocks) are the base's: not saved again.
         self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, save_latest=False,
-                                    exclude_frozen_parameters=is_adapter_model(self.model))
+                                    exclude_frozen_parameters=bool(frozen_names(self.model)))
 
     def load(self, path: Path, saved: dict) -> None:
         refuse_other_engine(path, saved, self.kind)
@@ -335,6 +337,15 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(tensor.data_ptr())
         out[name] = tensor
     return out
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """The parameters training leaves as the base has them (every name, tied ones too)."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:

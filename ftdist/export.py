@@ -29,7 +29,7 @@ import yaml
 
 from ftdist.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
 from ftdist.config import Config, StorageConfig, validate_config
-from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, tied_names
+from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, frozen_names, tied_names
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR, CHECKPOINTS, FINAL_DIR, SNAPSHOT, SUMMARY
 from ftdist.layout import FINAL_META as META
@@ -266,13 +266,16 @@ def full_model(src: Source, base: str):
     if src.is_final:
         auto = AutoModelForSequenceClassification if src.cfg.task == "classification" else AutoModelForCausalLM
         return auto.from_pretrained(src.weights, dtype=torch.float32)
-    model = load_base(base)  # the architecture; every weight is then replaced
+    from ftdist.model import freeze_full
+
+    model = load_base(base)  # the architecture and the frozen weights; every trained weight is then replaced
+    freeze_full(model, src.cfg)  # which weights the run trained: a checkpoint holds those only
     if (src.weights / PLAIN_WEIGHTS).is_file():
         state = load_file(str(src.weights / PLAIN_WEIGHTS))
     else:
         state = deepspeed_weights(src.weights, adapters_only=False)
     load_weights(model, state, src.weights)
-    return model
+    return model.requires_grad_(True)
 
 
 def load_base(base: str, cfg: Optional[Config] = None):
@@ -300,7 +303,7 @@ def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
     except RuntimeError as e:  # shapes that differ
         raise UserError(f"{where}: the weights do not fit the run's base model ({str(e).splitlines()[-1].strip()}); "
                         "was the run's config.yaml or base changed?") from None
-    missing = sorted(set(result.missing_keys) - tied_names(model))
+    missing = sorted(set(result.missing_keys) - tied_names(model) - frozen_names(model))
     if missing or result.unexpected_keys:
         raise UserError(f"{where}: the weights do not fit the run's base model (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}); was the run's config.yaml or base changed?")

@@ -282,8 +282,10 @@ def replay_batches(run: Run, step: int) -> list[dict]:
     batches = [dict(collate(rows, mine[i : i + micro], pad_id(run)), replay=True) for i in range(0, len(mine), micro)]
     # Every rank runs as many micro-batches (under ZeRO each is collective): one short of rows
     # runs a row it ignores.
-    n_batches = math.ceil(math.ceil(len(drawn) / ctx.world_size) / micro)
-    return batches + [dict(collate(rows, drawn[:1], pad_id(run)), replay=True, ignore=True)] * (n_batches - len(batches))
+    short = math.ceil(math.ceil(len(drawn) / ctx.world_size) / micro) - len(batches)
+    if short > 0:
+        batches += [dict(collate(rows, drawn[:1], pad_id(run)), replay=True, ignore=True)] * short
+    return batches
 
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:

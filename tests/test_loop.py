@@ -19,9 +19,10 @@ def steps_of(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_rerun_resumes_from_the_newest_complete_checkpoint_to_the_same_curve(tmp_path, method):
-    cfg = tiny_config(tmp_path, f"method={method}", "lora.dropout=0.1", "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
+@pytest.mark.parametrize("method, freeze", [("full", 0), ("lora", 0), ("full", 1)])
+def test_a_rerun_resumes_from_the_newest_complete_checkpoint_to_the_same_curve(tmp_path, method, freeze):
+    cfg = tiny_config(tmp_path, f"method={method}", f"freeze_layers={freeze}", "lora.dropout=0.1",
+                      "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
                       "checkpoint.keep=5", "train.eval_every=2", f"data.retention={DEMO / 'general.txt'}")
     store = prepare_run_dir(cfg, restart=False)
     run_dir = store.local
@@ -37,6 +38,21 @@ def test_a_rerun_resumes_from_the_newest_complete_checkpoint_to_the_same_curve(t
     state = TrainState.of_checkpoint(saved)
     assert state.step == 4 and state.tokens_seen > 0 and state.retention_before is not None
     assert (saved["engine"], saved["world_size"], saved["zero_stage"]) == ("plain", 1, None)
+    if method == "full":  # a checkpoint holds the trained weights; frozen ones are the base's, loaded again
+        from safetensors.torch import load_file
+
+        kept = set(load_file(str(run_dir / "checkpoints" / "step-4" / "model.safetensors")))
+        assert any(k.startswith("model.layers.1.") for k in kept)
+        assert any(k.startswith("model.layers.0.") for k in kept) == (freeze == 0)
+        if freeze:  # exported whole: the frozen weights from the base, the trained ones from the checkpoint
+            from ftdist.export import export
+
+            export(str(run_dir / "checkpoints" / "step-4"), str(tmp_path / "exported"))
+            exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+            base = load_file(str(run_dir / "base" / "model.safetensors"))
+            trained = load_file(str(run_dir / "checkpoints" / "step-4" / "model.safetensors"))
+            for key, tensor in exported.items():
+                assert torch.equal(tensor, trained[key] if key in trained else base[key]), key
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4, 6] and "forgetting" in evals[-1]
     assert summary["forgetting"] == pytest.approx(evals[-1]["forgetting"])
