@@ -110,8 +110,8 @@ def test_config_path_and_data_mistakes_are_told_before_the_training_stack_loads(
     no_model.mkdir()
     cases = [
         (("--set", "train.lrr=1e-3"), "train.lrr: unknown key"),
-        ((f"--set", f"data.eval={tmp_path / 'nope.jsonl'}"), "data.eval: not found"),
-        ((f"--set", f"data.train={bad_rows}"), f"{bad_rows}:8:"),
+        (("--set", f"data.eval={tmp_path / 'nope.jsonl'}"), "data.eval: not found"),
+        (("--set", f"data.train={bad_rows}"), f"{bad_rows}:8:"),
         (("--set", "model.init=null", "--set", f"model.name_or_path={no_model}"), "no config.json"),
     ]
     path = config_file(tmp_path)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from ftdist.chat_templates import apply_choice
-from ftdist.config import validate_config
 from ftdist.data import encode
 from ftdist.errors import UserError
 from ftdist.preflight import check_inputs

@@ -21,7 +21,7 @@ from ftdist.preflight import check_inputs
 from ftdist.rundir import prepare_run_dir
 from ftdist.tracking.params import flat_params, record_metrics
 from ftdist.tracking.preflight import check_tracking
-from tests.conftest import REPO, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.conftest import REPO, start_cli, tiny_config, wait_until, write_config
 from tests.trackers import MlflowServer, tensorboard_scalars, wandb_history, wandb_records
 
 PASSWORD = "trk-pw-7Qz9"  # planted wherever a user puts tracker credentials
