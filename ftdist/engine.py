@@ -3,10 +3,11 @@
 Per optimizer step the loop calls `step(micro_batches, loss, before_update)`: the engine runs
 forward and backward for each micro-batch (`loss(forward, batch)` is that micro-batch's loss,
 already normalised for the whole global batch), calls `before_update()` (the anchors' pull:
-ftdist.regularize), then clips and updates, and returns the gradient norm. An engine also owns its layout (kind, world size, ZeRO stage: written into every
-checkpoint, compared on resume), its checkpoint files (`save`, `load`, and the readers
-export uses), and `model_state()` for the final model. Which engine a rank runs is its
-context's choice (context.py).
+ftdist.regularize), then clips and updates, and returns the gradient norm. An engine also
+owns its layout (kind, world size, ZeRO stage: written into every checkpoint, compared on
+resume), its checkpoint files (`save`, `load`, and the readers export uses), and
+`model_state()` for the final model. Which engine a rank runs is its context's choice
+(context.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from ftdist.plan import accumulation_steps
 
 # A micro-batch's loss: loss(forward, batch) -> scalar tensor to backpropagate.
 MicroLoss = Callable[[Callable, dict], torch.Tensor]
+
+
+def nothing() -> None:
+    """No work before an update (a run without anchors)."""
+
 
 # Checkpoint files. Local mode: model.safetensors (full) or adapter/ (a PEFT adapter directory),
 # optimizer.pt, scheduler.pt. Ray workers: deepspeed/, DeepSpeed's own files, each rank its partition.
@@ -85,7 +91,7 @@ class PlainEngine:
         self.forward = model
         self.layout = Layout(self.kind, 1, None)
 
-    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = lambda: None) -> float:
+    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = nothing) -> float:
         for batch in micro_batches:
             loss(self.forward, batch).backward()
         before_update()
@@ -168,7 +174,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.forward = self.engine
 
-    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = lambda: None) -> float:
+    def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = nothing) -> float:
         for i, batch in enumerate(micro_batches):
             # The boundary told, not counted: a step may carry more micro-batches than the plan's
             # accumulation (replay's rows come as micro-batches of their own).

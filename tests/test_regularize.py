@@ -37,8 +37,9 @@ def texts(tmp_path_factory) -> dict:
 
 
 def reg_config(tmp_path, base, texts, *extra: str, name: str, steps: int = 30) -> Config:
-    return tiny_config(tmp_path, "model.init=null", f"model.name_or_path={base}", f"data.retention={texts['retention']}",
-                       f"train.max_steps={steps}", f"train.lr={LR}", "checkpoint.every_steps=1000", *extra, name=name)
+    return tiny_config(tmp_path, "model.init=null", f"model.name_or_path={base}",
+                       f"data.retention={texts['retention']}", f"train.max_steps={steps}", f"train.lr={LR}",
+                       "checkpoint.every_steps=1000", *extra, name=name)
 
 
 def steps(run_dir) -> list[dict]:
