@@ -475,6 +475,18 @@ def _(w): return train(w, f"data.retention=[{{path: {DEMO / 'general.txt'}}}, {{
 def _(w): return train(w, f"data.retention={w.file('general.txt', chr(10) * 3)}")
 
 
+@case("data", "replay text missing", ("regularization.replay.data", "not found"))
+def _(w): return train(w, f"regularization.replay.data={w.dir / 'gone.txt'}")
+
+
+@case("config", "EWC without retention text", ("regularization.ewc", "data.retention"))
+def _(w): return train(w, "regularization.ewc.weight=1000")
+
+
+@case("config", "replay fraction of all rows", ("regularization.replay.fraction",))
+def _(w): return train(w, f"regularization.replay.data={DEMO / 'general.txt'}", "regularization.replay.fraction=1")
+
+
 @case("data", "examples cut to max_length are told", ("were cut to it", "data.max_length 16"), outcome="runs")
 def _(w):
     rows = [{"text": f"row {i}: " + "the river rises and the river falls " * 8} for i in range(40)]
