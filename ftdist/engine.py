@@ -184,10 +184,19 @@ class DeepSpeedEngine:
             self.engine.backward(loss(self.forward, batch), scale_wrt_gas=False)
             if last:
                 before_update()
+                unclipped = self.whole_gradients_norm()
             # DeepSpeed steps once per micro-batch and updates only at the accumulation boundary.
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else unclipped
+
+    def whole_gradients_norm(self) -> float:
+        """The gradients' norm before clipping where they lie whole, averaged, on every rank
+        (ZeRO-0 in float32, where DeepSpeed clips without telling the norm); nan elsewhere."""
+        if self.layout.zero_stage != 0:
+            return float("nan")
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
 
     @property
     def lr(self) -> float:

@@ -71,7 +71,8 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
 # Every line ftdist itself prints while it trains (stdout and stderr): a line that matches none
 # is a library's, which the user should never have to read.
 FTDIST_LINE = re.compile(
-    r"^(plan: |memory \(estimate\): |model: |data: |regularization: |step \d+|checkpoint step \d+ complete|resuming from |done: |"
+    r"^(plan: |memory \(estimate\): |model: |data: |regularization: |step \d+|checkpoint step \d+ complete|"
+    r"resuming from |done: |"
     r"  (eval_loss|eval_ppl|eval_accuracy|eval_macro_f1|forgetting|negative transfer|metrics): |.* is already finished|ftdist: )")
 
 # `ftdist ARGS` in a subprocess that reports at exit which heavy libraries it imported.

@@ -169,6 +169,7 @@ def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, matrix,
         assert len(ours) == len(theirs) >= 2
         assert ours == pytest.approx(theirs, rel=REL_TOL, abs=1e-6), key
     assert curve(run_dir, "loss")[-1] < 0.9 * curve(run_dir, "loss")[0]
+    assert curve(run_dir, "grad_norm") == pytest.approx(curve(local, "grad_norm"), rel=1e-2)  # before clipping
     # Checkpoints hold every rank's DeepSpeed files and are marked complete.
     ckpt = run_dir / "checkpoints" / "step-4"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
