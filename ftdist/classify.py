@@ -56,12 +56,15 @@ def pool(hidden: torch.Tensor, targets: torch.Tensor, doc: torch.Tensor, how: st
 class ClassifierHead:
     """The LM head's forward, replaced: with labels pending it pools, applies the task head in
     float32 and returns the summed cross-entropy (kept: the example's logits, for accuracy);
-    with none pending, the LM head's logits as before."""
+    with text targets pending (retention text, scored by the LM head the task leaves alone),
+    the LM loss in chunks as ChunkedHead computes it (`chunked`: train.chunked_loss); with
+    none pending, the LM head's logits as before."""
 
-    def __init__(self, lm_head: nn.Module, score: nn.Module, pooling: str):
-        self.score, self.pooling = score, pooling
+    def __init__(self, lm_head: nn.Module, score: nn.Module, pooling: str, chunked: bool = True):
+        self.lm_head, self.score, self.pooling, self.chunked = lm_head, score, pooling, chunked
         self.targets: Optional[torch.Tensor] = None
         self.doc: Optional[torch.Tensor] = None
+        self.text = False  # the pending targets are text tokens, not labels
         self.logits: Optional[torch.Tensor] = None  # of the last forward's examples, detached
         self.labels: Optional[torch.Tensor] = None
         self.logits_forward = lm_head.forward
@@ -72,15 +75,40 @@ class ClassifierHead:
 
     def done(self) -> None:
         self.targets = self.doc = None
+        self.text = False
+
+    def for_text(self) -> Optional["TextLoss"]:
+        """What scores text through this head's LM head: the chunked LM loss, or None (the loss
+        from whole logits) where train.chunked_loss is off."""
+        return TextLoss(self) if self.chunked else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             return self.logits_forward(hidden)
+        if self.text:
+            from ftdist.objective import chunk_tokens, chunked_cross_entropy
+
+            head = self.lm_head
+            return chunked_cross_entropy(hidden, head.weight, head.bias, self.targets, chunk_tokens(head.out_features))
         pooled, labels = pool(hidden, self.targets, self.doc, self.pooling)
         with torch.autocast(hidden.device.type, enabled=False):  # the new head learns in float32
             logits = self.score(pooled.float())
         self.logits, self.labels = logits.detach(), labels
         return F.cross_entropy(logits, labels.long(), reduction="sum")
+
+
+class TextLoss:
+    """A classifier's head made to score text (its expect/done, as a loss head's)."""
+
+    def __init__(self, head: ClassifierHead):
+        self.head = head
+
+    def expect(self, targets: torch.Tensor, doc: torch.Tensor) -> None:
+        self.head.expect(targets, doc)
+        self.head.text = True
+
+    def done(self) -> None:
+        self.head.done()
 
 
 # ---------------------------------------------------------------- metrics

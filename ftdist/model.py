@@ -394,7 +394,8 @@ def loss_head(cfg: Config, model: nn.Module):
         from ftdist.classify import ClassifierHead
 
         unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its trained copy
-        return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling)
+        return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling,
+                              chunked=cfg.train.chunked_loss)
     return chunked_head(cfg, model)
 
 

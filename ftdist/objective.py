@@ -172,8 +172,10 @@ class Evaluation:
 
 def task_head(bundle, split: str):
     """The loss head an evaluation of `split` uses: retention text is scored as text (a
-    classifier's LM head is still the base's)."""
-    return None if split == "retention" and isinstance(bundle.head, ClassifierHead) else bundle.head
+    classifier's LM head is still the base's), in chunks where train.chunked_loss is on."""
+    if split == "retention" and isinstance(bundle.head, ClassifierHead):
+        return bundle.head.for_text()
+    return bundle.head
 
 
 @torch.no_grad()

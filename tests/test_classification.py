@@ -67,6 +67,31 @@ def test_the_label_is_the_target_of_each_texts_last_token_only(tmp_path):
     assert max(len(x) for x in data.train.ids) == 16 and data.stats["truncated"] == 1  # cut to max_length
 
 
+def test_a_classifiers_retention_text_is_scored_in_chunks_as_whole_logits_would():
+    """Forgetting of a classifier goes through its LM head (the task leaves it alone), in
+    chunks as an LM run's loss is (no [tokens x vocab] logits at once): the same loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftdist.classify import ClassifierHead, add_head
+    from ftdist.data import collate, pack, tokenize_records
+    from ftdist.objective import loss_sum
+
+    tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    head = ClassifierHead(model.get_output_embeddings(), add_head(model, 2, 0), "last")
+    texts = [{"text": p} for p in (DEMO / "general.txt").read_text().split("\n\n")[:4]]
+    examples, _ = tokenize_records(tokenizer, texts, 64)
+    rows = pack(examples, 64, True, tokenizer.pad_token_id)
+    batch = collate(rows, list(range(len(rows))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        whole = loss_sum(model, batch, torch.device("cpu"), None)  # the LM head's own logits
+        chunked = loss_sum(model, batch, torch.device("cpu"), head.for_text())
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-5)
+    assert head.targets is None and not head.text  # the head is back to labels (or logits)
+
+
 def test_labels_are_read_from_the_rows_numbers_in_numeric_order():
     assert labels_of([{"label": 10}, {"label": 2}, {"label": "2"}]) == ["2", "10"]
     assert labels_of([{"label": "pos"}, {"label": "neg"}]) == ["neg", "pos"]
