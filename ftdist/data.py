@@ -17,7 +17,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -477,15 +477,13 @@ def replay_share(step: int, rows_per_step: int, fraction: float) -> range:
     return range(math.floor((step - 1) * per_step + 1e-9), math.floor(step * per_step + 1e-9))
 
 
-def replay_order(positions: range, n_rows: int, seed: int) -> list[int]:
-    """The replay rows at these stream positions: each pass over the rows in its own order."""
-    orders: dict[int, np.ndarray] = {}
+def replay_order(positions: range, n_rows: int, pass_order: Callable[[int], np.ndarray]) -> list[int]:
+    """The replay rows at these stream positions: pass k over the rows in `pass_order(k)`
+    (epoch_order by the seed; the caller keeps the one it reads)."""
     out = []
     for position in positions:
         cycle, at = divmod(position, n_rows)
-        if cycle not in orders:
-            orders[cycle] = epoch_order(n_rows, seed, cycle)
-        out.append(int(orders[cycle][at]))
+        out.append(int(pass_order(cycle)[at]))
     return out
 
 

@@ -35,7 +35,8 @@ from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
 from ftdist.context import LocalContext
-from ftdist.data import Dataset, collate, replay_order, replay_share, source_line, train_order, with_weights
+from ftdist.data import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
+                         with_weights)
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
@@ -93,6 +94,7 @@ class Run:
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
     epoch_order: Optional[tuple[int, np.ndarray]] = None  # (epoch, its row order): Run.order
+    replay_pass: Optional[tuple[int, np.ndarray]] = None  # (pass, its replay row order): Run.replay_order
 
     @cached_property
     def base_size(self) -> Optional[int]:
@@ -119,6 +121,12 @@ class Run:
             rows, ctx = self.data.train, self.ctx
             self.epoch_order = (epoch, train_order(rows, self.cfg.data.weights, self.cfg.train.seed + ctx.rank, epoch))
         return self.epoch_order[1]
+
+    def replay_order(self, cycle: int) -> np.ndarray:
+        """The order of pass `cycle` over the replay rows (kept while the pass is read)."""
+        if self.replay_pass is None or self.replay_pass[0] != cycle:
+            self.replay_pass = (cycle, epoch_order(len(self.data.replay), self.cfg.train.seed, cycle))
+        return self.replay_pass[1]
 
     def evaluates_at(self, step: int) -> bool:
         return self.data.eval is not None and (step % self.cfg.train.eval_every == 0 or step == self.plan.total_steps)
@@ -277,7 +285,7 @@ def replay_batches(run: Run, step: int) -> list[dict]:
     if replay is None:
         return []
     cfg, ctx, rows = run.cfg, run.ctx, run.data.replay
-    drawn = replay_order(replay_share(step, cfg.train.batch_size, replay.fraction), len(rows), cfg.train.seed)
+    drawn = replay_order(replay_share(step, cfg.train.batch_size, replay.fraction), len(rows), run.replay_order)
     mine, micro = drawn[ctx.rank :: ctx.world_size], cfg.train.micro_batch_size
     batches = [dict(collate(rows, mine[i : i + micro], pad_id(run)), replay=True) for i in range(0, len(mine), micro)]
     # Every rank runs as many micro-batches (under ZeRO each is collective): one short of rows
