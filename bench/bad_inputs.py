@@ -376,10 +376,23 @@ def _(w):
                  "data.eval=null")
 
 
-@case("data", "preference rows for SFT", ("preference", "DPO"))
+@case("data", "preference rows for SFT", ("pref.jsonl", "preference pairs", "objective sft", "set objective: dpo"))
 def _(w):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 20
     return train(w, f"data.train={w.rows('pref.jsonl', rows, 0)}", "data.eval=null")
+
+
+@case("data", "prompt/completion rows for DPO", ("rows.jsonl", "rows are prompt_completion", "objective dpo",
+                                                  "preference pairs"))
+def _(w):
+    rows = [{"prompt": "q", "completion": "a"}] * 20
+    return train(w, f"data.train={w.rows('rows.jsonl', rows, 0)}", "data.eval=null", "objective=dpo")
+
+
+@case("data", "a pair whose chosen equals its rejected", ("pairs.jsonl:2", "the same response", "data.skip_bad_rows"))
+def _(w):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "a"}] * 10
+    return train(w, f"data.train={w.rows('pairs.jsonl', rows, 0)}", "data.eval=null", "objective=dpo")
 
 
 @case("data", "text rows under data.format prompt_completion", ("rows.jsonl:1", "prompt"))

@@ -126,7 +126,8 @@ def cmd_train(args) -> int:
 
         summary = train_ray(cfg, restart=args.restart, address=args.address)
     print(f"done: model in {summary['final_dir']}")
-    for key in ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "forgetting"):
+    for key in ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "eval_reward_accuracy", "eval_reward_margin",
+                "forgetting"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]:.4f}")
     worse = summary.get("negative_transfer")

@@ -241,6 +241,20 @@ class EwcConfig(Section):
     samples: int = Field(64, gt=0)
 
 
+class DpoConfig(Section):
+    """objective: dpo. Preference pairs train the policy to rank each chosen response above its
+    rejected one, relative to a reference model (ftdist.preference)."""
+
+    beta: float = Field(0.1, gt=0)  # how far from the reference the policy may move: smaller, farther
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's; ipo: IPO's squared loss on mean log-probs
+    # auto: the adapters switched off (lora, qlora); a frozen copy of the starting model (full),
+    # partitioned like the policy under ZeRO-3.
+    reference: Literal["auto"] = "auto"
+    # true: one pass over the pairs before training computes the reference's log-probs, so no
+    # second model is held while training.
+    precompute_reference: bool = False
+
+
 class RegularizationConfig(Section):
     """What counters forgetting besides freezing and a low learning rate (ftdist.regularize)."""
 
@@ -417,10 +431,12 @@ class SpaceSpec(Section):
         return list(getattr(self, self.kind))
 
 
+HIGHER_IS_BETTER = ("eval_accuracy", "eval_macro_f1", "eval_reward_accuracy", "eval_reward_margin")
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
 # What a search may vary: how the model is fine-tuned. Data, base model, storage and the run's
 # name are the experiment's, the same for every trial (they share one base and one dataset).
-TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.", "regularization.")
+TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.", "regularization.",
+                    "dpo.")
 FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order",
                    "regularization.replay.data": "the replay text is part of the experiment's data"}
 # A mixture's weights are searchable too: they choose which of the shared rows a trial draws.
@@ -448,7 +464,8 @@ class TuneConfig(Section):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # outputs in <run.output>/<name>/
     num_samples: int = Field(8, gt=0)
-    metric: Literal["eval_loss", "eval_loss_plus_forgetting", "eval_accuracy", "eval_macro_f1"] = "eval_loss"
+    metric: Literal["eval_loss", "eval_loss_plus_forgetting", "eval_accuracy", "eval_macro_f1",
+                    "eval_reward_accuracy", "eval_reward_margin"] = "eval_loss"
     forgetting_weight: float = Field(0.0, ge=0)  # eval_loss_plus_forgetting = eval_loss + weight * forgetting
     mode: Literal["min", "max"] = "min"
     search: Literal["random", "optuna"] = "random"
@@ -470,7 +487,7 @@ class TuneConfig(Section):
                 why = FIXED_IN_SEARCH.get(key, "data, model, storage, run and distributed keys are the "
                                                "experiment's, the same for every trial")
                 raise ValueError(f"space key {key!r} cannot be searched: {why}; search method, freeze_layers, "
-                                 "lora.*, qlora.*, train.*, checkpoint.* or regularization.* keys")
+                                 "lora.*, qlora.*, train.*, checkpoint.*, regularization.* or dpo.* keys")
         return self
 
 
@@ -480,6 +497,9 @@ class Config(Section):
     # causal_lm: next-token loss on the rows' targets; classification: a new head over labels.
     task: Literal["causal_lm", "classification"] = "causal_lm"
     classification: ClassificationConfig = ClassificationConfig()
+    # sft: supervised, the loss on the target tokens; dpo: preference pairs (prompt, chosen, rejected).
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DpoConfig = DpoConfig()
     method: Literal["full", "lora", "qlora"] = "lora"
     freeze_layers: Union[int, Literal["all"]] = 0
     lora: LoraConfig = LoraConfig()
@@ -537,6 +557,16 @@ class Config(Section):
                              f"(or auto), not {', '.join(sorted(formats - {'auto', 'classification'}))}")
         if self.task == "causal_lm" and "classification" in formats:
             raise ValueError("data.format classification rows ({text, label}) need task: classification")
+        if self.objective == "dpo":
+            if self.task == "classification":
+                raise ValueError("objective dpo trains a causal LM on preference pairs: use task: causal_lm (a "
+                                 "classifier trains with objective: sft)")
+            if not formats <= {"auto", "preference"}:
+                raise ValueError(f"objective dpo trains on preference rows ({{prompt, chosen, rejected}}): set "
+                                 f"data.format to preference (or auto), not "
+                                 f"{', '.join(sorted(formats - {'auto', 'preference'}))}")
+        elif "preference" in formats:
+            raise ValueError("data.format preference rows ({prompt, chosen, rejected}) train with objective: dpo")
         r = self.regularization
         if r.ewc is not None and self.data.retention is None:
             raise ValueError("regularization.ewc estimates its Fisher on data.retention: set data.retention "
@@ -544,11 +574,17 @@ class Config(Section):
         if r.replay is not None and self.task == "classification":
             raise ValueError("regularization.replay mixes text into the batches, which a classifier's head does "
                              "not train on: use regularization.l2sp or regularization.ewc with task classification")
+        if r.replay is not None and self.objective == "dpo":
+            raise ValueError("regularization.replay mixes text into the batches, which objective dpo does not "
+                             "train on (its batches are pairs): use regularization.l2sp or regularization.ewc")
         if self.tune is not None:
-            higher_is_better = self.tune.metric in ("eval_accuracy", "eval_macro_f1")
-            if higher_is_better and self.task != "classification":
+            higher_is_better = self.tune.metric in HIGHER_IS_BETTER
+            if self.tune.metric in ("eval_accuracy", "eval_macro_f1") and self.task != "classification":
                 raise ValueError(f"tune.metric {self.tune.metric} is a classification metric: set task: "
                                  "classification, or use eval_loss")
+            if self.tune.metric.startswith("eval_reward") and self.objective != "dpo":
+                raise ValueError(f"tune.metric {self.tune.metric} is a preference-tuning metric: set objective: dpo, "
+                                 "or use eval_loss")
             if (self.tune.mode == "max") != higher_is_better:
                 raise ValueError(f"tune.mode {self.tune.mode} with tune.metric {self.tune.metric}: "
                                  f"{'higher' if higher_is_better else 'lower'} is better, so set tune.mode: "

@@ -60,6 +60,10 @@ class LocalContext:
 
         return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
 
+    def make_reference(self, cfg: Config, model):
+        """dpo's frozen reference model, as this rank runs it: here, the model itself."""
+        return model
+
 
 @dataclass
 class RayContext(LocalContext):
@@ -111,6 +115,11 @@ class RayContext(LocalContext):
         from ftdist.engine import deepspeed_engine
 
         return deepspeed_engine(cfg, model, optimizer, scheduler, self.world_size, resume)
+
+    def make_reference(self, cfg: Config, model):
+        from ftdist.engine import deepspeed_reference
+
+        return deepspeed_reference(cfg, model, self.world_size)
 
 
 def default_device() -> torch.device:

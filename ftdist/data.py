@@ -176,14 +176,16 @@ def encode(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     return encode_all(tokenizer, [record]).record(0)
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_chat(tokenizer, messages: list[dict], first_trained: int = 0) -> tuple[list[int], list[bool]]:
+    """`first_trained`: the first message whose assistant turns are trained (a preference
+    pair's response after its prompt's turns)."""
     require_template(tokenizer, "chat")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     # Character spans of assistant turns: what the template adds between the
     # generation prompt before turn i and the rendering through turn i.
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
@@ -221,6 +223,33 @@ def encode_all(tokenizer, records: list[dict]) -> Encoded:
     return Encoded.in_order(pieces, len(records))
 
 
+def encode_pairs(tokenizer, records: list[dict]) -> Encoded:
+    """Preference records as 2n sequences, each pair's chosen then its rejected: the prompt
+    followed by the response, trained on the response's tokens only. Strings join as prompt and
+    completion; where the prompt or a response is a list of turns, both render as one chat."""
+    plain, chats = [], []
+    for i, r in enumerate(records):
+        (chats if any(isinstance(r[k], list) for k in ("prompt", "chosen", "rejected")) else plain).append(i)
+    pieces = []
+    if plain:
+        sequences = [{"prompt": records[i]["prompt"], "completion": records[i][side]}
+                     for i in plain for side in ("chosen", "rejected")]
+        pieces.append(([2 * i + j for i in plain for j in (0, 1)], encode_all(tokenizer, sequences)))
+    if chats:
+        encoded = []
+        for i in chats:
+            prompt = turns_of(records[i]["prompt"], "user")
+            encoded += [encode_chat(tokenizer, prompt + turns_of(records[i][side], "assistant"), len(prompt))
+                        for side in ("chosen", "rejected")]
+        pieces.append(([2 * i + j for i in chats for j in (0, 1)], Encoded.of(encoded)))
+    return Encoded.in_order(pieces, 2 * len(records))
+
+
+def turns_of(value, role: str) -> list[dict]:
+    """A preference row's prompt or response as chat turns (a string: one turn of `role`)."""
+    return value if isinstance(value, list) else [{"role": role, "content": value}] if value else []
+
+
 def eos_segment(eos: int, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
     return np.full(n, eos, np.int32), np.ones(n, np.int64), True
 
@@ -243,9 +272,10 @@ class Examples:
                      for n, t in (("ids", np.int32), ("targets", np.int32), ("lengths", np.int64))))
 
 
-def to_examples(enc: Encoded, max_length: int) -> tuple[Examples, dict]:
+def to_examples(enc: Encoded, max_length: int, pairs: bool = False) -> tuple[Examples, dict]:
     """Each record truncated to max_length, its targets shifted within it; records with no
-    token to learn dropped. Returns the examples and the counts (truncated, dropped)."""
+    token to learn dropped (`pairs`: records 2k and 2k+1 are one pair, dropped together).
+    Returns the examples and the counts (truncated, dropped)."""
     keep = within(enc.lengths) < max_length
     lengths = np.minimum(enc.lengths, max_length)
     ids, trained = enc.ids[keep], enc.trained[keep]
@@ -254,9 +284,12 @@ def to_examples(enc: Encoded, max_length: int) -> tuple[Examples, dict]:
     targets[(np.cumsum(lengths) - 1)[lengths > 0]] = IGNORE  # an example's last token predicts nothing
     learns = np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=targets != IGNORE,
                          minlength=len(lengths)) > 0
+    if pairs:  # a pair whose one side has nothing to learn is no pair
+        learns = np.repeat(learns.reshape(-1, 2).all(1), 2)
     token_kept = np.repeat(learns, lengths)
     return (Examples(ids[token_kept], targets[token_kept], lengths[learns]),
-            {"truncated": int((enc.lengths > max_length).sum()), "dropped_no_target": int((~learns).sum())})
+            {"truncated": int((enc.lengths > max_length).sum()),
+             "dropped_no_target": int((~learns).sum()) // (2 if pairs else 1)})
 
 
 def classification_examples(tokenizer, records: list[dict], max_length: int,
@@ -274,41 +307,55 @@ def classification_examples(tokenizer, records: list[dict], max_length: int,
                                                "dropped_no_target": int((~has).sum())}
 
 
-def tokenize_records(tokenizer, records: list[dict], max_length: int,
-                     labels: Optional[list[str]] = None) -> tuple[Examples, dict]:
+def tokenize_records(tokenizer, records: list[dict], max_length: int, labels: Optional[list[str]] = None,
+                     pairs: bool = False) -> tuple[Examples, dict]:
     """Records to examples, a batch at a time: only the arrays of each batch are kept.
-    `labels`: classification rows, by these labels."""
+    `labels`: classification rows, by these labels; `pairs`: preference rows, two examples each
+    (chosen, rejected)."""
     parts, counts = [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
     for start in range(0, len(records), ENCODE_BATCH):
         batch = records[start : start + ENCODE_BATCH]
-        examples, seen = classification_examples(tokenizer, batch, max_length, labels) if labels is not None \
-            else to_examples(encode_all(tokenizer, batch), max_length)
+        if labels is not None:
+            examples, seen = classification_examples(tokenizer, batch, max_length, labels)
+        elif pairs:
+            examples, seen = to_examples(encode_pairs(tokenizer, batch), max_length, pairs=True)
+        else:
+            examples, seen = to_examples(encode_all(tokenizer, batch), max_length)
         parts.append(examples)
         for k, v in seen.items():
             counts[k] += v
     examples = Examples.concat(parts)
-    counts["examples"] = len(examples)
+    counts["examples"] = len(examples) // (2 if pairs else 1)
     return examples, counts
 
 
 # ---------------------------------------------------------------- rows
 
 
-def pack(examples: Examples, max_length: int, packing: bool, pad_id: int) -> Rows:
-    """Greedy, in order: examples fill rows of max_length (padded); without packing one per row."""
+def pack(examples: Examples, max_length: int, packing: bool, pad_id: int, pairs: bool = False) -> Rows:
+    """Greedy, in order: examples fill rows of max_length (padded); without packing one per row.
+    `pairs`: examples 2k and 2k+1 (a preference pair's chosen and rejected) share a row, as
+    documents 2j and 2j+1 of it: rows of 2 x max_length, one pair each without packing."""
     if not len(examples):
         return empty_rows()
     lengths, ids, targets = examples.lengths, examples.ids, examples.targets
     positions = within(lengths).astype(np.int32)
-    if not packing:
+    if pairs:
+        max_length *= 2
+    if not packing and not pairs:
         return Rows({"ids": ids, "targets": targets, "positions": positions, "doc": np.zeros(len(ids), np.int32)},
                     np.concatenate([[0], np.cumsum(lengths)]))
     # Each example's row, its place in the row, its document number there: a new row
     # whenever the next example would overflow this one.
     row_of, at, doc_of = (np.empty(len(lengths), np.int64) for _ in range(3))
     row, used, doc = 0, 0, 0
-    for k, n in enumerate(lengths.tolist()):
-        if used + n > max_length and used:
+    # What must fit in the row where example k starts: it and, for a pair's chosen, its rejected.
+    needs = lengths.copy()
+    if pairs:
+        needs[0::2] += lengths[1::2]
+        needs[1::2] = 0
+    for k, (n, need) in enumerate(zip(lengths.tolist(), needs.tolist())):
+        if used and need and (used + need > max_length or not packing):
             row, used, doc = row + 1, 0, 0
         row_of[k], at[k], doc_of[k] = row, used, doc
         used, doc = used + n, doc + 1
@@ -333,47 +380,52 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
     backend's: ftdist.attention), targets."""
     length = max(int(rows.offsets[i + 1] - rows.offsets[i]) for i in index)
 
-    def stack(name, fill):
-        out = np.full((len(index), length), fill, dtype=np.int64)
+    def stack(name, fill, dtype=np.int64):
+        out = np.full((len(index), length), fill, dtype=dtype)
         for j, i in enumerate(index):
             row = rows.row(name, i)
             out[j, : len(row)] = row
         return torch.from_numpy(out)
 
     doc = stack("doc", -1)
-    return {
+    batch = {
         "input_ids": stack("ids", pad_id),
         "position_ids": stack("positions", 0),
         "doc": doc,
         "targets": stack("targets", IGNORE),
         "n_tokens": int((doc >= 0).sum()),  # real tokens, padding excluded
     }
+    if "ref" in rows.flat:  # dpo's precomputed reference log-probs (ftdist.preference)
+        batch["ref"] = stack("ref", 0.0, np.float32)
+    return batch
 
 
 # ---------------------------------------------------------------- the dataset
 
 
-def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[str]] = None) -> Dataset:
+def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[str]] = None,
+                  pairs: bool = False) -> Dataset:
     """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
     each source, unless data.eval is given), tokenized and packed on its own; the rows of
     all sources of a split together, each row knowing its source (a mixture: train_order;
     per-source evaluation: ftdist.objective.evaluate_rows). `labels`: a classification task's
-    (its training and eval rows carry one each; retention text stays text)."""
-    parts, fmt, skipped = read_train(cfg, labels)
+    (its training and eval rows carry one each; retention text stays text). `pairs`: objective
+    dpo's preference pairs, each pair's two sequences in one row (ftdist.preference)."""
+    parts, fmt, skipped = read_train(cfg, labels, "dpo" if pairs else "sft")
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
 
-    def rows_of(split_parts: list[list[dict]], tally: bool = False, labelled: bool = True) -> Rows:
+    def rows_of(split_parts: list[list[dict]], tally: bool = False, task_rows: bool = True) -> Rows:
         """Each part's rows, packed; the records are let go once tokenized (memory)."""
         packed, n = [], len(split_parts)
         while split_parts:
             examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length,
-                                              labels if labelled else None)
+                                              labels if task_rows else None, pairs and task_rows)
             if tally:
                 for k, v in seen.items():
                     counts[k] += v
-            packed.append(pack(examples, cfg.max_length, cfg.packing, pad_id))
+            packed.append(pack(examples, cfg.max_length, cfg.packing, pad_id, pairs and task_rows))
             del examples
         return Rows.concat(packed, sources=n > 1)
 
@@ -395,15 +447,15 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
         stats["sources"] = source_stats(cfg, train)
 
     if cfg.eval:
-        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels)
+        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels, "dpo" if pairs else "sft")
         stats["skipped_rows"] += eval_skipped
     eval_rows = rows_of(held_out) if any(held_out) else None
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
-    retention_rows = rows_of(read_split(cfg, "retention")[0], labelled=False) if cfg.retention else None
+    retention_rows = rows_of(read_split(cfg, "retention")[0], task_rows=False) if cfg.retention else None
     if retention_rows is not None:
         stats["retention_rows"] = len(retention_rows)
-    replay_rows = rows_of(read_split(cfg, "replay")[0], labelled=False) if cfg.replay else None
+    replay_rows = rows_of(read_split(cfg, "replay")[0], task_rows=False) if cfg.replay else None
     if replay_rows is not None:
         stats["replay_rows"] = len(replay_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats, replay_rows)

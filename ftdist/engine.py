@@ -278,6 +278,25 @@ def deepspeed_engine(cfg: Config, model, optimizer, scheduler, world_size: int,
     return DeepSpeedEngine(model, optimizer, scheduler, ds_config, world_size)
 
 
+def deepspeed_reference(cfg: Config, model, world_size: int):
+    """dpo's frozen reference model under ZeRO-3: partitioned across the ranks as the policy is
+    (never whole on one device), through an engine without optimizer. Stages 0-2 hold whole
+    weights on every rank, the policy's too: the reference is the model itself there."""
+    if cfg.distributed.zero_stage != 3:
+        return model
+    import deepspeed
+
+    skip_inference_comm_op()
+    training = deepspeed_config(cfg, world_size)
+    config = {key: training[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                             "gradient_accumulation_steps", "steps_per_print")}
+    config["zero_optimization"] = {"stage": 3, **({"offload_param": {"device": "cpu"}}
+                                                  if cfg.distributed.offload_params == "cpu" else {})}
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine.eval()
+    return engine
+
+
 def needs_universal(saved: Layout, current: Layout, step: Optional[int] = None) -> bool:
     """ZeRO partitions depend on the world size and stage: loading another layout needs
     DeepSpeed's universal checkpoint. Stage 0 keeps whole states on rank 0 and loads anywhere."""

@@ -172,18 +172,20 @@ def final_step(run_dir: Path) -> Optional[int]:
 
 
 def base_model_of(src: Source) -> str:
-    """The base the run trained from: <run>/base for model.init runs, else model.name_or_path.
+    """The base the run trained from: <run>/base for model.init runs and runs that start from
+    adapters (merged there), else model.name_or_path.
 
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
+    from ftdist.model import adapter_start
     from ftdist.preflight import check_model_source
 
-    if src.cfg.model.init is not None:
+    if src.cfg.model.init is not None or adapter_start(src.cfg.model.name_or_path):  # the run built its base
         base = src.run_dir / BASE_DIR
         if not (base / "config.json").is_file():
-            raise UserError(f"{base}: the base model of this model.init run is missing; it is written when "
-                            "training starts, so copy the run directory whole")
+            raise UserError(f"{base}: the base model of this run is missing; it is written when training starts, "
+                            "so copy the run directory whole")
         return str(base)
     return check_model_source(src.cfg.model.name_or_path, src.cfg.storage)
 

@@ -40,8 +40,8 @@ from ftdist.data import (Dataset, collate, epoch_order, replay_order, replay_sha
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
-from ftdist.model import ModelBundle, build_model, resolve_base
-from ftdist.objective import autocast, evaluate_rows, loss_sum, target_count, task_head
+from ftdist.model import ModelBundle, build_model, compute_dtype, resolve_base
+from ftdist.objective import autocast, evaluate_rows, objective_for, split_objective, task_head
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
@@ -86,6 +86,7 @@ class Run:
     data: Dataset
     plan: Plan
     engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
+    objective: object  # objective.TokenObjective | preference.PreferenceObjective: each batch's loss and metrics
     log: MetricsLog
     uploader: Uploader
     peak: PeakMemory  # this rank's device memory, measured
@@ -111,7 +112,7 @@ class Run:
         is now: together, by source name (empty for one source), and a classifier's scores."""
         names = self.cfg.data.eval_names() if split == "eval" else self.cfg.data.retention_names()
         result = evaluate_rows(self.cfg, self.ctx, self.engine, getattr(self.data, split), pad_id(self),
-                               self.bundle, max(len(names), 1), split)
+                               split_objective(self.objective, self.bundle, split), max(len(names), 1))
         return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}, result.scores
 
     def order(self, epoch: int) -> np.ndarray:
@@ -184,6 +185,8 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     if cfg.regularization.ewc is not None:  # at the weights before training, before ZeRO partitions them
         fisher = fisher_diagonal(cfg, bundle.model, data.retention, bundle.tokenizer.pad_token_id,
                                  task_head(bundle, "retention"), bundle.attention, ctx.device)
+    # A full run's reference for dpo: the starting model, copied before the engine takes it.
+    frozen = frozen_reference(cfg, bundle, ctx.device)
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     # Anchors: the master weights as they are now, before a checkpoint is restored into them.
@@ -194,7 +197,9 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
                              resume.saved["step"] if resume else None) \
         if ctx.is_main else Tracking([])
     log = MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main, listener=tracking.log)
-    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, log, Uploader(), peak, tracking, anchors)
+    reference = preference_reference(cfg, ctx, bundle, engine, data, frozen)  # before a checkpoint is restored
+    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, objective_for(cfg, bundle, reference), log,
+              Uploader(), peak, tracking, anchors)
     run.say(bundle.info.describe())
     if cfg.train.compile:
         compile_model(bundle, ctx.device, run.say)
@@ -217,6 +222,35 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
         run.say(f"data: {data.stats['dropped_no_target']} examples dropped: no token to learn within "
                 f"data.max_length {cfg.data.max_length} (raise it to keep them)")
     return run
+
+
+def frozen_reference(cfg: Config, bundle: ModelBundle, device: torch.device):
+    """dpo's reference for a full run (a frozen copy of the starting model), unless its
+    log-probs are precomputed or the run trains adapters (switched off, they are the reference)."""
+    if cfg.objective != "dpo" or cfg.method != "full" or cfg.dpo.precompute_reference:
+        return None
+    from ftdist.preference import frozen_copy
+
+    return frozen_copy(bundle.model, compute_dtype(cfg, device))
+
+
+def preference_reference(cfg: Config, ctx: LocalContext, bundle: ModelBundle, engine, data: Dataset, frozen):
+    """dpo's reference, as the objective asks it for log-probs; with precompute_reference, its
+    log-probs of every pair computed now, by the model as it starts (the reference itself)."""
+    if cfg.objective != "dpo":
+        return None
+    from ftdist.preference import Precomputed, as_it_starts, batches_of, build_reference, precompute
+
+    if not cfg.dpo.precompute_reference:
+        return build_reference(cfg, bundle, ctx, engine, frozen)
+    reference, size = as_it_starts(cfg, bundle, engine), cfg.train.micro_batch_size
+    engine.model.eval()
+    for rows in (data.train, data.eval):  # every rank runs as many batches as the rank with most
+        ranks = np.zeros(ctx.world_size)
+        ranks[ctx.rank] = batches_of(rows, size)
+        precompute(cfg, ctx, reference, rows, pad_id_of(bundle), int(ctx.all_reduce_sum(ranks).max()))
+    engine.model.train()
+    return Precomputed()
 
 
 def restore(run: Run, resume: ResumePoint) -> TrainState:
@@ -298,30 +332,35 @@ def replay_batches(run: Run, step: int) -> list[dict]:
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
     """One update over this rank's micro-batches. Returns the global batch's loss (and, with
-    replay rows, theirs apart), the grad norm, and the anchors' penalty before the update."""
-    cfg, ctx = run.cfg, run.ctx
-    # Normalised by the global target-token count: the same loss however the batch is split.
-    # Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
-    global_targets = ctx.all_reduce_sum(sum(target_count(b) for b in batches if not b.get("ignore")))
-    summed = np.zeros(4)  # task rows' loss sum and targets, replay rows' loss sum and targets
+    replay rows, theirs apart) and the objective's metrics, the grad norm, and the anchors'
+    penalty before the update."""
+    cfg, ctx, objective = run.cfg, run.ctx, run.objective
+    # Normalised by the global count (target tokens; dpo: pairs): the same loss however the
+    # batch is split. Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
+    global_count = ctx.all_reduce_sum(sum(objective.count(b) for b in batches if not b.get("ignore")))
+    # Task rows' loss sum and count, replay rows' loss sum and count, the objective's metric sums.
+    summed = np.zeros(4 + len(objective.metrics))
     pulled: dict = {}
 
     def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
         with autocast(cfg, ctx.device):
-            loss = loss_sum(forward, batch, ctx.device, run.bundle.head, run.bundle.attention)
+            loss, metrics = objective.loss(forward, batch, ctx.device)
         if batch.get("ignore"):
             return loss * 0.0
         at = 2 if batch.get("replay") else 0
-        summed[at : at + 2] += (float(loss.detach()), target_count(batch))
-        return loss * ctx.world_size / global_targets
+        summed[at : at + 2] += (float(loss.detach()), objective.count(batch))
+        summed[4:] += metrics
+        return loss * ctx.world_size / global_count
 
     def before_update() -> None:
         if run.anchors is not None:
             pulled.update(run.anchors.pull(run.engine.lr))
 
     grad_norm = run.engine.step(batches, micro_batch_loss, before_update)
-    task_sum, task_targets, replay_sum, replay_targets = ctx.all_reduce_sum(summed)
-    losses = {"loss": task_sum / max(task_targets, 1)}
+    totals = ctx.all_reduce_sum(summed)
+    task_sum, task_count, replay_sum, replay_targets = totals[:4]
+    losses = {"loss": task_sum / max(task_count, 1),
+              **{m: v / max(task_count, 1) for m, v in zip(objective.metrics, totals[4:])}}
     if replay_targets:
         losses["replay_loss"] = replay_sum / replay_targets
     return losses, grad_norm, pulled
@@ -336,16 +375,16 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     eval_loss, by_source, scores = run.evaluate("eval")
     record = {"step": step, "eval_loss": eval_loss, **named("eval_loss", by_source)}
     line = f"step {step}: eval loss {eval_loss:.4f}"
-    if scores:  # a classifier: its accuracy (a perplexity over labels would say nothing)
+    if scores:  # a classifier's accuracy, preference pairs' rewards (a perplexity would say nothing)
         record.update({f"eval_{k}": v for k, v in scores.items()})
-        line += f", accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+        line += describe_scores(scores)
     else:
         record["eval_ppl"] = perplexity(eval_loss)
         line += f", perplexity {record['eval_ppl']:.2f}"
     line += told(by_source, ".4f")
     if step == 0:
         state.eval_loss_start = eval_loss
-        state.eval_accuracy_start = scores["accuracy"] if scores else None
+        state.eval_accuracy_start = (scores or {}).get("accuracy")
     else:
         state.eval_loss, state.eval_by_source, state.eval_scores = eval_loss, by_source, scores
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
@@ -360,6 +399,15 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params,
                 "total_steps": run.plan.total_steps})
     run.progress.write(line)
+
+
+def describe_scores(scores: dict) -> str:
+    """An evaluation's scores for the terminal: a classifier's, or preference pairs'."""
+    if "reward_accuracy" in scores:
+        from ftdist.preference import describe
+
+        return describe(scores)
+    return f", accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
 
 
 def named(metric: str, by_source: Optional[dict]) -> dict:
@@ -458,7 +506,11 @@ def negative_transfer(state: TrainState) -> dict:
 
 
 def pad_id(run: Run) -> int:
-    return run.bundle.tokenizer.pad_token_id
+    return pad_id_of(run.bundle)
+
+
+def pad_id_of(bundle: ModelBundle) -> int:
+    return bundle.tokenizer.pad_token_id
 
 
 def seed_everything(seed: int) -> None:

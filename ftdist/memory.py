@@ -47,15 +47,17 @@ class MemoryEstimate:
     activations: float
     host: float  # bytes per worker offloaded to CPU memory
     anchors: float = 0.0  # L2-SP / EWC state
+    reference: float = 0.0  # objective dpo's frozen reference model (full runs, unless precomputed)
 
     @property
     def device_total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.anchors + self.activations
+        return self.weights + self.gradients + self.optimizer + self.anchors + self.reference + self.activations
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in (
             ("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
-            *((("anchors", self.anchors),) if self.anchors else ()), ("activations", self.activations)))
+            *((("anchors", self.anchors),) if self.anchors else ()),
+            *((("reference", self.reference),) if self.reference else ()), ("activations", self.activations)))
         host = f" (+{self.host / GiB:.2f} GiB offloaded to host memory)" if self.host else ""
         return f"{parts} = {self.device_total / GiB:.2f} GiB per device{host}"
 
@@ -88,6 +90,8 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     from ftdist.objective import chunk_tokens
 
     s, b = cfg.data.max_length, cfg.train.micro_batch_size
+    if cfg.objective == "dpo":  # a row holds a pair: its chosen and rejected sequences
+        s *= 2
     every = cfg.train.checkpoint_every
     traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
                          compute_bytes=dtype_bytes)
@@ -102,7 +106,7 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     vocab = model_config.vocab_size
     if cfg.task == "classification":  # a classifier's logits: a few per example, not the vocabulary's
         logits = 0.0
-    elif cfg.train.chunked_loss:  # one chunk's logits in fp32, turned into their gradient in place
+    elif cfg.train.chunked_loss or cfg.objective == "dpo":  # one chunk's logits in fp32 (dpo: and their softmax)
         logits = min(s * b, chunk_tokens(vocab)) * vocab * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
     else:  # the logits and their gradient, in fp32
         logits = 2 * s * b * vocab * 4
@@ -121,19 +125,25 @@ def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stag
     optimizer = trainable * ADAM_STATE_BYTES
     r = cfg.regularization
     anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
+    # dpo's reference of a full run: a frozen copy in the compute dtype (adapter runs switch
+    # their adapters off instead; precomputed log-probs live in host memory beside the rows).
+    copy = cfg.objective == "dpo" and cfg.method == "full" and not cfg.dpo.precompute_reference
+    reference = total * (torch.finfo(dtype).bits // 8) if copy else 0.0
     if zero_stage >= 1:  # on the fp32 master weights' partitions
         optimizer /= n
         anchors /= n
     if zero_stage >= 2:
         gradients /= n
-    if zero_stage >= 3:
+    if zero_stage >= 3:  # the reference is partitioned like the policy
         weights /= n
+        reference /= n
     host = 0.0
     if zero_stage >= 1 and d.offload_optimizer == "cpu":
         host, optimizer, anchors = host + optimizer + anchors, 0.0, 0.0
     if zero_stage == 3 and d.offload_params == "cpu":
-        host, weights = host + weights, 0.0
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "anchors": anchors, "host": host}
+        host, weights, reference = host + weights + reference, 0.0, 0.0
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "anchors": anchors,
+            "reference": reference, "host": host}
 
 
 def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,

@@ -79,8 +79,9 @@ class Progress:
             return
         step = record["step"]
         if step % self.log_every == 0 or step == self.total:
-            extra = "".join(f"  {name} {record[key]:.4f}" for key, name in (("replay_loss", "replay loss"),
-                                                                            ("penalty", "penalty")) if key in record)
+            extra = "".join(f"  {name} {record[key]:.4f}" for key, name in (
+                ("replay_loss", "replay loss"), ("penalty", "penalty"), ("reward_accuracy", "reward accuracy"),
+                ("reward_margin", "margin")) if key in record)
             self.write(
                 f"step {step}/{self.total}  loss {record['loss']:.4f}{extra}  lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_s']:.0f}"

@@ -76,13 +76,14 @@ def resolve_base(cfg: Config, store) -> str:
     """Where the base model lives: model.name_or_path (s3:// fetched into the cache), or
     <run>/base built from model.init. For s3:// runs the built base goes into the store too,
     so that every node (and a resumed run on a fresh machine) loads the very same weights."""
-    if cfg.model.name_or_path:
+    if cfg.model.name_or_path and not adapter_start(cfg.model.name_or_path):
         return check_model_source(cfg.model.name_or_path, cfg.storage)
     base = store.root / BASE_DIR
     if (base / "config.json").is_file():
         return str(base)
+    build_base = build_initial_model if cfg.model.init else merge_adapter_start
     if not store.remote:
-        build_initial_model(cfg, base)
+        build_base(cfg, base)
         return str(base)
     from filelock import FileLock
 
@@ -95,9 +96,26 @@ def resolve_base(cfg: Config, store) -> str:
                 store.download(BASE_DIR, tmp)
                 tmp.rename(base)
             else:
-                build_initial_model(cfg, base)
+                build_base(cfg, base)
                 store.upload(BASE_DIR, source=base)
     return str(base)
+
+
+def adapter_start(name_or_path: Optional[str]) -> bool:
+    """Whether model.name_or_path is an adapter run's final/ (say, an SFT run's LoRA adapters
+    before preference tuning): the run starts from them merged into their base."""
+    from ftdist.storage import is_remote
+
+    return bool(name_or_path) and not is_remote(name_or_path) \
+        and (Path(name_or_path).expanduser() / "adapter_config.json").is_file()
+
+
+def merge_adapter_start(cfg: Config, out: Path) -> None:
+    """<run>/base of a run that starts from adapters: them merged into their base (ftdist
+    export --merge), the model this run trains and, for dpo, its reference."""
+    from ftdist.export import export
+
+    export(cfg.model.name_or_path, str(out), merge=True, storage=cfg.storage)
 
 
 def tokenizer_source(cfg: Config) -> Optional[str]:
@@ -140,7 +158,7 @@ def build_initial_model(cfg: Config, out: Path) -> None:
     if tokenizer_path:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     else:
-        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data), init.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data, cfg.objective), init.vocab_size)
     if len(tokenizer) > init.vocab_size:
         raise UserError(
             f"model.init.vocab_size {init.vocab_size} is smaller than the tokenizer's "
@@ -396,6 +414,10 @@ def loss_head(cfg: Config, model: nn.Module):
         unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its trained copy
         return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling,
                               chunked=cfg.train.chunked_loss)
+    if cfg.objective == "dpo":  # each response token's log-prob, in chunks (whatever train.chunked_loss says)
+        from ftdist.preference import PairHead
+
+        return PairHead(plain_linear_head(model))
     return chunked_head(cfg, model)
 
 
@@ -405,8 +427,15 @@ def chunked_head(cfg: Config, model: nn.Module):
 
     if not cfg.train.chunked_loss:
         return None
+    return ChunkedHead(plain_linear_head(model, "train.chunked_loss"))
+
+
+def plain_linear_head(model: nn.Module, key: Optional[str] = None) -> nn.Linear:
+    """The LM head, which a chunked loss computes with: it must be a plain linear layer. `key`:
+    the setting that asks for the chunks (None: objective dpo, which always computes in chunks)."""
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None) or type(head) is not nn.Linear:
-        raise UserError(f"train.chunked_loss: {type(model).__name__}'s LM head is not a plain linear layer "
-                        "(it caps or wraps its logits); set train.chunked_loss: false")
-    return ChunkedHead(head)
+        fix = f"set {key}: false" if key else "objective dpo needs a model whose LM head is"
+        raise UserError(f"{key or 'objective dpo'}: {type(model).__name__}'s LM head is not a plain linear layer "
+                        f"(it caps or wraps its logits); {fix}" + ("" if key else " a plain linear layer"))
+    return head

@@ -139,13 +139,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     return total + hidden.sum() * 0.0  # on the graph even for a batch without targets
 
 
+def forward_inputs(batch: dict, device: torch.device, attention: str) -> dict:
+    """The model's inputs for a batch of packed rows. `attention`: the model's
+    attn_implementation, which decides the form of the document mask."""
+    return dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                attention_mask=document_mask(batch["doc"], attention, device), use_cache=False)
+
+
 def loss_sum(forward, batch: dict, device: torch.device, head: Optional[ChunkedHead] = None,
              attention: str = "sdpa") -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens; with a chunked head, computed by it.
-    `attention`: the model's attn_implementation, which decides the form of the document mask."""
+    """Summed cross-entropy over the batch's target tokens; with a chunked head, computed by it."""
     targets = batch["targets"].to(device)
-    inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  attention_mask=document_mask(batch["doc"], attention, device), use_cache=False)
+    inputs = forward_inputs(batch, device, attention)
     if head is not None:
         head.expect(targets, batch["doc"])
         try:
@@ -160,6 +165,32 @@ def target_count(batch: dict) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
 
+class TokenObjective:
+    """What the loop's step and evaluation ask of an objective, for the causal LM and the
+    classifier: the count a batch's loss is normalised by (its target tokens), and a
+    micro-batch's summed cross-entropy (no metrics of its own). ftdist.preference has the other."""
+
+    metrics: tuple[str, ...] = ()
+
+    def __init__(self, head, attention: str):
+        self.head, self.attention = head, attention
+
+    count = staticmethod(target_count)
+
+    def loss(self, forward, batch: dict, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+        return loss_sum(forward, batch, device, self.head, self.attention), np.zeros(0)
+
+
+def objective_for(cfg: Config, bundle, reference=None):
+    """The run's objective: sft's token loss (a classifier's through its head), or dpo's pairs
+    against `reference` (ftdist.preference.build_reference)."""
+    if cfg.objective == "dpo":
+        from ftdist.preference import PreferenceObjective
+
+        return PreferenceObjective(cfg, bundle.head, reference, bundle.attention)
+    return TokenObjective(bundle.head, bundle.attention)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The token-weighted mean loss over a set of rows, and over each source's rows (None for
@@ -172,48 +203,58 @@ class Evaluation:
 
 def task_head(bundle, split: str):
     """The loss head an evaluation of `split` uses: retention text is scored as text (a
-    classifier's LM head is still the base's), in chunks where train.chunked_loss is on."""
-    if split == "retention" and isinstance(bundle.head, ClassifierHead):
+    classifier's or a preference run's LM head scores it as the base's), in chunks where
+    train.chunked_loss is on."""
+    if split == "retention" and hasattr(bundle.head, "for_text"):
         return bundle.head.for_text()
     return bundle.head
 
 
+def split_objective(objective, bundle, split: str):
+    """What an evaluation of `split` computes: the run's objective, or for retention text the
+    LM loss on it."""
+    if split == "retention":
+        return TokenObjective(task_head(bundle, split), bundle.attention)
+    return objective
+
+
 @torch.no_grad()
-def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, bundle, n_sources: int = 1,
-                  split: str = "eval") -> Evaluation:
+def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, objective, n_sources: int = 1) -> Evaluation:
     """Each source's rows evaluated (each rank takes every world_size-th row of them), and
-    all of them together; a classifier's predictions counted too."""
+    all of them together; a classifier's predictions counted too, and an objective's metrics
+    (preference pairs': rewards and their accuracy) averaged."""
     model = engine.model
     was_training = model.training
     model.eval()
     groups = [rows.of_source(s) for s in range(n_sources)] if rows.source is not None else [range(len(rows))]
-    sums, head = [], task_head(bundle, split)
+    head, sums = objective.head, []
     counts = np.zeros((len(cfg.classification.labels),) * 2) if isinstance(head, ClassifierHead) else None
     with autocast(cfg, ctx.device):
         for group in groups:
-            sums.append(loss_over(cfg, ctx, engine, rows, list(group), pad_id, bundle, head, counts))
+            sums.append(ctx.all_reduce_sum(loss_over(cfg, ctx, engine, rows, list(group), pad_id, objective, counts)))
     model.train(was_training)
-    totals = [(ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)) for total, count in sums]
-    together = sum(t for t, _ in totals) / max(sum(c for _, c in totals), 1)
-    return Evaluation(together, [t / c if c else None for t, c in totals] if len(groups) > 1 else [],
-                      None if counts is None else scores(ctx.all_reduce_sum(counts)))
+    together = np.sum(sums, axis=0)
+    by_source = [s[0] / s[1] if s[1] else None for s in sums] if len(groups) > 1 else []
+    found = scores(ctx.all_reduce_sum(counts)) if counts is not None else \
+        {m: v / max(together[1], 1) for m, v in zip(objective.metrics, together[2:])} or None
+    return Evaluation(together[0] / max(together[1], 1), by_source, found)
 
 
-def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, bundle, head,
-              counts: Optional[np.ndarray] = None) -> tuple[float, int]:
-    """This rank's summed loss and target count over its share of the rows `group`; a
-    classifier's [true, predicted] counts added into `counts`."""
+def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, objective,
+              counts: Optional[np.ndarray] = None) -> np.ndarray:
+    """This rank's [summed loss, count, objective's metric sums...] over its share of the rows
+    `group`; a classifier's [true, predicted] counts added into `counts`."""
     mine = group[ctx.rank :: ctx.world_size]
     size = cfg.train.micro_batch_size
     # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
     n_batches = math.ceil(math.ceil(len(group) / ctx.world_size) / size)
-    total, count = 0.0, 0
+    sums = np.zeros(2 + len(objective.metrics))
     for i in range(n_batches):
         index = mine[i * size : (i + 1) * size]
         batch = collate(rows, index or [group[0]], pad_id)
-        loss = loss_sum(engine.forward, batch, ctx.device, head, bundle.attention)
+        loss, metrics = objective.loss(engine.forward, batch, ctx.device)
         if index:  # a rank with no rows left runs one row and ignores it
-            total, count = total + float(loss), count + target_count(batch)
+            sums += (float(loss), objective.count(batch), *metrics)
             if counts is not None:
-                counts += confusion(head.logits, head.labels, len(counts))
-    return total, count
+                counts += confusion(objective.head.logits, objective.head.labels, len(counts))
+    return sums

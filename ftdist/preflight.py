@@ -82,6 +82,11 @@ def check_model_source(name_or_path: str, storage) -> str:
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
     if looks_local:
         path = path.expanduser()
+        if (path / "adapter_config.json").is_file():  # an adapter run's final/: the run merges it (model.py)
+            from ftdist.export import resolve_source
+
+            resolve_source(path)
+            return str(path)
         if not (path / "config.json").is_file():
             raise UserError(
                 f"model.name_or_path {name_or_path}: no config.json there; "
@@ -138,7 +143,7 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     if known is not None:
         return known
     given = task_labels(cfg)
-    parts, fmt, skipped = read_train(cfg.data, given)
+    parts, fmt, skipped = read_train(cfg.data, given, cfg.objective)
     labels = None
     if cfg.task == "classification":
         if fmt != "classification":
@@ -150,7 +155,7 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     elif "classification" in fmt.split("+"):
         raise UserError("data.train: rows are {text, label} (classification): set task: classification to train a "
                         "classifier on them")
-    skipped += read_split(cfg.data, "eval", fmt, labels)[2]
+    skipped += read_split(cfg.data, "eval", fmt, labels, cfg.objective)[2]
     read_split(cfg.data, "retention")
     read_split(cfg.data, "replay")
     remember_validated(cfg, fmt, skipped, labels)
@@ -181,11 +186,15 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
 
-    from ftdist.model import init_model_config
+    from ftdist.model import adapter_start, init_model_config
 
     if cfg.model.init:
         return init_model_config(cfg.model.init)
     source = check_model_source(cfg.model.name_or_path, cfg.storage)
+    if adapter_start(source):  # the adapters' base: the model they merge into
+        from ftdist.export import base_model_of, resolve_source
+
+        source = base_model_of(resolve_source(Path(source)))
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:

@@ -87,7 +87,7 @@ def data_key(cfg: Config) -> Optional[str]:
                 "sources": {split: [s.model_dump(exclude={"path", "weight", "name"}) for s in listed[split]]
                             for split in SPLITS},
                 "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
-                "labels": task_labels(cfg),
+                "labels": task_labels(cfg), "objective": cfg.objective,
                 "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
                 "splits": [name for name in SPLITS[1:] if getattr(d, name)],
                 "files": [[file_digest(f) for f in source_files(p)] for p in sources]}
@@ -142,7 +142,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
 
     key = data_key(cfg)
     if key is None:
-        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg))
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
     rel = f"{key}/{tokenizer_key(tokenizer)}"
     where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
     fetched = not (where / "stats.json").is_file() and bucket is not None and bucket.exists(f"{rel}/stats.json")
@@ -152,7 +152,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         dataset = load(where)
         dataset.stats["prepared"] = f"from the cache, {bucket.path(rel) if fetched else where}"
         return dataset
-    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg))
+    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
     save(dataset, where)
     remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
     if bucket is not None:

@@ -8,7 +8,7 @@ Formats (data.format; `auto` tells them apart by a row's keys):
   chat               {"messages": [{"role", "content"}...]}          loss on assistant turns
   alpaca             {"instruction", "input"?, "output", "system"?}  -> chat, loss on the output
   sharegpt           {"conversations": [{"from", "value"}...]}       -> chat, loss on gpt turns
-  preference         {"prompt", "chosen", "rejected"}                validated; not for SFT
+  preference         {"prompt", "chosen", "rejected"}                objective dpo: each a string or turns
 
 data.columns renames keys (ftdist's name: the file's, for top-level keys and the keys of each
 turn) and data.roles names other role names (ftdist's role: [the file's names]).
@@ -51,9 +51,10 @@ class RowReader:
 
     # ------------------------------------------------------------ reading
 
-    def read(self, path: str, fmt: str = "auto", skip_bad_rows: bool = False,
-             key: str = "data.train") -> tuple[list[dict], str, int]:
-        """Validated records of a source, the format they share, and how many bad rows were skipped."""
+    def read(self, path: str, fmt: str = "auto", skip_bad_rows: bool = False, key: str = "data.train",
+             objective: str = "sft") -> tuple[list[dict], str, int]:
+        """Validated records of a source, the format they share, and how many bad rows were
+        skipped. `objective`: what trains on them (sft: not preference pairs; dpo: only them)."""
         records: list[dict] = []
         skipped = 0
         for where, row in read_rows(path, key):
@@ -63,14 +64,14 @@ class RowReader:
                 row_fmt, record = self.normalize(row, fmt)
                 if fmt == "auto":
                     fmt = row_fmt
-                    refuse_preference(fmt, path)
+                    refuse_other_objective(fmt, path, key, objective)
             except (ValueError, TypeError) as e:
                 if skip_bad_rows:
                     skipped += 1
                     continue
                 raise UserError(f"{where}: {e}; fix the row, or set data.skip_bad_rows: true to skip bad rows") from None
             records.append(record)
-        refuse_preference(fmt, path)
+        refuse_other_objective(fmt, path, key, objective)
         if not records:
             raise UserError(f"{key}: {path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
         return records, fmt, skipped
@@ -178,6 +179,9 @@ class RowReader:
                 record[field] = value
             else:
                 raise ValueError(f"{self.name(field)} must be a non-empty string or a list of turns")
+        if record["chosen"] == record["rejected"]:
+            raise ValueError(f"{self.name('chosen')} and {self.name('rejected')} are the same response: the pair "
+                             "prefers nothing")
         return record
 
 
@@ -189,40 +193,47 @@ def labels_of(records: Iterable[dict]) -> list[str]:
     return sorted(found, key=lambda x: (int(x), x) if numeric else (0, x))
 
 
-def refuse_preference(fmt: str, path: str) -> None:
-    if fmt == "preference":
-        raise UserError(f"{path}: rows are preference pairs (prompt, chosen, rejected), which train by preference "
-                        "tuning (DPO), not supervised fine-tuning; for SFT give prompt/completion rows, or train "
-                        "on the chosen answers: data.format: prompt_completion, data.columns: {completion: chosen}")
+def refuse_other_objective(fmt: str, path: str, key: str, objective: str) -> None:
+    """Preference pairs train with objective dpo, and objective dpo trains on them alone."""
+    if objective == "sft" and fmt == "preference":
+        raise UserError(f"{key}: {path}: rows are preference pairs ({{prompt, chosen, rejected}}), but objective sft "
+                        "(supervised fine-tuning) trains on text, prompt/completion or chat rows; set objective: dpo "
+                        "to tune on the pairs, or train on the chosen answers: data.format: prompt_completion, "
+                        "data.columns: {completion: chosen}")
+    if objective == "dpo" and fmt != "preference":
+        raise UserError(f"{key}: {path}: rows are {fmt}, but objective dpo trains on preference pairs ({{prompt, "
+                        "chosen, rejected}); give pairs (rename your keys with data.columns, e.g. {chosen: good, "
+                        "rejected: bad}), or set objective: sft to train on these rows")
 
 
-def read_split(data, split: str, train_format: Optional[str] = None,
-               labels: Optional[list] = None) -> tuple[list[list[dict]], str, int]:
+def read_split(data, split: str, train_format: Optional[str] = None, labels: Optional[list] = None,
+               objective: str = "sft") -> tuple[list[list[dict]], str, int]:
     """Each source of data.<split>'s validated records (one list per source), the format they
     have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
-    own must have the training rows' `train_format` (where that is one format); retention
+    own must have the training rows' `train_format` (where that is one format; dpo's are pairs); retention
     and replay sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
-    classification labels a row may have (unset: any)."""
+    classification labels a row may have (unset: any). `objective`: what the train and eval rows
+    train (dpo: preference pairs only)."""
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format
-        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format:
+        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format and objective == "sft":
             fmt = train_format
         if split in TEXT_SPLITS and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
         else:
-            records, fmt, bad = RowReader(source.columns, source.roles, labels).read(source.path, fmt,
-                                                                                    data.skip_bad_rows, key)
+            records, fmt, bad = RowReader(source.columns, source.roles, labels).read(
+                source.path, fmt, data.skip_bad_rows, key, "sft" if split in TEXT_SPLITS else objective)
         parts.append(records)
         formats.append(fmt)
         skipped += bad
     return parts, "+".join(dict.fromkeys(formats)), skipped
 
 
-def read_train(data, labels: Optional[list] = None) -> tuple[list[list[dict]], str, int]:
+def read_train(data, labels: Optional[list] = None, objective: str = "sft") -> tuple[list[list[dict]], str, int]:
     """Each training source's validated records (one list per source of a mixture), the
     format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
-    return read_split(data, "train", labels=labels)
+    return read_split(data, "train", labels=labels, objective=objective)
 
 
 def keyed_sources(data, split: str) -> list[tuple[str, Any]]:
@@ -260,6 +271,9 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
     for r in records:
         if "messages" in r:
             texts.extend(m["content"] for m in r["messages"])
+        elif "chosen" in r:
+            for value in (r["prompt"], r["chosen"], r["rejected"]):
+                texts.extend([m["content"] for m in value] if isinstance(value, list) else [value])
         elif "prompt" in r:
             texts.append(r["prompt"] + r["completion"])
         else:
@@ -267,8 +281,9 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
     return texts
 
 
-def tokenizer_corpus(data) -> list[str]:
+def tokenizer_corpus(data, objective: str = "sft") -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
-    parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train")[0] + read_split(data, "retention")[0]
+    parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train", objective=objective)[0] \
+        + read_split(data, "retention")[0]
     return corpus_texts(r for part in parts for r in part)

@@ -3,6 +3,8 @@
   loss.png         training loss per step, eval loss at each evaluation
   forgetting.png   (runs with data.retention) the trade-off: the task's eval loss falling while
                    the loss on general text rises above its value before training
+  rewards.png      (objective dpo) the rewards of chosen and rejected responses, and the reward
+                   accuracy, per step and at each evaluation
   lr.png, throughput.png (ftdist report)
 """
 
@@ -27,9 +29,9 @@ def _pyplot():
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """The plots a run writes when it finishes: loss.png, and forgetting.png with data.retention."""
-    forgetting = plot_forgetting(run_dir)
-    return [plot_loss(run_dir)] + ([forgetting] if forgetting else [])
+    """The plots a run writes when it finishes: loss.png, forgetting.png with data.retention,
+    rewards.png for preference tuning."""
+    return [plot for plot in (plot_loss(run_dir), plot_forgetting(run_dir), plot_rewards(run_dir)) if plot]
 
 
 def plot_loss(run_dir: Path) -> Path:
@@ -45,13 +47,43 @@ def plot_loss(run_dir: Path) -> Path:
     losses = [v for v in train_loss + eval_loss if v > 0]
     if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
         ax.set_yscale("log")
-    return save_loss_figure(plt, fig, ax, run_dir.name, run_dir / "loss.png")
+    unit = "DPO loss (per pair)" if any("reward_accuracy" in r for r in records) else "cross-entropy (nats/token)"
+    return save_loss_figure(plt, fig, ax, run_dir.name, run_dir / "loss.png", unit)
 
 
-def save_loss_figure(plt, fig, ax, title: str, out: Path) -> Path:
+def plot_rewards(run_dir: Path) -> Optional[Path]:
+    """rewards.png: chosen's and rejected's rewards, and the reward accuracy; None for runs
+    that are not preference tuning."""
+    records = read_metrics(run_dir / METRICS)
+    if not any("reward_accuracy" in r for r in records):
+        return None
+    plt = _pyplot()
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, color in (("rewards_chosen", "tab:green"), ("rewards_rejected", "tab:red")):
+        rewards.plot(*series(records, key), color=color, linewidth=1, label=key.replace("_", " "))
+        rewards.plot(*series(records, f"eval_{key}"), "o--", color=color, label=f"eval {key.replace('_', ' ')}")
+    rewards.axhline(0, color="gray", linewidth=0.8)
+    rewards.set_ylabel("reward: beta x (log-prob - reference's)")
+    accuracy.plot(*series(records, "reward_accuracy"), linewidth=1, label="reward accuracy")
+    accuracy.plot(*series(records, "eval_reward_accuracy"), "o-", label="eval reward accuracy")
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_ylabel("pairs whose chosen reward is higher")
+    for ax in (rewards, accuracy):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run_dir.name}: preference tuning")
+    fig.tight_layout()
+    out = run_dir / "rewards.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def save_loss_figure(plt, fig, ax, title: str, out: Path, unit: str = "cross-entropy (nats/token)") -> Path:
     """Axes, grid and legend of a loss-per-step figure; written to `out`."""
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(unit)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

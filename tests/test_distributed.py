@@ -106,9 +106,19 @@ def matrix(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
                                                 name=f"ray-classify-{stage}")
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
+    def prefer(case: str):
+        method, stage, precompute = DPO_CASES[case]
+        tmp = tmp_path_factory.mktemp(f"ray-dpo-{case}")
+        cfg = dpo_equivalence_config(tmp, base, method, "distributed.workers=2", f"distributed.zero_stage={stage}",
+                                     f"dpo.precompute_reference={str(precompute).lower()}", name=f"ray-dpo-{case}")
+        return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
+
+    for method in ("full", "lora"):
+        dpo_local_reference(tmp_path_factory, method, base)
     with ThreadPoolExecutor(max_workers=2) as pool:
         return {**{case: pool.submit(run, *case) for case in CASES},
-                **{("classification", stage): pool.submit(classify, stage) for stage in CLASSIFIER_STAGES}}
+                **{("classification", stage): pool.submit(classify, stage) for stage in CLASSIFIER_STAGES},
+                **{("dpo", case): pool.submit(prefer, case) for case in DPO_CASES}}
 
 
 def classification_equivalence_config(tmp_path: Path, base: Path, *extra: str, name: str) -> Config:
@@ -127,6 +137,60 @@ def classification_equivalence_config(tmp_path: Path, base: Path, *extra: str, n
 
 
 CLASSIFIER_STAGES = (2, 3)
+
+# Preference tuning (objective dpo): name -> (method, ZeRO stage, precompute_reference). The full
+# run's frozen reference partitioned like the policy (ZeRO-3), adapters switched off (ZeRO-2),
+# and the reference's log-probs computed before training on each worker's shard.
+DPO_CASES = {"full-3": ("full", 3, False), "lora-2": ("lora", 2, False), "full-2-precomputed": ("full", 2, True)}
+DPO_LOGGED = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "eval_loss",
+              "eval_reward_accuracy", "eval_reward_margin")
+
+
+def dpo_equivalence_config(tmp_path: Path, base: Path, method: str, *extra: str, name: str) -> Config:
+    """32 pairs, one a row: the whole set every step, as equivalence_config's LM runs."""
+    from tests.test_preference import rule_pairs, write_rows
+
+    train = write_rows(tmp_path / "pairs-train.jsonl", rule_pairs(32, 0))
+    eval_ = write_rows(tmp_path / "pairs-eval.jsonl", rule_pairs(16, 1))
+    return tiny_config(tmp_path, "objective=dpo", f"method={method}", "model.init=null", f"model.name_or_path={base}",
+                       f"data.train={train}", f"data.eval={eval_}", "data.packing=false", "data.max_length=32",
+                       f"train.lr={'5e-4' if method == 'full' else '1e-2'}", "train.batch_size=32",
+                       "train.micro_batch_size=4", "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=4",
+                       "train.log_every=1", "checkpoint.every_steps=4", "distributed.max_failures=0",
+                       "lora.dropout=0", *extra, name=name)
+
+
+_dpo_local_runs: dict = {}
+
+
+def dpo_local_reference(tmp_path_factory, method: str, base: Path) -> Path:
+    """Local mode's run of a method (its reference not precomputed: the same numbers, see
+    test_preference)."""
+    if method not in _dpo_local_runs:
+        tmp = tmp_path_factory.mktemp(f"local-dpo-{method}")
+        cfg = dpo_equivalence_config(tmp, base, method, name=f"local-dpo-{method}")
+        _dpo_local_runs[method] = Path(train_local(cfg, show_progress=False)["run_dir"])
+    return _dpo_local_runs[method]
+
+
+@pytest.mark.parametrize("case", DPO_CASES)
+def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, pretrained_base, matrix, case):
+    method, stage, precompute = DPO_CASES[case]
+    result, run_dir = matrix["dpo", case].result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
+    copy = method == "full" and not precompute  # the estimate counts the frozen copy, a rank's share of it
+    assert bool(re.search(r"memory \(estimate\): .*reference [\d.]+, activations", result.stdout)) == copy
+    local = dpo_local_reference(tmp_path_factory, method, pretrained_base("llama"))
+    for key in DPO_LOGGED:
+        ours, theirs = curve(run_dir, key), curve(local, key)
+        assert len(ours) == len(theirs) >= 2 and ours == pytest.approx(theirs, rel=REL_TOL, abs=1e-6), key
+    assert curve(run_dir, "loss")[0] == pytest.approx(0.6931472, abs=1e-5) and curve(run_dir, "eval_reward_margin")[-1] > 0
+    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    ours, theirs = load_file(str(run_dir / "final" / name)), load_file(str(local / "final" / name))
+    assert ours.keys() == theirs.keys() and ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("stage", CLASSIFIER_STAGES)

@@ -81,7 +81,8 @@ def test_preference_rows_are_validated_then_refused_for_sft(tmp_path):
     with pytest.raises(ValueError, match='"rejected" must be a non-empty string'):
         RowReader().normalize({"prompt": "q", "chosen": "a", "rejected": ""})
     path = write_jsonl(tmp_path / "pref.jsonl", [good])
-    with pytest.raises(UserError, match=r"preference pairs .*\(DPO\).*data.columns: \{completion: chosen\}"):
+    with pytest.raises(UserError, match=r"preference pairs .*objective sft.*set objective: dpo.*"
+                                        r"data.columns: \{completion: chosen\}"):
         RowReader().read(str(path))
     # Trained on the chosen answers, as the message says.
     records, fmt, _ = RowReader(columns={"completion": "chosen"}).read(str(path), "prompt_completion")

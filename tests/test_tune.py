@@ -300,6 +300,24 @@ def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_l
     assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))  # every step once
 
 
+def search_highest(tmp_path, ray_local, cfg, name: str, metric: str, space: dict) -> list[dict]:
+    """A search of 2 trials by a higher-is-better `metric`: its results rows, checked to be
+    ranked best first, and the best trial's in tune.json."""
+    raw = cfg.model_dump(mode="json")
+    raw["tune"] = {"name": name, "num_samples": 2, "metric": metric, "mode": "max", "search": "random",
+                   "scheduler": {"type": "none"}, "max_concurrent_trials": 2, "space": space}
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run_cli("tune", str(config), "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_results(tmp_path / "runs" / name)
+    values = [float(r[metric]) for r in rows]
+    assert len(rows) == 2 and values == sorted(values, reverse=True)  # the best first
+    best = json.loads((tmp_path / "runs" / name / "tune.json").read_text())["best"]
+    assert best["trial"] == rows[0]["trial"] and best["metric"] == pytest.approx(max(values))
+    return rows
+
+
 def test_a_classifier_search_by_eval_accuracy_picks_the_highest(tmp_path, ray_local):
     """tune.metric eval_accuracy, mode max: every trial's head gets the labels preflight read
     from the rows, Tune ranks trials by accuracy, and the best is the highest."""
@@ -309,19 +327,25 @@ def test_a_classifier_search_by_eval_accuracy_picks_the_highest(tmp_path, ray_lo
     cfg = tiny_config(tmp_path, "task=classification", f"data.train={train}", f"data.eval={eval_}", "data.packing=false",
                       "method=lora", "train.max_steps=8", "train.eval_every=4", "distributed.workers=1",
                       "distributed.max_failures=0", name="base")
-    raw = cfg.model_dump(mode="json")
-    raw["tune"] = {"name": "classify", "num_samples": 2, "metric": "eval_accuracy", "mode": "max", "search": "random",
-                   "scheduler": {"type": "none"}, "max_concurrent_trials": 2,
-                   "space": {"train.lr": {"loguniform": [1.0e-3, 3.0e-2]}}}
-    config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    result = run_cli("tune", str(config), "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = read_results(tmp_path / "runs" / "classify")
-    accuracies = [float(r["eval_accuracy"]) for r in rows]
-    assert len(rows) == 2 and accuracies == sorted(accuracies, reverse=True)  # the best first
-    best = json.loads((tmp_path / "runs" / "classify" / "tune.json").read_text())["best"]
-    assert best["trial"] == rows[0]["trial"] and best["metric"] == pytest.approx(max(accuracies))
+    rows = search_highest(tmp_path, ray_local, cfg, "classify", "eval_accuracy",
+                          {"train.lr": {"loguniform": [1.0e-3, 3.0e-2]}})
     for row in rows:  # each trial's head over the labels read from the rows
         final = json.loads((tmp_path / "runs" / "classify" / row["trial"] / "final" / "ftdist.json").read_text())
         assert final["classification"]["labels"] == ["digits", "english"]
+
+
+def test_a_preference_search_by_eval_reward_accuracy_picks_the_highest(tmp_path, ray_local, pretrained_base):
+    """tune.metric eval_reward_accuracy, mode max, over dpo.beta and the learning rate: each
+    trial a DPO run (adapters off for the reference); Tune ranks trials by reward accuracy."""
+    from tests.test_preference import dpo_config
+
+    cfg = dpo_config(tmp_path, pretrained_base("llama"), "method=lora", "train.eval_every=4", "distributed.workers=1",
+                     "distributed.max_failures=0", name="base", steps=8)
+    rows = search_highest(tmp_path, ray_local, cfg, "prefer", "eval_reward_accuracy",
+                          {"train.lr": {"loguniform": [1.0e-4, 2.0e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}})
+    assert float(rows[0]["eval_reward_accuracy"]) > 0
+    for row in rows:  # each trial's own beta, its rewards logged as it trained
+        trial = tmp_path / "runs" / "prefer" / row["trial"]
+        snapshot = yaml.safe_load((trial / "config.yaml").read_text())
+        assert snapshot["objective"] == "dpo" and snapshot["dpo"]["beta"] == float(row["dpo.beta"])
+        assert any("reward_accuracy" in json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines())

@@ -2,7 +2,8 @@
 
 The task is one a tiny model can master on a CPU in minutes, so that learning is
 visible in `ftdist generate`: reverse a string of digits. check-*.jsonl classify such
-reversals as right or wrong (task: classification), on the demo model's features.
+reversals as right or wrong (task: classification), on the demo model's features;
+pairs-*.jsonl prefer the right reversal to a wrong one (objective: dpo, after the demo's SFT).
 """
 
 import json
@@ -44,6 +45,15 @@ def main() -> None:
                     f.write(json.dumps({"text": ex["prompt"] + " " + wrong(answer, rng), "label": "wrong"}) + "\n")
                 else:
                     f.write(json.dumps({"text": ex["prompt"] + " " + answer, "label": "right"}) + "\n")
+    # Preference pairs on the same task (objective: dpo): the right reversal chosen over a wrong one.
+    pairs_rng = random.Random(5678)  # its own stream: the files above stay as they were
+    for name, n in (("pairs-train", 1000), ("pairs-eval", 100)):
+        with (HERE / f"{name}.jsonl").open("w") as f:
+            for _ in range(n):
+                ex = example(pairs_rng)
+                answer = ex["completion"].strip()
+                f.write(json.dumps({"prompt": ex["prompt"], "chosen": " " + answer,
+                                    "rejected": " " + wrong(answer, pairs_rng)}) + "\n")
 
 
 def wrong(answer: str, rng: random.Random) -> str:

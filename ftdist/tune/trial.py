@@ -76,8 +76,9 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     # The last result: the final evaluation again, marked finished (ASHA-stopped trials never get here).
     summary = read_summary(store)
     final = {"step": summary["steps"], "tokens_seen": summary["tokens_seen"],
-             "trainable_params": summary["trainable_params"], "eval_loss": summary["eval_loss"], FINISHED: True}
-    for key in ("forgetting", "eval_accuracy", "eval_macro_f1"):
-        if summary.get(key) is not None:
-            final[key] = summary[key]
+             "trainable_params": summary["trainable_params"], FINISHED: True}
+    # Every final evaluation figure a search may rank by: eval_loss, a classifier's accuracy and
+    # macro-F1, preference pairs' reward accuracy and margin; and the forgetting.
+    final.update({k: v for k, v in summary.items() if (k.startswith("eval_") or k == "forgetting")
+                  and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return with_metric(final, t["metric"], t["forgetting_weight"])
