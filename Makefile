@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/memory_switches.py
 	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/spectrum.py
+	$(BIN)/python bench/preference.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -61,7 +61,8 @@ summary = train_local(cfg, show_progress=False)
 from pathlib import Path
 times = [r["step_time_s"] for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "step_time_s" in r]
 print(json.dumps({"peak_gib": summary["peak_memory_gib"], "step_time_s": times,
-                  "estimate": {k: getattr(est, k) / 2**30 for k in ("weights", "gradients", "optimizer", "activations")}}))
+                  "estimate": {k: getattr(est, k) / 2**30 for k in ("weights", "gradients", "optimizer", "anchors",
+                                                                     "reference", "activations") if getattr(est, k)}}))
 """
 
 LOSS = """

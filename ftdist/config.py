@@ -513,6 +513,12 @@ class Config(Section):
     regularization: RegularizationConfig = RegularizationConfig()
     tune: Optional[TuneConfig] = None  # read by `ftdist tune` only
 
+    @property
+    def row_length(self) -> int:
+        """The most tokens a row holds: data.max_length, or twice it for dpo, whose rows hold a
+        pair (its chosen and rejected sequences, each up to max_length)."""
+        return self.data.max_length * (2 if self.objective == "dpo" else 1)
+
     @model_validator(mode="before")
     @classmethod
     def _replay_text_is_data(cls, raw: Any) -> Any:

@@ -45,6 +45,7 @@ from ftdist.objective import autocast, evaluate_rows, objective_for, split_objec
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
 from ftdist.plan import Plan, make_plan
+from ftdist.preference import frozen_reference, preference_reference
 from ftdist.regularize import Anchors, fisher_diagonal
 from ftdist.regularize import describe as describe_regularization
 from ftdist.storage import StoreUnavailable, Uploader
@@ -185,8 +186,8 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     if cfg.regularization.ewc is not None:  # at the weights before training, before ZeRO partitions them
         fisher = fisher_diagonal(cfg, bundle.model, data.retention, bundle.tokenizer.pad_token_id,
                                  task_head(bundle, "retention"), bundle.attention, ctx.device)
-    # A full run's reference for dpo: the starting model, copied before the engine takes it.
-    frozen = frozen_reference(cfg, bundle, ctx.device)
+    # dpo's reference of a full run: the starting model, copied before the engine takes it.
+    frozen = frozen_reference(cfg, bundle.model, compute_dtype(cfg, ctx.device))
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     # Anchors: the master weights as they are now, before a checkpoint is restored into them.
@@ -197,7 +198,8 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
                              resume.saved["step"] if resume else None) \
         if ctx.is_main else Tracking([])
     log = MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main, listener=tracking.log)
-    reference = preference_reference(cfg, ctx, bundle, engine, data, frozen)  # before a checkpoint is restored
+    # dpo's reference: built, or its log-probs computed, before a checkpoint is restored.
+    reference = preference_reference(cfg, ctx, bundle, engine, data, frozen) if cfg.objective == "dpo" else None
     run = Run(cfg, ctx, bundle, base_path, data, plan, engine, objective_for(cfg, bundle, reference), log,
               Uploader(), peak, tracking, anchors)
     run.say(bundle.info.describe())
@@ -222,35 +224,6 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
         run.say(f"data: {data.stats['dropped_no_target']} examples dropped: no token to learn within "
                 f"data.max_length {cfg.data.max_length} (raise it to keep them)")
     return run
-
-
-def frozen_reference(cfg: Config, bundle: ModelBundle, device: torch.device):
-    """dpo's reference for a full run (a frozen copy of the starting model), unless its
-    log-probs are precomputed or the run trains adapters (switched off, they are the reference)."""
-    if cfg.objective != "dpo" or cfg.method != "full" or cfg.dpo.precompute_reference:
-        return None
-    from ftdist.preference import frozen_copy
-
-    return frozen_copy(bundle.model, compute_dtype(cfg, device))
-
-
-def preference_reference(cfg: Config, ctx: LocalContext, bundle: ModelBundle, engine, data: Dataset, frozen):
-    """dpo's reference, as the objective asks it for log-probs; with precompute_reference, its
-    log-probs of every pair computed now, by the model as it starts (the reference itself)."""
-    if cfg.objective != "dpo":
-        return None
-    from ftdist.preference import Precomputed, as_it_starts, batches_of, build_reference, precompute
-
-    if not cfg.dpo.precompute_reference:
-        return build_reference(cfg, bundle, ctx, engine, frozen)
-    reference, size = as_it_starts(cfg, bundle, engine), cfg.train.micro_batch_size
-    engine.model.eval()
-    for rows in (data.train, data.eval):  # every rank runs as many batches as the rank with most
-        ranks = np.zeros(ctx.world_size)
-        ranks[ctx.rank] = batches_of(rows, size)
-        precompute(cfg, ctx, reference, rows, pad_id_of(bundle), int(ctx.all_reduce_sum(ranks).max()))
-    engine.model.train()
-    return Precomputed()
 
 
 def restore(run: Run, resume: ResumePoint) -> TrainState:
@@ -506,11 +479,7 @@ def negative_transfer(state: TrainState) -> dict:
 
 
 def pad_id(run: Run) -> int:
-    return pad_id_of(run.bundle)
-
-
-def pad_id_of(bundle: ModelBundle) -> int:
-    return bundle.tokenizer.pad_token_id
+    return run.bundle.tokenizer.pad_token_id
 
 
 def seed_everything(seed: int) -> None:

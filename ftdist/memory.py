@@ -89,9 +89,7 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     from ftdist.activations import saved_bytes
     from ftdist.objective import chunk_tokens
 
-    s, b = cfg.data.max_length, cfg.train.micro_batch_size
-    if cfg.objective == "dpo":  # a row holds a pair: its chosen and rejected sequences
-        s *= 2
+    s, b = cfg.row_length, cfg.train.micro_batch_size
     every = cfg.train.checkpoint_every
     traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
                          compute_bytes=dtype_bytes)
@@ -165,6 +163,9 @@ def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: 
         tips.append("set train.gradient_checkpointing: true (activations are most of it)")
     if not cfg.train.chunked_loss:
         tips.append("set train.chunked_loss: true (the logits are never held whole)")
+    if est.reference:
+        tips.append("set dpo.precompute_reference: true (the reference's log-probs computed before training, "
+                    "no frozen copy held)")
     for stage in range(cfg.distributed.zero_stage + 1, 4):
         if cfg.method == "qlora" and stage == 3:
             break

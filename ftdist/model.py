@@ -435,7 +435,8 @@ def plain_linear_head(model: nn.Module, key: Optional[str] = None) -> nn.Linear:
     the setting that asks for the chunks (None: objective dpo, which always computes in chunks)."""
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None) or type(head) is not nn.Linear:
-        fix = f"set {key}: false" if key else "objective dpo needs a model whose LM head is"
+        fix = f"set {key}: false" if key else "objective dpo computes log-probs through it in chunks: use a model " \
+                                              "whose head is"
         raise UserError(f"{key or 'objective dpo'}: {type(model).__name__}'s LM head is not a plain linear layer "
-                        f"(it caps or wraps its logits); {fix}" + ("" if key else " a plain linear layer"))
+                        f"(it caps or wraps its logits); {fix}")
     return head

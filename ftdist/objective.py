@@ -183,7 +183,7 @@ class TokenObjective:
 
 def objective_for(cfg: Config, bundle, reference=None):
     """The run's objective: sft's token loss (a classifier's through its head), or dpo's pairs
-    against `reference` (ftdist.preference.build_reference)."""
+    against `reference` (ftdist.preference.preference_reference)."""
     if cfg.objective == "dpo":
         from ftdist.preference import PreferenceObjective
 

@@ -34,7 +34,7 @@ class Plan:
 
     def describe(self, cfg: Config) -> str:
         return (
-            f"{self.rows} training rows of up to {cfg.data.max_length} tokens; batch {cfg.train.batch_size} "
+            f"{self.rows} training rows of up to {cfg.row_length} tokens; batch {cfg.train.batch_size} "
             f"= {self.world_size} x {self.accumulation_steps} micro-batches of {cfg.train.micro_batch_size}; "
             f"{self.total_steps} steps"
         )

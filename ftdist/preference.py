@@ -203,9 +203,12 @@ class Precomputed:
         return batch["ref"].flatten().index_select(0, keep).to(device)
 
 
-def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The starting model, copied and frozen (in the compute dtype: it never trains), with its
-    own loss head."""
+def frozen_reference(cfg: Config, model: nn.Module, dtype: torch.dtype) -> Optional[tuple[nn.Module, PairHead]]:
+    """A full dpo run's reference: the starting model, copied and frozen (in the compute dtype
+    `dtype`: it never trains), and its own loss head. None where there is none to hold: not
+    dpo, adapters (switched off, they are the reference), or log-probs precomputed."""
+    if cfg.objective != "dpo" or cfg.method != "full" or cfg.dpo.precompute_reference:
+        return None
     import copy
 
     reference = copy.deepcopy(model)
@@ -213,13 +216,7 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     reference.eval()
     if dtype != torch.float32:
         reference.to(dtype)
-    PairHead(reference.get_output_embeddings())
-    return reference
-
-
-def reference_head(module: nn.Module) -> PairHead:
-    """The PairHead a module's LM head forwards through (frozen_copy put it there)."""
-    return module.get_output_embeddings().forward.__self__
+    return reference, PairHead(reference.get_output_embeddings())
 
 
 def as_it_starts(cfg: Config, bundle, engine):
@@ -290,10 +287,23 @@ def describe(scores: dict) -> str:
             f"(chosen {scores['rewards_chosen']:+.4f}, rejected {scores['rewards_rejected']:+.4f})")
 
 
-def build_reference(cfg: Config, bundle, ctx, engine, frozen: Optional[nn.Module]):
+def preference_reference(cfg: Config, ctx, bundle, engine, data, frozen: Optional[tuple[nn.Module, PairHead]]):
     """The reference the objective compares with (dpo.reference auto): adapters off for an
-    adapter run, else the frozen copy `frozen` (made before the engine took the model)."""
-    if frozen is None:
+    adapter run, else the frozen copy `frozen` (made before the engine took the model), as this
+    rank runs it (ctx.make_reference: partitioned under ZeRO-3). With precompute_reference, its
+    log-probs of every pair of this rank's rows computed now, by the model as it starts (which
+    is the reference), before a checkpoint is restored into it."""
+    if frozen is not None:
+        model, head = frozen
+        return ModelReference(ctx.make_reference(cfg, model), head, bundle.attention)
+    if not cfg.dpo.precompute_reference:
         return as_it_starts(cfg, bundle, engine)
-    return ModelReference(ctx.make_reference(cfg, frozen), reference_head(frozen), bundle.attention)
+    reference, size = as_it_starts(cfg, bundle, engine), cfg.train.micro_batch_size
+    engine.model.eval()
+    for rows in (data.train, data.eval):  # every rank runs as many batches as the rank with most
+        ranks = np.zeros(ctx.world_size)
+        ranks[ctx.rank] = batches_of(rows, size)
+        precompute(cfg, ctx, reference, rows, bundle.tokenizer.pad_token_id, int(ctx.all_reduce_sum(ranks).max()))
+    engine.model.train()
+    return Precomputed()
 

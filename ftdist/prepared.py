@@ -275,25 +275,27 @@ def prepare(cfg: Config) -> list[str]:
     store = None if cfg.model.name_or_path else prepare_run_dir(cfg, restart=False)
     tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
     dataset = prepared_dataset(checked.cfg, tokenizer)
-    return describe(dataset, cfg.data.max_length, cfg.data.packing) + [
+    return describe(dataset, cfg.data.packing) + [
         f"prepared in {time.perf_counter() - started:.1f} s: {dataset.stats.get('prepared', 'not cached (hub data)')}"]
 
 
-def describe(dataset: "Dataset", max_length: int, packing: bool) -> list[str]:
+def describe(dataset: "Dataset", packing: bool) -> list[str]:
     lines = []
     for split in SPLITS:
         rows = getattr(dataset, split)
         if rows is None:
             continue
         tokens = rows.tokens()
-        filled = f", packing efficiency {tokens / (len(rows) * max_length):.1%}" if packing and len(rows) else ""
+        # Of the rows' token slots (data.max_length a row; twice that for preference pairs' rows).
+        filled = f", packing efficiency {tokens / len(rows.flat['ids']):.1%}" if packing and len(rows) else ""
         lines.append(f"{split}: {len(rows)} rows, {tokens} tokens ({rows.target_tokens()} trained on){filled}, "
                      f"{rows.nbytes() / 2**20:.1f} MiB")
     from ftdist.data import source_line
 
     stats = dataset.stats
     lines[1:1] = [f"  {source_line(s)}" for s in stats.get("sources", [])]
-    lines.insert(0, f"data: {dataset.format}, {stats.get('examples', '?')} training examples"
+    unit = "pairs" if dataset.format == "preference" else "examples"
+    lines.insert(0, f"data: {dataset.format}, {stats.get('examples', '?')} training {unit}"
                     + (f", {stats['skipped_rows']} bad rows skipped" if stats.get("skipped_rows") else "")
                     + (f", {stats['truncated']} cut to data.max_length" if stats.get("truncated") else "")
                     + (f", {stats['dropped_no_target']} dropped (no token to learn)"

@@ -37,7 +37,7 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
                                       ("chunked loss", cfg.train.chunked_loss)) if on]
     lines = [plan,
              f"model: {est.total_params / 1e9:.2f}B parameters, {est.trainable_params:,} trainable ({cfg.method}); "
-             f"{str(dtype).removeprefix('torch.')}, micro batch {cfg.train.micro_batch_size} x {cfg.data.max_length} "
+             f"{str(dtype).removeprefix('torch.')}, micro batch {cfg.train.micro_batch_size} x {cfg.row_length} "
              f"tokens; {', '.join(switches) or 'no memory switches'}",
              f"memory (estimate): {est.describe()}, of {gpu_gib:g} GiB"]
     lines.append(f"does not fit: about {est.device_total / GiB:.1f} GiB per GPU, of the {limit / GiB:.1f} GiB "

@@ -293,3 +293,6 @@ def test_the_memory_estimate_counts_the_reference(tmp_path):
     assert partitioned.reference == dpo.reference / 2 and "reference" in partitioned.describe()
     assert estimate("method=full", "objective=dpo", "dpo.precompute_reference=true").reference == 0
     assert estimate("method=lora", "objective=dpo").reference == 0  # adapters off: the reference is the policy
+    cfg = tiny_config(tmp_path, "method=full", "objective=dpo")
+    tips = memory.advice(cfg, init_model_config(cfg.model.init), dpo, 1, torch.bfloat16, dpo.device_total / 2)
+    assert any("dpo.precompute_reference: true" in tip for tip in tips)
