@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.config import Config
+from ftdist.config import Config, load_config
 from ftdist.distributed import train_ray
 from ftdist.errors import UserError
 from ftdist.local import train_local
@@ -187,11 +187,13 @@ def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, p
         ours, theirs = curve(run_dir, key), curve(local, key)
         assert len(ours) == len(theirs) >= 2 and ours == pytest.approx(theirs, rel=REL_TOL, abs=1e-4), key
     assert curve(run_dir, "loss")[0] == pytest.approx(0.6931472, abs=1e-5) and curve(run_dir, "eval_reward_margin")[-1] > 0
+    # The final weights, each within 1% of local mode's by norm: Adam's steps of about lr * sign(gradient)
+    # let float rounding (a 4-bit base's most) show element by element where a gradient is near 0.
     name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     ours, theirs = load_file(str(run_dir / "final" / name)), load_file(str(local / "final" / name))
     assert ours.keys() == theirs.keys() and ours
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
+        assert float((ours[key] - theirs[key]).norm()) <= 1e-2 * float(theirs[key].norm()) + 1e-6, key
 
 
 def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, matrix,
@@ -206,8 +208,8 @@ def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_facto
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "final")
-    cfg = dpo_equivalence_config(tmp_path, pretrained_base("llama"), "full", "distributed.workers=1",
-                                 "distributed.zero_stage=3", name=run_dir.name)
+    # The run's own config (its data where it wrote it), where the copy lies, on 1 worker.
+    cfg = load_config(run_dir / "config.yaml", [f"run.output={tmp_path / 'runs'}", "distributed.workers=1"])
     result = run_cli("train", str(write_config(tmp_path, cfg)), "--address",
                      ray_local.get_runtime_context().gcs_address, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
