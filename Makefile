@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 # them) may otherwise swap it for another build, e.g. CUDA's multi-GB one on a CPU machine.
 TORCH_PIN := $(VENV)/torch-pin.txt
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-unit test-e2e test-all bench clean
 
 $(BIN)/ftdist: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,21 @@ demo: setup
 	$(BIN)/ftdist generate runs/tiny-demo/final --prompt "reverse 12345 =" --prompt "reverse 9071 =" --max-new-tokens 8
 	$(BIN)/ftdist report runs/tiny-demo
 
-test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+# The suite in tiers, by folder (README, "Tests"): unit first (no Ray, no servers, seconds a test),
+# then one end-to-end run per capability; `make test-all` adds the full matrices. Two pytest
+# processes each; --dist loadgroup keeps the tests that share the session's Ray in one of them.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+
+test: test-unit test-e2e
+
+test-unit: setup
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PYTEST) tests/e2e $(PYTEST_ARGS)
+
+test-all: test
+	$(PYTEST) tests/matrix $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/local_vs_torch.py

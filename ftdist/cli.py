@@ -7,6 +7,7 @@ without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -250,6 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(signal, "SIGXFSZ"):  # under a file-size limit a write fails (and is told), not the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    joined_before = ray_joined()  # a caller's own Ray (a test, a notebook) is left to it
+    code = run_command(args, leave=not joined_before)
+    if not joined_before:
+        leave_ray(code)
+    return code
+
+
+def ray_joined() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def run_command(args, leave: bool) -> int:
     try:
         quiet_libraries()
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
@@ -261,3 +275,37 @@ def main(argv: list[str] | None = None) -> int:
         print("ftdist: interrupted; run the same command again to resume from the newest checkpoint",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BaseException:
+        if leave:
+            leave_ray(1)
+        raise
+
+
+# How long leaving Ray may take before the process exits without it (a head that stopped answering).
+LEAVE_RAY_TIMEOUT_S = 30.0
+
+
+def leave_ray(code: int) -> None:
+    """Disconnect from the Ray this command joined (stopping the one it started) before the
+    interpreter exits: left to interpreter shutdown, Ray's core worker can abort the process
+    ("terminate called ...", exit 134) after the command has already succeeded. Bounded: when
+    Ray does not let go in time, the streams are flushed and the process exits with its code."""
+    import threading
+
+    if not ray_joined():
+        return
+    ray = sys.modules["ray"]
+    done = threading.Event()
+
+    def shutdown() -> None:
+        try:
+            ray.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=shutdown, daemon=True, name="ftdist-leave-ray").start()
+    if not done.wait(LEAVE_RAY_TIMEOUT_S):
+        print(f"ftdist: Ray did not shut down within {LEAVE_RAY_TIMEOUT_S:.0f} s; exiting without it", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

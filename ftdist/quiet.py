@@ -16,6 +16,8 @@ NOISE = re.compile("|".join([
     r"PYTHON worker processes have been started",  # Tune starts a driver actor per trial: expected
     r"No CUDA runtime is found",
     r"Requesting resources: \{",
+    # Ray Train's autoscaling client under a loaded CPU or a lost head: "safe to ignore", says Ray
+    r"Failed to send resource request for",
     r"Attempting to start training worker group",
     r"^Started training worker group of size",
     r"^- \(ip=[\d.]+, pid=\d+\) world_rank=",

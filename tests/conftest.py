@@ -6,16 +6,24 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+# One thread per torch process: `make test` runs two pytest processes on the two cores, beside
+# Ray's workers and the CLI's subprocesses, and OpenMP threads spin-waiting for a busy core slow
+# every process by several times (a tiny model is no faster on two threads even alone). Set
+# before torch is first imported; subprocesses and Ray's workers inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from ftdist.config import Config, apply_override, validate_config
+import pytest  # noqa: E402
+
+from ftdist.config import Config, apply_override, validate_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -130,6 +138,44 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         proc.kill()
         printed = ":\n" + proc.communicate(timeout=30)[0][-4000:]
     raise AssertionError(f"timed out waiting for {what}{printed}")
+
+
+@contextmanager
+def paused(pids: list[int]):
+    """The processes stopped (SIGSTOP) for the block and continued after (those still alive).
+
+    What a test reads and kills inside the block cannot race the run: no step is taken and no
+    checkpoint completes while it looks. This is how a kill lands between two checkpoints by
+    construction rather than by timing, on a loaded machine too."""
+    import psutil
+
+    stopped = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
+    for pid in stopped:  # SIGSTOP is asynchronous: wait until each is really stopped
+        try:
+            wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 30, f"process {pid} to stop")
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def train_worker_pids() -> list[int]:
+    """The Ray Train workers running on this machine (every node of a local cluster)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import sys
 import threading
 import time
 import urllib.request
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 
 def free_port() -> int:

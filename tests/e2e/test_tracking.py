@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from ftdist.config import redacted, redact_url
+from ftdist.config import redact_url, redacted
 from ftdist.context import LocalContext
 from ftdist.loop import train
 from ftdist.metrics import read_metrics
@@ -22,7 +22,12 @@ from ftdist.rundir import prepare_run_dir
 from ftdist.tracking.params import flat_params, record_metrics
 from ftdist.tracking.preflight import check_tracking
 from tests.conftest import REPO, start_cli, tiny_config, wait_until, write_config
-from tests.trackers import MlflowServer, tensorboard_scalars, wandb_history, wandb_records
+from tests.trackers import (
+    MlflowServer,
+    tensorboard_scalars,
+    wandb_history,
+    wandb_records,
+)
 
 PASSWORD = "trk-pw-7Qz9"  # planted wherever a user puts tracker credentials
 API_KEY = "wandbkey" + "0" * 32

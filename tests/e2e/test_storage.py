@@ -22,7 +22,16 @@ from ftdist.checkpoint import prune
 from ftdist.config import StorageConfig
 from ftdist.metrics import read_metrics
 from ftdist.storage import RunStore
-from tests.conftest import DEMO, FAKE_SECRET, REPO, run_cli, start_cli, tiny_config, wait_until, write_config
+from tests.conftest import (
+    DEMO,
+    FAKE_SECRET,
+    REPO,
+    run_cli,
+    start_cli,
+    tiny_config,
+    wait_until,
+    write_config,
+)
 from tests.trackers import tensorboard_scalars
 
 pytestmark = pytest.mark.s3

@@ -6,8 +6,14 @@ import copy
 import pytest
 import torch
 
-from ftdist.engine import (Layout, PlainEngine, deepspeed_file_rank, needs_universal, refuse_other_engine,
-                           skip_inference_comm_op)
+from ftdist.engine import (
+    Layout,
+    PlainEngine,
+    deepspeed_file_rank,
+    needs_universal,
+    refuse_other_engine,
+    skip_inference_comm_op,
+)
 from ftdist.errors import UserError
 from ftdist.optim import build_optimizer
 from tests.conftest import tiny_config

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.cli import main
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, tiny_config
 
 slow = pytest.mark.slow
 
@@ -208,13 +208,6 @@ def test_bad_requests_are_refused_with_one_message(runs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "taken"]  # no staging left behind
 
 
-def test_missing_path_exits_2_without_a_traceback(tmp_path):
-    result = run_cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"ftdist: error: {tmp_path / 'nope'}: no such directory; give a run directory" in result.stderr
-    assert result.stdout == ""
-
-
 # ---------------------------------------------------------------- DeepSpeed checkpoints
 
 DEEPSPEED_CASES = [(method, stage) for method in ("full", "lora") for stage in (0, 2, 3)]
@@ -267,7 +260,7 @@ def deepspeed_runs(runs, tmp_path_factory) -> Path:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0"}
     base = str(runs["full"] / "base")
-    code = f"from tests.test_export import make_deepspeed_runs; make_deepspeed_runs({str(root)!r}, {base!r})"
+    code = f"from tests.e2e.test_export import make_deepspeed_runs; make_deepspeed_runs({str(root)!r}, {base!r})"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ONE_RAY_AT_A_TIME, DEMO, REPO
-from tests.test_k8s import rayjob_entrypoint_and_env
+from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, REPO
+from tests.unit.test_k8s import rayjob_entrypoint_and_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, ONE_RAY_AT_A_TIME]
 

@@ -53,6 +53,10 @@ def test_ray_noise_and_its_tracebacks_are_filtered_but_progress_is_kept():
                  '(TrainController pid=1)   File "x.py", line 1, in f\n'
                  "(TrainController pid=1) ray.exceptions.GetTimeoutError: Get timed out\n"
                  "(RayTrainWorker pid=2) step 10/60  loss 4.5856  lr 3.00e-03\n"
+                 "(TrainController pid=1) Failed to send resource request for train-1. If this only happens "
+                 "transiently ... If this error persists, file a GitHub issue.\n"
+                 "(TrainController pid=1) Traceback (most recent call last):\n"
+                 "(TrainController pid=1) ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.\n"
                  "[2026-11-23 14:51:42,393 E 11662 11690] core_worker.cc:2465: Actor with class name\n"
                  "(RayTrainWorker pid=2) step 20/60  loss 2.4")
     stream.write("800\n")

@@ -102,3 +102,8 @@ def test_a_set_override_is_named_as_such_and_other_tools_names_are_translated(tm
     assert "--set train.learning_rate: unknown key; did you mean train.lr?" in str(e.value)
     with pytest.raises(UserError, match=r"lora.lora_r: unknown key; did you mean lora.rank\?"):
         load_config(path, ["lora.lora_r=8"])
+
+
+def test_qlora_with_zero3_is_refused_up_front(tmp_path):
+    with pytest.raises(UserError, match="use zero_stage 2"):
+        tiny_config(tmp_path, "method=qlora", "distributed.zero_stage=3")

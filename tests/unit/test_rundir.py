@@ -83,23 +83,6 @@ def test_the_cli_refuses_with_one_message_and_deletes_nothing(tmp_path):
     assert [p.name for p in folder.iterdir()] == ["train.jsonl"]
 
 
-@pytest.mark.s3
-def test_the_same_rules_on_object_storage(tmp_path, s3):
-    s3.fs.pipe_file(s3.url("runs", "mine", "data.csv"), b"the user's")
-    with pytest.raises(UserError, match="not an ftdist run"):
-        prepare_run_dir(tiny_config(tmp_path, *s3.overrides(), name="mine"), restart=True)
-    assert s3.fs.cat_file(s3.url("runs", "mine", "data.csv")) == b"the user's"
-
-    cfg = tiny_config(tmp_path, *s3.overrides(), name="run")
-    prepare_run_dir(cfg, restart=False)
-    s3.fs.pipe_file(s3.url("runs", "run", "metrics.jsonl"), b"{}")
-    s3.fs.pipe_file(s3.url("runs", "run", "checkpoints", "step-1", "COMPLETE"), b"{}")
-    s3.fs.pipe_file(s3.url("runs", "run", "notes.md"), b"the user's")
-    prepare_run_dir(cfg, restart=True)
-    names = {p.rsplit("/", 1)[-1] for p in s3.fs.ls(s3.url("runs", "run"))}
-    assert names == {RUN_MARKER, "config.yaml", "notes.md"}
-
-
 def test_a_damaged_snapshot_is_named_and_kept(tmp_path):
     store = prepare_run_dir(tiny_config(tmp_path), restart=False)
     snapshot = store.local / "config.yaml"

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 from ftdist.data import build_dataset
-from ftdist.preflight import check_data
 from ftdist.errors import UserError
 from ftdist.model import load_tokenizer, resolve_base
-from ftdist.storage import RunStore
+from ftdist.preflight import check_data
 from ftdist.raydata import ray_datasets, rows_of
-from tests.conftest import ONE_RAY_AT_A_TIME, DEMO, tiny_config
+from ftdist.storage import RunStore
+from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, tiny_config
 
 pytestmark = [pytest.mark.ray, ONE_RAY_AT_A_TIME]
 

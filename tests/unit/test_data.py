@@ -8,8 +8,8 @@ import torch
 
 from ftdist.attention import document_mask
 from ftdist.data import IGNORE, Encoded, Examples, collate, encode, pack, to_examples
-from ftdist.records import RowReader
 from ftdist.errors import UserError
+from ftdist.records import RowReader
 from ftdist.tokenizer import IM_END, train_tokenizer
 from tests.conftest import DEMO
 

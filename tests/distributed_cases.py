@@ -1,4 +1,6 @@
-"""Ray Train + DeepSpeed on 2 CPU workers (gloo), against local mode.
+"""Ray Train + DeepSpeed on 2 CPU workers (gloo), against local mode: the cases and their checks,
+shared by tests/e2e/test_distributed.py (one Ray run per method and objective) and
+tests/matrix/test_distributed_matrix.py (every other ZeRO stage x method x objective, both elastic chains).
 
 Equivalence: every step's global batch is the whole training set (32 rows, no packing),
 so the two modes see exactly the same examples at every step whatever the sharding;
@@ -20,18 +22,24 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.config import Config, load_config
-from ftdist.distributed import train_ray
-from ftdist.errors import UserError
 from ftdist.local import train_local
 from ftdist.metrics import read_metrics
-from tests.conftest import (DEMO, ONE_RAY_AT_A_TIME, foreign_lines, run_cli, small_data, start_cli, tiny_config,
-                            wait_until, write_config)
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
+from tests.conftest import (
+    DEMO,
+    foreign_lines,
+    paused,
+    run_cli,
+    small_data,
+    start_cli,
+    tiny_config,
+    train_worker_pids,
+    wait_until,
+    write_config,
+)
 
 REL_TOL = 1e-3
 METHOD_LR = {"full": "3e-3", "lora": "1e-2", "qlora": "1e-2"}
-# Every method and every ZeRO stage: full at ZeRO-2 and ZeRO-3 also runs in the resume test
+# Every method and every ZeRO stage: full at ZeRO-2 and ZeRO-3 also runs in the elastic chains
 # below (across world sizes); each run costs most of half a minute of Ray start-up.
 CASES = [("full", 0), ("lora", 1), ("qlora", 2), ("lora", 3)]
 # Gradient checkpointing changes what is kept for the backward, never the curve: on under the
@@ -81,14 +89,13 @@ def local_reference(tmp_path_factory, method: str, base: Path | None, steps: int
     return _local_runs[method, steps]
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
-    """Every case's run through the CLI on the session's Ray, two at a time (the session's Ray
+def start_cases(tmp_path_factory, ray_local, pretrained_base, mlflow_server, lm_cases, classifier_stages,
+                dpo_cases) -> dict:
+    """The given cases' runs through the CLI on the session's Ray, two at a time (the session's Ray
     has 4 logical CPUs on the 2 cores): most of a tiny run's wall time is Ray's start-up and
-    scheduling latency, which two runs overlap. Case -> future of (CLI result, run directory)."""
+    scheduling latency, which two runs overlap. Case -> future of (CLI result, run directory);
+    LM cases are (method, stage), the others ("classification", stage) and ("dpo", name)."""
     base = pretrained_base("llama")
-    for method in METHOD_LR:  # the references first, one at a time
-        local_reference(tmp_path_factory, method, None if method == "full" else base)
     address = ray_local.get_runtime_context().gcs_address
 
     def run(method: str, stage: int):
@@ -113,18 +120,18 @@ def matrix(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
                                      f"dpo.precompute_reference={str(precompute).lower()}", name=f"ray-dpo-{case}")
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
-    for method in ("full", "lora", "qlora"):
-        dpo_local_reference(tmp_path_factory, method, base)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return {**{case: pool.submit(run, *case) for case in CASES},
-                **{("classification", stage): pool.submit(classify, stage) for stage in CLASSIFIER_STAGES},
-                **{("dpo", case): pool.submit(prefer, case) for case in DPO_CASES}}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {**{case: pool.submit(run, *case) for case in lm_cases},
+               **{("classification", stage): pool.submit(classify, stage) for stage in classifier_stages},
+               **{("dpo", case): pool.submit(prefer, case) for case in dpo_cases}}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def classification_equivalence_config(tmp_path: Path, base: Path, *extra: str, name: str) -> Config:
     """A classifier with its top blocks and new head trained (mean pooling), on 32 rows a step:
     the whole set every step, as equivalence_config's LM runs."""
-    from tests.test_classification import topic_rows, write_rows
+    from tests.unit.test_classification import topic_rows, write_rows
 
     train = write_rows(tmp_path / "train.jsonl", topic_rows(32, 0))
     eval_ = write_rows(tmp_path / "eval.jsonl", topic_rows(16, 1))
@@ -149,7 +156,7 @@ DPO_LOGGED = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "lo
 
 def dpo_equivalence_config(tmp_path: Path, base: Path, method: str, *extra: str, name: str) -> Config:
     """32 pairs, one a row: the whole set every step, as equivalence_config's LM runs."""
-    from tests.test_preference import rule_pairs, write_rows
+    from tests.unit.test_preference import rule_pairs, write_rows
 
     train = write_rows(tmp_path / "pairs-train.jsonl", rule_pairs(32, 0))
     eval_ = write_rows(tmp_path / "pairs-eval.jsonl", rule_pairs(16, 1))
@@ -174,10 +181,10 @@ def dpo_local_reference(tmp_path_factory, method: str, base: Path) -> Path:
     return _dpo_local_runs[method]
 
 
-@pytest.mark.parametrize("case", DPO_CASES)
-def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, pretrained_base, matrix, case):
+def check_preference_case(tmp_path_factory, pretrained_base, runs: dict, case: str) -> None:
+    """A DPO case on 2 workers: local mode's loss, rewards and evaluations, and final weights."""
     method, stage, precompute = DPO_CASES[case]
-    result, run_dir = matrix["dpo", case].result()
+    result, run_dir = runs["dpo", case].result()
     assert result.returncode == 0, result.stdout + result.stderr
     assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
     copy = method == "full" and not precompute  # the estimate counts the frozen copy, a rank's share of it
@@ -196,14 +203,14 @@ def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, p
         assert float((ours[key] - theirs[key]).norm()) <= 1e-2 * float(theirs[key].norm()) + 1e-6, key
 
 
-def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, matrix,
-                                                        ray_local):
+def check_preference_resume_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs: dict,
+                                                  ray_local) -> None:
     """The ZeRO-3 DPO run of 2 workers, as if killed after step 4's checkpoint, resumed by 1
     worker: the policy's states re-partitioned (DeepSpeed's universal checkpoint) and the frozen
     reference built again from the start; the same curve as local mode."""
     import shutil
 
-    result, run_dir = matrix["dpo", "full-3"].result()
+    result, run_dir = runs["dpo", "full-3"].result()
     assert result.returncode == 0, result.stdout + result.stderr
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
@@ -221,12 +228,11 @@ def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_facto
         assert curve(copy, key) == pytest.approx(curve(local, key), rel=REL_TOL, abs=1e-4), key
 
 
-@pytest.mark.parametrize("stage", CLASSIFIER_STAGES)
-def test_a_classifier_on_two_workers_matches_local_mode(tmp_path, pretrained_base, matrix, stage):
+def check_classifier_case(tmp_path, pretrained_base, runs: dict, stage: int) -> None:
     """The new head's gradients partitioned (ZeRO-2), or the head gathered in its forward and
     saved whole (ZeRO-3): the same curve, the same accuracy and the same final weights as one
     process."""
-    result, run_dir = matrix["classification", stage].result()
+    result, run_dir = runs["classification", stage].result()
     assert result.returncode == 0, result.stdout + result.stderr
     assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
     local = Path(train_local(classification_equivalence_config(tmp_path, pretrained_base("llama"), name="local"),
@@ -240,9 +246,10 @@ def test_a_classifier_on_two_workers_matches_local_mode(tmp_path, pretrained_bas
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("method, stage", CASES)
-def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, matrix, method, stage):
-    result, run_dir = matrix[method, stage].result()
+def check_lm_case(tmp_path_factory, pretrained_base, runs: dict, method: str, stage: int) -> None:
+    """An SFT case on 2 workers: the plan line, local mode's curves (loss, evaluations, forgetting,
+    the regularizers' figures, the gradient norm), checkpoints and final weights."""
+    result, run_dir = runs[method, stage].result()
     assert result.returncode == 0, result.stdout + result.stderr
     local = local_reference(tmp_path_factory, method, None if method == "full" else pretrained_base("llama"))
     # Nothing on the terminal but ftdist's own lines; the plan and the memory estimate come
@@ -278,10 +285,10 @@ def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, matrix,
         assert any(float(t.abs().max()) > 0 for k, t in ours.items() if "lora_B" in k)
 
 
-def test_only_rank_0_reports_to_the_trackers(matrix, mlflow_server):
+def check_only_rank_0_reports_to_the_trackers(runs: dict, mlflow_server) -> None:
     from tests.trackers import tensorboard_scalars, wandb_history
 
-    result, run_dir = matrix[TRACKED].result()
+    result, run_dir = runs[TRACKED].result()
     assert result.returncode == 0, result.stdout + result.stderr
     logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     client = mlflow_server.client()
@@ -300,7 +307,7 @@ def test_only_rank_0_reports_to_the_trackers(matrix, mlflow_server):
 ELASTIC = {2: [2, 1], 3: [1, 2]}
 
 
-def test_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path_factory, ray_local, s3):
+def check_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path_factory, ray_local, s3) -> None:
     """For each ZeRO family, drivers one after another on one run in the store, each but the last
     SIGKILLed once a new checkpoint is complete, each with another number of workers: DeepSpeed's
     universal checkpoint re-partitions the ZeRO states. The curve and the final weights must
@@ -329,8 +336,9 @@ def test_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path_
         for workers in killed:
             proc = start_cli("train", config, "--address", address, "--set", f"distributed.workers={workers}")
             newest = wait_until(lambda: [s for s in complete() if s > newest], 420, "a new checkpoint", proc)[-1]
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            with paused(train_worker_pids()):  # the run cannot finish before its driver is gone
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
             assert newest < steps, "the run finished before its driver was killed"
         result = run_cli("train", config, "--address", address, "--set", f"distributed.workers={last}", timeout=600)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -357,30 +365,3 @@ def test_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path_
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
-
-
-def test_qlora_with_zero3_is_refused_up_front(tmp_path):
-    with pytest.raises(UserError, match="use zero_stage 2"):
-        tiny_config(tmp_path, "method=qlora", "distributed.zero_stage=3")
-
-
-def test_preflight_refuses_a_run_that_cannot_fit_before_any_worker(tmp_path, ray_local, capsys):
-    huge = ["model.init.hidden_size=8192", "model.init.num_layers=48", "model.init.num_heads=64",
-            "model.init.vocab_size=128000", "distributed.zero_stage=0"]
-    cfg = tiny_config(tmp_path, *huge, name="huge")
-    with pytest.raises(UserError) as refused:
-        train_ray(cfg)
-    message = str(refused.value)
-    assert "per cpu device" in message and "weights" in message and "optimizer" in message
-    assert "distributed.zero_stage" in message
-    assert "use method: qlora" in message
-    assert not (tmp_path / "runs").exists()  # refused before anything was written
-
-
-def test_placement_the_cluster_cannot_meet_is_refused(tmp_path, ray_local):
-    cfg = tiny_config(tmp_path, "distributed.placement=STRICT_SPREAD", name="spread")
-    with pytest.raises(UserError, match="STRICT_SPREAD .* 1 nodes"):
-        train_ray(cfg)
-    cfg = tiny_config(tmp_path, "distributed.workers=5", name="many")
-    with pytest.raises(UserError, match="need 5 CPU but the Ray cluster has 4"):
-        train_ray(cfg)
