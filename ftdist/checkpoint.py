@@ -45,9 +45,9 @@ import torch
 
 from ftdist.engine import deepspeed_file_rank
 from ftdist.errors import UserError
-from ftdist.safeload import safe_load, why_unloadable
 from ftdist.layout import CHECKPOINTS as ROOT
 from ftdist.layout import METRICS
+from ftdist.safeload import safe_load, why_unloadable
 from ftdist.storage import NotYet, RunStore, Uploader, retrying
 
 MARKER = "COMPLETE"

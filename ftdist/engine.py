@@ -319,7 +319,9 @@ def needs_universal(saved: Layout, current: Layout, step: Optional[int] = None) 
 
 
 def to_universal(checkpoint: Path, out: Path) -> None:
-    """DeepSpeed's own conversion (ds_to_universal) of a ZeRO checkpoint into per-parameter files."""
+    """DeepSpeed's own conversion (ds_to_universal) of a ZeRO checkpoint into per-parameter files.
+    One worker each: the conversion runs in this process, so its loads stay under the caller's
+    deepspeed_loads() (worker processes would read the files unrestricted)."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal

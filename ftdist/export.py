@@ -58,24 +58,25 @@ class Source:
 
 
 def export(source: str, out: str, merge: bool = False, force: bool = False,
-           storage: Optional[StorageConfig] = None, trust_remote_code: bool = False, allow: Optional[str] = None) -> str:
+           storage: Optional[StorageConfig] = None, trust_remote_code: bool = False,
+           allow: Optional[str] = None) -> str:
     """Write the export and return the one line that says what was written where.
     `trust_remote_code` (--trust-remote-code; the run's own snapshot is not asked: a copied run
     could say anything there) lets a model or tokenizer that ships code of its own load;
     `allow` names that setting in the refusal."""
-    trust = (trust_remote_code, allow)
+    trust = {"trust_remote_code": trust_remote_code, "allow": allow}
     if not is_remote(source):
-        return export_local(Path(source).expanduser(), source, out, merge, force, trust)
+        return export_local(Path(source).expanduser(), source, out, merge, force, **trust)
     with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
-        return export_local(local_copy(source, storage or StorageConfig(), Path(tmp)), source, out, merge, force, trust)
+        return export_local(local_copy(source, storage or StorageConfig(), Path(tmp)), source, out, merge, force,
+                            **trust)
 
 
-def export_local(path: Path, source: str, out: str, merge: bool, force: bool,
-                 trust: tuple[bool, Optional[str]] = (False, None)) -> str:
+def export_local(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool = False,
+                 allow: Optional[str] = None) -> str:
     from ftdist.model import TRUST_FLAG, refuse_remote_code
 
     src = resolve_source(path)
-    trust_remote_code, allow = trust
     # The snapshot's own model.trust_remote_code is replaced by the caller's choice.
     src = replace(src, cfg=src.cfg.model_copy(
         update={"model": src.cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})}))
@@ -281,10 +282,12 @@ def full_model(src: Source, base: str):
 
     if src.is_final:
         auto = AutoModelForSequenceClassification if src.cfg.task == "classification" else AutoModelForCausalLM
-        return auto.from_pretrained(src.weights, dtype=torch.float32, trust_remote_code=src.cfg.model.trust_remote_code)
+        return auto.from_pretrained(src.weights, dtype=torch.float32,
+                                    trust_remote_code=src.cfg.model.trust_remote_code)
     from ftdist.model import freeze_full
 
-    model = load_base(base, trust_remote_code=src.cfg.model.trust_remote_code)  # the architecture and the frozen weights; every trained weight is then replaced
+    # The architecture and the frozen weights; every trained weight is then replaced.
+    model = load_base(base, trust_remote_code=src.cfg.model.trust_remote_code)
     freeze_full(model, src.cfg)  # which weights the run trained: a checkpoint holds those only
     if (src.weights / PLAIN_WEIGHTS).is_file():
         state = load_file(str(src.weights / PLAIN_WEIGHTS))
