@@ -138,18 +138,43 @@ def remote_code_request(directory: Path) -> Optional[str]:
 
 
 def refuse_remote_code(source: Optional[str], trust: bool, what: str, allow: str = TRUST_SETTING) -> None:
-    """UserError when `source` (a local model or tokenizer directory) asks for code of its own
-    and running it was not allowed (`allow` names the setting that would). Hub ids are checked
-    by transformers itself, which refuses with trust_remote_code=False (remote_code_error)."""
+    """UserError when `source` (a local model or tokenizer directory, or a hub id's files in the
+    local Hugging Face cache) asks for code of its own and running it was not allowed (`allow`
+    names the setting that would). A hub id not downloaded yet is refused by transformers itself
+    when its code would be needed (trust_remote_code=False; remote_code_error), and checked here
+    once its config is in the cache (the loop and `ftdist plan` ask again after reading it)."""
     if trust or not source:
         return
     directory = Path(source).expanduser()
-    if not directory.is_dir():
-        return
-    reason = remote_code_request(directory)
+    if directory.is_dir():
+        reason = remote_code_request(directory)
+        shown = str(directory)
+    else:
+        reason = hub_remote_code_request(source)
+        shown = source
     if reason:
-        raise UserError(f"{what} {directory}: {reason}; ftdist runs no code from a model unless told to: "
+        raise UserError(f"{what} {shown}: {reason}; ftdist runs no code from a model unless told to: "
                         f"{allow}, for a model whose code you have read")
+
+
+def hub_remote_code_request(repo_id: str) -> Optional[str]:
+    """remote_code_request of a hub id's files as the local Hugging Face cache holds them (None:
+    not cached, or asks for nothing)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folders = set()
+    for name in REMOTE_CODE_FILES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+        except Exception:  # noqa: BLE001 - not a hub id (a path, an s3:// URL): nothing cached under it
+            return None
+        if isinstance(cached, str):
+            folders.add(Path(cached).parent)
+    for folder in sorted(folders):
+        reason = remote_code_request(folder)
+        if reason:
+            return reason
+    return None
 
 
 def remote_code_error(error: Exception, source: str, what: str, allow: str = TRUST_SETTING) -> Optional[UserError]:

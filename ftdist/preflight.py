@@ -211,10 +211,12 @@ def model_config_of(cfg: Config):
     if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):
         refuse_remote_code(cfg.model.tokenizer, trust, "model.tokenizer")
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError) as e:
         raise remote_code_error(e, source, "model.name_or_path") or \
             UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
+    refuse_remote_code(source, trust, "model.name_or_path")  # a hub id: its config.json is in the cache now
+    return config
 
 
 def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,

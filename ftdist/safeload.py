@@ -4,7 +4,9 @@ ftdist never unpickles a file it reads: its own files are safetensors or JSON (t
 or torch files of plain tensors and containers (optimizer.pt, scheduler.pt, older runs'
 rng-<rank>.pt), and DeepSpeed's checkpoint files are read with `weights_only=True` and an
 explicit allow-list of the few DeepSpeed classes its checkpoints really hold (found by saving
-ZeRO-0/1/2/3 checkpoints, full, LoRA and QLoRA, and their universal conversion). A pickle that
+ZeRO-0/1/2/3 checkpoints, full, LoRA and QLoRA, with optimizer and parameter offload, bf16 and
+several parameter groups, and their universal conversion: torch.serialization's
+get_unsafe_globals_in_checkpoint named only these three). A pickle that
 names anything else (a planted `__reduce__` in a shared bucket or a copied run) fails to load
 instead of running: for a checkpoint that is damage (checkpoint.damage names it and the run
 resumes from the checkpoint before it).
@@ -38,9 +40,10 @@ def allowed_globals() -> list[Any]:
     loss scalers, ZeRO stage enum and fragment addresses (its optimizer states)."""
     import numpy as np
 
-    allowed: list[Any] = [np.ndarray, np.dtype, np.dtypes.UInt32DType]
-    reconstruct = getattr(getattr(np, "_core", np), "multiarray")._reconstruct
-    allowed.append(reconstruct)
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+    allowed: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    if hasattr(np, "dtypes"):  # numpy >= 1.25 pickles a dtype through its class
+        allowed.append(np.dtypes.UInt32DType)
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

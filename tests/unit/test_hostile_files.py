@@ -381,7 +381,7 @@ def test_with_trust_remote_code_the_models_own_code_loads(tmp_path, base_dir, mo
     assert result.returncode == 0 and marker.exists(), result.stderr[-3000:]
 
 
-def test_what_asks_for_code_of_its_own(tmp_path, base_dir):
+def test_what_asks_for_code_of_its_own(tmp_path, base_dir, monkeypatch):
     """An auto_map in config.json or tokenizer_config.json, or a model_type transformers does not
     know; the base itself asks for none. Refused unless trusted."""
     from ftdist.model import refuse_remote_code, remote_code_error, remote_code_request
@@ -401,7 +401,23 @@ def test_what_asks_for_code_of_its_own(tmp_path, base_dir):
         with pytest.raises(UserError, match=r"model.tokenizer .*set model.trust_remote_code: true"):
             refuse_remote_code(str(directory), False, "model.tokenizer")
         refuse_remote_code(str(directory), True, "model.tokenizer")  # allowed: no error
-    # A hub id's custom code is refused by transformers itself (trust_remote_code=False): one line too.
+    # A hub id: checked once its files are in the local Hugging Face cache; before that,
+    # transformers itself refuses its code (trust_remote_code=False), in one line too.
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--evil" / "snapshots" / "abc123"
+    shutil.copytree(base_dir, snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "m.M"}}))
+    (cache / "models--org--evil" / "refs").mkdir()
+    (cache / "models--org--evil" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(UserError, match=r"^model.name_or_path org/evil: its config.json asks to run code of its own"):
+        refuse_remote_code("org/evil", False, "model.name_or_path")
+    refuse_remote_code("org/evil", True, "model.name_or_path")
+    refuse_remote_code("org/not-downloaded", False, "model.name_or_path")  # left to transformers
+    refuse_remote_code("s3://bucket/model", False, "model.name_or_path")
     error = ValueError("The repository org/evil contains custom code ... pass the argument `trust_remote_code=True`")
     assert "model.trust_remote_code: true" in str(remote_code_error(error, "org/evil", "model.name_or_path"))
     assert remote_code_error(ValueError("something else"), "org/evil", "model.name_or_path") is None
