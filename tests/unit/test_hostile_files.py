@@ -341,6 +341,7 @@ def test_a_model_that_ships_code_is_refused_by_every_command_and_its_code_never_
     refused(run_cli("train", str(config), "--local"), evil)
     assert not (tmp_path / "runs" / "t").exists()  # refused before the run directory is made
     refused(run_cli("plan", str(config)), evil)
+    refused(run_cli("prepare", str(config)), evil)
     refused(run_cli("generate", str(evil), "--prompt", "hi"), evil)
 
     # classify: a classification run's final/ that ships code
