@@ -122,6 +122,19 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs_and_the_checkpoint_is_skipp
     assert f"step-4 is damaged ({named}" in capsys.readouterr().err
     assert resumes(run_dir) == ["step-2"]
     assert [loss for _, loss in losses(run_dir)] == pytest.approx([loss for _, loss in curve], rel=1e-6)
+    # The damaged one was removed and saved again, whole, by the resumed run.
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-2", "step-4"]
+    assert not (step4 / "rng-0.pt").exists() and (step4 / "rng-0.safetensors").is_file()
+
+    # The only checkpoint left, with a planted pickle: the run stops, nothing runs, the checkpoint stays.
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(run_dir / "checkpoints" / "step-2")
+    plant(step4 / "optimizer.pt", marker)
+    reseal(step4)
+    with pytest.raises(UserError, match=r"step-4 is damaged \(optimizer.pt holds objects other than tensors .* "
+                                        r"only checkpoint left"):
+        run()
+    assert (step4 / "COMPLETE").is_file()
     assert not marker.exists()
 
 
