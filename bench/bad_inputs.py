@@ -559,6 +559,55 @@ def _(w): return train(w, "model.init=null", "model.name_or_path=someorg/somemod
 def _(w): return train(w, f"model.tokenizer={w.dir / 'no-tokenizer'}")
 
 
+def with_own_code(w: Workspace) -> Path:
+    """A real model directory whose config.json asks for code of its own (auto_map)."""
+    final = model_dir(w)
+    copy = w.dir / "own-code"
+    shutil.copytree(final, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "modeling_own.py").write_text("raise SystemExit('its own code ran')\n")
+    return copy
+
+
+@case("model", "a model that ships its own code (auto_map)", ("own-code", "auto_map", "model.trust_remote_code: true"),
+      timeout=200)
+def _(w): return train(w, "model.init=null", f"model.name_or_path={with_own_code(w)}", "run.name=second")
+
+
+@case("model", "ftdist plan of a model that ships its own code", ("own-code", "model.trust_remote_code: true"),
+      timeout=200)
+def _(w): return ["plan", w.config("model.init=null", f"model.name_or_path={with_own_code(w)}", "run.name=second")]
+
+
+@case("model", "ftdist generate with a model that ships its own code",
+      ("own-code", "--trust-remote-code", "model.trust_remote_code: true"), timeout=200)
+def _(w): return ["generate", str(with_own_code(w)), "--prompt", "hi"]
+
+
+class Planted:
+    """A pickle whose unpickling would run code (here: create a file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@case("model", "a base model's pytorch_model.bin holding a pickle", ("pytorch_model.bin", "other than tensors"),
+      timeout=200)
+def _(w):
+    import torch
+
+    copy = w.dir / "bin-model"
+    shutil.copytree(model_dir(w), copy)
+    (copy / "model.safetensors").unlink()
+    torch.save({"payload": Planted(str(w.dir / "ran"))}, copy / "pytorch_model.bin")
+    return train(w, "model.init=null", f"model.name_or_path={copy}", "run.name=second")
+
+
 @case("model", "a model that cannot fit this machine", ("412.33B parameters", "GiB is free", "method: qlora"))
 def _(w): return train(w, "model.init.hidden_size=16384", "model.init.num_layers=96", "model.init.num_heads=128")
 
@@ -667,6 +716,29 @@ def _(w):
     run = interrupted_run(w)
     for f in (run / "checkpoints" / "step-2").rglob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "a pickle planted in the newest checkpoint, manifest rewritten to match",
+      ("step-2", "optimizer.pt", "other than tensors", "resuming from"), outcome="runs", timeout=200)
+def _(w):
+    import torch
+
+    from ftdist.checkpoint import manifest
+
+    run = interrupted_run(w)
+    step2 = run / "checkpoints" / "step-2"
+    torch.save({"state": {}, "payload": Planted(str(w.dir / "ran"))}, step2 / "optimizer.pt")
+    marker = json.loads((step2 / "COMPLETE").read_text())
+    (step2 / "COMPLETE").write_text(json.dumps({**marker, "files": manifest(step2)}))
+    return train(w, "train.max_steps=3")
+
+
+@case("resume", "a checkpoint whose COMPLETE lacks the file list", ("step-2", "COMPLETE lists no files", "resuming from"),
+      outcome="runs", timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    (run / "checkpoints" / "step-2" / "COMPLETE").write_text(json.dumps({"world_size": 1}))
     return train(w, "train.max_steps=3")
 
 

@@ -3,7 +3,9 @@
   the engine's files      (engine.py) local mode: model.safetensors or adapter/ (adapters alone,
                           megabytes), optimizer.pt, scheduler.pt; Ray workers: deepspeed/, each
                           rank its own partition (adapter runs leave the frozen base out)
-  every mode:             rng-<rank>.pt, state.json (the loop's TrainState and the engine's layout),
+  every mode:             rng-<rank>.safetensors (the RNG states: tensors, the rest as JSON in its
+                          header; older runs wrote rng-<rank>.pt, still read, weights only),
+                          state.json (the loop's TrainState and the engine's layout),
                           metrics.jsonl (the log up to this step: a resume continues it)
   done-<rank>             one per rank, once its files are written (and, for s3:// runs, uploaded)
   COMPLETE                written last by rank 0, once every rank's done-<rank> is there, with
@@ -14,8 +16,11 @@ Saving costs the training thread only the copy into memory (local mode) or the l
 (DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
 Uploader. Resuming at another world size or ZeRO stage goes through DeepSpeed's universal
 checkpoint (engine.load). A resume first checks, on every rank, the files that rank loads
-against the manifest: a damaged checkpoint is named with the file that failed and skipped for
-the one before it (and then removed); the only one left is never removed: the run stops.
+against the manifest, and that each torch file loads as tensors and data only (safeload: nothing
+in a checkpoint is ever unpickled; a planted pickle is damage, never run); a COMPLETE without the
+file list cannot be checked and counts as damage too. A damaged checkpoint is named with the
+file that failed and skipped for the one before it (and then removed); the only one left is
+never removed: the run stops.
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from ftdist.engine import deepspeed_file_rank
 from ftdist.errors import UserError
 from ftdist.layout import CHECKPOINTS as ROOT
 from ftdist.layout import METRICS
+from ftdist.safeload import safe_load, why_unloadable
 from ftdist.storage import NotYet, RunStore, Uploader, retrying
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
-RNG_FILE = re.compile(r"^rng-(\d+)\.pt$")
+RNG_FILE = re.compile(r"^rng-(\d+)\.(pt|safetensors)$")
 
 
 def step_dir(step: int) -> str:
@@ -69,8 +75,18 @@ def complete_markers(store: RunStore) -> list[dict]:
     for step in all_steps(store):
         marker = f"{step_dir(step)}/{MARKER}"
         if store.exists(marker):
-            markers.append({"step": step, **json.loads(store.read_text(marker) or "{}")})
+            markers.append({**read_marker(store, step), "step": step})
     return markers
+
+
+def read_marker(store: RunStore, step: int) -> dict:
+    """A checkpoint's COMPLETE marker; {} when it is empty or not a JSON object (resume_point
+    then finds no file list in it: damage)."""
+    try:
+        marker = json.loads(store.read_text(f"{step_dir(step)}/{MARKER}") or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def latest_step(store: RunStore) -> Optional[int]:
@@ -152,7 +168,7 @@ def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, 
         ctx.barrier()
     with disk_full_stops(path, step, store):
         write_rest = engine.save(path, ctx.is_main)
-        torch.save(rng_state(), path / f"rng-{ctx.rank}.pt")
+        save_rng(path / f"rng-{ctx.rank}.safetensors")
         if ctx.is_main:
             (path / "state.json").write_text(json.dumps(state, indent=2))
             metrics = store.local / METRICS
@@ -260,11 +276,19 @@ def file_sha256(path: Path) -> str:
 
 def damage(path: Path, files: Optional[dict], loads: Callable[[str], bool]) -> Optional[str]:
     """What is wrong with this rank's copy of a checkpoint (None: nothing): each file it loads
-    against the manifest, then state.json as JSON. No manifest (older checkpoints): sizes unknown,
-    only state.json is checked."""
-    for name, (size, digest) in sorted((files or {}).items()):
+    against the manifest, each torch or safetensors file it loads as such (a torch file only as
+    tensors and data: a pickle of anything else is damage, refused before it runs), then
+    state.json as JSON. A COMPLETE without the file list (a truncated or forged marker) leaves
+    nothing to check against: damaged too, never trusted."""
+    if not isinstance(files, dict) or not files:
+        return f"{MARKER} lists no files, so none of them can be checked"
+    for name, entry in sorted(files.items()):
         if not loads(name):
             continue
+        try:
+            size, digest = entry
+        except (TypeError, ValueError):
+            return f"{MARKER} has no size and checksum for {name}"
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -272,12 +296,35 @@ def damage(path: Path, files: Optional[dict], loads: Callable[[str], bool]) -> O
             return f"{name} has {f.stat().st_size} bytes, not the {size} it was saved with"
         if file_sha256(f) != digest:
             return f"{name} does not match its checksum (changed after it was saved)"
+    for name in sorted(files):
+        if not loads(name) or not (path / name).is_file():
+            continue
+        if name.endswith(".pt"):
+            problem = why_unloadable(path / name)
+            if problem:
+                return f"{name} {problem}"
+        elif name.endswith(".safetensors"):
+            problem = safetensors_problem(path / name)
+            if problem:
+                return f"{name} {problem}"
     try:
         state = json.loads((path / "state.json").read_text())
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("no step")
     except (OSError, ValueError, UnicodeDecodeError):
         return "state.json is missing or not the loop's state"
+    return None
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """None when the file's safetensors header reads (the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return f"is not a safetensors file ({str(e)[:200]})"
     return None
 
 
@@ -301,7 +348,7 @@ def resume_point(ctx) -> Optional[ResumePoint]:
     for i in range(n):
         step = int(ctx.all_reduce_sum(steps[i] if ctx.is_main else 0))
         path = fetch_checkpoint(store, step, ctx.rank, ctx.world_size)
-        marker = json.loads(store.read_text(f"{step_dir(step)}/{MARKER}") or "{}")
+        marker = read_marker(store, step)
         loads = rank_loads(ctx.rank, ctx.world_size, marker.get("world_size", ctx.world_size))
         problem = damage(path, marker.get("files"), loads)
         if not int(ctx.all_reduce_sum(1 if problem else 0)):
@@ -338,7 +385,7 @@ def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> 
     path = store.local / rel
     if not store.remote:
         return path
-    saved_world = json.loads(store.read_text(f"{rel}/{MARKER}") or "{}").get("world_size", world_size)
+    saved_world = read_marker(store, step).get("world_size", world_size)
     shutil.rmtree(path, ignore_errors=True)
     store.download(rel, path, keep=rank_loads(rank, world_size, saved_world))
     return path
@@ -352,9 +399,13 @@ def read_state(path: Path) -> dict:
 
 
 def restore_rng(path: Path, rank: int) -> None:
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.is_file():  # absent when this rank did not exist in the saving run
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    """This rank's RNG states as saved: rng-<rank>.safetensors, or an older run's rng-<rank>.pt
+    (read weights only: its numpy array is the one class allowed beyond tensors)."""
+    new, old = path / f"rng-{rank}.safetensors", path / f"rng-{rank}.pt"
+    if new.is_file():
+        set_rng_state(load_rng(new))
+    elif old.is_file():  # absent when this rank did not exist in the saving run
+        set_rng_state(safe_load(old))
 
 
 def size_bytes(path: Path) -> int:
@@ -365,6 +416,41 @@ def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_rng(path: Path, state: Optional[dict] = None) -> None:
+    """The RNG states as safetensors: the generators' state words as tensors, the few numbers
+    beside them (positions, cached Gaussians) as JSON in the header. Nothing to unpickle."""
+    from safetensors.torch import save_file
+
+    state = state or rng_state()
+    version, words, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"python": torch.tensor(words, dtype=torch.int64),
+               "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "torch": state["torch"].clone()}
+    for i, cuda in enumerate(state.get("cuda") or []):
+        tensors[f"cuda.{i}"] = cuda.cpu().clone()
+    meta = {"python": [version, gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "cuda": len(state.get("cuda") or [])}
+    save_file(tensors, str(path), metadata={"rng": json.dumps(meta)})
+
+
+def load_rng(path: Path) -> dict:
+    """What save_rng wrote, as rng_state() gives it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["rng"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, gauss = meta["python"]
+    kind, pos, has_gauss, cached = meta["numpy"]
+    state = {"python": (version, tuple(int(w) for w in tensors["python"].tolist()), gauss),
+             "numpy": (kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+             "torch": tensors["torch"]}
+    if meta["cuda"]:
+        state["cuda"] = [tensors[f"cuda.{i}"] for i in range(meta["cuda"])]
     return state
 
 

@@ -190,13 +190,20 @@ def describe(final: Path) -> dict:
     return info
 
 
-def load_classifier(final: Path):
+def load_classifier(final: Path, trust_remote_code: bool = False):
     """(model, tokenizer, pooling) of a classification run's final/: the full model, or the
-    base as *ForSequenceClassification with the run's adapters and head."""
+    base as *ForSequenceClassification with the run's adapters and head. A model or tokenizer
+    that asks to run code of its own is refused unless `trust_remote_code` (--trust-remote-code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ftdist.model import TRUST_FLAG, refuse_remote_code
+
     info = describe(final)
-    tokenizer = AutoTokenizer.from_pretrained(final)
+    trust = trust_remote_code
+    refuse_remote_code(str(final), trust, "the classifier", TRUST_FLAG)
+    if (final / "adapter_config.json").is_file():
+        refuse_remote_code(info.get("base_model"), trust, "the classifier's base model", TRUST_FLAG)
+    tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=trust)
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -209,10 +216,11 @@ def load_classifier(final: Path):
             if info["method"] == "qlora" else {"dtype": torch.float32}
         base = AutoModelForSequenceClassification.from_pretrained(
             info["base_model"], num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id, **loading)
+            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id,
+            trust_remote_code=trust, **loading)
         model = PeftModel.from_pretrained(base, final)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32, trust_remote_code=trust)
     model.eval()
     return model, tokenizer, info["classification"]["pooling"]
 

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--trust-remote-code", action="store_true",
+                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
+                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the tokenizer's chat template")
 
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a classification run's final model or adapters (runs/NAME/final).")
     cls.add_argument("model", help="a classification run's final/ directory")
     cls.add_argument("--text", action="append", required=True, help="a text to label (repeatable)")
+    cls.add_argument("--trust-remote-code", action="store_true",
+                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
+                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
 
     rep = sub.add_parser("report", help="plots and a summary of a run",
                          description="Write loss.png, lr.png, throughput.png and report.json into the run "
@@ -102,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lora/qlora: write one standalone model, the adapters merged into the base (for qlora "
                           "the 4-bit base dequantized, the weights the adapters were trained against)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    exp.add_argument("--trust-remote-code", action="store_true",
+                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
+                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
     exp.add_argument("--endpoint-url", default=None,
                      help="s3:// sources on an S3-compatible store: its endpoint (as storage.endpoint_url)")
     exp.add_argument("--region", default=None, help="s3:// sources: the bucket's region (as storage.region)")
@@ -202,7 +211,7 @@ def cmd_generate(args) -> int:
     if not Path(args.model).is_dir():
         raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
     device = default_device()
-    model, tokenizer = load_trained(args.model, device)
+    model, tokenizer = load_trained(args.model, device, trust_remote_code=args.trust_remote_code)
     for prompt in args.prompt:
         text = prompt
         if args.chat:
@@ -220,7 +229,7 @@ def cmd_classify(args) -> int:
 
     if not Path(args.model).is_dir():
         raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
-    model, tokenizer, pooling = load_classifier(Path(args.model))
+    model, tokenizer, pooling = load_classifier(Path(args.model), trust_remote_code=args.trust_remote_code)
     for text, probs in zip(args.text, predict(model, tokenizer, args.text, pooling)):
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
         print(f"{ranked[0][0]} ({', '.join(f'{label} {p:.3f}' for label, p in ranked)}): {text}")
@@ -242,7 +251,8 @@ def cmd_export(args) -> int:
     from ftdist.config import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
-    print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage))
+    print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage,
+                 trust_remote_code=args.trust_remote_code))
     return 0
 
 

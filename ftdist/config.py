@@ -61,6 +61,10 @@ class ModelConfig(Section):
     # (GPU: it has no backward on CPU); sdpa, a dense [batch, 1, seq, seq] mask; eager, the
     # same mask in plain matmuls. auto: flex on a GPU where the model supports it, else sdpa.
     attention: Literal["auto", "sdpa", "flex", "eager"] = "auto"
+    # Whether a model or tokenizer may run code it ships (config.json / tokenizer_config.json
+    # with an `auto_map`, or a model_type transformers does not know). Off: such a model is
+    # refused with one message naming this setting; on: transformers imports and runs that code.
+    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

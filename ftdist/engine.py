@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from ftdist.config import Config
 from ftdist.errors import UserError
 from ftdist.plan import accumulation_steps
+from ftdist.safeload import LOAD_ERRORS, deepspeed_loads, safe_load
+from ftdist.safeload import reason as load_reason
 
 # A micro-batch's loss: loss(forward, batch) -> scalar tensor to backpropagate.
 MicroLoss = Callable[[Callable, dict], torch.Tensor]
@@ -147,8 +149,8 @@ class PlainEngine:
             if unexpected or missing:
                 raise UserError(f"{path}/{PLAIN_WEIGHTS} does not fit this model (missing "
                                 f"{sorted(missing)[:3]}, unexpected {unexpected[:3]}); rerun with --restart")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        self.optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
 
     def model_state(self) -> Optional[dict[str, torch.Tensor]]:
         """None: the model's own state dict is complete."""
@@ -211,12 +213,15 @@ class DeepSpeedEngine:
     def load(self, path: Path, saved: dict) -> None:
         refuse_other_engine(path, saved, self.kind)
         folder = path
-        if self.engine.load_universal_checkpoint():  # another world size or stage: convert first
-            folder = Path(tempfile.mkdtemp(prefix="ftdist-universal-"))
-            to_universal(path / DEEPSPEED_DIR, folder / DEEPSPEED_DIR)
         try:
-            loaded, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_module_strict=False,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+            # DeepSpeed's own torch.load calls (weights_only=False) read weights only, with the
+            # allow-list of its classes (safeload): a planted pickle fails instead of running.
+            with deepspeed_loads():
+                if self.engine.load_universal_checkpoint():  # another world size or stage: convert first
+                    folder = Path(tempfile.mkdtemp(prefix="ftdist-universal-"))
+                    to_universal(path / DEEPSPEED_DIR, folder / DEEPSPEED_DIR)
+                loaded, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_module_strict=False,
+                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
         finally:
             if folder != path:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -314,7 +319,9 @@ def needs_universal(saved: Layout, current: Layout, step: Optional[int] = None) 
 
 
 def to_universal(checkpoint: Path, out: Path) -> None:
-    """DeepSpeed's own conversion (ds_to_universal) of a ZeRO checkpoint into per-parameter files."""
+    """DeepSpeed's own conversion (ds_to_universal) of a ZeRO checkpoint into per-parameter files.
+    One worker each: the conversion runs in this process, so its loads stay under the caller's
+    deepspeed_loads() (worker processes would read the files unrestricted)."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
@@ -341,14 +348,16 @@ def deepspeed_weights(checkpoint: Path, adapters_only: bool) -> dict[str, torch.
             # states; DeepSpeed's own helper joins them (and, for ZeRO-3, the parameters).
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    deepspeed_loads():
                 return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name,
                                                                 exclude_frozen_parameters=adapters_only)
         # ZeRO-0 partitions nothing: rank 0's model states file holds the whole module.
-        states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = safe_load(tag / "mp_rank_00_model_states.pt")
         return {name: t.float() if t.is_floating_point() else t for name, t in states["module"].items()}
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{checkpoint}: cannot read its DeepSpeed files ({e}); export another checkpoint") from None
+    except LOAD_ERRORS as e:
+        raise UserError(f"{checkpoint}: cannot read its DeepSpeed files as weights only ({load_reason(e)}); "
+                        "export another checkpoint") from None
 
 
 def deepspeed_tag_dir(checkpoint: Path) -> Path:

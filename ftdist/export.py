@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -58,16 +58,28 @@ class Source:
 
 
 def export(source: str, out: str, merge: bool = False, force: bool = False,
-           storage: Optional[StorageConfig] = None) -> str:
-    """Write the export and return the one line that says what was written where."""
+           storage: Optional[StorageConfig] = None, trust_remote_code: bool = False,
+           allow: Optional[str] = None) -> str:
+    """Write the export and return the one line that says what was written where.
+    `trust_remote_code` (--trust-remote-code; the run's own snapshot is not asked: a copied run
+    could say anything there) lets a model or tokenizer that ships code of its own load;
+    `allow` names that setting in the refusal."""
+    trust = {"trust_remote_code": trust_remote_code, "allow": allow}
     if not is_remote(source):
-        return export_local(Path(source).expanduser(), source, out, merge, force)
+        return export_local(Path(source).expanduser(), source, out, merge, force, **trust)
     with tempfile.TemporaryDirectory(prefix="ftdist-export-") as tmp:
-        return export_local(local_copy(source, storage or StorageConfig(), Path(tmp)), source, out, merge, force)
+        return export_local(local_copy(source, storage or StorageConfig(), Path(tmp)), source, out, merge, force,
+                            **trust)
 
 
-def export_local(path: Path, source: str, out: str, merge: bool, force: bool) -> str:
+def export_local(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool = False,
+                 allow: Optional[str] = None) -> str:
+    from ftdist.model import TRUST_FLAG, refuse_remote_code
+
     src = resolve_source(path)
+    # The snapshot's own model.trust_remote_code is replaced by the caller's choice.
+    src = replace(src, cfg=src.cfg.model_copy(
+        update={"model": src.cfg.model.model_copy(update={"trust_remote_code": trust_remote_code})}))
     method = src.cfg.method
     refuse_classifier_checkpoint(src, merge)
     if merge and method == "full":
@@ -75,6 +87,9 @@ def export_local(path: Path, source: str, out: str, merge: bool, force: bool) ->
                         "weight (method full); drop --merge")
     out_dir = check_output(Path(out).expanduser(), src, force)
     base = base_model_of(src)
+    for what, folder in (("the run's model", str(src.weights)), ("the base model", base),
+                         ("model.tokenizer", src.cfg.model.tokenizer)):
+        refuse_remote_code(folder, trust_remote_code, what, allow or TRUST_FLAG)
     meta = {"method": "full" if merge else method, "trained_method": method, "merged": merge,
             "source": source if is_remote(source) else str(src.weights), "step": src.step, "base_model": base,
             "qlora": src.cfg.qlora.model_dump(), "dtype": "float32", "task": src.cfg.task}
@@ -197,7 +212,7 @@ def load_tokenizer_of(src: Source, base: str):
     if src.is_final:  # saved with the final model, as training used it
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(src.weights)
+        return AutoTokenizer.from_pretrained(src.weights, trust_remote_code=src.cfg.model.trust_remote_code)
     return load_tokenizer(src.cfg, base)
 
 
@@ -267,10 +282,12 @@ def full_model(src: Source, base: str):
 
     if src.is_final:
         auto = AutoModelForSequenceClassification if src.cfg.task == "classification" else AutoModelForCausalLM
-        return auto.from_pretrained(src.weights, dtype=torch.float32)
+        return auto.from_pretrained(src.weights, dtype=torch.float32,
+                                    trust_remote_code=src.cfg.model.trust_remote_code)
     from ftdist.model import freeze_full
 
-    model = load_base(base)  # the architecture and the frozen weights; every trained weight is then replaced
+    # The architecture and the frozen weights; every trained weight is then replaced.
+    model = load_base(base, trust_remote_code=src.cfg.model.trust_remote_code)
     freeze_full(model, src.cfg)  # which weights the run trained: a checkpoint holds those only
     if (src.weights / PLAIN_WEIGHTS).is_file():
         state = load_file(str(src.weights / PLAIN_WEIGHTS))
@@ -280,19 +297,23 @@ def full_model(src: Source, base: str):
     return model.requires_grad_(True)
 
 
-def load_base(base: str, cfg: Optional[Config] = None):
-    """The base in float32 on the CPU. For a qlora run (cfg given), the 4-bit base dequantized."""
+def load_base(base: str, cfg: Optional[Config] = None, trust_remote_code: Optional[bool] = None):
+    """The base in float32 on the CPU. For a qlora run (cfg given), the 4-bit base dequantized.
+    `trust_remote_code`: default cfg's model.trust_remote_code (False without cfg)."""
     from ftdist.model import load_causal_lm
 
+    if trust_remote_code is None:
+        trust_remote_code = cfg.model.trust_remote_code if cfg is not None else False
     if cfg is None or cfg.method != "qlora":
-        return load_causal_lm(base, torch.device("cpu"), what="the base model")
+        return load_causal_lm(base, torch.device("cpu"), what="the base model", trust_remote_code=trust_remote_code)
     from ftdist.context import default_device
     from ftdist.model import compute_dtype
 
     # Quantized as in training (settings, compute dtype, device type): the adapters learned
     # against these 4-bit weights, not the original ones.
     device = default_device()
-    model = load_causal_lm(base, device, cfg.qlora, compute_dtype(cfg, device), what="the base model")
+    model = load_causal_lm(base, device, cfg.qlora, compute_dtype(cfg, device), what="the base model",
+                           trust_remote_code=trust_remote_code)
     # Float weights holding exactly the values the 4-bit ones stand for; float32, so that
     # merging small adapter updates into them loses nothing to rounding.
     return model.dequantize().to("cpu", torch.float32)
@@ -330,7 +351,7 @@ def write_adapter(src: Source, base: str, folder: Path) -> None:
         return
     # DeepSpeed's files: the adapter structure on an empty (meta) copy of the base, no weights
     # loaded (a QLoRA base may not fit in memory as floats), and the trained tensors saved through it.
-    model = with_new_adapters(src.cfg, skeleton(base))
+    model = with_new_adapters(src.cfg, skeleton(base, src.cfg.model.trust_remote_code))
     model.save_pretrained(folder, state_dict=adapter_weights(src, model))
 
 
@@ -342,7 +363,7 @@ def merged_model(src: Source, base: str):
     if src.cfg.task == "classification":
         from ftdist.classify import load_classifier
 
-        return load_classifier(src.weights)[0].merge_and_unload()
+        return load_classifier(src.weights, src.cfg.model.trust_remote_code)[0].merge_and_unload()
     model = load_base(base, src.cfg)
     saved = adapter_dir(src)
     if saved is not None:
@@ -353,13 +374,16 @@ def merged_model(src: Source, base: str):
     return model.merge_and_unload()
 
 
-def skeleton(base: str):
+def skeleton(base: str, trust_remote_code: bool = False):
     """The base's modules on the meta device: structure and names, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base)  # keeps `base` as the name PEFT records
+    from ftdist.model import refuse_remote_code
+
+    refuse_remote_code(base, trust_remote_code, "the base model")
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)  # keeps `base` as PEFT's name
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def with_new_adapters(cfg: Config, model):

@@ -11,14 +11,18 @@ from ftdist.errors import UserError
 from ftdist.layout import FINAL_META
 
 
-def load_trained(path: str | Path, device: torch.device):
-    """A model directory (config.json) or a PEFT adapter directory (adapter_config.json)."""
+def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool = False):
+    """A model directory (config.json) or a PEFT adapter directory (adapter_config.json). A
+    model or tokenizer that asks to run code of its own is refused unless `trust_remote_code`
+    (--trust-remote-code: the directory's own ftdist.json is not asked, a copied run could say anything)."""
     from transformers import AutoTokenizer
 
     from ftdist.config import QloraConfig
-    from ftdist.model import load_causal_lm
+    from ftdist.model import TRUST_FLAG, load_causal_lm, refuse_remote_code
 
     path = Path(path)
+    trust = trust_remote_code
+    refuse_remote_code(str(path), trust, "the model", TRUST_FLAG)
     meta_file = path / FINAL_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("task") == "classification":
@@ -31,14 +35,15 @@ def load_trained(path: str | Path, device: torch.device):
         # The adapters learned against the 4-bit base: generate with that same base.
         qlora = QloraConfig(**meta["qlora"]) if meta.get("method") == "qlora" else None
         model = PeftModel.from_pretrained(
-            load_causal_lm(base, device, qlora, what=f"{path}: the base model of this adapter"), path)
+            load_causal_lm(base, device, qlora, what=f"{path}: the base model of this adapter",
+                           trust_remote_code=trust, allow=TRUST_FLAG), path)
     elif (path / "config.json").is_file():
-        model = load_causal_lm(str(path), device, what=str(path))
+        model = load_causal_lm(str(path), device, what=str(path), trust_remote_code=trust, allow=TRUST_FLAG)
     else:
         raise UserError(f"{path}: neither a model (config.json) nor an adapter (adapter_config.json) directory")
     if not any(p.device.type == device.type for p in model.parameters()):
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model.eval(), tokenizer
 
 

@@ -71,7 +71,7 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from ftdist.model import add_adapters, freeze_full
 
     with init_empty_weights():
-        shell = AutoModelForCausalLM.from_config(model_config)
+        shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
     shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
     if cfg.task == "classification":  # labels unknown before the data is read (ftdist plan): a few
         add_head(shell, len(cfg.classification.labels or ()) or 2, cfg.train.seed)

@@ -101,6 +101,90 @@ def resolve_base(cfg: Config, store) -> str:
     return str(base)
 
 
+# ---------------------------------------------------------------- code a model asks to run
+
+TRUST_SETTING = "set model.trust_remote_code: true"
+# generate, classify and export take no config: the flag, never the run's own snapshot (a copied
+# run, or one from a shared bucket, could say anything there).
+TRUST_FLAG = "rerun with --trust-remote-code (model.trust_remote_code: true in a config)"
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def remote_code_request(directory: Path) -> Optional[str]:
+    """Why a model or tokenizer directory asks transformers to run code it ships (None: it
+    does not): an `auto_map` in its config.json or tokenizer_config.json, or a model_type
+    transformers does not know (only the directory's own code could build it)."""
+    import json
+
+    for name in REMOTE_CODE_FILES:
+        try:
+            data = json.loads((directory / name).read_text())
+        except (OSError, ValueError):  # absent or unreadable: the loader names that
+            continue
+        if not isinstance(data, dict):
+            continue
+        auto_map = data.get("auto_map")
+        if auto_map:
+            shown = ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else auto_map
+            return f"its {name} asks to run code of its own (auto_map: {str(shown)[:200]})"
+        model_type = data.get("model_type")
+        if name == "config.json" and isinstance(model_type, str) and model_type:
+            from transformers import CONFIG_MAPPING
+
+            if model_type not in CONFIG_MAPPING:
+                return (f"its config.json has model_type {model_type!r}, which transformers does not know "
+                        "(only code of its own could build it)")
+    return None
+
+
+def refuse_remote_code(source: Optional[str], trust: bool, what: str, allow: str = TRUST_SETTING) -> None:
+    """UserError when `source` (a local model or tokenizer directory, or a hub id's files in the
+    local Hugging Face cache) asks for code of its own and running it was not allowed (`allow`
+    names the setting that would). A hub id not downloaded yet is refused by transformers itself
+    when its code would be needed (trust_remote_code=False; remote_code_error), and checked here
+    once its config is in the cache (the loop and `ftdist plan` ask again after reading it)."""
+    if trust or not source:
+        return
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        reason = remote_code_request(directory)
+        shown = str(directory)
+    else:
+        reason = hub_remote_code_request(source)
+        shown = source
+    if reason:
+        raise UserError(f"{what} {shown}: {reason}; ftdist runs no code from a model unless told to: "
+                        f"{allow}, for a model whose code you have read")
+
+
+def hub_remote_code_request(repo_id: str) -> Optional[str]:
+    """remote_code_request of a hub id's files as the local Hugging Face cache holds them (None:
+    not cached, or asks for nothing)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folders = set()
+    for name in REMOTE_CODE_FILES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+        except Exception:  # noqa: BLE001 - not a hub id (a path, an s3:// URL): nothing cached under it
+            return None
+        if isinstance(cached, str):
+            folders.add(Path(cached).parent)
+    for folder in sorted(folders):
+        reason = remote_code_request(folder)
+        if reason:
+            return reason
+    return None
+
+
+def remote_code_error(error: Exception, source: str, what: str, allow: str = TRUST_SETTING) -> Optional[UserError]:
+    """transformers' own refusal of a hub model's custom code (trust_remote_code=False), as one line."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return UserError(f"{what} {source} asks to run code of its own; ftdist runs no code from a model unless told "
+                     f"to: {allow}, for a model whose code you have read")
+
+
 def adapter_start(name_or_path: Optional[str]) -> bool:
     """Whether model.name_or_path is an adapter run's final/ (say, an SFT run's LoRA adapters
     before preference tuning): the run starts from them merged into their base."""
@@ -115,7 +199,8 @@ def merge_adapter_start(cfg: Config, out: Path) -> None:
     export --merge), the model this run trains and, for dpo, its reference."""
     from ftdist.export import export
 
-    export(cfg.model.name_or_path, str(out), merge=True, storage=cfg.storage)
+    export(cfg.model.name_or_path, str(out), merge=True, storage=cfg.storage,
+           trust_remote_code=cfg.model.trust_remote_code, allow=TRUST_SETTING)
 
 
 def tokenizer_source(cfg: Config) -> Optional[str]:
@@ -156,7 +241,9 @@ def build_initial_model(cfg: Config, out: Path) -> None:
 
     init, tokenizer_path = cfg.model.init, tokenizer_source(cfg)
     if tokenizer_path:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        trust = cfg.model.trust_remote_code
+        refuse_remote_code(tokenizer_path, trust, "model.tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
     else:
         tokenizer = train_tokenizer(tokenizer_corpus(cfg.data, cfg.objective), init.vocab_size)
     if len(tokenizer) > init.vocab_size:
@@ -191,10 +278,13 @@ def load_tokenizer(cfg: Config, base_path: str):
     from ftdist.chat_templates import apply_choice
 
     source = run_tokenizer_source(cfg, base_path)
+    trust = cfg.model.trust_remote_code
+    refuse_remote_code(source, trust, "model.tokenizer" if source != base_path else "model.name_or_path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.tokenizer: cannot load a tokenizer from {source}: {e}") from None
+        raise remote_code_error(e, source, "model.tokenizer") or \
+            UserError(f"model.tokenizer: cannot load a tokenizer from {source}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     apply_choice(tokenizer, cfg.data.chat_template)
@@ -221,21 +311,33 @@ def quantized_load_kwargs(qlora: QloraConfig, dtype: torch.dtype, device: torch.
 
 def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig] = None,
                    dtype: torch.dtype = torch.float32, what: str = "model.name_or_path",
-                   attention: Optional[str] = None) -> nn.Module:
+                   attention: Optional[str] = None, trust_remote_code: bool = False,
+                   allow: str = TRUST_SETTING) -> nn.Module:
     """A causal LM from a HF directory or hub id, float32 on the CPU; with `qlora`, its frozen
     weights in 4 bits on `device` (compute in `dtype`), as training, export and generation load it.
-    `attention`: an attn_implementation (default: transformers' choice)."""
+    `attention`: an attn_implementation (default: transformers' choice). A model that asks to
+    run code of its own is refused unless `trust_remote_code` (`allow` names the setting)."""
     from transformers import AutoModelForCausalLM
 
+    refuse_remote_code(path, trust_remote_code, what, allow)
     kwargs = {"dtype": torch.float32} if qlora is None else quantized_load_kwargs(qlora, dtype, device)
+    kwargs["trust_remote_code"] = trust_remote_code
     if attention:
         kwargs["attn_implementation"] = attention
+    import pickle
+
     from safetensors import SafetensorError
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:  # a .bin that holds more than tensors: refused, never run
+        from ftdist.safeload import reason
+
+        raise UserError(f"{what}: {path}: its weights hold objects other than tensors, refused unloaded "
+                        f"({reason(e)}); use a copy in safetensors") from None
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(f"{what}: cannot load a causal LM from {path}: {e}") from None
+        raise remote_code_error(e, path, what, allow) or \
+            UserError(f"{what}: cannot load a causal LM from {path}: {e}") from None
     if qlora is not None:
         keep_4bit_trainable(model)
     return model
@@ -245,8 +347,12 @@ def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Mod
     from transformers import AutoConfig
 
     qlora = cfg.qlora if cfg.method == "qlora" else None
-    attention = attention_implementation(cfg.model.attention, AutoConfig.from_pretrained(base_path), device)
-    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device), attention=attention)
+    trust = cfg.model.trust_remote_code
+    refuse_remote_code(base_path, trust, "model.name_or_path")
+    model_config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
+    attention = attention_implementation(cfg.model.attention, model_config, device)
+    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device), attention=attention,
+                           trust_remote_code=trust)
     if qlora is None:
         model.to(device)
     model.config.use_cache = False

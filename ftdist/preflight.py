@@ -100,8 +100,12 @@ def check_model_source(name_or_path: str, storage) -> str:
 
 def check_weight_files(model_dir: Path, key: str) -> None:
     """Each .safetensors file's header read, which tells a truncated or damaged file (its
-    tensors would reach past its end) in milliseconds, before the model loads."""
+    tensors would reach past its end) in milliseconds, before the model loads; each torch
+    weights file (pytorch_model*.bin) read as tensors only, never unpickled: one that holds
+    anything else (a planted pickle's code) is refused before the model loads."""
     from safetensors import SafetensorError, safe_open
+
+    from ftdist.safeload import why_unloadable
 
     for file in sorted(model_dir.glob("*.safetensors")):
         try:
@@ -110,6 +114,11 @@ def check_weight_files(model_dir: Path, key: str) -> None:
         except (SafetensorError, OSError) as e:
             raise UserError(f"{key} {model_dir}: {file.name} is damaged or incomplete ({e}); copy or download "
                             "it again") from None
+    for file in sorted([*model_dir.glob("*.bin"), *model_dir.glob("*.pt"), *model_dir.glob("*.pth")]):
+        problem = why_unloadable(file, allowed=False)
+        if problem:
+            raise UserError(f"{key} {model_dir}: {file.name} {problem}; ftdist loads a model's weights as tensors "
+                            "only: use a copy in safetensors, or download it again") from None
 
 
 def localize_data(cfg: Config) -> Config:
@@ -186,19 +195,28 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
 
-    from ftdist.model import adapter_start, init_model_config
+    from ftdist.model import adapter_start, init_model_config, refuse_remote_code, remote_code_error
 
     if cfg.model.init:
+        if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):
+            refuse_remote_code(cfg.model.tokenizer, cfg.model.trust_remote_code, "model.tokenizer")
         return init_model_config(cfg.model.init)
     source = check_model_source(cfg.model.name_or_path, cfg.storage)
     if adapter_start(source):  # the adapters' base: the model they merge into
         from ftdist.export import base_model_of, resolve_source
 
         source = base_model_of(resolve_source(Path(source)))
+    trust = cfg.model.trust_remote_code
+    refuse_remote_code(source, trust, "model.name_or_path")
+    if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):
+        refuse_remote_code(cfg.model.tokenizer, trust, "model.tokenizer")
     try:
-        return AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
+        raise remote_code_error(e, source, "model.name_or_path") or \
+            UserError(f"model.name_or_path {source}: cannot read its config: {e}") from None
+    refuse_remote_code(source, trust, "model.name_or_path")  # a hub id: its config.json is in the cache now
+    return config
 
 
 def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,

@@ -24,8 +24,10 @@ from ftdist.storage import RunStore, open_run_store
 
 # Keys that may change between an interrupted run and its resumption: how long and how
 # often, where and on how many workers it runs (checkpoints load at any world size), and where
-# its directory now lies (run.output: a run moved or copied whole resumes there).
-RESUMABLE_CHANGES = {"run.output", "train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
+# its directory now lies (run.output: a run moved or copied whole resumes there), and whether a
+# model's own code may run (a permission: the model and its numbers are the same either way).
+RESUMABLE_CHANGES = {"run.output", "model.trust_remote_code",
+                     "train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
                      "checkpoint.every_steps", "checkpoint.keep",
                      "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",

@@ -271,7 +271,8 @@ def check_lm_case(tmp_path_factory, pretrained_base, runs: dict, method: str, st
     assert curve(run_dir, "grad_norm") == pytest.approx(curve(local, "grad_norm"), rel=1e-2)  # before clipping
     # Checkpoints hold every rank's DeepSpeed files and are marked complete.
     ckpt = run_dir / "checkpoints" / "step-4"
-    assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "rng-0.safetensors").is_file() \
+        and (ckpt / "rng-1.safetensors").is_file()
 
     # The final model is a normal HF / PEFT directory (consolidated under ZeRO-3), equal to local mode's.
     final, local_final = run_dir / "final", local / "final"

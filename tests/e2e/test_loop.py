@@ -99,7 +99,7 @@ def test_a_damaged_checkpoint_is_named_and_skipped_for_the_one_before(tmp_path, 
     train(cfg, context())
     curve = steps_of(run_dir)
     manifest = json.loads((checkpoints / "step-4" / "COMPLETE").read_text())["files"]
-    assert {"model.safetensors", "optimizer.pt", "state.json", "rng-0.pt"} <= set(manifest)
+    assert {"model.safetensors", "optimizer.pt", "state.json", "rng-0.safetensors"} <= set(manifest)
 
     shutil.rmtree(run_dir / "final")
     damage(checkpoints / "step-4")
@@ -130,9 +130,9 @@ def test_a_damaged_checkpoint_in_the_bucket_is_skipped_for_the_one_before(tmp_pa
     train(cfg, context())
     run = s3.url("runs", "t")
     s3.fs.rm(f"{run}/final", recursive=True)
-    s3.fs.pipe_file(f"{run}/checkpoints/step-4/rng-0.pt", b"not the rng state")
+    s3.fs.pipe_file(f"{run}/checkpoints/step-4/rng-0.safetensors", b"not the rng state")
     train(cfg, context())
-    assert "step-4 is damaged (rng-0.pt has 17 bytes" in capsys.readouterr().err
+    assert "step-4 is damaged (rng-0.safetensors has 17 bytes" in capsys.readouterr().err
     resumes = [r for r in read_metrics(store.local / "metrics.jsonl") if r.get("event") == "resume"]
     assert [r["checkpoint"] for r in resumes] == ["step-2"]
     assert s3.fs.exists(f"{run}/checkpoints/step-4/COMPLETE")  # saved again, whole

@@ -69,7 +69,7 @@ def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tm
     assert s3.fs.exists(f"{run}/final/adapter_model.safetensors") and s3.fs.exists(f"{run}/final/ftdist.json")
     checkpoint = f"{run}/checkpoints/step-3"
     files = {p.rsplit("/", 1)[1] for p in s3.fs.ls(checkpoint)}
-    assert {"COMPLETE", "done-0", "state.json", "adapter", "optimizer.pt", "rng-0.pt"} <= files
+    assert {"COMPLETE", "done-0", "state.json", "adapter", "optimizer.pt", "rng-0.safetensors"} <= files
     assert "model.safetensors" not in files  # adapters only: the base is not in the checkpoint
     assert f"done: model in {run}/final" in result.stdout
     # The trackers' files are in the bucket too: TensorBoard's events, W&B's offline run, their ids.
@@ -164,7 +164,7 @@ def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_
     proc, local_log = start_until_step(tmp_path, s3, "outage", 60, "checkpoint.every_steps=100", "train.eval_every=1000")
     s3.relay.down()  # the checkpoint at step 100 is written while the store is away
     down_at = logged_steps(local_log)[-1]
-    wait_until(lambda: list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.pt")), 120,
+    wait_until(lambda: list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.safetensors")), 120,
                "the checkpoint at step 100 staged locally", proc)
     time.sleep(4)
     steps_while_down = logged_steps(local_log)[-1] - down_at
