@@ -131,12 +131,12 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()}")
+            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.05)
     printed = ""
     if proc is not None:
         proc.kill()
-        printed = ":\n" + proc.communicate(timeout=30)[0][-4000:]
+        printed = ":\n" + (proc.communicate(timeout=30)[0] or "")[-4000:]
     raise AssertionError(f"timed out waiting for {what}{printed}")
 
 
@@ -171,11 +171,31 @@ def paused(pids: list[int]):
                 pass
 
 
-def train_worker_pids() -> list[int]:
-    """The Ray Train workers running on this machine (every node of a local cluster)."""
+def train_worker_pids(cluster: str | int) -> list[int]:
+    """The Ray Train workers of one Ray cluster on this machine (every node of a local cluster):
+    `cluster` is its session directory (`ray_session_dir()`), which its raylet's command line
+    names, or the pid of the process that started it. Other clusters run beside the session's
+    (`ray job submit`'s own head), so a test must never take their workers for its own."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    def ours(process) -> bool:
+        try:
+            ancestors = process.parents()
+            if isinstance(cluster, int):
+                return any(a.pid == cluster for a in ancestors)
+            return any(cluster in " ".join(a.cmdline()) for a in ancestors)
+        except psutil.Error:
+            return False
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and ours(p)]
+
+
+def ray_session_dir() -> str:
+    """The session directory of the Ray this process joined (its raylet's command line names it)."""
+    import ray
+
+    return ray._private.worker._global_node.get_session_dir_path()
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from tests.conftest import (
     DEMO,
     foreign_lines,
     paused,
+    ray_session_dir,
     run_cli,
     small_data,
     start_cli,
@@ -337,7 +338,7 @@ def check_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path
         for workers in killed:
             proc = start_cli("train", config, "--address", address, "--set", f"distributed.workers={workers}")
             newest = wait_until(lambda: [s for s in complete() if s > newest], 420, "a new checkpoint", proc)[-1]
-            with paused(train_worker_pids()):  # the run cannot finish before its driver is gone
+            with paused(train_worker_pids(ray_session_dir())):  # the run cannot finish before its driver is gone
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
             assert newest < steps, "the run finished before its driver was killed"

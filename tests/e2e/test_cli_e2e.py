@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from tests.conftest import (
     REPO,
     complete_checkpoints,
     foreign_lines,
+    paused,
     run_cli,
     run_cli_probed,
     tiny_config,
@@ -34,7 +34,7 @@ from tests.unit.test_cli import (
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped.
     (Adapter runs resume through the same path: test_loop.py, in-process.)"""
-    common = ("method=full", "train.max_steps=80", "checkpoint.every_steps=10", "train.lr=1e-2")
+    common = ("method=full", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
     whole = write_config(tmp_path, tiny_config(tmp_path, *common, name="whole"), "whole.yaml")
     assert run_cli("train", str(whole), "--local").returncode == 0
 
@@ -42,25 +42,23 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     run_dir = tmp_path / "runs" / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(cut), "--local"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    # Kill between checkpoints: once one is complete (its commit runs in the background) and
-    # steps past it are logged, which must then be redone.
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def past_a_checkpoint() -> bool:  # a step logged past a complete checkpoint, not itself a checkpoint's
         done = [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
         complete = complete_checkpoints(run_dir)
-        if complete and done and max(done) >= int(complete[-1].name.split("-")[1]) + 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
+        return bool(complete and done and max(done) > int(complete[-1].name.split("-")[1]) and max(done) % 10)
+
+    wait_until(past_a_checkpoint, 240, "a step past a complete checkpoint", proc)
+    with paused([proc.pid]):  # between two checkpoints by construction: nothing moves while it is killed
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert max(r["step"] for r in step_records(run_dir)) < 80
+    assert max(r["step"] for r in step_records(run_dir)) < 40
 
     result = run_cli("train", str(cut), "--local")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout
     resumed, uninterrupted = step_records(run_dir), step_records(tmp_path / "runs" / "whole")
-    assert [r["step"] for r in resumed] == list(range(1, 81))
+    assert [r["step"] for r in resumed] == list(range(1, 41))
     for a, b in zip(resumed, uninterrupted):
         for key in STEP_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
@@ -117,10 +115,7 @@ def test_ctrl_c_exits_130_with_a_hint_and_keeps_the_checkpoints(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", path, "--local"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 240
-    # Any complete checkpoint: a given one may already be pruned (checkpoint.keep) when looked for.
-    while time.monotonic() < deadline and proc.poll() is None and not complete_checkpoints(run_dir):
-        time.sleep(0.05)
+    wait_until(lambda: complete_checkpoints(run_dir), 240, "a complete checkpoint", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

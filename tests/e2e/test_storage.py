@@ -163,10 +163,12 @@ def start_until_step(tmp_path: Path, s3, name: str, step: int, *overrides: str) 
 def test_an_outage_during_an_upload_is_ridden_out_without_stopping_training(tmp_path, s3):
     proc, local_log = start_until_step(tmp_path, s3, "outage", 60, "checkpoint.every_steps=100", "train.eval_every=1000")
     s3.relay.down()  # the checkpoint at step 100 is written while the store is away
-    down_at = logged_steps(local_log)[-1]
+    down_at, down_since = logged_steps(local_log)[-1], time.monotonic()
     wait_until(lambda: list(s3.cache.rglob("rank-0/checkpoints/step-100/rng-0.safetensors")), 120,
                "the checkpoint at step 100 staged locally", proc)
-    time.sleep(4)
+    # The store stays away for at least 4 s and 40 steps past step 100: training must go on meanwhile.
+    wait_until(lambda: time.monotonic() - down_since > 4 and logged_steps(local_log)[-1] > 140, 120,
+               "40 steps past the staged checkpoint with the store away", proc)
     steps_while_down = logged_steps(local_log)[-1] - down_at
     assert not complete_steps(s3, "outage")
     s3.relay.up()

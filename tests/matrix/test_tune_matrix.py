@@ -14,6 +14,7 @@ from tests.conftest import (
     DEMO,
     ONE_RAY_AT_A_TIME,
     paused,
+    ray_session_dir,
     run_cli,
     start_cli,
     tiny_config,
@@ -89,7 +90,7 @@ def test_a_sigkilled_search_driver_resumes_with_the_same_command(tmp_path, ray_l
     first = start_cli("tune", str(config), "--address", address)
     try:
         finals, running = wait_until(finished_and_checkpointed, 600, "a finished trial and a checkpointed one", first)
-        with paused(train_worker_pids()):  # the running trial cannot finish before its driver is gone
+        with paused(train_worker_pids(ray_session_dir())):  # the running trial cannot finish before its driver is gone
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=30)
     finally:

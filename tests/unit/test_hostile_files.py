@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from ftdist.errors import UserError
-from tests.conftest import REPO, complete_checkpoints, run_cli, tiny_config, write_config
+from tests.conftest import (
+    REPO,
+    complete_checkpoints,
+    run_cli,
+    tiny_config,
+    write_config,
+)
 
 
 class Hostile:
