@@ -367,3 +367,37 @@ def check_killed_drivers_resume_from_s3_at_another_world_size(tmp_path, tmp_path
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-2, atol=1e-4, msg=key)
+
+
+# ---------------------------------------------------------------- the tests, collected by each tier's module
+# A tier's module (tests/e2e/test_distributed.py, tests/matrix/test_distributed_matrix.py) imports these
+# with `pytest_generate_tests` and `runs`, and names its own LM_CASES, CLASSIFIER_STAGES and DPO_CASES.
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
+    """The module's cases, started once for all its tests."""
+    m = request.module
+    return start_cases(tmp_path_factory, ray_local, pretrained_base, mlflow_server, m.LM_CASES, m.CLASSIFIER_STAGES,
+                       m.DPO_CASES)
+
+
+def pytest_generate_tests(metafunc) -> None:
+    m = metafunc.module
+    for name, cases in (("lm_case", m.LM_CASES), ("classifier_stage", m.CLASSIFIER_STAGES), ("dpo_case", m.DPO_CASES)):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, cases, ids=lambda case: "-".join(map(str, case)) if isinstance(case, tuple)
+                                 else str(case))
+
+
+def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, runs, lm_case):
+    check_lm_case(tmp_path_factory, pretrained_base, runs, *lm_case)
+
+
+def test_a_classifier_on_two_workers_matches_local_mode(tmp_path, pretrained_base, runs, classifier_stage):
+    check_classifier_case(tmp_path, pretrained_base, runs, classifier_stage)
+
+
+def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, pretrained_base, runs, dpo_case):
+    check_preference_case(tmp_path_factory, pretrained_base, runs, dpo_case)
+

@@ -9,14 +9,10 @@ import pytest
 from ftdist.distributed import train_ray
 from ftdist.errors import UserError
 from tests.conftest import ONE_RAY_AT_A_TIME, tiny_config
-from tests.distributed_cases import (
-    check_classifier_case,
-    check_lm_case,
-    check_only_rank_0_reports_to_the_trackers,
-    check_preference_case,
-    check_preference_resume_at_another_world_size,
-    start_cases,
-)
+from tests.distributed_cases import (  # noqa: F401 (the shared tests, the fixture and the parametrization)
+    check_only_rank_0_reports_to_the_trackers, check_preference_resume_at_another_world_size, pytest_generate_tests, runs,
+    test_a_classifier_on_two_workers_matches_local_mode, test_preference_tuning_on_two_workers_matches_local_mode,
+    test_two_workers_match_local_mode)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
@@ -25,29 +21,8 @@ CLASSIFIER_STAGES = (3,)
 DPO_CASES = ("full-3",)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_local, pretrained_base, mlflow_server) -> dict:
-    return start_cases(tmp_path_factory, ray_local, pretrained_base, mlflow_server, LM_CASES, CLASSIFIER_STAGES,
-                       DPO_CASES)
-
-
-@pytest.mark.parametrize("method, stage", LM_CASES)
-def test_two_workers_match_local_mode(tmp_path_factory, pretrained_base, runs, method, stage):
-    check_lm_case(tmp_path_factory, pretrained_base, runs, method, stage)
-
-
 def test_only_rank_0_reports_to_the_trackers(runs, mlflow_server):
     check_only_rank_0_reports_to_the_trackers(runs, mlflow_server)
-
-
-@pytest.mark.parametrize("stage", CLASSIFIER_STAGES)
-def test_a_classifier_on_two_workers_matches_local_mode(tmp_path, pretrained_base, runs, stage):
-    check_classifier_case(tmp_path, pretrained_base, runs, stage)
-
-
-@pytest.mark.parametrize("case", DPO_CASES)
-def test_preference_tuning_on_two_workers_matches_local_mode(tmp_path_factory, pretrained_base, runs, case):
-    check_preference_case(tmp_path_factory, pretrained_base, runs, case)
 
 
 def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs, ray_local):

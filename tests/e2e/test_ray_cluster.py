@@ -1,4 +1,5 @@
-"""Ray beyond one process: a killed worker, two nodes, and `ray job submit`.
+"""Ray beyond one process: a killed worker and `ray job submit` (two nodes and a lost head:
+tests/matrix/test_ray_cluster_matrix.py).
 
 Each test bounds its waits; clusters it starts are stopped by it (never `ray stop`, which
 would also stop the session's shared Ray).

@@ -1,6 +1,6 @@
 """Trackers, against the real thing: a local run reports to TensorBoard, a real `mlflow server`
 and W&B (offline), read back with each one's own reader; a resume from an earlier checkpoint
-shows each step once in all three; a server killed mid-run costs a warning, not the run; a
+shows each step once in all three (a server killed mid-run: tests/matrix/test_tracking_matrix.py); a
 tracker that is missing or unreachable at the start is one message, exit 2; no credential
 reaches the run directory, the trackers or the terminal."""
 

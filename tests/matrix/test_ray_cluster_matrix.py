@@ -1,7 +1,7 @@
-"""Ray beyond one process: a killed worker, two nodes, and `ray job submit`.
-
-Each test bounds its waits; clusters it starts are stopped by it (never `ray stop`, which
-would also stop the session's shared Ray)."""
+"""`make test-all`: two nodes train together (STRICT_SPREAD, one worker a node), and when the head is
+lost the driver ends with one message naming the newest complete checkpoint; the same command on
+a new cluster resumes from it. Clusters it starts are stopped by it (never `ray stop`, which would
+also stop the session's shared Ray)."""
 
 import json
 import re

@@ -1,8 +1,5 @@
-"""Trackers, against the real thing: a local run reports to TensorBoard, a real `mlflow server`
-and W&B (offline), read back with each one's own reader; a resume from an earlier checkpoint
-shows each step once in all three; a server killed mid-run costs a warning, not the run; a
-tracker that is missing or unreachable at the start is one message, exit 2; no credential
-reaches the run directory, the trackers or the terminal."""
+"""`make test-all`: a tracking server killed mid-run costs one warning, not the run (the other
+trackers unharmed, every step in metrics.jsonl). The rest of the trackers' tests: tests/e2e/test_tracking.py."""
 
 import json
 
