@@ -58,7 +58,7 @@ REGULARIZATION = {
 LOGGED = {"full": ("penalty", "anchor_distance", "replay_loss"), "lora": ("penalty", "anchor_distance"),
           "qlora": ("penalty",)}
 # One case also reports to every tracker: only rank 0 opens them (test_tracking checks what they hold).
-TRACKED = ("lora", 1)
+TRACKED = ("qlora", 2)
 
 
 def equivalence_config(tmp_path: Path, method: str, base: Path | None, *extra: str, name: str,
@@ -296,7 +296,7 @@ def check_only_rank_0_reports_to_the_trackers(runs: dict, mlflow_server) -> None
     client = mlflow_server.client()
     runs = client.search_runs([client.get_experiment_by_name("ray").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run, though two workers trained
-    assert (runs[0].data.tags["workers"], runs[0].data.tags["zero_stage"]) == ("2", "1")
+    assert (runs[0].data.tags["workers"], runs[0].data.tags["zero_stage"]) == ("2", str(TRACKED[1]))
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")) == logged
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert [s for s, _ in tensorboard_scalars(run_dir / "tensorboard")["loss"]] == logged

@@ -1,7 +1,7 @@
-"""Ray Train + DeepSpeed on 2 CPU workers against local mode, once per method and objective:
-SFT with LoRA (ZeRO-1, every tracker) and QLoRA (ZeRO-2, checkpointing every second block), a
-classifier (ZeRO-3: the head gathered), DPO with full fine-tuning (ZeRO-3: the frozen reference
-partitioned) resumed by 1 worker. The other stages and cases run in `make test-all`
+"""Ray Train + DeepSpeed on 2 CPU workers against local mode, once per objective and kind of
+weights: SFT with QLoRA (ZeRO-2, checkpointing every second block, every tracker; the adapters'
+path with a 4-bit base), a classifier (full, top blocks: ZeRO-3, the head gathered), DPO with full
+fine-tuning (ZeRO-3: the frozen reference partitioned) resumed by 1 worker. The other stages and cases run in `make test-all`
 (tests/matrix/test_distributed_matrix.py); the cases and checks are in tests/distributed_cases.py."""
 
 import pytest
@@ -16,7 +16,7 @@ from tests.distributed_cases import (  # noqa: F401 (the shared tests, the fixtu
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
-LM_CASES = [("lora", 1), ("qlora", 2)]
+LM_CASES = [("qlora", 2)]
 CLASSIFIER_STAGES = (3,)
 DPO_CASES = ("full-3",)
 

@@ -95,9 +95,14 @@ def test_eval_reward_accuracy_rises_to_0_9_on_a_rule_the_chosen_follow(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "full"])
+# LoRA's SFT here; full fine-tuning's in `make test-all` (tests/matrix/test_preference_matrix.py).
+@pytest.mark.parametrize("method", ["lora"])
 def test_a_dpo_run_starts_from_an_sft_runs_final_and_resumes_and_exports_as_sft_does(tmp_path, pretrained_base,
                                                                                     method):
+    starts_from_an_sft_runs_final(tmp_path, pretrained_base, method)
+
+
+def starts_from_an_sft_runs_final(tmp_path, pretrained_base, method: str) -> None:
     """SFT first (adapters, or every weight), then DPO from its final/: the reference is the SFT
     model (the first loss is ln 2 again). Killed after a checkpoint, the rerun continues the same
     curve; the export loads as SFT's does."""

@@ -26,6 +26,7 @@ from tests.conftest import (
     DEMO,
     FAKE_SECRET,
     REPO,
+    paused,
     run_cli,
     start_cli,
     tiny_config,
@@ -114,7 +115,8 @@ def test_a_killed_driver_resumes_from_the_store_on_a_fresh_machine_never_from_a_
     local_log = Path(wait_until(lambda: next(s3.cache.rglob("rank-0/metrics.jsonl"), None), 120, "the run's log", proc))
     complete = wait_until(lambda: complete_steps(s3, "killed"), 120, "a complete checkpoint in the store", proc)
     wait_until(lambda: len(logged_steps(local_log)) >= complete[-1] + 3, 60, "steps past the checkpoint", proc)
-    proc.send_signal(signal.SIGKILL)
+    with paused([proc.pid]):  # it cannot finish before it is killed
+        proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = logged_steps(local_log)[-1]
     newest = complete_steps(s3, "killed")[-1]

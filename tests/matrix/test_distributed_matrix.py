@@ -12,7 +12,7 @@ from tests.distributed_cases import (  # noqa: F401 (the shared tests, the fixtu
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
-LM_CASES = [("full", 0), ("lora", 3)]
+LM_CASES = [("full", 0), ("lora", 1), ("lora", 3)]
 CLASSIFIER_STAGES = (2,)
 DPO_CASES = ("lora-2", "full-2-precomputed", "qlora-0")
 
