@@ -70,7 +70,9 @@ def test_two_nodes_train_together_and_a_lost_head_resumes_on_a_new_cluster(tmp_p
     cache (a fresh KubeRay pod's disk), resumes from it: every step logged once."""
     cfg = tiny_config(tmp_path, *s3.overrides(), "distributed.workers=2", "distributed.placement=STRICT_SPREAD",
                       "distributed.max_failures=0", f"train.max_steps={STEPS_PAST_THE_KILL + 10}", "train.log_every=1",
-                      "checkpoint.every_steps=10", name="two-nodes")
+                      "checkpoint.every_steps=10",
+                      "checkpoint.keep=10",  # none pruned: the checkpoint the message names must still be there
+                      name="two-nodes")
     config = str(write_config(tmp_path, cfg))
     run = s3.url("runs", "two-nodes")
 
