@@ -23,6 +23,12 @@ def add_overrides(command: argparse.ArgumentParser, example: str) -> None:
                          help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
+def add_trust_remote_code(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--trust-remote-code", action="store_true",
+                         help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
+                              "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,classify,report,export}")
@@ -77,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--trust-remote-code", action="store_true",
-                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
-                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
+    add_trust_remote_code(gen)
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the tokenizer's chat template")
 
@@ -88,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a classification run's final model or adapters (runs/NAME/final).")
     cls.add_argument("model", help="a classification run's final/ directory")
     cls.add_argument("--text", action="append", required=True, help="a text to label (repeatable)")
-    cls.add_argument("--trust-remote-code", action="store_true",
-                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
-                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
+    add_trust_remote_code(cls)
 
     rep = sub.add_parser("report", help="plots and a summary of a run",
                          description="Write loss.png, lr.png, throughput.png and report.json into the run "
@@ -108,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lora/qlora: write one standalone model, the adapters merged into the base (for qlora "
                           "the 4-bit base dequantized, the weights the adapters were trained against)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
-    exp.add_argument("--trust-remote-code", action="store_true",
-                     help="let a model or tokenizer that ships code of its own (auto_map) run it; off: refused "
-                          "(model.trust_remote_code in a config; the run's own snapshot is not asked)")
+    add_trust_remote_code(exp)
     exp.add_argument("--endpoint-url", default=None,
                      help="s3:// sources on an S3-compatible store: its endpoint (as storage.endpoint_url)")
     exp.add_argument("--region", default=None, help="s3:// sources: the bucket's region (as storage.region)")

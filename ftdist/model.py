@@ -153,8 +153,11 @@ def refuse_remote_code(source: Optional[str], trust: bool, what: str, allow: str
         reason = hub_remote_code_request(source)
         shown = source
     if reason:
-        raise UserError(f"{what} {shown}: {reason}; ftdist runs no code from a model unless told to: "
-                        f"{allow}, for a model whose code you have read")
+        raise UserError(f"{what} {shown}: {reason}; {runs_no_code(allow)}")
+
+
+def runs_no_code(allow: str) -> str:
+    return f"ftdist runs no code from a model unless told to: {allow}, for a model whose code you have read"
 
 
 def hub_remote_code_request(repo_id: str) -> Optional[str]:
@@ -181,8 +184,7 @@ def remote_code_error(error: Exception, source: str, what: str, allow: str = TRU
     """transformers' own refusal of a hub model's custom code (trust_remote_code=False), as one line."""
     if "trust_remote_code" not in str(error):
         return None
-    return UserError(f"{what} {source} asks to run code of its own; ftdist runs no code from a model unless told "
-                     f"to: {allow}, for a model whose code you have read")
+    return UserError(f"{what} {source} asks to run code of its own; {runs_no_code(allow)}")
 
 
 def adapter_start(name_or_path: Optional[str]) -> bool:
