@@ -1,7 +1,8 @@
 """ftdist train | tune | prepare | plan | generate | report | export.
 
 Exit codes: 0 success; 2 a user error (config, data, paths), told in one message
-without a traceback; 1 an internal failure; 130 interrupted (rerun to resume).
+without a traceback; 1 an internal failure; 130 interrupted (rerun to resume); 143 stopped
+on SIGTERM at a step boundary with a checkpoint (rerun to resume, no step lost).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ftdist.errors import EXIT_USER_ERROR, UserError
+from ftdist.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.quiet import quiet_libraries
 
 EXIT_INTERRUPTED = 130
@@ -130,11 +132,12 @@ def cmd_train(args) -> int:
         from ftdist.quiet import without_deepspeed
 
         without_deepspeed()
-        summary = train_local(cfg, restart=args.restart)
+        with stop_on_sigterm(StopNotice()) as notice:
+            summary = train_local(cfg, restart=args.restart, notice=notice)
     else:
         from ftdist.distributed import train_ray
 
-        summary = train_ray(cfg, restart=args.restart, address=args.address)
+        summary = train_ray(cfg, restart=args.restart, address=args.address, notice=StopNotice())
     print(f"done: model in {summary['final_dir']}")
     for key in ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "eval_reward_accuracy", "eval_reward_margin",
                 "forgetting"):
@@ -285,6 +288,9 @@ def run_command(args, leave: bool) -> int:
         print("ftdist: interrupted; run the same command again to resume from the newest checkpoint",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except StoppedOnNotice as e:
+        print(f"ftdist: stopped on {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except BaseException:
         if leave:
             leave_ray(1)

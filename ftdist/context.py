@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ftdist.config import Config
+from ftdist.notice import StopNotice
 from ftdist.storage import RunStore
 from ftdist.tracking.run import TrackingGroup
 
@@ -26,6 +27,7 @@ class LocalContext:
     world_size: int = 1
     show_progress: bool = True
     tracking_group: Optional[TrackingGroup] = None  # a search's trial reports inside the search's group
+    notice: Optional[StopNotice] = None  # a stop asked of this process (SIGTERM)
 
     @property
     def run_dir(self) -> Path:
@@ -45,6 +47,10 @@ class LocalContext:
 
     def report(self, metrics: dict) -> None:
         """Hand metrics to the orchestrator (nothing to do in one process)."""
+
+    def stop_requested(self) -> Optional[str]:
+        """Why the run must stop at this step boundary (None: it goes on). Every rank gets the same answer."""
+        return self.notice.reason if self.notice else None
 
     def topology(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "nodes": 1}
@@ -72,6 +78,7 @@ class RayContext(LocalContext):
 
     data_stats: dict[str, Any] = field(default_factory=dict)
     split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
+    stop_flag: Any = None  # the driver's StopFlag actor (distributed.py): a stop asked of the driver
 
     def all_reduce_sum(self, value):
         import numpy as np
@@ -90,6 +97,17 @@ class RayContext(LocalContext):
         import torch.distributed as dist
 
         dist.barrier()
+
+    def stop_requested(self) -> Optional[str]:
+        """The driver's stop request, agreed by every rank (they stop at the same step)."""
+        if self.stop_flag is None:
+            return None
+        import ray
+
+        reason = ray.get(self.stop_flag.reason.remote(), timeout=60)
+        if not self.all_reduce_sum(int(reason is not None)):
+            return None
+        return reason or "a stop asked of the driver"
 
     def report(self, metrics: dict) -> None:
         import ray.train

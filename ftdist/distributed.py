@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ftdist.config import Config
 from ftdist.errors import UserError
+from ftdist.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.plan import Plan, accumulation_steps
 from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
 from ftdist.rayhead import answers, watch_head
@@ -32,7 +34,9 @@ TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, notice: Optional[StopNotice] = None) -> dict:
+    """`notice`: SIGTERM to this driver (after it joined Ray, whose own handler it replaces
+    meanwhile) stops the workers at their next step boundary with a checkpoint."""
     checked = check_inputs(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
     use_gpu, device_type, per_device = preflight_cluster(checked.cfg, address)
     say = print if show_progress else (lambda *_, **__: None)
@@ -42,10 +46,56 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     store = prepare_run_dir(cfg, restart)
     if is_finished(store):
         return finished_summary(store)
-    inputs = shared_inputs(checked, store)
-    fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers, show_progress),
-        inputs.datasets, use_gpu)
+    with stop_on_sigterm(notice or StopNotice()) as notice:
+        inputs = shared_inputs(checked, store)
+        loop_config = worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers, show_progress)
+        if not notice.reason:
+            with forwarded(notice) as flag:
+                fit(checked.cfg, store, {**loop_config, "stop_flag": flag}, inputs.datasets, use_gpu)
+    if notice.reason and not is_finished(store):  # (a stop asked during the last step: the run finished)
+        from ftdist.checkpoint import describe_newest
+
+        raise StoppedOnNotice(f"{notice.reason}: the workers stopped at a step boundary; {describe_newest(store)}; "
+                              "run the same command again to resume from it")
     return read_summary(store)
+
+
+@contextmanager
+def forwarded(notice: StopNotice, poll_s: float = 0.2):
+    """A StopFlag actor the workers ask at each step boundary, told of a stop asked of this
+    driver by a thread (a signal handler must not call into Ray) for as long as the block runs."""
+    import threading
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self) -> None:
+            self.why: Optional[str] = None
+
+        def request(self, why: str) -> None:
+            self.why = self.why or why
+
+        def reason(self) -> Optional[str]:
+            return self.why
+
+    flag = StopFlag.remote()
+    done = threading.Event()
+
+    def forward() -> None:
+        while not done.wait(poll_s):
+            if notice.reason:
+                ray.get(flag.request.remote(notice.reason), timeout=60)
+                return
+
+    thread = threading.Thread(target=forward, name="ftdist-stop-forwarder", daemon=True)
+    thread.start()
+    try:
+        yield flag
+    finally:
+        done.set()
+        thread.join(timeout=70)
+        ray.kill(flag)
 
 
 @dataclass(frozen=True)
@@ -162,12 +212,16 @@ def worker_loop(config: dict[str, Any]) -> None:
         show_progress=config["show_progress"], data_stats=config["data_stats"],
         split_in_workers=config["split_in_workers"],
         tracking_group=TrackingGroup(**config["tracking_group"]) if config.get("tracking_group") else None,
+        stop_flag=config.get("stop_flag"),
     )
     if ctx.device.type == "cuda":
         import torch
 
         torch.cuda.set_device(ctx.device)
-    train(cfg, ctx)
+    try:
+        train(cfg, ctx)
+    except StoppedOnNotice:  # the driver asked for it: the group ends without a failure to retry
+        return
 
 
 def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:

@@ -41,6 +41,7 @@ from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity
 from ftdist.model import ModelBundle, build_model, compute_dtype, resolve_base
+from ftdist.notice import StoppedOnNotice
 from ftdist.objective import autocast, evaluate_rows, objective_for, split_objective, task_head
 from ftdist.optim import build_optimizer
 from ftdist.outputs import publish, save_final, write_summary
@@ -157,10 +158,13 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
             if run.checkpoints_at(step):
                 save_checkpoint(run, state, step)
             note_uploads(run, step)
+            reason = ctx.stop_requested() if step < run.plan.total_steps else None  # the last step finishes
+            if reason:
+                stop_on_notice(run, state, step, reason)
         summary = finish(run, state)
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoppedOnNotice):
         status = "KILLED"
         raise
     except StoreUnavailable as e:
@@ -416,6 +420,20 @@ def note_uploads(run: Run, step: int) -> None:
                         "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
         size = checkpoint.describe_size(done["bytes"], base_size, run.bundle.info.method)
         run.progress.write(f"checkpoint step {done['step']} complete: {size} in {done['seconds']:.1f} s")
+
+
+def stop_on_notice(run: Run, state: TrainState, step: int, reason: str) -> None:
+    """Asked to stop (SIGTERM): a checkpoint at this step (unless one was just staged),
+    committed before the run ends, so that a rerun loses no step."""
+    if not run.checkpoints_at(step):
+        save_checkpoint(run, state, step)
+    run.uploader.flush()
+    note_uploads(run, step)
+    run.log.append({"step": step, "event": "stopped", "reason": reason})
+    run.progress.close()
+    raise StoppedOnNotice(f"{reason}: after step {step} of {run.plan.total_steps}, with a checkpoint "
+                          f"({run.ctx.store.path(checkpoint.step_dir(step))}); run the same command again to "
+                          "resume from it, no step lost")
 
 
 # ---------------------------------------------------------------- finish

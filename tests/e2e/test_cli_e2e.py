@@ -6,8 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from ftdist.metrics import read_metrics
 
 from tests.conftest import (
     DEMO,
@@ -31,39 +34,60 @@ from tests.unit.test_cli import (
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never stopped.
-    (Adapter runs resume through the same path: test_loop.py, in-process.)"""
+def test_killed_or_terminated_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL mid-run, rerun the same command: every step once, the same curve as a run never
+    stopped. SIGTERM mid-run: a checkpoint at the next step boundary, one line, exit 143, and the
+    rerun resumes from that very step. (Adapter runs resume through the same path: test_loop.py.)"""
     common = ("method=full", "train.max_steps=40", "checkpoint.every_steps=10", "train.lr=1e-2")
     whole = write_config(tmp_path, tiny_config(tmp_path, *common, name="whole"), "whole.yaml")
     assert run_cli("train", str(whole), "--local").returncode == 0
+    uninterrupted = step_records(tmp_path / "runs" / "whole")
+
+    def past_a_checkpoint(run_dir: Path) -> bool:  # a step logged past a complete checkpoint, not itself one's
+        done = [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+        complete = complete_checkpoints(run_dir)
+        return bool(complete and done and max(done) > int(complete[-1].name.split("-")[1]) and max(done) % 10)
+
+    def resumes_to_the_same_metrics(config: Path, run_dir: Path, from_step: int) -> None:
+        result = run_cli("train", str(config), "--local")
+        assert result.returncode == 0, result.stderr
+        assert f"(step {from_step})" in result.stdout and "resuming from" in result.stdout
+        resumed = step_records(run_dir)
+        assert [r["step"] for r in resumed] == list(range(1, 41))
+        for a, b in zip(resumed, uninterrupted):
+            for key in STEP_KEYS:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
+        assert [r["eval_loss"] for r in eval_records(run_dir)] == pytest.approx(
+            [r["eval_loss"] for r in eval_records(tmp_path / "runs" / "whole")], rel=1e-6)
 
     cut = write_config(tmp_path, tiny_config(tmp_path, *common, name="cut"), "cut.yaml")
     run_dir = tmp_path / "runs" / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(cut), "--local"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def past_a_checkpoint() -> bool:  # a step logged past a complete checkpoint, not itself a checkpoint's
-        done = [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
-        complete = complete_checkpoints(run_dir)
-        return bool(complete and done and max(done) > int(complete[-1].name.split("-")[1]) and max(done) % 10)
-
-    wait_until(past_a_checkpoint, 240, "a step past a complete checkpoint", proc)
+    wait_until(lambda: past_a_checkpoint(run_dir), 240, "a step past a complete checkpoint", proc)
     with paused([proc.pid]):  # between two checkpoints by construction: nothing moves while it is killed
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(r["step"] for r in step_records(run_dir)) < 40
+    resumes_to_the_same_metrics(cut, run_dir, int(complete_checkpoints(run_dir)[-1].name.split("-")[1]))
 
-    result = run_cli("train", str(cut), "--local")
-    assert result.returncode == 0, result.stderr
-    assert "resuming from" in result.stdout
-    resumed, uninterrupted = step_records(run_dir), step_records(tmp_path / "runs" / "whole")
-    assert [r["step"] for r in resumed] == list(range(1, 41))
-    for a, b in zip(resumed, uninterrupted):
-        for key in STEP_KEYS:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a, b)
-    assert [r["eval_loss"] for r in eval_records(run_dir)] == pytest.approx(
-        [r["eval_loss"] for r in eval_records(tmp_path / "runs" / "whole")], rel=1e-6)
+    term = write_config(tmp_path, tiny_config(tmp_path, *common, name="term"), "term.yaml")
+    run_dir = tmp_path / "runs" / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(term), "--local"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: past_a_checkpoint(run_dir), 240, "a step past a complete checkpoint", proc)
+    signalled_after = max(r["step"] for r in step_records(run_dir))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.startswith("ftdist:")]
+    stopped = max(r["step"] for r in step_records(run_dir))  # the step the signal found running, then no other
+    assert len(lines) == 1 and lines[0].startswith(f"ftdist: stopped on SIGTERM: after step {stopped} of 40"), err
+    assert "Traceback" not in err and "run the same command again" in lines[0]
+    assert signalled_after <= stopped < 40 and stopped % 10  # not a scheduled checkpoint's step
+    assert complete_checkpoints(run_dir)[-1].name == f"step-{stopped}" and not (run_dir / "final").exists()
+    assert read_metrics(run_dir / "metrics.jsonl")[-1] == {"step": stopped, "event": "stopped", "reason": "SIGTERM"}
+    resumes_to_the_same_metrics(term, run_dir, stopped)
 
 
 @pytest.mark.slow
