@@ -100,6 +100,7 @@ class Case:
     outcome: str = "error"  # error | runs | refuses
     env: dict = field(default_factory=dict)
     timeout: int = 120
+    suite: bool = False  # also run by the test suite's e2e tier (tests/e2e/test_bad_inputs.py): fast, no store
 
 
 @dataclass
@@ -114,10 +115,11 @@ class Result:
 CASES: list[Case] = []
 
 
-def case(family: str, name: str, expect=(), outcome: str = "error", env=None, timeout: int = 120):
+def case(family: str, name: str, expect=(), outcome: str = "error", env=None, timeout: int = 120,
+         suite: bool = False):
     def register(make):
         CASES.append(Case(family, name, make, tuple([expect] if isinstance(expect, str) else expect), outcome,
-                          env or {}, timeout))
+                          env or {}, timeout, suite))
         return make
     return register
 
@@ -954,6 +956,14 @@ def run_case(c: Case, root: Path, base_env: dict) -> Result:
     return Result(c, not problems, seconds, "; ".join(problems), message)
 
 
+def case_env(root: Path) -> dict:
+    """The environment every case's command runs in: this checkout, the battery's own store
+    credentials, no hub, Ray's files under `root`."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="battery", AWS_SECRET_ACCESS_KEY="battery-secret",
+                AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", HF_HUB_OFFLINE="1",
+                RAY_TMPDIR=str(root / "ray"), TOKENIZERS_PARALLELISM="false")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-k", default="", help="only cases whose family or name has this substring")
@@ -961,9 +971,7 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [c for c in CASES if args.k in f"{c.family} {c.name}"]
     root = Path(tempfile.mkdtemp(prefix="bad-inputs-"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AWS_ACCESS_KEY_ID="battery", AWS_SECRET_ACCESS_KEY="battery-secret",
-               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", HF_HUB_OFFLINE="1",
-               RAY_TMPDIR=str(root / "ray"), TOKENIZERS_PARALLELISM="false")
+    env = case_env(root)
     started = time.monotonic()
     try:
         S3.start(root / "moto.log")
