@@ -22,7 +22,7 @@ from ftdist.errors import UserError
 from ftdist.plan import Plan, accumulation_steps
 from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
 from ftdist.rayhead import answers, watch_head
-from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
+from ftdist.rundir import check_free, finished_summary, is_finished, read_summary, writing
 from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
@@ -34,18 +34,19 @@ TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
               show_progress: bool = True) -> dict:
     checked = check_inputs(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
+    check_free(cfg)  # another writer of this run: told before Ray starts
     use_gpu, device_type, per_device = preflight_cluster(checked.cfg, address)
     say = print if show_progress else (lambda *_, **__: None)
     say(describe_plan(cfg, device_type), flush=True)
     say(f"memory (estimate): {per_device.estimate.describe()}, of {per_device.available / 2**30:.1f} GiB", flush=True)
 
-    store = prepare_run_dir(cfg, restart)
-    if is_finished(store):
-        return finished_summary(store)
-    inputs = shared_inputs(checked, store)
-    fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers, show_progress),
-        inputs.datasets, use_gpu)
-    return read_summary(store)
+    with writing(cfg, restart) as store:  # held by the driver: its workers write under it
+        if is_finished(store):
+            return finished_summary(store)
+        inputs = shared_inputs(checked, store)
+        fit(checked.cfg, store, worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers,
+                                              show_progress), inputs.datasets, use_gpu)
+        return read_summary(store)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,10 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
     from ftdist.quiet import WORKER_ENV
     from ftdist.raydata import SPLIT
 
+    from ftdist import safewrite
+
     d = cfg.distributed
+    safewrite.make_dirs(store.root / "ray", store.root, "Ray Train's bookkeeping")  # never through a link
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
