@@ -46,7 +46,7 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+    if not path.is_file():  # a FIFO there would never answer
         return []
     records = []
     for line in path.read_text().splitlines():

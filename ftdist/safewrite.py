@@ -145,7 +145,8 @@ def make_dirs(path: Path, root: Path, what: str) -> Path:
 
 def remove(path: Path, root: Path, what: str) -> None:
     """Delete the file or tree `path` (nothing when it is missing). A link at `path` or above it
-    (below `root`) is refused; inside the tree, links are removed, never followed."""
+    (below `root`), or a FIFO, socket or device there, is refused; inside the tree, links are
+    removed, never followed."""
     path = Path(path)
     check(path, root, what)
     try:
@@ -154,8 +155,10 @@ def remove(path: Path, root: Path, what: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(path)
-    else:
+    elif stat.S_ISREG(st.st_mode):
         path.unlink(missing_ok=True)
+    else:  # a FIFO, a socket, a device: not a file ftdist made
+        raise not_regular(path, what)
 
 
 def remove_quietly(path: Path, root: Path, what: str) -> None:
