@@ -308,6 +308,8 @@ def take_lease(store, busy: Callable[[Optional[dict]], str]) -> Held:
             except Exception:  # noqa: BLE001 - the store is away: try again at the next turn
                 continue
             if new is None:
+                if stop.is_set():  # released meanwhile: the lease is gone on purpose
+                    return
                 now, _ = client.read()
                 print(f"ftdist: warning: {store.url}: this run's lease was taken over by {describe(now)}; two "
                       "writers may be writing it now", file=sys.stderr, flush=True)
