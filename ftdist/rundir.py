@@ -214,6 +214,14 @@ def kind_of(store: RunStore, names: list[str]) -> str:
         return marker["kind"]
     searched = TUNER_DIR in names or any(n in SEARCH_OUTPUTS for n in names) or any(
         n.startswith(TRIAL_PREFIX) and n[len(TRIAL_PREFIX):].isdigit() for n in names)
+    if not searched and SNAPSHOT in names:  # a search stopped before its first trial: its snapshot says
+        try:
+            snapshot = yaml.safe_load(store.read_text(SNAPSHOT))
+            tune = snapshot.get("tune") if isinstance(snapshot, dict) else None
+            searched = isinstance(tune, dict) and tune.get("name") == store.url.rstrip("/").rsplit("/", 1)[-1] \
+                and snapshot.get("run", {}).get("name") == tune.get("name")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+            pass
     return SEARCH if searched else RUN
 
 

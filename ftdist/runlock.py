@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ftdist.errors import UserError
-from ftdist.layout import LEASE_FILE, LOCK_FILE
+from ftdist.layout import LEASE_FILE
 
 COMMAND: Optional[str] = None  # the command line that holds a lock (set by the CLI)
 LEASE_S = 60.0  # an s3:// lease's lifetime: how long a writer that died elsewhere keeps a run
