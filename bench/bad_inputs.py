@@ -11,6 +11,7 @@ A case passes when:
 
 Families: config (YAML, keys, types, values, --set), data (files, rows, formats, mixtures,
 lists), model (paths, weights, hub, fit), storage (a real S3 server: moto_server on loopback),
+links (symbolic links planted where ftdist writes), writers (two writers of one run),
 ray (addresses, placement), resume (damaged snapshots and checkpoints), tune, cli.
 
 Run: .venv/bin/python bench/bad_inputs.py [-k SUBSTRING] [-j JOBS]
@@ -48,6 +49,19 @@ class Workspace:
 
     def __init__(self, root: Path, env: dict):
         self.dir, self.env = root, env
+        self.background: list[subprocess.Popen] = []  # killed once the case's command has ended
+
+    def start(self, *argv: str, ready: Callable[[], bool], timeout: float = 150) -> subprocess.Popen:
+        """A command running beside the one the case checks (e.g. a first writer), once `ready`."""
+        proc = subprocess.Popen(list(argv), env=self.env, cwd=self.dir, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        self.background.append(proc)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"background command not ready: {argv}\n{proc.stderr.read()[-1500:] if proc.poll() is not None else 'timed out'}")
+            time.sleep(0.1)
+        return proc
 
     def file(self, name: str, content) -> str:
         path = self.dir / name
@@ -780,6 +794,199 @@ def _(w):
     return ["export", str(run), "--out", str(w.dir / "out")]
 
 
+# ---------------------------------------------------------------- links
+
+
+def users_folder(w: Workspace) -> Path:
+    """A folder of the user's, which a link planted in a run points at."""
+    w.file("mine/thesis.tex", "years of work")
+    return w.dir / "mine"
+
+
+def a_run(w: Workspace, *overrides: str) -> Path:
+    """A run directory as ftdist makes it (its marker and snapshot), nothing trained yet."""
+    from ftdist.config import validate_config
+    from ftdist.rundir import prepare_run_dir
+
+    return prepare_run_dir(validate_config(w.raw(*overrides)), restart=False).local
+
+
+def planted(w: Workspace, name: str, target: Path) -> Path:
+    """A run with a symbolic link at `name` in it."""
+    run = a_run(w)
+    (run / name).symlink_to(target)
+    return run
+
+
+@case("links", "metrics.jsonl a link to the user's file", ("metrics.jsonl is a symbolic link", "thesis.tex",
+                                                          "never writes through a link"))
+def _(w):
+    planted(w, "metrics.jsonl", users_folder(w) / "thesis.tex")
+    return train(w)
+
+
+@case("links", "final.tmp a link to the user's folder", ("final.tmp is a symbolic link", "mine", "remove the link"))
+def _(w):
+    planted(w, "final.tmp", users_folder(w))
+    return train(w)
+
+
+@case("links", "checkpoints/ a link to the user's folder", ("checkpoints is a symbolic link", "mine"))
+def _(w):
+    planted(w, "checkpoints", users_folder(w))
+    return train(w)
+
+
+@case("links", "tensorboard/ a link to the user's folder", ("tensorboard is a symbolic link", "mine"))
+def _(w):
+    planted(w, "tensorboard", users_folder(w))
+    return train(w, "logging.tensorboard=true")
+
+
+@case("links", "the run directory itself a link to the user's folder",
+      ("runs/case is a symbolic link", "mine", "run.name mine"))
+def _(w):
+    (w.dir / "runs").mkdir()
+    (w.dir / "runs" / "case").symlink_to(users_folder(w))
+    return ["train", w.config(), "--local", "--restart"]
+
+
+@case("links", "--restart with final/ a link to the user's folder", ("final is a symbolic link", "mine"))
+def _(w):
+    planted(w, "final", users_folder(w))
+    return ["train", w.config(), "--local", "--restart"]
+
+
+@case("links", "export --out a link to the user's folder", ("--out", "is a symbolic link", "mine"), timeout=200)
+def _(w):
+    w.run("train", w.config(), "--local")
+    (w.dir / "out").symlink_to(users_folder(w))
+    return ["export", str(w.dir / "runs" / "case"), "--out", str(w.dir / "out"), "--force"]
+
+
+@case("links", "metrics.jsonl a FIFO (no hang)", ("metrics.jsonl is not a regular file",))
+def _(w):
+    os.mkfifo(a_run(w) / "metrics.jsonl")
+    return train(w)
+
+
+@case("links", "the prepared cache entry a link to the user's folder", ("is a symbolic link", "mine"))
+def _(w):
+    from ftdist.config import validate_config
+    from ftdist.prepared import cache_root, data_key
+
+    cfg = validate_config(w.raw())
+    cache_root(cfg).mkdir(parents=True)
+    (cache_root(cfg) / data_key(cfg)).symlink_to(users_folder(w))
+    return ["prepare", w.config()]
+
+
+@case("links", "run.output through a link is the user's own choice: it runs", ("done: model in",), outcome="runs",
+      timeout=200)
+def _(w):
+    (w.dir / "disk").mkdir()
+    (w.dir / "linked").symlink_to(w.dir / "disk")
+    return train(w, f"run.output={w.dir / 'linked'}")
+
+
+# ---------------------------------------------------------------- writers
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from ftdist import runlock
+runlock.COMMAND = "ftdist train first.yaml"
+runlock.lock_file(Path(sys.argv[1]), lambda h: "busy")
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def locked(w: Workspace, run: Path, seconds: float = 300):
+    """Another process holding `run`'s lock (as a running writer does)."""
+    from ftdist import runlock
+    from ftdist.layout import LOCK_FILE
+
+    run.mkdir(parents=True, exist_ok=True)
+    return w.start(sys.executable, "-c", HOLDER, str(run / LOCK_FILE), str(seconds),
+                   ready=lambda: runlock.lock_holder(run / LOCK_FILE) is not None)
+
+
+@case("writers", "a second train of a run that is training", ("is being written by", "ftdist train", "pid",
+                                                              "one writer at a time"), timeout=300)
+def _(w):
+    from ftdist import runlock
+
+    lock = w.dir / "runs" / "case" / ".ftdist-lock"
+    w.start(*FTDIST, "train", w.config("train.max_steps=100000", "checkpoint.every_steps=100000"), "--local",
+            ready=lambda: bool(runlock.lock_holder(lock)))
+    return train(w)
+
+
+@case("writers", "--restart of a run that another process writes", ("is being written by", "first.yaml"))
+def _(w):
+    locked(w, w.dir / "runs" / "case")
+    return ["train", w.config(), "--local", "--restart"]
+
+
+@case("writers", "a train into a tune search's directory", ("tune search's directory", "never writes into it",
+                                                           "run.name"))
+def _(w):
+    from ftdist.config import validate_config
+    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
+
+    prepare_run_dir(validate_config(w.raw()), restart=False, resumable=TUNE_RESUMABLE_CHANGES, kind=SEARCH)
+    return ["train", w.config("train.lr=0.5"), "--local", "--restart"]
+
+
+@case("writers", "a train into a trial of a search", ("tune search's directory", "trial-N"))
+def _(w):
+    from ftdist.config import validate_config
+    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
+
+    search = prepare_run_dir(validate_config(w.raw("run.name=search")), restart=False,
+                             resumable=TUNE_RESUMABLE_CHANGES, kind=SEARCH)
+    return train(w, f"run.output={search.local}", "run.name=trial-00001")
+
+
+@case("writers", "a tune into a training run's directory", ("training run's directory", "tune.name"), timeout=200)
+def _(w):
+    a_run(w, "run.name=search")
+    return ["tune", tune_config(w)]
+
+
+@case("writers", "--restart while an export reads the run", ("being read by another process", "export"))
+def _(w):
+    w.file("runs/case/.ftdist-run", "{}")
+    reader = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_SH); "
+              "open(sys.argv[2], 'w').close(); time.sleep(300)")
+    ready = w.dir / "reading"
+    w.start(sys.executable, "-c", reader, str(w.dir / "runs" / "case"), str(ready), ready=ready.exists)
+    return ["train", w.config(), "--local", "--restart"]
+
+
+@case("writers", "a lock left by a killed writer is taken over", ("done: model in",), outcome="runs", timeout=200)
+def _(w):
+    holder = locked(w, w.dir / "runs" / "case")
+    holder.kill()
+    holder.wait(30)
+    return train(w)
+
+
+@case("writers", "a second prepare of a model.init run being prepared", ("is being written by", "first.yaml"))
+def _(w):
+    locked(w, w.dir / "runs" / "case")
+    return ["prepare", w.config()]
+
+
+@case("writers", "a second train of an s3:// run that holds a live lease", ("is being written by",
+                                                                            "ftdist train other.yaml", "pid 4242"))
+def _(w):
+    lease = {"host": "node-7", "pid": 4242, "command": "ftdist train other.yaml", "since": "2026-01-01 10:00:00",
+             "token": "x", "expires": time.time() + 3600}
+    S3.put_text(f"runs/writers-{w.dir.name}/.ftdist-lease.json", json.dumps(lease))
+    return train(w, *S3.overrides(), f"run.name=writers-{w.dir.name}")
+
+
 # ---------------------------------------------------------------- tune
 
 
@@ -927,6 +1134,10 @@ def run_case(c: Case, root: Path, base_env: dict) -> Result:
         return Result(c, False, time.monotonic() - started, f"no answer within {c.timeout} s (a hang)", "")
     except Exception as e:  # the case's own set-up failed
         return Result(c, False, time.monotonic() - started, f"set-up: {e}"[:300], "")
+    finally:
+        for proc in w.background:
+            proc.kill()
+            proc.wait(30)
     seconds = time.monotonic() - started
     out, err = done.stdout, done.stderr
     errors = [line for line in err.splitlines() if line.startswith("ftdist: error:")]

@@ -43,6 +43,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ftdist import safewrite
 from ftdist.engine import deepspeed_file_rank
 from ftdist.errors import UserError
 from ftdist.layout import CHECKPOINTS as ROOT
@@ -118,7 +119,7 @@ def disk_full_stops(path: Path, step: int, store: RunStore):
         reason = disk_full(e, path)
         if reason is None:
             raise
-        shutil.rmtree(path, ignore_errors=True)
+        safewrite.remove_quietly(path, store.local, f"checkpoint step-{step}")
         before = [s for s in start_steps_local(store) if s < step]
         resume = f"step-{before[-1]}" if before else "the start"
         raise UserError(f"checkpoint step-{step}: no room to write it in {path.parent} ({reason}); free space "
@@ -161,19 +162,20 @@ def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, 
     rel = step_dir(step)
     path = store.local / rel
     shared = not store.remote  # ranks of a local run write into one directory
-    if ctx.is_main or not shared:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+    what = f"checkpoint step-{step}"
+    if ctx.is_main or not shared:  # a new directory of ftdist's own (never a link's target): its files are ours
+        safewrite.remove(path, store.local, what)
+        safewrite.make_dirs(path, store.local, what)
     if shared:
         ctx.barrier()
     with disk_full_stops(path, step, store):
         write_rest = engine.save(path, ctx.is_main)
         save_rng(path / f"rng-{ctx.rank}.safetensors")
         if ctx.is_main:
-            (path / "state.json").write_text(json.dumps(state, indent=2))
+            safewrite.write_text(path / "state.json", store.local, what, json.dumps(state, indent=2))
             metrics = store.local / METRICS
-            if metrics.is_file():
-                shutil.copyfile(metrics, path / METRICS)
+            if metrics.is_file() and not metrics.is_symlink():
+                safewrite.copy_file(metrics, path / METRICS, store.local, what)
     uploader.submit(partial(commit, store, step, ctx.rank, ctx.world_size, write_rest, keep, state.get("eval_loss")))
     return path
 
@@ -211,7 +213,7 @@ def commit(store: RunStore, step: int, rank: int, world_size: int, write_rest: O
     if store.remote:  # older local copies of this rank are in the store now
         for old in (store.local / ROOT).glob(PREFIX + "*"):
             if (step_of(old.name) or step) < step:
-                shutil.rmtree(old, ignore_errors=True)
+                safewrite.remove_quietly(old, store.local, "an older checkpoint's local copy")
     return {"step": step, "bytes": size, "uploaded": sent, "upload_s": upload_s,
             "seconds": time.perf_counter() - started}
 
@@ -386,7 +388,7 @@ def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> 
     if not store.remote:
         return path
     saved_world = read_marker(store, step).get("world_size", world_size)
-    shutil.rmtree(path, ignore_errors=True)
+    safewrite.remove(path, store.local, f"checkpoint step-{step}")
     store.download(rel, path, keep=rank_loads(rank, world_size, saved_world))
     return path
 

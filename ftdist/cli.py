@@ -157,11 +157,19 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from ftdist.config import load_raw, validate_config
     from ftdist.tune.experiment import tune
-    from ftdist.tune.results import collect, end_search_tracking, format_table, write_report
 
     raw = load_raw(args.config, args.overrides)  # trials and best.yaml start from the config as written
     experiment, results = tune(validate_config(raw, source=args.config), raw, restart=args.restart,
                                address=args.address)
+    try:  # the search's directory is this command's until its report is written
+        return report_search(experiment, results)
+    finally:
+        experiment.done()
+
+
+def report_search(experiment, results) -> int:
+    from ftdist.tune.results import collect, end_search_tracking, format_table, write_report
+
     rows = collect(experiment, results)
     print(format_table(experiment.cfg, rows))
     for row in rows:
@@ -277,6 +285,10 @@ def ray_joined() -> bool:
 
 
 def run_command(args, leave: bool) -> int:
+    from ftdist import runlock
+
+    # What a run's lock names as its holder (never --set values: they may carry anything).
+    runlock.COMMAND = " ".join(["ftdist", args.command, *([args.config] if getattr(args, "config", None) else [])])
     try:
         quiet_libraries()
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,

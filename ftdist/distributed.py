@@ -24,7 +24,7 @@ from ftdist.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.plan import Plan, accumulation_steps
 from ftdist.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
 from ftdist.rayhead import answers, watch_head
-from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
+from ftdist.rundir import check_free, finished_summary, is_finished, read_summary, writing
 from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
@@ -38,26 +38,28 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
     """`notice`: SIGTERM to this driver (after it joined Ray, whose own handler it replaces
     meanwhile) stops the workers at their next step boundary with a checkpoint."""
     checked = check_inputs(cfg)  # the snapshot keeps s3:// paths; the driver reads local copies
+    check_free(cfg)  # another writer of this run: told before Ray starts
     use_gpu, device_type, per_device = preflight_cluster(checked.cfg, address)
     say = print if show_progress else (lambda *_, **__: None)
     say(describe_plan(cfg, device_type), flush=True)
     say(f"memory (estimate): {per_device.estimate.describe()}, of {per_device.available / 2**30:.1f} GiB", flush=True)
 
-    store = prepare_run_dir(cfg, restart)
-    if is_finished(store):
-        return finished_summary(store)
-    with stop_on_sigterm(notice or StopNotice()) as notice:
-        inputs = shared_inputs(checked, store)
-        loop_config = worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers, show_progress)
-        if not notice.reason:
-            with forwarded(notice) as flag:
-                fit(checked.cfg, store, {**loop_config, "stop_flag": flag}, inputs.datasets, use_gpu)
-    if notice.reason and not is_finished(store):  # (a stop asked during the last step: the run finished)
-        from ftdist.checkpoint import describe_newest
+    with writing(cfg, restart) as store:  # held by the driver: its workers write under it
+        if is_finished(store):
+            return finished_summary(store)
+        with stop_on_sigterm(notice or StopNotice()) as notice:
+            inputs = shared_inputs(checked, store)
+            loop_config = worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers,
+                                        show_progress)
+            if not notice.reason:
+                with forwarded(notice) as flag:
+                    fit(checked.cfg, store, {**loop_config, "stop_flag": flag}, inputs.datasets, use_gpu)
+        if notice.reason and not is_finished(store):  # (a stop asked during the last step: the run finished)
+            from ftdist.checkpoint import describe_newest
 
-        raise StoppedOnNotice(f"{notice.reason}: the workers stopped at a step boundary; {describe_newest(store)}; "
-                              "run the same command again to resume from it")
-    return read_summary(store)
+            raise StoppedOnNotice(f"{notice.reason}: the workers stopped at a step boundary; "
+                                  f"{describe_newest(store)}; run the same command again to resume from it")
+        return read_summary(store)
 
 
 @contextmanager
@@ -165,7 +167,10 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
     from ftdist.quiet import WORKER_ENV
     from ftdist.raydata import SPLIT
 
+    from ftdist import safewrite
+
     d = cfg.distributed
+    safewrite.make_dirs(store.root / "ray", store.root, "Ray Train's bookkeeping")  # never through a link
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,

@@ -18,6 +18,7 @@ deepspeed/ (Ray workers: DeepSpeed's own files, consolidated here with its zero_
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -74,6 +75,22 @@ def export(source: str, out: str, merge: bool = False, force: bool = False,
 
 def export_local(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool = False,
                  allow: Optional[str] = None) -> str:
+    from ftdist.runlock import reading
+
+    with reading(run_dir_of(path), str(path)):  # a --restart of the run meanwhile is refused, not exported
+        return export_source(path, source, out, merge, force, trust_remote_code, allow)
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory an export source lies in (a run, its final/ or one of its checkpoints)."""
+    path = path.resolve() if path.exists() else path
+    if (path / "state.json").is_file():
+        return path.parent.parent
+    return path.parent if path.name == FINAL_DIR else path
+
+
+def export_source(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool,
+                  allow: Optional[str]) -> str:
     from ftdist.model import TRUST_FLAG, refuse_remote_code
 
     src = resolve_source(path)
@@ -220,6 +237,10 @@ def load_tokenizer_of(src: Source, base: str):
 
 
 def check_output(out: Path, src: Source, force: bool) -> Path:
+    if out.is_symlink():  # ftdist never writes through a link (safewrite); its parents are the user's
+        target = Path(os.path.realpath(out))
+        raise UserError(f"--out {out} is a symbolic link (to {target}); ftdist never writes through a link, nor "
+                        f"replaces one: give the directory itself (--out {target}), or a new directory")
     resolved, run = out.resolve(), src.run_dir.resolve()
     if resolved == run or run in resolved.parents or resolved in run.parents:
         # --force would delete (part of) the very run being exported.
@@ -244,18 +265,29 @@ def is_export(path: Path) -> bool:
 
 def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
     """Fill a new directory beside OUT, then rename it into place: a failed export leaves no
-    half-written OUT, and nothing but OUT (empty, or an earlier export) is ever replaced."""
+    half-written OUT and no directory of its own behind, and nothing but OUT (empty, or an
+    earlier export) is ever replaced; never through a link (safewrite)."""
+    from ftdist import safewrite
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ftdist-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would stay on OUT
+    old = tmp.with_name(tmp.name + "-old")  # the earlier OUT, set aside until the new one is in place
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on OUT
         fill(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.is_dir():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        if out.is_symlink():  # made while the export ran
+            raise safewrite.refuse(out, "the export")
+        if out.is_dir():
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.is_dir() and not out.exists():
+                os.rename(old, out)
+            raise
+    finally:
+        for leftover in (tmp, old):
+            safewrite.remove_quietly(leftover, out.parent, "the export")
 
 
 def refuse_classifier_checkpoint(src: Source, merge: bool) -> None:

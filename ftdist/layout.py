@@ -1,6 +1,8 @@
 """The names of what ftdist writes: a run directory, a search's directory, an export.
 
   <run>/                      RUN_MARKER       ftdist's own mark: this directory is an ftdist run
+                                               (or a search: its "kind")
+                              LOCK_FILE        who writes it now (LEASE_FILE on s3://): runlock.py
                               SNAPSHOT         the resolved config (secrets redacted)
                               METRICS          one JSON line per step, evaluation and event
                               SUMMARY          the final numbers
@@ -25,6 +27,10 @@ inside a directory that bears ftdist's marker: nothing of the user's is lost.
 from __future__ import annotations
 
 RUN_MARKER = ".ftdist-run"
+# One writer at a time (runlock): a local directory's lock file, an s3:// one's lease object.
+# Neither is ever deleted by --restart: another process may be holding it.
+LOCK_FILE = ".ftdist-lock"
+LEASE_FILE = ".ftdist-lease.json"
 SNAPSHOT = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

@@ -11,21 +11,22 @@ from typing import Optional
 from ftdist.config import Config
 from ftdist.notice import StopNotice
 from ftdist.preflight import check_dtype, check_fits, check_inputs
-from ftdist.rundir import finished_summary, is_finished, prepare_run_dir, read_summary
+from ftdist.rundir import check_free, finished_summary, is_finished, read_summary, writing
 
 
 def train_local(cfg: Config, restart: bool = False, show_progress: bool = True,
                 notice: Optional[StopNotice] = None) -> dict:
     checked = check_inputs(cfg)
+    check_free(cfg)  # another writer of this run: told now, not after the model loads
     from ftdist.context import LocalContext, default_device
 
     device = default_device()
     check_dtype(cfg, device)
     check_fits(checked.cfg, device)
-    store = prepare_run_dir(cfg, restart)  # the snapshot keeps the config as written (s3:// paths)
-    if is_finished(store):
-        return finished_summary(store)
-    from ftdist.loop import train
+    with writing(cfg, restart) as store:  # the snapshot keeps the config as written (s3:// paths)
+        if is_finished(store):
+            return finished_summary(store)
+        from ftdist.loop import train
 
-    train(checked.cfg, LocalContext(store=store, device=device, show_progress=show_progress, notice=notice))
-    return read_summary(store)
+        train(checked.cfg, LocalContext(store=store, device=device, show_progress=show_progress, notice=notice))
+        return read_summary(store)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
@@ -30,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ftdist import checkpoint
+from ftdist import checkpoint, safewrite
 from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
@@ -237,7 +236,7 @@ def restore(run: Run, resume: ResumePoint) -> TrainState:
     checkpoint.restore_rng(resume.path, ctx.rank)
     state = TrainState.of_checkpoint(resume.saved)
     if ctx.is_main and (resume.path / METRICS).is_file():  # the log as it was at the checkpoint
-        shutil.copyfile(resume.path / METRICS, run.log.path)
+        safewrite.copy_file(resume.path / METRICS, run.log.path, run.log.root, "the metrics log")
     run.log.truncate_after(state.step)
     run.log.append({"step": state.step, "event": "resume", "checkpoint": resume.path.name,
                     "from_world_size": resume.saved.get("world_size"), **run.engine.layout.record()})

@@ -8,20 +8,25 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from ftdist import safewrite
+
 
 class MetricsLog:
     """Appends records; on resume, drops the records of steps after the checkpoint. Each record
-    is also handed to `listener` (the run's trackers), which must not block."""
+    is also handed to `listener` (the run's trackers), which must not block. Never written
+    through a link (safewrite): `root` is the run directory the log lies in."""
 
-    def __init__(self, path: Path, enabled: bool = True, listener: Optional[Callable[[dict], None]] = None):
+    def __init__(self, path: Path, enabled: bool = True, listener: Optional[Callable[[dict], None]] = None,
+                 root: Optional[Path] = None):
         self.path = path
         self.enabled = enabled
         self.listener = listener
+        self.root = root or path.parent
 
     def append(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with safewrite.open_file(self.path, self.root, "the metrics log", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.listener is not None:
             self.listener(record)
@@ -31,17 +36,17 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        tmp = self.path.with_name(self.path.name + ".tmp")  # layout.STAGING
+        safewrite.write_text(tmp, self.root, "the metrics log", "".join(json.dumps(r) + "\n" for r in kept))
+        safewrite.rename(tmp, self.path, self.root, "the metrics log")
 
     def reset(self) -> None:
         if self.enabled:
-            self.path.unlink(missing_ok=True)
+            safewrite.remove(self.path, self.root, "the metrics log")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
+    if not path.is_file():  # a FIFO there would never answer
         return []
     records = []
     for line in path.read_text().splitlines():

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -78,7 +77,11 @@ def resolve_base(cfg: Config, store) -> str:
     so that every node (and a resumed run on a fresh machine) loads the very same weights."""
     if cfg.model.name_or_path and not adapter_start(cfg.model.name_or_path):
         return check_model_source(cfg.model.name_or_path, cfg.storage)
+    from ftdist import safewrite
+
     base = store.root / BASE_DIR
+    for name in (BASE_DIR, BASE_DIR + ".tmp", BASE_DIR + ".download", BASE_DIR + ".lock"):
+        safewrite.check(store.root / name, store.root, "the base model")  # never read or written through a link
     if (base / "config.json").is_file():
         return str(base)
     build_base = build_initial_model if cfg.model.init else merge_adapter_start
@@ -91,10 +94,10 @@ def resolve_base(cfg: Config, store) -> str:
     with FileLock(str(store.root / (BASE_DIR + ".lock"))):  # ranks on one node: one download
         if not (base / "config.json").is_file():
             tmp = base.with_name(BASE_DIR + ".download")
-            shutil.rmtree(tmp, ignore_errors=True)
+            safewrite.remove(tmp, store.root, "the base model")
             if store.exists(f"{BASE_DIR}/config.json"):
                 store.download(BASE_DIR, tmp)
-                tmp.rename(base)
+                safewrite.rename(tmp, base, store.root, "the base model")
             else:
                 build_base(cfg, base)
                 store.upload(BASE_DIR, source=base)
@@ -258,11 +261,14 @@ def build_initial_model(cfg: Config, out: Path) -> None:
         torch.manual_seed(cfg.train.seed)
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     # Written aside, then renamed: a crash never leaves a half-written base behind.
+    from ftdist import safewrite
+
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    safewrite.remove(tmp, out.parent, "the base model")
+    safewrite.make_dirs(tmp, out.parent, "the base model")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    safewrite.rename(tmp, out, out.parent, "the base model")
 
 
 # ---------------------------------------------------------------- loading

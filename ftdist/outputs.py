@@ -5,13 +5,13 @@ it published to the store, final/ftdist.json last, since it marks the run finish
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ftdist import safewrite
 from ftdist.config import Config
 from ftdist.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
 
@@ -22,7 +22,11 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    what = "the final model"
+    # Written aside, in a directory of ftdist's own (never through a link), then renamed into place.
+    safewrite.remove(tmp, run_dir, what)
+    safewrite.check(final, run_dir, what)
+    safewrite.make_dirs(tmp, run_dir, what)
     if cfg.task == "classification" and cfg.method == "full":
         from ftdist.classify import save_full_classifier
 
@@ -38,14 +42,15 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
             "dtype": cfg.model.dtype, "task": cfg.task}
     if cfg.task == "classification":
         meta["classification"] = cfg.classification.model_dump()
-    (tmp / FINAL_META).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    safewrite.write_text(tmp / FINAL_META, run_dir, what, json.dumps(meta, indent=2))
+    safewrite.remove(final, run_dir, what)
+    safewrite.rename(tmp, final, run_dir, what)
     return final
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=_jsonable))
+    safewrite.write_text(run_dir / SUMMARY, run_dir, "the run's summary",
+                         json.dumps(summary, indent=2, default=_jsonable))
 
 
 def publish(store) -> None:

@@ -27,9 +27,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
@@ -40,6 +42,8 @@ from ftdist.sources import is_hub, shard_files
 if TYPE_CHECKING:
     from ftdist.data import Dataset
 
+# How long a run waits for another process that prepares the same rows (then reads them).
+WAIT_S = 1800.0
 VERSION = 2  # of the rows' layout: a new one never reads an old one's files (2: eval rows per source)
 CHUNK = 2**20
 
@@ -145,20 +149,51 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
     rel = f"{key}/{tokenizer_key(tokenizer)}"
     where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
-    fetched = not (where / "stats.json").is_file() and bucket is not None and bucket.exists(f"{rel}/stats.json")
-    if fetched:
-        fetch_rows(bucket, rel, where)
-    if (where / "stats.json").is_file():
-        dataset = load(where)
-        dataset.stats["prepared"] = f"from the cache, {bucket.path(rel) if fetched else where}"
-        return dataset
-    dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
-    save(dataset, where)
-    remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
+    if (where / "stats.json").is_file():  # whole once there (renamed into place): no lock to read it
+        return cached(where, f"from the cache, {where}")
+    with entry_lock(cfg, where):  # one writer of an entry; a second waits, then reads what it made
+        if (where / "stats.json").is_file():
+            return cached(where, f"from the cache, {where} (prepared by another process meanwhile)")
+        if bucket is not None and bucket.exists(f"{rel}/stats.json"):
+            fetch_rows(bucket, rel, where, cache_root(cfg))
+            return cached(where, f"from the cache, {bucket.path(rel)}")
+        dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
+        save(dataset, where, cache_root(cfg))
+        remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
     if bucket is not None:
         keep_copy(bucket, rel, where)
     dataset.stats["prepared"] = f"tokenized, kept in {where}"
     return dataset
+
+
+def cached(where: Path, how: str) -> "Dataset":
+    dataset = load(where)
+    dataset.stats["prepared"] = how
+    return dataset
+
+
+@contextmanager
+def entry_lock(cfg: Config, where: Path) -> Iterator[None]:
+    """The lock of one cache entry (<entry>.lock beside it), held while it is made; another
+    process making the same entry is waited for, at most WAIT_S."""
+    from ftdist import runlock, safewrite
+
+    root = cache_root(cfg)
+    safewrite.make_dirs(where.parent, root, "the prepared rows")
+
+    def waiting(holder) -> None:
+        print(f"ftdist: {runlock.describe(holder)} is preparing the same rows into {where}; waiting for it (at most "
+              f"{WAIT_S:.0f} s), then reading them", file=sys.stderr, flush=True)
+
+    def busy(holder) -> str:
+        return (f"{where}: {runlock.describe(holder)} has been preparing these rows for more than {WAIT_S:.0f} s; "
+                "wait for it to end (or stop it), then run this command again")
+
+    held = runlock.lock_file(where.with_name(where.name + ".lock"), busy, wait_s=WAIT_S, waiting=waiting)
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def shared_url(cfg: Config) -> Optional[str]:
@@ -197,9 +232,11 @@ def keep_copy(bucket, rel: str, where: Path) -> None:
               "set storage.prepared_url to a place this run may write", flush=True)
 
 
-def fetch_rows(bucket, rel: str, where: Path) -> None:
+def fetch_rows(bucket, rel: str, where: Path, root: Path) -> None:
     """The bucket's rows into the local cache, renamed into place once whole."""
-    where.parent.mkdir(parents=True, exist_ok=True)
+    from ftdist import safewrite
+
+    safewrite.make_dirs(where.parent, root, "the prepared rows")
     staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=where.parent))
     try:
         bucket.download(rel, staging)
@@ -211,10 +248,12 @@ def fetch_rows(bucket, rel: str, where: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save(dataset: "Dataset", where: Path) -> None:
+def save(dataset: "Dataset", where: Path, root: Path) -> None:
+    from ftdist import safewrite
     from ftdist.data import COLUMNS
 
-    where.parent.mkdir(parents=True, exist_ok=True)
+    safewrite.make_dirs(where.parent, root, "the prepared rows")
+    safewrite.check(where, root, "the prepared rows")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=where.parent))
     try:
         for split in SPLITS:
@@ -251,7 +290,11 @@ def load(where: Path) -> "Dataset":
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ftdist import safewrite
+
+    root = path.parent.parent  # <cache_dir>/prepared: the entry's directory is ftdist's
+    safewrite.make_dirs(path.parent, root, path.name)
+    safewrite.check(path, root, path.name)
     fd, tmp = tempfile.mkstemp(prefix=".", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -265,15 +308,18 @@ def prepare(cfg: Config) -> list[str]:
     """Build (or find) a config's prepared rows ahead of its runs; the lines to print."""
     import time
 
+    from contextlib import nullcontext
+
     from ftdist.model import load_tokenizer, resolve_base
     from ftdist.preflight import check_inputs
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.rundir import writing
 
     started = time.perf_counter()
     checked = check_inputs(cfg)
-    # A tokenizer trained for model.init lives with the run's base model: the run's directory.
-    store = None if cfg.model.name_or_path else prepare_run_dir(cfg, restart=False)
-    tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
+    # A tokenizer trained for model.init lives with the run's base model: the run's directory,
+    # written by this command alone while it builds it.
+    with nullcontext() if cfg.model.name_or_path else writing(cfg) as store:
+        tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
     dataset = prepared_dataset(checked.cfg, tokenizer)
     return describe(dataset, cfg.data.packing) + [
         f"prepared in {time.perf_counter() - started:.1f} s: {dataset.stats.get('prepared', 'not cached (hub data)')}"]

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ftdist import safewrite
 from ftdist.errors import UserError
 from ftdist.layout import METRICS, REPORT, SUMMARY
 from ftdist.metrics import read_metrics, series
@@ -75,7 +76,7 @@ def plot_rewards(run_dir: Path) -> Optional[Path]:
     fig.suptitle(f"{run_dir.name}: preference tuning")
     fig.tight_layout()
     out = run_dir / "rewards.png"
-    fig.savefig(out, dpi=110)
+    safewrite.save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -88,7 +89,7 @@ def save_loss_figure(plt, fig, ax, title: str, out: Path, unit: str = "cross-ent
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    safewrite.save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -134,7 +135,7 @@ def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:
     ax.grid(alpha=0.3)
     out = run_dir / filename
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    safewrite.save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -182,7 +183,7 @@ def report(run_dir: Path) -> tuple[dict, list[Path]]:
         plot_series(run_dir, "tokens_per_s", "tokens / s", "throughput.png"),
     ]
     summary = summarize(run_dir)
-    (run_dir / REPORT).write_text(json.dumps(summary, indent=2))
+    safewrite.write_text(run_dir / REPORT, run_dir, "the report", json.dumps(summary, indent=2))
     return summary, plots
 
 

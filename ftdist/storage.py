@@ -205,9 +205,11 @@ class RunStore:
     # -- writes (no-ops for local runs: the local copy is the run)
     def write_text(self, rel: str, text: str) -> None:
         if not self.remote:
+            from ftdist import safewrite
+
             target = self.local / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            safewrite.make_dirs(target.parent, self.local, rel)
+            safewrite.write_text(target, self.local, rel, text)
             return
         self.call(lambda: self.fs.pipe_file(self.path(rel), text.encode()), f"writing {self.path(rel)}")
 
@@ -234,6 +236,12 @@ class RunStore:
         return source.stat().st_size
 
     def remove(self, rel: str) -> None:
+        if not self.remote:  # never through a link (safewrite)
+            from ftdist import safewrite
+
+            safewrite.remove(self.local / rel, self.local, rel)
+            return
+
         def rm() -> None:
             if self.fs.exists(self.path(rel)):
                 self.fs.rm(self.path(rel), recursive=True)
@@ -246,7 +254,9 @@ def open_run_store(cfg, rank: int = 0) -> RunStore:
     if is_remote(output):
         url = join(output, cfg.run.name)
         return RunStore(url, cache_path(cfg.storage, "runs", url), cfg.storage, rank)
-    local = (Path(output).expanduser() / cfg.run.name).resolve()
+    # run.output is the user's path (links in it are theirs, resolved); the run directory itself
+    # is not resolved: a link there is refused (rundir.claim), never written through.
+    local = Path(os.path.normpath(Path(output).expanduser().resolve() / cfg.run.name))
     return RunStore(str(local), local, cfg.storage, rank)
 
 

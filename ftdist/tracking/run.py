@@ -48,6 +48,7 @@ def open_tracking(cfg: Config, store: RunStore, layout: dict, group: Optional[Tr
         tags.update(search=group.name, searched=",".join(sorted(group.searched)))
     name = cfg.run.name
     reporters, ids = [], TrackerIds(store, saved)
+    own_dirs(store, tensorboard=conf.tensorboard is True, wandb=bool(conf.wandb))
     if conf.tensorboard:
         log_dir = store.local / TENSORBOARD_DIR if conf.tensorboard is True else \
             Path(conf.tensorboard).expanduser() / (group.name if group else "") / name
@@ -81,6 +82,7 @@ def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Track
     params = {**flat_params(cfg), **{f"tune.{k}": v for k, v in flat_tune(cfg).items()}}
     tags = {**run_tags(cfg), "search": name}
     reporters, ids = [], TrackerIds(store, saved)
+    own_dirs(store, wandb=bool(conf.wandb))
     if conf.mlflow:
         reporters.append(_opened(warn, ids, "mlflow", conf.mlflow.tracking_uri, lambda: _mlflow(
             conf.mlflow, conf.mlflow.run_name or name, params, tags, saved.get("mlflow"), None)))
@@ -123,6 +125,17 @@ def flat_tune(cfg: Config) -> dict[str, Any]:
     flat.update({f"space.{k}": json.dumps({kind: v for kind, v in spec.items() if v is not None})
                  for k, spec in space.items()})
     return flat
+
+
+def own_dirs(store: RunStore, tensorboard: bool = False, wandb: bool = False) -> None:
+    """The trackers' directories in the run (made if missing), before any tracker writes there:
+    a link in their place is refused (never written through), not a tracker's warning."""
+    from ftdist import safewrite
+
+    for wanted, rel, what in ((tensorboard, TENSORBOARD_DIR, "TensorBoard's event files"),
+                              (wandb, WANDB_DIR, "W&B's run files")):
+        if wanted:
+            safewrite.make_dirs(store.local / rel, store.local, what)
 
 
 def read_state(store: RunStore, rel: str = TRACKING) -> dict:

@@ -29,18 +29,37 @@ class Experiment:
     raw: dict  # the same, as plain data: trials and best.yaml start from it
     store: RunStore  # <run.output>/<tune.name>
     tracking: Any  # tracking.hub.Tracking: the search's parent run, ended by the caller with the results
+    release: Any = None  # lets go of the search's directory (runlock): the caller's, once the report is written
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
 
 
 def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] = None) -> tuple[Experiment, Any]:
-    """Run (or continue) the experiment; returns it with Tune's ResultGrid."""
-    from dataclasses import asdict
+    """Run (or continue) the experiment; returns it with Tune's ResultGrid. The search's
+    directory stays held by this process (one writer) until the caller's Experiment.done()."""
+    from contextlib import ExitStack
 
-    from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
-    from ftdist.tracking.run import open_search_tracking
+    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, writing
 
     checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
-    store = prepare_run_dir(experiment_config(cfg), restart, resumable=TUNE_RESUMABLE_CHANGES)
+    held = ExitStack()
+    store = held.enter_context(writing(experiment_config(cfg), restart, TUNE_RESUMABLE_CHANGES, kind=SEARCH))
+    try:
+        tracking, results = search(cfg, checked, raw, store, use_gpu, concurrency)
+    except BaseException:
+        held.close()
+        raise
+    return Experiment(cfg, raw, store, tracking, held.close), results
+
+
+def search(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool, concurrency: int):
+    from dataclasses import asdict
+
+    from ftdist.tracking.run import open_search_tracking
+
     experiment, datasets, steps = trial_inputs(cfg, checked, raw, store, use_gpu)
     tracking, group = open_search_tracking(checked.cfg, store)
     experiment["tracking_group"] = asdict(group)
@@ -54,7 +73,7 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     except BaseException:
         tracking.end("FAILED")
         raise
-    return Experiment(cfg, raw, store, tracking), results
+    return tracking, results
 
 
 def preflight(cfg: Config, raw: dict, address: Optional[str]):
@@ -69,8 +88,11 @@ def preflight(cfg: Config, raw: dict, address: Optional[str]):
         raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
     if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
+    from ftdist.rundir import SEARCH, check_free
+
     checked = check_inputs(cfg)
     check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
+    check_free(experiment_config(cfg), SEARCH)  # a train's directory, or a search another tune runs
     use_gpu, _, _ = preflight_cluster(checked.cfg, address)
     return checked, use_gpu
 
@@ -113,6 +135,10 @@ def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, 
         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     storage_path, fs = tune_storage(store)
     path = f"{storage_path}/{TUNER_DIR}"
+    if not store.remote:
+        from ftdist import safewrite
+
+        safewrite.check(store.root / TUNER_DIR, store.root, "Ray Tune's state")  # never through a link
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"tune: continuing the experiment in {store.path(TUNER_DIR)} (trials that ended are kept)", flush=True)
         return ray_tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,

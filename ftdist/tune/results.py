@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ftdist import safewrite
 from ftdist.config import Config
 from ftdist.tune.experiment import Experiment
 from ftdist.tune.space import with_params
@@ -116,7 +117,7 @@ def write_report(experiment: Experiment, rows: list[TrialRow]) -> dict:
     cfg, store = experiment.cfg, experiment.store
     local = store.local
     local.mkdir(parents=True, exist_ok=True)
-    (local / "results.csv").write_text(csv_text(cfg, rows))
+    safewrite.write_text(local / "results.csv", local, "the search's results", csv_text(cfg, rows))
     written = ["results.csv", plot_curves(cfg, rows, local), plot_metric_vs_params(cfg, rows, local)]
     best = best_row(rows)
     summary = {
@@ -125,7 +126,8 @@ def write_report(experiment: Experiment, rows: list[TrialRow]) -> dict:
         "best": None,
     }
     if best is not None:
-        (local / "best.yaml").write_text(
+        safewrite.write_text(
+            local / "best.yaml", local, "the search's best config",
             f"# The best trial of tune {cfg.tune.name} ({best.trial}, {cfg.tune.metric} {best.metric:.4f}).\n"
             f"# Train it again with: ftdist train best.yaml\n"
             + yaml.safe_dump(best_config(experiment, best), sort_keys=False))
@@ -133,7 +135,7 @@ def write_report(experiment: Experiment, rows: list[TrialRow]) -> dict:
         summary["best"] = {"trial": best.trial, "metric": best.metric, "params": best.params,
                            "trainable_params": best.trainable_params, "config": store.path("best.yaml"),
                            "final_model": store.path(f"{best.trial}/final")}
-    (local / "tune.json").write_text(json.dumps(summary, indent=2))
+    safewrite.write_text(local / "tune.json", local, "the search's summary", json.dumps(summary, indent=2))
     for rel in [*written, "tune.json"]:
         store.upload(rel)
     return summary
@@ -164,7 +166,7 @@ def plot_curves(cfg: Config, rows: list[TrialRow], out_dir) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out_dir / "eval_curves.png", dpi=110)
+    safewrite.save_figure(fig, out_dir / "eval_curves.png")
     plt.close(fig)
     return "eval_curves.png"
 
@@ -195,7 +197,7 @@ def plot_metric_vs_params(cfg: Config, rows: list[TrialRow], out_dir) -> str:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"tune {cfg.tune.name}: {cfg.tune.metric} ({cfg.tune.mode}) by parameter")
     fig.tight_layout()
-    fig.savefig(out_dir / "metric_vs_params.png", dpi=110)
+    safewrite.save_figure(fig, out_dir / "metric_vs_params.png")
     plt.close(fig)
     return "metric_vs_params.png"
 

@@ -66,7 +66,8 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
 
     quiet_libraries()
     cfg = trial_config(experiment, params, tune.get_context().get_trial_name())
-    store = prepare_run_dir(cfg, restart=False)  # the trial's directory: resumed if it exists
+    # The trial's directory: resumed if it exists; written under the search's lock.
+    store = prepare_run_dir(cfg, restart=False, trial=True)
     t = experiment["tune"]
     if not is_finished(store):
         group = {**experiment["tracking_group"], "searched": params}  # its tracker runs join the search's

@@ -267,3 +267,34 @@ def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_
         retrying(lambda: fs.pipe_file(target, b"again"), f"writing {target}", storage.retry_deadline_s)
     s3.relay.answer_with(None)
     assert s3.fs.cat_file(target) == b"written"
+
+
+def test_an_s3_run_has_one_writer_by_its_lease_which_a_dead_holder_does_not_keep(s3, tmp_path, monkeypatch):
+    """The lease object: a second writer is refused naming the first; a lease past its expiry, or
+    whose holder on this host is gone, is taken over; the holder's renewals keep it; released, it goes."""
+    from ftdist import runlock
+    from ftdist.errors import UserError
+    from ftdist.layout import LEASE_FILE
+    from ftdist.rundir import check_free, writing
+
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.2)
+    cfg = tiny_config(tmp_path, *s3.overrides())
+    lease = s3.url("runs", "t", LEASE_FILE)
+    with writing(cfg) as store:
+        first = json.loads(s3.fs.cat_file(lease))
+        assert first["pid"] == os.getpid() and first["expires"] > time.time()
+        wait_until(lambda: json.loads(s3.fs.cat_file(lease))["expires"] > first["expires"], 10, "a renewal")
+        for attempt in (lambda: check_free(cfg), lambda: writing(cfg).__enter__()):
+            with pytest.raises(UserError, match=rf"{store.url} is being written by `.*` \(pid {os.getpid()} on "):
+                attempt()
+    assert not s3.fs.exists(lease)
+    for stale in ({"host": "elsewhere", "pid": 1, "expires": time.time() - 1},  # expired
+                  {"host": __import__("socket").gethostname(), "pid": 2**22 + 7, "expires": time.time() + 600}):
+        s3.fs.pipe_file(lease, json.dumps({**stale, "command": "ftdist train old.yaml", "token": "old"}).encode())
+        with writing(cfg):
+            assert json.loads(s3.fs.cat_file(lease))["pid"] == os.getpid()
+    s3.fs.pipe_file(lease, json.dumps({"host": "elsewhere", "pid": 1, "command": "ftdist train other.yaml",
+                                       "since": "then", "token": "x", "expires": time.time() + 600}).encode())
+    with pytest.raises(UserError, match=r"being written by `ftdist train other.yaml` \(pid 1 on elsewhere"):
+        with writing(cfg):
+            pass
