@@ -48,6 +48,26 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.storage.cache_dir).expanduser() / "prepared"
 
 
+def check_cache_dir(cfg: Config) -> None:
+    """Preflight: storage.cache_dir can be made and written (the prepared rows, s3:// copies go
+    there), told before any work as one message naming the key (and HOME, for the default)."""
+    root = cache_root(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise UserError(cache_dir_problem(cfg, e, root)) from None
+
+
+def cache_dir_problem(cfg: Config, error: OSError, where: Path) -> str:
+    given = cfg.storage.cache_dir
+    home = os.path.expanduser("~")
+    why = (f"; {given} is under HOME, and HOME ({home}) is not a directory"
+           if given.startswith("~") and not os.path.isdir(home) else "")
+    return (f"storage.cache_dir: cannot write {error.filename or where} ({error.strerror}){why}; set "
+            "storage.cache_dir to a directory this user can write (e.g. --set storage.cache_dir=/tmp/ftdist-cache)")
+
+
 def source_files(path: str) -> list[Path]:
     """The files whose bytes make a source: the file (plain retention text too), its shards,
     or every file of a save_to_disk directory."""
@@ -153,7 +173,10 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         dataset.stats["prepared"] = f"from the cache, {bucket.path(rel) if fetched else where}"
         return dataset
     dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
-    save(dataset, where)
+    try:
+        save(dataset, where)
+    except PermissionError as e:
+        raise UserError(cache_dir_problem(cfg, e, where)) from None
     remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
     if bucket is not None:
         keep_copy(bucket, rel, where)
