@@ -20,9 +20,21 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                model_state: Optional[dict] = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
+    from ftdist.checkpoint import no_room_stops, rerun_starts
+
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    with no_room_stops(tmp, f"{FINAL_DIR}/ (the trained model)",
+                       "free space there (or set run.output elsewhere) and run the same command again: "
+                       + rerun_starts(run_dir)):
+        write_final(tmp, cfg, model, tokenizer, base_path, model_state)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def write_final(tmp: Path, cfg: Config, model, tokenizer, base_path: str, model_state: Optional[dict]) -> None:
     if cfg.task == "classification" and cfg.method == "full":
         from ftdist.classify import save_full_classifier
 
@@ -39,9 +51,6 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
     if cfg.task == "classification":
         meta["classification"] = cfg.classification.model_dump()
     (tmp / FINAL_META).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -235,27 +235,36 @@ def fetch_rows(bucket, rel: str, where: Path) -> None:
 
 
 def save(dataset: "Dataset", where: Path) -> None:
-    from ftdist.data import COLUMNS
+    from ftdist.checkpoint import no_room_stops
 
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=where.parent))
     try:
-        for split in SPLITS:
-            rows = getattr(dataset, split)
-            if rows is None:
-                continue
-            for name in COLUMNS:
-                np.save(staging / f"{split}.{name}.npy", rows.flat[name])
-            np.save(staging / f"{split}.offsets.npy", rows.offsets)
-            if rows.source is not None:
-                np.save(staging / f"{split}.source.npy", rows.source)
-        (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))
+        with no_room_stops(staging, "storage.cache_dir: the prepared rows",
+                           "free space there, or set storage.cache_dir to another disk, and run the same command "
+                           "again (the cache holds only complete rows)"):
+            write_rows(dataset, staging)
         try:
             os.rename(staging, where)
         except OSError:  # another process prepared the same data first: theirs is as good
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_rows(dataset: "Dataset", staging: Path) -> None:
+    from ftdist.data import COLUMNS
+
+    for split in SPLITS:
+        rows = getattr(dataset, split)
+        if rows is None:
+            continue
+        for name in COLUMNS:
+            np.save(staging / f"{split}.{name}.npy", rows.flat[name])
+        np.save(staging / f"{split}.offsets.npy", rows.offsets)
+        if rows.source is not None:
+            np.save(staging / f"{split}.source.npy", rows.source)
+    (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))
 
 
 def load(where: Path) -> "Dataset":
