@@ -12,7 +12,8 @@ A case passes when:
 Families: config (YAML, keys, types, values, --set), data (files, rows, formats, mixtures,
 lists), model (paths, weights, hub, fit), storage (a real S3 server: moto_server on loopback),
 links (symbolic links planted where ftdist writes), writers (two writers of one run),
-ray (addresses, placement), resume (damaged snapshots and checkpoints), tune, cli.
+ray (addresses, placement), resume (damaged snapshots and checkpoints), tune, cli, tracebacks
+(faults that once ended in a traceback: sandboxed chat templates, permissions, a full disk, flags).
 
 Run: .venv/bin/python bench/bad_inputs.py [-k SUBSTRING] [-j JOBS]
 Prints each case and `N passed, N failed`; writes bench/results/bad_inputs.md.
@@ -32,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import yaml
 
@@ -114,6 +115,8 @@ class Case:
     outcome: str = "error"  # error | runs | refuses
     env: dict = field(default_factory=dict)
     timeout: int = 120
+    unprivileged: bool = False  # the command obeys file permissions (as root: without CAP_DAC_OVERRIDE)
+    fsize: Optional[int] = None  # a file-size limit (bytes) on the command: a full disk
     suite: bool = False  # also run by the test suite's e2e tier (tests/e2e/test_bad_inputs.py): fast, no store
 
 
@@ -130,10 +133,10 @@ CASES: list[Case] = []
 
 
 def case(family: str, name: str, expect=(), outcome: str = "error", env=None, timeout: int = 120,
-         suite: bool = False):
+         unprivileged: bool = False, fsize: Optional[int] = None, suite: bool = False):
     def register(make):
         CASES.append(Case(family, name, make, tuple([expect] if isinstance(expect, str) else expect), outcome,
-                          env or {}, timeout, suite))
+                          env or {}, timeout, unprivileged, fsize, suite))
         return make
     return register
 
@@ -1079,6 +1082,242 @@ def _(w): return ["generate", str(without_template(w)), "--prompt", "hi", "--cha
 def _(w): return ["export", str(w.dir / "gone"), "--out", str(w.dir / "out")]
 
 
+# ---------------------------------------------------------------- tracebacks
+# Faults that once ended in a traceback where one message belongs. `unprivileged`: the command
+# runs without root's power over file permissions (as root, setpriv drops CAP_DAC_OVERRIDE and
+# CAP_DAC_READ_SEARCH: a chmod then holds for it too); `fsize`: a file-size limit stands in for
+# a full disk (the same EFBIG/ENOSPC path, without a filesystem of its own).
+
+
+ESCAPE = "{{ messages.__class__.__mro__[1].__subclasses__() }}"  # Jinja's sandbox refuses this
+
+
+@case("tracebacks", "a chat template that reaches outside the sandbox", ("data.chat_template", "escape.jinja",
+                                                                          "Jinja's sandbox"))
+def _(w):
+    return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
+                 f"data.chat_template={w.file('escape.jinja', ESCAPE)}")
+
+
+@case("tracebacks", "a chat template that changes the conversation", ("data.chat_template", "mutate.jinja",
+                                                                      "Jinja's sandbox"))
+def _(w):
+    template = "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}{{ messages[0].content }}"
+    return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
+                 f"data.chat_template={w.file('mutate.jinja', template)}")
+
+
+@case("tracebacks", "a chat template that is not valid Jinja", ("data.chat_template", "broken.jinja", "line 1"))
+def _(w):
+    return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
+                 f"data.chat_template={w.file('broken.jinja', '{% for m in messages %}{{ m.content }}')}")
+
+
+@case("tracebacks", "generate --chat with a model whose template escapes", ("chat template", "Jinja's sandbox"),
+      timeout=200)
+def _(w):
+    final = model_dir(w)
+    config = final / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": ESCAPE}))
+    for f in final.glob("chat_template.*"):
+        f.unlink()
+    return ["generate", str(final), "--prompt", "hi", "--chat"]
+
+
+@case("tracebacks", "a data file that cannot be read", ("data.train", "locked.jsonl", "ermission"),
+      unprivileged=True)
+def _(w):
+    path = w.rows("locked.jsonl", [])
+    os.chmod(path, 0)
+    return train(w, f"data.train={path}")
+
+
+@case("tracebacks", "a data directory that cannot be listed", ("data.train", "shards", "ermission"),
+      unprivileged=True)
+def _(w):
+    w.rows("shards/a.jsonl", [])
+    os.chmod(w.dir / "shards", 0)
+    return train(w, f"data.train={w.dir / 'shards'}")
+
+
+@case("tracebacks", "a run directory that cannot be written", ("run.output", "locked-runs", "ermission"),
+      unprivileged=True)
+def _(w):
+    (w.dir / "locked-runs").mkdir(mode=0o555)
+    return train(w, f"run.output={w.dir / 'locked-runs'}")
+
+
+@case("tracebacks", "a cache directory that cannot be written", ("storage.cache_dir", "locked-cache", "ermission"),
+      unprivileged=True)
+def _(w):
+    (w.dir / "locked-cache").mkdir(mode=0o555)
+    return train(w, f"storage.cache_dir={w.dir / 'locked-cache'}")
+
+
+@case("tracebacks", "ftdist prepare into a cache that cannot be written", ("storage.cache_dir", "locked-cache"),
+      unprivileged=True)
+def _(w):
+    (w.dir / "locked-cache").mkdir(mode=0o555)
+    return ["prepare", w.config(f"storage.cache_dir={w.dir / 'locked-cache'}")]
+
+
+@case("tracebacks", "report on a directory that cannot be written", ("runs/case", "ermission"), unprivileged=True,
+      timeout=200)
+def _(w):
+    w.run("train", w.config(), "--local")
+    os.chmod(w.dir / "runs" / "case", 0o555)
+    return ["report", str(w.dir / "runs" / "case")]
+
+
+@case("tracebacks", "a config file that cannot be read", ("config.yaml", "ermission"), unprivileged=True)
+def _(w):
+    path = w.config()
+    os.chmod(path, 0)
+    return ["train", path, "--local"]
+
+
+@case("tracebacks", "a chat template file that cannot be read", ("data.chat_template", "tmpl.jinja", "ermission"),
+      unprivileged=True)
+def _(w):
+    path = w.file("tmpl.jinja", "{{ messages }}")
+    os.chmod(path, 0)
+    return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null", f"data.chat_template={path}")
+
+
+@case("tracebacks", "retention text that cannot be read", ("data.retention", "general.txt", "ermission"),
+      unprivileged=True)
+def _(w):
+    path = w.file("general.txt", (DEMO / "general.txt").read_text())
+    os.chmod(path, 0)
+    return train(w, f"data.retention={path}")
+
+
+@case("tracebacks", "resuming a run whose directory cannot be written", ("runs/case", "ermission"),
+      unprivileged=True, timeout=200)
+def _(w):
+    run = interrupted_run(w)
+    os.chmod(run, 0o555)
+    return train(w, "train.max_steps=3")
+
+
+FSIZE = 64 * 1024  # bytes: above every small file a run writes, below the tiny model's weights and rows
+
+
+@case("tracebacks", "a full disk while writing final/", ("final", "no room", "run the same command again"),
+      fsize=FSIZE, timeout=200)
+def _(w):
+    w.run("prepare", w.config())  # base/ and the prepared rows written before the limit
+    return train(w, "checkpoint.every_steps=100")
+
+
+@case("tracebacks", "a full disk while writing base/", ("base", "no room"), fsize=FSIZE)
+def _(w): return train(w)
+
+
+@case("tracebacks", "a full disk while writing the prepared cache", ("storage.cache_dir", "no room"), fsize=FSIZE,
+      timeout=200)
+def _(w):
+    w.run("prepare", w.config("data.max_length=48"))  # base/ written before the limit
+    return ["prepare", w.config()]
+
+
+@case("tracebacks", "HOME that is not a directory", ("HOME", "/dev/null"), env={"HOME": "/dev/null"})
+def _(w):
+    raw = w.raw()
+    del raw["storage"]
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("tracebacks", "a negative seed", ("train.seed", "4294967295"))
+def _(w): return train(w, "train.seed=-1")
+
+
+@case("tracebacks", "a seed beyond 2^32-1", ("train.seed", "4294967295"))
+def _(w): return train(w, f"train.seed={2**32}")
+
+
+@case("tracebacks", "lora.target_modules: []", ("lora.target_modules", "all-linear"))
+def _(w): return train(w, "method=lora", "lora.target_modules=[]")
+
+
+@case("tracebacks", "a mixture weight of inf", ("data.train.0.weight",))
+def _(w): return train(w, f"data.train=[{{path: {DEMO / 'train.jsonl'}, weight: .inf}}, "
+                          f"{{path: {DEMO / 'eval.jsonl'}, weight: 1}}]")
+
+
+@case("tracebacks", "a learning rate of nan", ("train.lr",))
+def _(w): return train(w, "train.lr=.nan")
+
+
+@case("tracebacks", "a lone UTF-16 surrogate in a row", ("bad.jsonl:21", "surrogate", "data.skip_bad_rows"))
+def _(w):
+    lone = '{"prompt": "a", "completion": "b \\ud800"}'  # JSON's escape of half a surrogate pair
+    return train(w, f"data.train={w.rows('bad.jsonl', [lone])}")
+
+
+@case("tracebacks", "labels that read as integers but are not (--1, ²)", ("done: model in",), outcome="runs")
+def _(w):
+    rows = [{"text": f"text {i}", "label": ["--1", "2", "²"][i % 3]} for i in range(30)]
+    return train(w, f"data.train={w.rows('rows.jsonl', rows, 0)}", "data.eval=null", "data.packing=false",
+                 "task=classification")
+
+
+@case("tracebacks", "a 300-character run name", ("run.name",))
+def _(w): return train(w, "run.name=" + "a" * 300)
+
+
+@case("tracebacks", "generate --max-new-tokens -1", ("--max-new-tokens",))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["generate", str(w.dir / "model"), "--prompt", "hi", "--max-new-tokens", "-1"]
+
+
+@case("tracebacks", "generate with an empty prompt", ("--prompt",))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["generate", str(w.dir / "model"), "--prompt", ""]
+
+
+@case("tracebacks", "generate --temperature -1", ("--temperature",))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["generate", str(w.dir / "model"), "--prompt", "hi", "--temperature", "-1"]
+
+
+@case("tracebacks", "generate --seed beyond 2^32-1", ("--seed", "4294967295"))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["generate", str(w.dir / "model"), "--prompt", "hi", "--seed", str(2**32)]
+
+
+@case("tracebacks", "generate --prompt that is not UTF-8", ("--prompt", "UTF-8"))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["generate", str(w.dir / "model"), "--prompt", os.fsdecode(b"caf\xe9")]
+
+
+@case("tracebacks", "classify with an empty --text", ("--text", "empty"))
+def _(w):
+    (w.dir / "model").mkdir()
+    return ["classify", str(w.dir / "model"), "--text", " "]
+
+
+@case("tracebacks", "plan --gpu-memory 0", ("--gpu-memory",))
+def _(w): return ["plan", w.config(), "--gpu-memory", "0"]
+
+
+@case("tracebacks", "plan --gpu-memory -5", ("--gpu-memory",))
+def _(w): return ["plan", w.config(), "--gpu-memory", "-5"]
+
+
+@case("tracebacks", "plan --gpu-memory nan", ("--gpu-memory",))
+def _(w): return ["plan", w.config(), "--gpu-memory", "nan"]
+
+
+@case("tracebacks", "plan --workers -1", ("--workers",))
+def _(w): return ["plan", w.config(), "--workers", "-1"]
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -1116,6 +1355,25 @@ class Store:
 S3 = Store()
 
 
+def without_root(c: Case) -> list[str]:
+    """The prefix that makes a root process obey file permissions, as any user's does: setpriv
+    dropping the capabilities that override them (none needed when not root)."""
+    if not c.unprivileged or os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def file_size_limit(limit: Optional[int]) -> Optional[Callable[[], None]]:
+    if limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
 def run_case(c: Case, root: Path, base_env: dict) -> Result:
     env = dict(base_env)
     for k, v in c.env.items():
@@ -1129,7 +1387,8 @@ def run_case(c: Case, root: Path, base_env: dict) -> Result:
     started = time.monotonic()
     try:
         argv = [str(a) for a in c.make(w)]
-        done = subprocess.run(FTDIST + argv, capture_output=True, text=True, env=env, cwd=where, timeout=c.timeout)
+        done = subprocess.run(without_root(c) + FTDIST + argv, capture_output=True, text=True, env=env, cwd=where,
+                              timeout=c.timeout, preexec_fn=file_size_limit(c.fsize))
     except subprocess.TimeoutExpired:
         return Result(c, False, time.monotonic() - started, f"no answer within {c.timeout} s (a hang)", "")
     except Exception as e:  # the case's own set-up failed

@@ -134,12 +134,12 @@ def disk_full(error: Exception, path: Path) -> Optional[str]:
     file that reached the file-size limit."""
     import resource
 
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) and error.errno is not None:
         return error.strerror if error.errno in DISK_FULL else None
     found = re.search(r"os error (\d+)", str(error))
     if found:
         return os.strerror(int(found.group(1))) if int(found.group(1)) in DISK_FULL else None
-    if not isinstance(error, RuntimeError):
+    if not isinstance(error, (RuntimeError, OSError)):  # an OSError without errno: numpy's short write
         return None
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
@@ -148,6 +148,29 @@ def disk_full(error: Exception, path: Path) -> Optional[str]:
     if shutil.disk_usage(path.parent if path.parent.exists() else "/").free < 16 * 2**20:
         return os.strerror(errno.ENOSPC)
     return None
+
+
+@contextmanager
+def no_room_stops(path: Path, what: str, fix: str):
+    """Writing `what` into `path` (final/, base/, the prepared rows' staging directory) as
+    disk_full_stops writes a checkpoint: a full disk (or a file-size limit) ends in one message
+    naming it, with `fix`; the partial `path` goes (freeing what it took), nothing else does."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
+        reason = disk_full(e, path)
+        if reason is None:
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        raise UserError(f"{what}: no room to write it in {path.parent} ({reason}); {fix}") from None
+
+
+def rerun_starts(run_dir: Path) -> str:
+    """Where a rerun of the run in `run_dir` (a local copy) starts: its newest complete checkpoint."""
+    root = run_dir / ROOT
+    steps = sorted(s for s in (step_of(p.name) for p in root.glob(PREFIX + "*") if (p / MARKER).is_file())
+                   if s is not None) if root.is_dir() else []
+    return f"it resumes from step-{steps[-1]}" if steps else "it starts again from step 0 (no checkpoint was complete)"
 
 
 def start_steps_local(store: RunStore) -> list[int]:

@@ -8,16 +8,91 @@ on SIGTERM at a step boundary with a checkpoint (rerun to resume, no step lost).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
-from ftdist.errors import EXIT_USER_ERROR, UserError
+from ftdist.errors import EXIT_USER_ERROR, UserError, path_problem
 from ftdist.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.quiet import quiet_libraries
 
 EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors told as every other user error: one `ftdist: error:` line (the
+    command, the flag and what it takes), exit 2; the usage stays with --help."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("ftdist").strip()
+        where = f"ftdist {command} --help" if command else "ftdist --help"
+        self.exit(EXIT_USER_ERROR, f"ftdist: error: {command + ': ' if command else ''}{message} (see {where})\n")
+
+
+# Flag types: a value no command can use is refused as the flag it was given to, by argparse
+# ("argument --gpu-memory: ..."), before anything loads.
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {text})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds, as train.seed's (ftdist.config.SEED_MAX; not imported: pydantic)
+
+
+def seed_value(text: str) -> int:
+    value = _number(text, int, "a whole number")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX} (got {text})")
+    return value
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def text_value(text: str) -> str:
+    """A prompt or a text to label: some text, in Unicode (a shell can pass bytes that are not
+    UTF-8, which arrive as lone surrogates)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give the text itself")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 text (got {text!r})") from None
+    return text
 
 
 def add_overrides(command: argparse.ArgumentParser, example: str) -> None:
@@ -32,7 +107,7 @@ def add_trust_remote_code(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftdist", description="Fine-tune causal language models.")
+    parser = Parser(prog="ftdist", description="Fine-tune causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,classify,report,export}")
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config",
@@ -73,18 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "given size, from the model's config.json alone (no cluster, no weights). "
                                      "Exit 0 when it fits, 2 when it does not (with what would make it fit).")
     pla.add_argument("config", help="YAML config")
-    pla.add_argument("--workers", type=int, default=None, help="number of GPU workers (default: distributed.workers)")
-    pla.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+    pla.add_argument("--workers", type=non_negative_int, default=None,
+                     help="number of GPU workers (default: distributed.workers)")
+    pla.add_argument("--gpu-memory", type=positive_float, default=None, metavar="GiB",
                      help="memory of each GPU in GiB (default: 79.1, an 80 GB H100 or A100)")
     add_overrides(pla, "train.gradient_checkpointing=true")
 
     gen = sub.add_parser("generate", help="generate text with a trained model",
                          description="Generate with a model or adapter directory, e.g. runs/NAME/final.")
     gen.add_argument("model", help="a model or adapter directory (e.g. runs/NAME/final)")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--prompt", action="append", required=True, type=text_value, help="prompt text (repeatable)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--seed", type=seed_value, default=0, help=f"0 to {SEED_MAX} (sampling with --temperature)")
     add_trust_remote_code(gen)
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message through the tokenizer's chat template")
@@ -93,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Print each text's most likely label and every label's probability, with "
                                      "a classification run's final model or adapters (runs/NAME/final).")
     cls.add_argument("model", help="a classification run's final/ directory")
-    cls.add_argument("--text", action="append", required=True, help="a text to label (repeatable)")
+    cls.add_argument("--text", action="append", required=True, type=text_value, help="a text to label (repeatable)")
     add_trust_remote_code(cls)
 
     rep = sub.add_parser("report", help="plots and a summary of a run",
@@ -216,6 +292,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from ftdist.chat_templates import rendering
     from ftdist.context import default_device
     from ftdist.generate import generate, load_trained
 
@@ -228,8 +305,10 @@ def cmd_generate(args) -> int:
         if args.chat:
             if not getattr(tokenizer, "chat_template", None):
                 raise UserError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            with rendering(f"{args.model}: the chat template of its tokenizer",
+                           "fix chat_template in its tokenizer_config.json (or chat_template.jinja), or drop --chat"):
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)
         answer = generate(model, tokenizer, text, args.max_new_tokens, args.temperature, args.seed, device)
         print(f"{prompt} -> {answer.strip()}" if args.chat else f"{prompt}{answer}")
     return 0
@@ -303,6 +382,16 @@ def run_command(args, leave: bool) -> int:
     except StoppedOnNotice as e:
         print(f"ftdist: stopped on {e}", file=sys.stderr)
         return EXIT_STOPPED
+    except Exception as e:  # noqa: BLE001 - only what path_problem tells is translated
+        # Wherever it came from, an OSError the user can fix (a permission, a full disk, a name too
+        # long) is one message, naming the place and the fix; any other is ftdist's own failure.
+        told = path_problem(e)
+        if told is None:
+            if leave:
+                leave_ray(1)
+            raise
+        print(f"ftdist: error: {told}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except BaseException:
         if leave:
             leave_ray(1)

@@ -18,12 +18,19 @@ from ftdist.errors import UserError
 
 
 class Section(BaseModel):
-    # A typo in a key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A typo in a key is an error, never silently ignored; so is a number YAML reads as .inf or
+    # .nan, which no setting can use (a mixture weight of inf draws nothing from the others).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A run's name and a search's name are directory names: a file system takes 255 bytes at most,
+# and trackers and Ray name their runs by them too.
+NAME_MAX = 128
+SEED_MAX = 2**32 - 1  # train.seed seeds numpy, which takes 0 to 2^32-1
 
 
 class RunConfig(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._-]+$")
     output: str = "runs"
 
 
@@ -81,6 +88,14 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, modules):
+        if isinstance(modules, list) and not [m for m in modules if m.strip()]:
+            raise ValueError("an empty list adapts no module: name the modules (e.g. [q_proj, v_proj]), or use "
+                             "all-linear (every linear layer but the output head)")
+        return modules
 
 
 class QloraConfig(Section):
@@ -283,7 +298,7 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = 0  # 0 to SEED_MAX: numpy's seeds (the data order, the eval split)
     eval_every: int = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
     # Activations of checkpointed blocks are recomputed in the backward pass instead of kept:
@@ -301,6 +316,13 @@ class TrainConfig(Section):
         """Every k-th block checkpointed (1: all of them); 0: none."""
         g = self.gradient_checkpointing
         return 0 if g is False else 1 if g is True else g
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed <= SEED_MAX:
+            raise ValueError(f"must be from 0 to {SEED_MAX} (2^32-1), the seeds numpy takes")
+        return seed
 
     @model_validator(mode="after")
     def _micro_divides(self) -> "TrainConfig":
@@ -466,7 +488,8 @@ class SchedulerConfig(Section):
 class TuneConfig(Section):
     """`ftdist tune`: a Ray Tune search over config keys; each trial is one Ray Train run."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # outputs in <run.output>/<name>/
+    # outputs in <run.output>/<name>/
+    name: str = Field(min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._-]+$")
     num_samples: int = Field(8, gt=0)
     metric: Literal["eval_loss", "eval_loss_plus_forgetting", "eval_accuracy", "eval_macro_f1",
                     "eval_reward_accuracy", "eval_reward_margin"] = "eval_loss"
@@ -750,8 +773,14 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def format_validation_error(error: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = [f"{source}: invalid configuration"]
-    for err in error.errors():
-        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+    errors = error.errors()
+    locs = [tuple(str(p) for p in err["loc"] if not _is_union_tag(p)) for err in errors]
+    for err, where in zip(errors, locs):
+        # A union's other branch ("should be a valid string" for a list of sources) where the
+        # error is inside the branch the value took.
+        if err["type"].endswith("_type") and any(len(o) > len(where) and o[:len(where)] == where for o in locs):
+            continue
+        loc = list(where)
         key = ".".join(loc) or "(top level)"
         if any(key == k or key.startswith(k + ".") for k in overridden):
             key = f"--set {key}"
@@ -764,9 +793,16 @@ def format_validation_error(error: ValidationError, source: str, overridden: fro
             continue
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
         lines.append(f"  {key}: {msg}{shown}")
     return "\n".join(_dedupe(lines))
+
+
+def _shown(value: Any) -> str:
+    """A value as an error quotes it: a long string cut, with its length."""
+    if isinstance(value, str) and len(value) > 80:
+        return f"{value[:50]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 def _is_union_tag(part: Any) -> bool:

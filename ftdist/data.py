@@ -24,7 +24,7 @@ import torch
 
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
-from ftdist.chat_templates import require_template
+from ftdist.chat_templates import describe_template, rendering, require_template
 from ftdist.records import read_split, read_train
 
 IGNORE = -100
@@ -415,13 +415,15 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+    template = describe_template(cfg.chat_template, tokenizer)
 
     def rows_of(split_parts: list[list[dict]], tally: bool = False, task_rows: bool = True) -> Rows:
         """Each part's rows, packed; the records are let go once tokenized (memory)."""
         packed, n = [], len(split_parts)
         while split_parts:
-            examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length,
-                                              labels if task_rows else None, pairs and task_rows)
+            with rendering(*template):
+                examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length,
+                                                  labels if task_rows else None, pairs and task_rows)
             if tally:
                 for k, v in seen.items():
                     counts[k] += v

@@ -84,7 +84,7 @@ def resolve_base(cfg: Config, store) -> str:
         safewrite.check(store.root / name, store.root, "the base model")  # never read or written through a link
     if (base / "config.json").is_file():
         return str(base)
-    build_base = build_initial_model if cfg.model.init else merge_adapter_start
+    build_base = no_room_for_base(build_initial_model if cfg.model.init else merge_adapter_start)
     if not store.remote:
         build_base(cfg, base)
         return str(base)
@@ -102,6 +102,20 @@ def resolve_base(cfg: Config, store) -> str:
                 build_base(cfg, base)
                 store.upload(BASE_DIR, source=base)
     return str(base)
+
+
+def no_room_for_base(build):
+    """`build` (cfg, base) with a full disk told as one message; its partial base/ (written
+    aside as base.tmp by model.init, in place by an adapter merge) goes, nothing else does."""
+    def build_base(cfg: Config, base: Path) -> None:
+        from ftdist.checkpoint import no_room_stops
+
+        what = f"{BASE_DIR}/ (the {'initial weights of model.init' if cfg.model.init else 'merged starting model'})"
+        partial = base.with_name(BASE_DIR + ".tmp") if cfg.model.init else base
+        with no_room_stops(partial, what, "free space there (or set run.output elsewhere) and run the same "
+                                          "command again"):
+            build(cfg, base)
+    return build_base
 
 
 # ---------------------------------------------------------------- code a model asks to run

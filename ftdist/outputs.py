@@ -20,6 +20,8 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                model_state: Optional[dict] = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
+    from ftdist.checkpoint import no_room_stops, rerun_starts
+
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     what = "the final model"
@@ -27,6 +29,17 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
     safewrite.remove(tmp, run_dir, what)
     safewrite.check(final, run_dir, what)
     safewrite.make_dirs(tmp, run_dir, what)
+    with no_room_stops(tmp, f"{FINAL_DIR}/ (the trained model)",
+                       "free space there (or set run.output elsewhere) and run the same command again: "
+                       + rerun_starts(run_dir)):
+        write_final(tmp, run_dir, cfg, model, tokenizer, base_path, model_state)
+    safewrite.remove(final, run_dir, what)
+    safewrite.rename(tmp, final, run_dir, what)
+    return final
+
+
+def write_final(tmp: Path, run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
+                model_state: Optional[dict]) -> None:
     if cfg.task == "classification" and cfg.method == "full":
         from ftdist.classify import save_full_classifier
 
@@ -42,10 +55,7 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
             "dtype": cfg.model.dtype, "task": cfg.task}
     if cfg.task == "classification":
         meta["classification"] = cfg.classification.model_dump()
-    safewrite.write_text(tmp / FINAL_META, run_dir, what, json.dumps(meta, indent=2))
-    safewrite.remove(final, run_dir, what)
-    safewrite.rename(tmp, final, run_dir, what)
-    return final
+    safewrite.write_text(tmp / FINAL_META, run_dir, "the final model", json.dumps(meta, indent=2))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

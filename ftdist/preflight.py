@@ -22,7 +22,7 @@ from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.hfhub import check_reachable
 from ftdist.records import SPLIT_KEYS, is_plain_text, keyed_sources, labels_of, read_split, read_train
-from ftdist.sources import GLOB_CHARS, check_source, is_glob
+from ftdist.sources import GLOB_CHARS, check_readable, check_source, is_glob
 from ftdist.storage import fetch, is_remote
 
 if TYPE_CHECKING:
@@ -38,8 +38,10 @@ class CheckedInputs:
 
 
 def check_inputs(cfg: Config) -> CheckedInputs:
+    from ftdist.prepared import check_cache_dir
     from ftdist.tracking.preflight import check_tracking
 
+    check_cache_dir(cfg)  # the prepared rows and s3:// copies go there
     cfg = check_tracking(cfg)  # less the optional trackers that cannot be reached
     check_paths(cfg)
     local = localize_data(cfg)
@@ -59,7 +61,8 @@ def check_paths(cfg: Config) -> None:
         if is_remote(value):  # fetched (and checked) by localize_data
             continue
         if key.startswith(("data.retention", SPLIT_KEYS["replay"])) and is_plain_text(value) and Path(value).is_file():
-            continue  # plain text
+            check_readable(Path(value), key)  # plain text
+            continue
         check_source(value, key)
     check_choice(cfg.data.chat_template)
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):

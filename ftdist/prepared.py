@@ -52,6 +52,26 @@ def cache_root(cfg: Config) -> Path:
     return Path(cfg.storage.cache_dir).expanduser() / "prepared"
 
 
+def check_cache_dir(cfg: Config) -> None:
+    """Preflight: storage.cache_dir can be made and written (the prepared rows, s3:// copies go
+    there), told before any work as one message naming the key (and HOME, for the default)."""
+    root = cache_root(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise UserError(cache_dir_problem(cfg, e, root)) from None
+
+
+def cache_dir_problem(cfg: Config, error: OSError, where: Path) -> str:
+    given = cfg.storage.cache_dir
+    home = os.path.expanduser("~")
+    why = (f"; {given} is under HOME, and HOME ({home}) is not a directory"
+           if given.startswith("~") and not os.path.isdir(home) else "")
+    return (f"storage.cache_dir: cannot write {error.filename or where} ({error.strerror}){why}; set "
+            "storage.cache_dir to a directory this user can write (e.g. --set storage.cache_dir=/tmp/ftdist-cache)")
+
+
 def source_files(path: str) -> list[Path]:
     """The files whose bytes make a source: the file (plain retention text too), its shards,
     or every file of a save_to_disk directory."""
@@ -158,7 +178,10 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
             fetch_rows(bucket, rel, where, cache_root(cfg))
             return cached(where, f"from the cache, {bucket.path(rel)}")
         dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
-        save(dataset, where, cache_root(cfg))
+        try:
+            save(dataset, where, cache_root(cfg))
+        except PermissionError as e:
+            raise UserError(cache_dir_problem(cfg, e, where)) from None
         remember_validated(cfg, dataset.format, dataset.stats.get("skipped_rows", 0), task_labels(cfg))
     if bucket is not None:
         keep_copy(bucket, rel, where)
@@ -250,22 +273,16 @@ def fetch_rows(bucket, rel: str, where: Path, root: Path) -> None:
 
 def save(dataset: "Dataset", where: Path, root: Path) -> None:
     from ftdist import safewrite
-    from ftdist.data import COLUMNS
+    from ftdist.checkpoint import no_room_stops
 
     safewrite.make_dirs(where.parent, root, "the prepared rows")
     safewrite.check(where, root, "the prepared rows")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=where.parent))
     try:
-        for split in SPLITS:
-            rows = getattr(dataset, split)
-            if rows is None:
-                continue
-            for name in COLUMNS:
-                np.save(staging / f"{split}.{name}.npy", rows.flat[name])
-            np.save(staging / f"{split}.offsets.npy", rows.offsets)
-            if rows.source is not None:
-                np.save(staging / f"{split}.source.npy", rows.source)
-        (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))
+        with no_room_stops(staging, "storage.cache_dir: the prepared rows",
+                           "free space there, or set storage.cache_dir to another disk, and run the same command "
+                           "again (the cache holds only complete rows)"):
+            write_rows(dataset, staging)
         try:
             os.rename(staging, where)
         except OSError:  # another process prepared the same data first: theirs is as good
@@ -347,3 +364,18 @@ def describe(dataset: "Dataset", packing: bool) -> list[str]:
                     + (f", {stats['dropped_no_target']} dropped (no token to learn)"
                        if stats.get("dropped_no_target") else ""))
     return lines
+
+
+def write_rows(dataset: "Dataset", staging: Path) -> None:
+    from ftdist.data import COLUMNS
+
+    for split in SPLITS:
+        rows = getattr(dataset, split)
+        if rows is None:
+            continue
+        for name in COLUMNS:
+            np.save(staging / f"{split}.{name}.npy", rows.flat[name])
+        np.save(staging / f"{split}.offsets.npy", rows.offsets)
+        if rows.source is not None:
+            np.save(staging / f"{split}.source.npy", rows.source)
+    (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))

@@ -16,6 +16,7 @@ turn) and data.roles names other role names (ftdist's role: [the file's names]).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -82,10 +83,14 @@ class RowReader:
         """(the row's format, its record: {text} | {prompt, completion} | {messages})."""
         if not isinstance(row, dict):
             raise ValueError(f"each row must be an object of named fields, got {type(row).__name__}")
-        row = {self.our_key.get(k, k): v for k, v in row.items()}
+        given, row = row, {self.our_key.get(k, k): v for k, v in row.items()}
         row_fmt = self.detect(row) if fmt == "auto" else fmt  # a set format is trusted, then checked
         try:
-            return row_fmt, getattr(self, row_fmt)(row)
+            record = getattr(self, row_fmt)(row)
+            if surrogate_at(record) is not None:
+                raise ValueError(f"{surrogate_at(given)} holds a lone UTF-16 surrogate, half of a character: "
+                                 "not text (JSON's \\ud800-\\udfff escapes come in pairs, e.g. \\ud83d\\ude00)")
+            return row_fmt, record
         except ValueError:
             other = self.detect(row) if fmt != "auto" else fmt
             if other != fmt:
@@ -185,11 +190,33 @@ class RowReader:
         return record
 
 
+def surrogate_at(value: Any, path: str = "") -> Optional[str]:
+    """Where in a row (or a part of one) a string holds a lone UTF-16 surrogate (JSON's "\\ud800"
+    alone, which json.loads lets through and no tokenizer can encode); None where none does."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{path or 'the row'} (\\u{ord(value[e.start]):04x} at character {e.start + 1})"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = surrogate_at(item, f'{path}"{key}"' if not path and isinstance(key, str)
+                             else f'{path}["{key}"]' if isinstance(key, str) else f"{path}[{key}]")
+        if found:
+            return found
+    return None
+
+
+INTEGER = re.compile(r"-?[0-9]+")
+
+
 def labels_of(records: Iterable[dict]) -> list[str]:
     """The label set of classification records, each label as the string it reads as (1 and
-    "1" are one label): numbers in numeric order, else sorted as text."""
+    "1" are one label): integers in numeric order, else sorted as text (so "--1", "1.5" or "²",
+    which are no integers, make the labels text)."""
     found = {str(r["label"]) for r in records}
-    numeric = all(x.lstrip("-").isdigit() for x in found)
+    numeric = all(INTEGER.fullmatch(x) for x in found)
     return sorted(found, key=lambda x: (int(x), x) if numeric else (0, x))
 
 

@@ -177,13 +177,22 @@ def summarize(run_dir: Path) -> dict:
 def report(run_dir: Path) -> tuple[dict, list[Path]]:
     if not (run_dir / METRICS).is_file():
         raise UserError(f"{run_dir}: no {METRICS}; give the directory of a run (<run.output>/<run.name>)")
-    plots = [
-        *plot_run(run_dir),
-        plot_series(run_dir, "lr", "learning rate", "lr.png"),
-        plot_series(run_dir, "tokens_per_s", "tokens / s", "throughput.png"),
-    ]
-    summary = summarize(run_dir)
-    safewrite.write_text(run_dir / REPORT, run_dir, "the report", json.dumps(summary, indent=2))
+    try:
+        plots = [
+            *plot_run(run_dir),
+            plot_series(run_dir, "lr", "learning rate", "lr.png"),
+            plot_series(run_dir, "tokens_per_s", "tokens / s", "throughput.png"),
+        ]
+        summary = summarize(run_dir)
+        safewrite.write_text(run_dir / REPORT, run_dir, "the report", json.dumps(summary, indent=2))
+    except OSError as e:  # a run directory this user may only read (or one on a full disk)
+        from ftdist.errors import path_problem
+
+        if path_problem(e) is None:
+            raise
+        raise UserError(f"{run_dir}: cannot write the report's plots and {REPORT} there ({e.strerror}: "
+                        f"{e.filename}); make the run directory writable, or copy it (cp -r {run_dir} DIR) and "
+                        "run ftdist report DIR") from None
     return summary, plots
 
 

@@ -51,14 +51,38 @@ def is_data_file(path: str) -> bool:
 
 
 def check_source(path: str, key: str) -> None:
-    """That a local source exists and is of a readable kind (preflight, before any read)."""
+    """That a local source exists, is of a readable kind and this user may read its files
+    (preflight, before any read)."""
     if is_hub(path):
         return
-    shard_files(path, key)
+    for file in shard_files(path, key):
+        check_readable(file, key)
+
+
+def check_readable(file: Path, key: str) -> None:
+    try:
+        with open(file, "rb"):
+            pass
+    except PermissionError as e:
+        raise UserError(unreadable(key, e)) from None
+
+
+def unreadable(key: str, error: OSError, path: object = None) -> str:
+    """`path`: the source whose file or directory `error` names (None: that file is the source's)."""
+    inside = f" at {error.filename}" if path is not None and str(path) != str(error.filename) else ""
+    return (f"{key}: cannot read {path or error.filename} ({error.strerror}{inside}); give this user read access "
+            "to it (chmod, or chown), or copy the data somewhere it can read")
 
 
 def shard_files(path: str, key: str) -> list[Path]:
     """The files of a local source, in order; [] for a save_to_disk directory."""
+    try:
+        return find_shards(path, key)
+    except PermissionError as e:  # a directory this user may not list or enter
+        raise UserError(unreadable(key, e, path)) from None
+
+
+def find_shards(path: str, key: str) -> list[Path]:
     p = Path(path)
     if is_glob(path):
         files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
