@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config import TEXT_SPLITS
+from ftdist.config import TEXT_SPLITS, not_a_file
 from ftdist.errors import UserError
 from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
@@ -111,11 +111,20 @@ class RowReader:
                          "conversations, instruction+output, prompt+chosen+rejected or text+label (rename yours "
                          "with data.columns)")
 
-    def string(self, row: dict, field: str, required: bool = True) -> str:
-        value = row.get(field, None if required else "")
+    def string(self, row: dict, field: str, required: bool = True, empty_ok: bool = False) -> str:
+        """A string field. `required`: the row must have it (a row whose columns match its format
+        only in part is named, never half-read); `empty_ok`: it may be "" (a prompt)."""
+        if field not in row:
+            if not required:
+                return ""
+            keys = ", ".join(str(k)[:40] for k in sorted(row, key=str)[:12]) + (", ..." if len(row) > 12 else "")
+            raise ValueError(f"{self.name(field)} is missing: the row's keys are [{keys}], which match no format "
+                             f"in full; name yours with data.columns (e.g. data.columns: {{{field}: YOUR_KEY}}) or "
+                             "set data.format")
+        value = row[field]
         if not isinstance(value, str):
-            raise ValueError(f"{self.name(field)} must be a string" + ("" if field in row else ", and is missing"))
-        if required and not value.strip():
+            raise ValueError(f"{self.name(field)} must be a string")
+        if required and not empty_ok and not value.strip():
             raise ValueError(f"{self.name(field)} is empty")
         return value
 
@@ -133,7 +142,7 @@ class RowReader:
         return {"text": self.string(row, "text"), "label": label}
 
     def prompt_completion(self, row: dict) -> dict:
-        return {"prompt": self.string(row, "prompt", required=False), "completion": self.string(row, "completion")}
+        return {"prompt": self.string(row, "prompt", empty_ok=True), "completion": self.string(row, "completion")}
 
     def alpaca(self, row: dict) -> dict:
         instruction, extra = self.string(row, "instruction"), self.string(row, "input", required=False)
@@ -255,9 +264,9 @@ def plain_text(path: str, key: str) -> list[dict]:
     """A plain text file's paragraphs (split on blank lines) as text records."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{key}: not found: {path}")
+        raise UserError(f"{key}: {not_a_file(file)}")
     try:
-        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8-sig").split("\n\n") if p.strip()]
     except UnicodeDecodeError as e:
         raise UserError(f"{key}: {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     if not paragraphs:
@@ -286,4 +295,10 @@ def tokenizer_corpus(data, objective: str = "sft") -> list[str]:
     retention text. `data`: the run's DataConfig."""
     parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train", objective=objective)[0] \
         + read_split(data, "retention")[0]
-    return corpus_texts(r for part in parts for r in part)
+    # What training can use of a text is its first max_length tokens: the tokenizer learns from no more
+    # (a 100 MB row would cost BPE training its size, and teach it nothing a run sees).
+    limit = data.max_length * CORPUS_CHARS_PER_TOKEN
+    return [t[:limit] for t in corpus_texts(r for part in parts for r in part)]
+
+
+CORPUS_CHARS_PER_TOKEN = 32  # the most characters of a text a fresh tokenizer's token is counted to cover
