@@ -940,7 +940,7 @@ def _(w): return train(w, f"data.train={w.file('rows.jsonl', chr(0xFEFF) + chr(1
                        "data.eval=null")
 
 
-@case("results", "CSV columns that match no format in full are named", ("rows.csv:2", '"prompt" is missing',
+@case("results", "CSV columns that match no format in full are named", ("rows.csv:2", '"prompt" must be a string, and is missing',
       "Prompt", "data.columns"))
 def _(w): return train(w, f"data.train={excel_csv(w, 'Prompt,completion')}", "data.eval=null")
 

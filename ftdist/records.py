@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config import TEXT_SPLITS, not_a_file
+from ftdist.config import TEXT_SPLITS, echo, not_a_file
 from ftdist.errors import UserError
 from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
@@ -107,7 +107,7 @@ class RowReader:
             return "classification"
         if "text" in row:
             return "text"
-        raise ValueError(f"no known keys in {sorted(row)}: expected text, prompt+completion, messages, "
+        raise ValueError(f"no known keys in [{shown_keys(row)}]: expected text, prompt+completion, messages, "
                          "conversations, instruction+output, prompt+chosen+rejected or text+label (rename yours "
                          "with data.columns)")
 
@@ -117,8 +117,9 @@ class RowReader:
         if field not in row:
             if not required:
                 return ""
-            keys = ", ".join(str(k)[:40] for k in sorted(row, key=str)[:12]) + (", ..." if len(row) > 12 else "")
-            raise ValueError(f"{self.name(field)} is missing: the row's keys are [{keys}], which match no format "
+            keys = shown_keys(row)
+            raise ValueError(f"{self.name(field)} must be a string, and is missing: the row's keys are [{keys}], "
+                             "which match no format "
                              f"in full; name yours with data.columns (e.g. data.columns: {{{field}: YOUR_KEY}}) or "
                              "set data.format")
         value = row[field]
@@ -137,7 +138,7 @@ class RowReader:
             raise ValueError(f"{self.name('label')} must be a label: a non-empty string or an integer"
                              + ("" if "label" in row else ", and is missing"))
         if self.labels is not None and str(label) not in self.labels:
-            raise ValueError(f"{self.name('label')} {label!r} is not one of classification.labels "
+            raise ValueError(f"{self.name('label')} {echo(label, 80)} is not one of classification.labels "
                              f"({', '.join(sorted(self.labels))})")
         return {"text": self.string(row, "text"), "label": label}
 
@@ -171,8 +172,9 @@ class RowReader:
                 raise ValueError(f"{where} must be {{{self.name(role_key)}: str, {self.name(content_key)}: str}}")
             role = self.roles.get(turn[role_key])
             if role is None:
-                raise ValueError(f'{where}: unknown role "{turn[role_key]}"; say which it is with data.roles, '
-                                 f"e.g. data.roles: {{assistant: [{turn[role_key]}]}} (roles: {', '.join(ROLES)})")
+                named = turn[role_key][:80]  # a row's value, echoed: bounded
+                raise ValueError(f'{where}: unknown role "{named}"; say which it is with data.roles, '
+                                 f"e.g. data.roles: {{assistant: [{named}]}} (roles: {', '.join(ROLES)})")
             messages.append({"role": role, "content": turn[content_key]})
         if need_assistant and not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{self.name(field)} needs at least one assistant turn (the loss is on them)")
@@ -192,6 +194,11 @@ class RowReader:
             raise ValueError(f"{self.name('chosen')} and {self.name('rejected')} are the same response: the pair "
                              "prefers nothing")
         return record
+
+
+def shown_keys(row: dict, most: int = 12) -> str:
+    """A row's keys for a message: a few, each cut short (a row can hold any number, any size)."""
+    return ", ".join(repr(str(k)[:40]) for k in sorted(row, key=str)[:most]) + (", ..." if len(row) > most else "")
 
 
 def labels_of(records: Iterable[dict]) -> list[str]:

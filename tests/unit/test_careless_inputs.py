@@ -190,7 +190,7 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
 def test_columns_that_match_no_format_in_full_are_named_not_half_read():
     from ftdist.records import RowReader
 
-    with pytest.raises(ValueError, match=r'"prompt" is missing: the row\'s keys are \[Prompt, completion\]'):
+    with pytest.raises(ValueError, match=r'"prompt" must be a string, and is missing: the row\'s keys are \[\'Prompt\', \'completion\'\]'):
         RowReader().normalize({"Prompt": "q", "completion": "a"})
     assert RowReader().normalize({"prompt": "", "completion": "a"})[1] == {"prompt": "", "completion": "a"}
 

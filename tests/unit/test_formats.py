@@ -65,7 +65,7 @@ def test_other_key_and_role_names_through_columns_and_roles(tokenizer):
     assert fmt == "chat" and learned(tokenizer, record) == "hello<|im_end|>\n"
     with pytest.raises(ValueError, match=r'dialog\[1\]: unknown role "robot".*data.roles: \{assistant: \[robot\]\}'):
         rows.normalize({"dialog": [{"speaker": "person", "text": "hi"}, {"speaker": "robot", "text": "x"}]})
-    with pytest.raises(ValueError, match=r'"answer" is missing: the row.s keys are \[prompt, response\]'):
+    with pytest.raises(ValueError, match=r'"answer" must be a string, and is missing'):
         RowReader(columns={"completion": "answer"}).normalize({"prompt": "q", "response": "a"}, "prompt_completion")
 
 
