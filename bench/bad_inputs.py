@@ -13,7 +13,12 @@ Families: config (YAML, keys, types, values, --set), data (files, rows, formats,
 lists), model (paths, weights, hub, fit), storage (a real S3 server: moto_server on loopback),
 links (symbolic links planted where ftdist writes), writers (two writers of one run),
 ray (addresses, placement), resume (damaged snapshots and checkpoints), tune, cli, tracebacks
-(faults that once ended in a traceback: sandboxed chat templates, permissions, a full disk, flags).
+(faults that once ended in a traceback: sandboxed chat templates, permissions, a full disk, flags);
+results (numbers that are not results: divergence, evaluations over nothing, half-read files),
+bounds (bounded work on any input: alias bombs, huge configs, values and rows) and lies (small
+lies: merge keys, $VAR, secrets in URLs, FIFOs, a run directory for its model, a stop before the
+summary). A case may also name fragments that must be absent (a secret) and check what the
+command left (`after`: no final/ of a diverged run).
 
 Run: .venv/bin/python bench/bad_inputs.py [-k SUBSTRING] [-j JOBS]
 Prints each case and `N passed, N failed`; writes bench/results/bad_inputs.md.
@@ -117,6 +122,9 @@ class Case:
     timeout: int = 120
     unprivileged: bool = False  # the command obeys file permissions (as root: without CAP_DAC_OVERRIDE)
     fsize: Optional[int] = None  # a file-size limit (bytes) on the command: a full disk
+    absent: tuple = ()  # fragments the output must NOT have (a secret that must never show)
+    # A check of what the command left (no final/ of a diverged run): None when right, else the problem.
+    after: Optional[Callable[[Workspace, subprocess.CompletedProcess], Optional[str]]] = None
     suite: bool = False  # also run by the test suite's e2e tier (tests/e2e/test_bad_inputs.py): fast, no store
 
 
@@ -133,10 +141,11 @@ CASES: list[Case] = []
 
 
 def case(family: str, name: str, expect=(), outcome: str = "error", env=None, timeout: int = 120,
-         unprivileged: bool = False, fsize: Optional[int] = None, suite: bool = False):
+         unprivileged: bool = False, fsize: Optional[int] = None, absent=(), after=None, suite: bool = False):
     def register(make):
         CASES.append(Case(family, name, make, tuple([expect] if isinstance(expect, str) else expect), outcome,
-                          env or {}, timeout, unprivileged, fsize, suite))
+                          env or {}, timeout, unprivileged=unprivileged, fsize=fsize,
+                          absent=tuple([absent] if isinstance(absent, str) else absent), after=after, suite=suite))
         return make
     return register
 
@@ -1318,6 +1327,208 @@ def _(w): return ["plan", w.config(), "--gpu-memory", "nan"]
 def _(w): return ["plan", w.config(), "--workers", "-1"]
 
 
+# ---------------------------------------------------------------- results (issue 35)
+
+
+def no_final(w: Workspace, done) -> Optional[str]:
+    """A run that stopped must leave no final/ and no summary (they would read as its result)."""
+    left = [p.name for p in (w.dir / "runs" / "case" / "final", w.dir / "runs" / "case" / "summary.json")
+            if p.exists()]
+    return f"it left {', '.join(left)}" if left else None
+
+
+def eval_rows_cut_away(w: Workspace, name: str = "long.jsonl") -> str:
+    """Eval rows whose prompts fill data.max_length: no completion token is left to evaluate."""
+    rows = [json.loads(x) for x in (DEMO / "eval.jsonl").read_text().splitlines()]
+    return w.file(name, "".join(json.dumps({**r, "prompt": "word " * 200 + r["prompt"]}) + "\n" for r in rows))
+
+
+@case("results", "train.lr 1e9: the eval loss goes nan, the run stops, no final/",
+      ("diverged", "eval loss is nan", "last good checkpoint", "checkpoints/step-1", "lower train.lr (now 1e+09",
+       "--restart"), after=no_final, timeout=200)
+def _(w): return train(w, "train.lr=1e9", "train.max_steps=4")
+
+
+@case("results", "train.lr 1e9 without evaluations: the training loss stops it",
+      ("diverged", "training loss is nan", "lower train.lr"), after=no_final, timeout=200)
+def _(w): return train(w, "train.lr=1e9", "train.max_steps=6", "train.warmup_steps=0", "train.eval_every=100",
+                       "data.eval=null", "data.eval_fraction=0")
+
+
+@case("results", "an eval file whose every example is truncated away", ("data.eval", "long.jsonl",
+      "no token to evaluate", "data.max_length 64"), after=no_final, timeout=200)
+def _(w): return train(w, f"data.eval={eval_rows_cut_away(w)}")
+
+
+@case("results", "a listed eval source truncated away", ("data.eval.1", "long.jsonl", "no token to evaluate"),
+      after=no_final, timeout=200)
+def _(w): return train(w, f"data.eval=[{{path: {DEMO / 'eval.jsonl'}}}, {{path: {eval_rows_cut_away(w)}}}]")
+
+
+def excel_csv(w: Workspace, header: str = "prompt,completion") -> str:
+    """A CSV as Excel's "CSV UTF-8" saves it: a byte-order mark, then CRLF lines."""
+    rows = [json.loads(x) for x in PROMPTS[:200]]
+    lines = [header] + [f"{r['prompt']},{r['completion']}" for r in rows]
+    return w.file("rows.csv", b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+
+
+def prompts_kept(w: Workspace, done) -> Optional[str]:
+    start = next(json.loads(x) for x in (w.dir / "runs" / "case" / "metrics.jsonl").read_text().splitlines())
+    return None if start.get("format") == "prompt_completion" and not start.get("dropped_no_target") else \
+        f"the rows were read as {start.get('format')}"
+
+
+@case("results", "a CSV saved by Excel (byte-order mark) keeps its prompt column", ("done: model in",),
+      outcome="runs", after=prompts_kept, timeout=200)
+def _(w): return train(w, f"data.train={excel_csv(w)}", "data.eval=null")
+
+
+@case("results", "a JSONL file with a byte-order mark", ("done: model in",), outcome="runs", timeout=200)
+def _(w): return train(w, f"data.train={w.file('rows.jsonl', chr(0xFEFF) + chr(10).join(PROMPTS[:200]) + chr(10))}",
+                       "data.eval=null")
+
+
+@case("results", "CSV columns that match no format in full are named", ("rows.csv:2", '"prompt" must be a string, and is missing',
+      "Prompt", "data.columns"))
+def _(w): return train(w, f"data.train={excel_csv(w, 'Prompt,completion')}", "data.eval=null")
+
+
+# ---------------------------------------------------------------- bounds (issue 35)
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of YAML that expand to 9**levels values."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@case("bounds", "a YAML alias bomb (a few hundred bytes)", ("config.yaml", "more than 100,000 values",
+      "aliases"), timeout=20)
+def _(w):
+    raw = w.raw()
+    text = alias_bomb() + yaml.safe_dump(raw, sort_keys=False).replace(f"train: {raw['data']['train']}", "train: *a8")
+    return ["train", w.file("config.yaml", text), "--local"]
+
+
+@case("bounds", "an alias bomb in a --set value", ("--set data.train", "more than 100,000 values"), timeout=20)
+def _(w):
+    flow = "{a: &a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdef", "bcdefg")) + "}"
+    return ["train", w.config(), "--local", "--set", f"data.train={flow}"]
+
+
+@case("bounds", "an alias that contains itself", ("config.yaml", "contains it"), timeout=20)
+def _(w): return ["train", w.file("config.yaml", Path(w.config()).read_text() + "loop: &l [1, *l]\n"), "--local"]
+
+
+@case("bounds", "a config file of megabytes", ("config.yaml", "MiB is not a config file"), timeout=20)
+def _(w): return ["train", w.file("config.yaml", Path(w.config()).read_text() + "#" + "x" * (3 << 20) + "\n"),
+                  "--local"]
+
+
+def short_message(w: Workspace, done) -> Optional[str]:
+    return None if len(done.stderr) < 2000 else f"a message of {len(done.stderr)} characters"
+
+
+@case("bounds", "a value of a megabyte is echoed in one line", ("train.lr", "..."), after=short_message, timeout=20)
+def _(w):
+    raw = w.raw()
+    raw["train"]["lr"] = "fast" * 250_000
+    return ["train", w.config(raw=raw), "--local"]
+
+
+@case("bounds", "a 10 MB single row trains in bounded time", ("were cut to it",), outcome="runs", timeout=120)
+def _(w):
+    rows = [json.loads(x) for x in PROMPTS[:40]] + [{"prompt": "x", "completion": "abcdefghij" * 1_000_000}]
+    return train(w, f"data.train={w.file('big.jsonl', ''.join(json.dumps(r) + chr(10) for r in rows))}",
+                 "data.eval=null")
+
+
+@case("bounds", "a 10 MB chat turn trains in bounded time", ("were cut to it",), outcome="runs", timeout=120)
+def _(w):
+    rows = [{"messages": [{"role": "user", "content": json.loads(x)["prompt"]},
+                          {"role": "assistant", "content": json.loads(x)["completion"]}]} for x in PROMPTS[:40]]
+    rows.append({"messages": [{"role": "user", "content": "hi " * 3_500_000}, {"role": "assistant", "content": "ok"}]})
+    return train(w, f"data.train={w.file('chat.jsonl', ''.join(json.dumps(r) + chr(10) for r in rows))}",
+                 "data.eval=null", "data.chat_template=chatml")
+
+
+# ---------------------------------------------------------------- lies (issue 35)
+
+
+@case("lies", "YAML merge keys (<<: *defaults) are YAML", ("done: model in",), outcome="runs", timeout=200)
+def _(w):
+    raw = w.raw()
+    steps = raw.pop("train")
+    text = ("x-defaults: &defaults\n" + "".join(f"  {k}: {v}\n" for k, v in steps.items())
+            + yaml.safe_dump(raw, sort_keys=False) + "train:\n  <<: *defaults\n  max_steps: 1\n")
+    return ["train", w.file("config.yaml", text), "--local"]
+
+
+def output_expanded(w: Workspace, done) -> Optional[str]:
+    if any("$" in p.name for p in w.dir.rglob("*")):
+        return "a directory named after the variable"
+    return None if (w.dir / "expanded" / "case" / "final").is_dir() else "no run in the expanded run.output"
+
+
+@case("lies", "run.output: $VAR/runs is expanded", ("done: model in",), outcome="runs", after=output_expanded,
+      timeout=200)
+def _(w):
+    w.env["BATTERY_RUN_HOME"] = str(w.dir)
+    return train(w, "run.output=$BATTERY_RUN_HOME/expanded")
+
+
+def no_dollar_directory(w: Workspace, done) -> Optional[str]:
+    return "a directory named after the variable" if any("$" in p.name for p in w.dir.rglob("*")) else None
+
+
+@case("lies", "run.output: $VAR/runs with VAR unset is named", ("run.output", "$BATTERY_UNSET is not set"),
+      env={"BATTERY_UNSET": None}, after=no_dollar_directory)
+def _(w): return train(w, "run.output=${BATTERY_UNSET}/runs")
+
+
+@case("lies", "an apikey in a tracker URL is redacted from the error",
+      ("logging.mlflow", "127.0.0.1:1", "apikey=***"), absent=("sk-battery-7f3a", "hunter2"))
+def _(w): return train(w, "logging.mlflow={tracking_uri: 'http://bob:hunter2@127.0.0.1:1/?apikey=sk-battery-7f3a'}")
+
+
+@case("lies", "a FIFO as the data file", ("data.train", "rows.jsonl", "FIFO"), timeout=30)
+def _(w):
+    os.mkfifo(w.dir / "rows.jsonl")
+    return train(w, f"data.train={w.dir / 'rows.jsonl'}")
+
+
+def finished_run(w: Workspace) -> Path:
+    w.run("train", w.config("train.max_steps=1", "train.eval_every=1", name="first.yaml"), "--local")
+    return w.dir / "runs" / "case"
+
+
+@case("lies", "generate of a run directory uses its final/", ("using its model", "final"), outcome="runs",
+      timeout=200)
+def _(w): return ["generate", str(finished_run(w)), "--prompt", "reverse 12", "--max-new-tokens", "2"]
+
+
+@case("lies", "generate of an unfinished run directory says where its model will be",
+      ("has not finished", "final", "ftdist export"), timeout=200)
+def _(w): return ["generate", str(interrupted_run(w)), "--prompt", "hi"]
+
+
+def summary_rebuilt(w: Workspace, done) -> Optional[str]:
+    summary = w.dir / "runs" / "case" / "summary.json"
+    if not summary.is_file():
+        return "no summary.json"
+    return None if "eval_loss" in json.loads(summary.read_text()) else "a summary without the eval loss"
+
+
+@case("lies", "a run stopped between final/ and its summary finishes from final/",
+      ("finishing from final/", "done: model in", "eval_loss"), outcome="runs", after=summary_rebuilt, timeout=200)
+def _(w):
+    run = finished_run(w)
+    (run / "summary.json").unlink()
+    return train(w, "train.max_steps=1", "train.eval_every=1", config=str(w.dir / "first.yaml"))
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -1423,6 +1634,13 @@ def run_case(c: Case, root: Path, base_env: dict) -> Result:
                             if any(f in line for f in c.expect))[:600] or message
     if missing:
         problems.append("the message lacks " + ", ".join(repr(m) for m in missing))
+    shown = [f for f in c.absent if f in out + err]
+    if shown:
+        problems.append("the output shows " + ", ".join(repr(f) for f in shown))
+    if c.after is not None:
+        problem = c.after(w, done)
+        if problem:
+            problems.append(problem)
     return Result(c, not problems, seconds, "; ".join(problems), message)
 
 

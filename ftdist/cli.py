@@ -296,8 +296,7 @@ def cmd_generate(args) -> int:
     from ftdist.context import default_device
     from ftdist.generate import generate, load_trained
 
-    if not Path(args.model).is_dir():
-        raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
+    args.model = model_directory(args.model)
     device = default_device()
     model, tokenizer = load_trained(args.model, device, trust_remote_code=args.trust_remote_code)
     for prompt in args.prompt:
@@ -314,11 +313,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def model_directory(given: str) -> str:
+    """The model directory `generate` / `classify` load: `given`, or a run directory's final/
+    (said on stderr); a run that has not finished is told where its model will be."""
+    from ftdist.layout import FINAL_DIR, FINISHED, RUN_MARKER
+
+    path = Path(given)
+    if not path.is_dir():
+        raise UserError(f"{given}: no such directory (give e.g. runs/NAME/final)")
+    is_model = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    if is_model or not (path / RUN_MARKER).is_file():
+        return given
+    if (path / FINISHED).is_file():
+        print(f"ftdist: {given} is a run directory: using its model, {path / FINAL_DIR}", file=sys.stderr, flush=True)
+        return str(path / FINAL_DIR)
+    raise UserError(f"{given} is a run directory that has not finished: its model will be {path / FINAL_DIR}, which "
+                    f"is not there yet; run its training to the end (the same ftdist train command resumes it), or "
+                    f"write its newest checkpoint as a model with `ftdist export {given} --out DIR` and use DIR")
+
+
 def cmd_classify(args) -> int:
     from ftdist.classify import load_classifier, predict
 
-    if not Path(args.model).is_dir():
-        raise UserError(f"{args.model}: no such directory (give e.g. runs/NAME/final)")
+    args.model = model_directory(args.model)
     model, tokenizer, pooling = load_classifier(Path(args.model), trust_remote_code=args.trust_remote_code)
     for text, probs in zip(args.text, predict(model, tokenizer, args.text, pooling)):
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])
@@ -373,7 +390,10 @@ def run_command(args, leave: bool) -> int:
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
                 "classify": cmd_classify, "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
-        print(f"ftdist: error: {e}", file=sys.stderr)
+        from ftdist.config import redact_url
+
+        # Every URL's credentials (userinfo, query values) redacted, whichever check wrote the message.
+        print(f"ftdist: error: {redact_url(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("ftdist: interrupted; run the same command again to resume from the newest checkpoint",

@@ -7,14 +7,40 @@ validated `Config` object and never reads files or the environment for settings.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ftdist.errors import UserError
+
+# $VAR and ${VAR} in a path: expanded from the environment at validation (here, at the edge; the
+# rest of ftdist sees the expanded path), and a variable that is not set is an error naming it,
+# never a directory literally named "$VAR".
+_ENV_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_env(value: str) -> str:
+    """`value` with each $VAR / ${VAR} replaced by the environment's value (one pass: a value
+    that itself holds a $ is not expanded again); ValueError naming a variable that is not set."""
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def one(match: re.Match) -> str:
+        name = match["braced"] or match["bare"]
+        if name not in os.environ:
+            raise ValueError(f"${name} is not set in the environment (paths expand $VAR and ${{VAR}}); set "
+                             f"{name}, or write the path out")
+        return os.environ[name]
+
+    return _ENV_VAR.sub(one, value)
+
+
+# A path or URL: environment variables expanded (see expand_env).
+PathStr = Annotated[str, AfterValidator(expand_env)]
 
 
 class Section(BaseModel):
@@ -31,7 +57,7 @@ SEED_MAX = 2**32 - 1  # train.seed seeds numpy, which takes 0 to 2^32-1
 
 class RunConfig(Section):
     name: str = Field(min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._-]+$")
-    output: str = "runs"
+    output: PathStr = "runs"
 
 
 class ModelInit(Section):
@@ -60,9 +86,9 @@ class ModelInit(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: Optional[str] = None
+    name_or_path: Optional[PathStr] = None
     init: Optional[ModelInit] = None
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[PathStr] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How packed rows keep their examples apart: flex, a block mask that skips masked blocks
     # (GPU: it has no backward on CPU); sdpa, a dense [batch, 1, seq, seq] mask; eager, the
@@ -111,7 +137,7 @@ class SourceConfig(Section):
     mapping; in data.train its weight, the share of the training rows drawn from it (weights
     are relative); its name in per-source metrics (eval_loss/<name>)."""
 
-    path: str
+    path: PathStr
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._-]+$")  # unset: the file's or directory's name
     format: Optional[FORMAT] = None  # unset: data.format (data.retention: text)
     weight: Optional[float] = Field(None, gt=0)
@@ -119,7 +145,7 @@ class SourceConfig(Section):
     roles: Optional[dict[str, list[str]]] = None  # unset: data.roles
 
 
-SOURCES = Union[str, list[SourceConfig]]  # one path, or a list of sources
+SOURCES = Union[PathStr, list[SourceConfig]]  # one path, or a list of sources
 SPLITS = ("train", "eval", "retention", "replay")
 TEXT_SPLITS = ("retention", "replay")  # general text: format text, or plain text files
 
@@ -142,7 +168,7 @@ class DataConfig(Section):
     # More role names, ftdist's role: [the file's] (e.g. {assistant: [bot]}).
     roles: dict[str, list[str]] = Field(default_factory=dict)
     # Unset: the tokenizer's own; chatml or llama3; or a Jinja file's path.
-    chat_template: Optional[str] = None
+    chat_template: Optional[PathStr] = None
     max_length: int = Field(512, gt=1)
     packing: bool = True
     skip_bad_rows: bool = False
@@ -372,10 +398,10 @@ class StorageConfig(Section):
     region: Optional[str] = None
     anon: bool = False  # unsigned requests, for public buckets
     retry_deadline_s: float = Field(300.0, gt=0)  # how long calls to the store retry before the run stops
-    cache_dir: str = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
+    cache_dir: PathStr = "~/.cache/ftdist"  # local working copies of s3:// runs, models and data
     # A shared copy of the prepared-data cache that a fresh node reads instead of tokenizing again.
     # None: <run.output>/.prepared for runs on s3://, else s3://BUCKET/.ftdist-prepared for s3:// data.
-    prepared_url: Optional[str] = None
+    prepared_url: Optional[PathStr] = None
 
     @model_validator(mode="after")
     def _no_credentials_in_the_url(self) -> "StorageConfig":
@@ -392,7 +418,7 @@ class MlflowConfig(Section):
     """An MLflow tracking server (or a file:/sqlite: store). Credentials come from MLflow's own
     variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never from this file."""
 
-    tracking_uri: str = Field(min_length=1)
+    tracking_uri: PathStr = Field(min_length=1)
     experiment: str = Field("ftdist", min_length=1)
     run_name: Optional[str] = None  # None: run.name (a trial: its trial name, under the search's run)
     optional: bool = False  # true: a server that cannot be reached at the start is a warning, not an error
@@ -412,7 +438,7 @@ class LoggingConfig(Section):
     """Where runs report besides metrics.jsonl, from rank 0 in the background: a tracker that
     goes away costs a warning, never a step."""
 
-    tensorboard: Union[bool, str] = False  # true: <run>/tensorboard (in the bucket too for s3:// runs); or a path
+    tensorboard: Union[bool, PathStr] = False  # true: <run>/tensorboard (in the bucket too for s3:// runs); or a path
     mlflow: Optional[MlflowConfig] = None
     wandb: Optional[WandbConfig] = None
 
@@ -680,20 +706,101 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return validate_config(load_raw(path, overrides), source=str(path), overridden=override_keys(overrides))
 
 
+# A config is a page of settings: bounds far above any real one, so that a hostile or careless
+# file (a YAML alias bomb: a few hundred bytes that expand to millions of nodes) is refused in
+# milliseconds instead of hanging validation, and no message ever echoes more than a line of it.
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB of YAML
+MAX_CONFIG_NODES = 100_000  # values once every alias is expanded
+MAX_ECHO_CHARS = 200  # of a user's value quoted in a message
+MAX_ERRORS_TOLD = 20  # problems of one config listed in its message
+
+
+def echo(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """repr(value) for a message, cut to `limit` characters (a user's value can be any size)
+    and with credentials in URLs redacted."""
+    return redact_url(_bounded_repr(value, limit))
+
+
+def _bounded_repr(value: Any, limit: int) -> str:
+    if isinstance(value, (list, tuple, dict)) and len(value) > limit:  # no repr of a huge container
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    if isinstance(value, str) and len(value) > limit:  # cut, with the length it had
+        return f"{value[: limit // 2]!r}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure that contains itself
+        return f"<a {type(value).__name__} that contains itself>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class StrictLoader(yaml.SafeLoader):
     """safe_load, but a key written twice in one mapping is an error: YAML would keep the
-    last silently (a second `train:` section replacing the first)."""
+    last silently (a second `train:` section replacing the first). Merge keys (`<<: *defaults`)
+    are YAML's own way to reuse a mapping: the keys written beside them override the merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
+                    None, None, f"key {echo(key, 80)} appears twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+def expanded_size(node, limit: int = MAX_CONFIG_NODES) -> int:
+    """How many values a composed YAML document holds once every alias is expanded, counted
+    without expanding (a node reached by several aliases counts each time); ValueError for a
+    node that contains itself, and as soon as the count passes `limit`."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ValueError(f"line {n.start_mark.line + 1}: an alias refers to a value that contains it (a "
+                             "loop); write the value out")
+        total = 1
+        if isinstance(n.value, list):
+            active.add(key)
+            for child in n.value:
+                for part in (child if isinstance(child, tuple) else (child,)):
+                    total += size(part)
+                    if total > limit:
+                        raise ValueError(f"line {n.start_mark.line + 1}: more than {limit:,} values once its "
+                                         "aliases (*name) are expanded; a config is a page of settings: write "
+                                         "it out without nesting aliases")
+            active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text (a config file, a --set value) as data, bounded: `where` names it in errors."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            expanded_size(node)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path, what: str = "config") -> Any:
@@ -701,15 +808,42 @@ def read_yaml(path: Path, what: str = "config") -> Any:
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give the {what} file itself (e.g. {path / 'config.yaml'})")
     if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
+        raise UserError(f"{what} file {not_a_file(path)}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {size / 2**20:.1f} MiB is not a {what} file (at most {MAX_CONFIG_BYTES // 2**20} "
+                        "MiB); give the YAML file of settings (data belongs in data.train's files)")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+        return parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        problem = str(getattr(e, "problem", None) or e)
+        raise UserError(f"{where}: not valid YAML: {redact_url(problem[:2 * MAX_ECHO_CHARS])}") from None
+
+
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file, in words: "not found: PATH", or what it is instead
+    (a FIFO, a socket, a device: reading one would block or never end)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"not found: {path}"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{path} is {kind}, not a regular file; ftdist reads its inputs more than once: save it to a file"
+
+
+EXTENSION_PREFIX = "x-"  # top-level keys ftdist ignores: a place for YAML anchors (x-defaults: &defaults ...)
+
+
+def is_extension_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith(EXTENSION_PREFIX)
 
 
 def load_raw(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -718,6 +852,7 @@ def load_raw(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
+    raw = {k: v for k, v in raw.items() if not is_extension_key(k)}
     for item in overrides:
         apply_override(raw, item)
     return raw
@@ -738,15 +873,15 @@ def override_keys(overrides: list[str]) -> frozenset[str]:
 def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=3e-4")
+        raise UserError(f"--set {echo(item)}: expected dotted.key=value, e.g. --set train.lr=3e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text, f"--set {key.strip()}") if text.strip() else None
     except yaml.YAMLError:
         value = text
     try:
         set_dotted(raw, key.strip(), value)
     except KeyError as e:
-        raise UserError(f"--set {item!r}: {e.args[0]}") from None
+        raise UserError(f"--set {echo(item)}: {e.args[0]}") from None
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -774,8 +909,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 def format_validation_error(error: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = [f"{source}: invalid configuration"]
     errors = error.errors()
-    locs = [tuple(str(p) for p in err["loc"] if not _is_union_tag(p)) for err in errors]
-    for err, where in zip(errors, locs):
+    locs = [tuple(str(p)[:MAX_ECHO_CHARS] for p in err["loc"] if not _is_union_tag(p)) for err in errors]
+    for err, where in list(zip(errors, locs))[:MAX_ERRORS_TOLD]:
         # A union's other branch ("should be a valid string" for a list of sources) where the
         # error is inside the branch the value took.
         if err["type"].endswith("_type") and any(len(o) > len(where) and o[:len(where)] == where for o in locs):
@@ -786,23 +921,21 @@ def format_validation_error(error: ValidationError, source: str, overridden: fro
             key = f"--set {key}"
         if err["type"] == "extra_forbidden":
             hint = suggest_key(loc)
-            lines.append(f"  {key}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
+            lines.append(f"  {key}: unknown key" + (f"; did you mean {hint}?" if hint else "")
+                         + ("" if hint or len(loc) > 1 else f" (a block of YAML anchors to reuse goes under a key "
+                                                            f"starting with {EXTENSION_PREFIX}, which ftdist ignores: "
+                                                            f"{EXTENSION_PREFIX}{key})"))
             continue
         if err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
             continue
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
-        lines.append(f"  {key}: {msg}{shown}")
+        shown = "" if isinstance(value, dict) else f" (got {echo(value)})"
+        lines.append(f"  {key}: {redact_url(msg)[:2 * MAX_ECHO_CHARS]}{shown}")
+    if len(errors) > MAX_ERRORS_TOLD:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS_TOLD} more")
     return "\n".join(_dedupe(lines))
-
-
-def _shown(value: Any) -> str:
-    """A value as an error quotes it: a long string cut, with its length."""
-    if isinstance(value, str) and len(value) > 80:
-        return f"{value[:50]!r}... ({len(value)} characters)"
-    return repr(value)
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -879,18 +1012,39 @@ def is_secret_key(key: Any) -> bool:
     return any(w in key for w in SECRET_WORDS) or key == "token" or key.endswith("_token")
 
 
-# user:password@ in a URL, and secret-looking query parameters (?token=..., &api_key=...).
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_URL_SECRET_PARAM = re.compile(r"(?P<key>[?&][^=&#\s]+)=(?P<value>[^&#\s]*)")
+# Every URL a user gives may carry a credential: in its userinfo (user:password@) or in any query
+# value (?token=..., &apikey=..., &sig=...: no list of key names can know them all). Each is
+# replaced wherever a URL is shown, logged, snapshotted or sent to a tracker; the host, path and
+# the query's keys stay, so the message still says where.
+_URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>`]+"""  # scheme://...
+                  r"""|(?<![\w.~-])/[^\s'"<>`?]*\?[^\s'"<>`]*=[^\s'"<>`]*""")  # /path?key=value (a client's "url:")
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]*@")
+_QUERY_VALUE = re.compile(r"(?P<key>(?:^|&|;)[^=&;#]*)=(?P<value>[^&;#]*)")
+REDACTED = "***"
 
 
 def redact_url(text: str) -> str:
-    """`text` with the credentials a URL can carry replaced: http://user:pass@host -> http://***@host."""
-    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
-    if "://" not in text:
+    """`text` with the credentials every URL in it can carry replaced: its userinfo
+    (http://user:pass@host -> http://***@host) and every query value (?apikey=k&x=1 ->
+    ?apikey=***&x=***), whatever the keys are named."""
+    if not isinstance(text, str) or ("://" not in text and "?" not in text):
         return text
-    return _URL_SECRET_PARAM.sub(
-        lambda m: f"{m['key']}=***" if is_secret_key(m["key"][1:]) else m.group(0), text)
+    return _URL.sub(lambda m: _redact_one(m.group(0)), text)
+
+
+def _redact_one(url: str) -> str:
+    trail = len(url) - len(url.rstrip(".,;:)]}!"))  # the sentence's punctuation, not the URL's
+    if trail:
+        return _redact_one(url[:-trail]) + url[-trail:]
+    url = _USERINFO.sub(rf"\g<scheme>{REDACTED}@", url)
+    head, sep, rest = url.partition("?")
+    if not sep:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    if "=" not in query:  # a glob's ? (s3://bucket/part-?.jsonl), not a query
+        return url
+    query = _QUERY_VALUE.sub(lambda m: f"{m['key']}={REDACTED}" if m["value"] else m.group(0), query)
+    return f"{head}?{query}{hash_}{fragment}"
 
 
 def redacted(data: Any) -> Any:

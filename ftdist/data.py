@@ -25,7 +25,7 @@ import torch
 from ftdist.config import DataConfig
 from ftdist.errors import UserError
 from ftdist.chat_templates import describe_template, rendering, require_template
-from ftdist.records import read_split, read_train
+from ftdist.records import keyed_sources, read_split, read_train
 
 IGNORE = -100
 
@@ -307,14 +307,52 @@ def classification_examples(tokenizer, records: list[dict], max_length: int,
                                                "dropped_no_target": int((~has).sum())}
 
 
+def char_limit(tokenizer, max_length: int) -> int:
+    """The most characters of one string that max_length tokens can use, with room to spare:
+    max_length tokens of the vocabulary's longest token (as the vocabulary spells it: a byte-level
+    token's bytes, never fewer than the characters it decodes to), twice over, so that the tokens
+    kept are those of the whole string. A longer string is cut to it before it is tokenized: a
+    100 MB row costs what max_length can hold, not its size."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary to list: a generous bound
+        longest = 64
+    return 2 * max_length * max(longest, 1) + 64
+
+
+TEXT_FIELDS = ("text", "prompt", "completion", "chosen", "rejected", "messages")
+
+
+def cut_text(value, limit: int):
+    """A record's text (a string, or turns' contents) cut to `limit` characters each."""
+    if isinstance(value, str):
+        return value[:limit] if len(value) > limit else value
+    if isinstance(value, list):
+        return [dict(t, content=cut_text(t["content"], limit)) if isinstance(t, dict) and "content" in t else t
+                for t in value]
+    return value
+
+
+def cut_records(records: list[dict], limit: int) -> list[dict]:
+    """Records whose strings fit `limit` characters (char_limit): those that do not, copied and cut."""
+    def long(value) -> bool:
+        if isinstance(value, str):
+            return len(value) > limit
+        return isinstance(value, list) and any(isinstance(t, dict) and long(t.get("content")) for t in value)
+
+    return [{k: cut_text(v, limit) if k in TEXT_FIELDS else v for k, v in r.items()}
+            if any(long(r.get(k)) for k in TEXT_FIELDS) else r for r in records]
+
+
 def tokenize_records(tokenizer, records: list[dict], max_length: int, labels: Optional[list[str]] = None,
                      pairs: bool = False) -> tuple[Examples, dict]:
     """Records to examples, a batch at a time: only the arrays of each batch are kept.
     `labels`: classification rows, by these labels; `pairs`: preference rows, two examples each
-    (chosen, rejected)."""
+    (chosen, rejected). Strings longer than max_length can use are cut first (char_limit)."""
     parts, counts = [], {"examples": 0, "truncated": 0, "dropped_no_target": 0}
+    limit = char_limit(tokenizer, max_length)
     for start in range(0, len(records), ENCODE_BATCH):
-        batch = records[start : start + ENCODE_BATCH]
+        batch = cut_records(records[start : start + ENCODE_BATCH], limit)
         if labels is not None:
             examples, seen = classification_examples(tokenizer, batch, max_length, labels)
         elif pairs:
@@ -417,16 +455,22 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
     template = describe_template(cfg.chat_template, tokenizer)
 
-    def rows_of(split_parts: list[list[dict]], tally: bool = False, task_rows: bool = True) -> Rows:
-        """Each part's rows, packed; the records are let go once tokenized (memory)."""
+    def rows_of(split_parts: list[list[dict]], tally: bool = False, task_rows: bool = True,
+                per_part: Optional[list] = None) -> Rows:
+        """Each part's rows, packed; the records are let go once tokenized (memory). `per_part`:
+        filled with each part's (records, counts, target tokens)."""
         packed, n = [], len(split_parts)
         while split_parts:
+            records = split_parts.pop(0)
             with rendering(*template):
-                examples, seen = tokenize_records(tokenizer, split_parts.pop(0), cfg.max_length,
+                examples, seen = tokenize_records(tokenizer, records, cfg.max_length,
                                                   labels if task_rows else None, pairs and task_rows)
             if tally:
                 for k, v in seen.items():
                     counts[k] += v
+            if per_part is not None:
+                per_part.append((len(records), seen, int((examples.targets != IGNORE).sum())))
+            del records
             packed.append(pack(examples, cfg.max_length, cfg.packing, pad_id, pairs and task_rows))
             del examples
         return Rows.concat(packed, sources=n > 1)
@@ -451,7 +495,10 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     if cfg.eval:
         held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels, "dpo" if pairs else "sft")
         stats["skipped_rows"] += eval_skipped
-    eval_rows = rows_of(held_out) if any(held_out) else None
+    eval_parts: list = []
+    eval_rows = rows_of(held_out, per_part=eval_parts) if any(held_out) else None
+    if eval_rows is not None:
+        refuse_empty_evaluation(cfg, eval_parts)
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
     retention_rows = rows_of(read_split(cfg, "retention")[0], task_rows=False) if cfg.retention else None
@@ -461,6 +508,26 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     if replay_rows is not None:
         stats["replay_rows"] = len(replay_rows)
     return Dataset(train, eval_rows, retention_rows, fmt, stats, replay_rows)
+
+
+def refuse_empty_evaluation(cfg: DataConfig, parts: list[tuple[int, dict, int]]) -> None:
+    """An eval source whose rows keep no token to evaluate (every example's targets cut away by
+    data.max_length, or empty) would report an eval loss of 0 over nothing: refused, with the
+    source and why, before any step. `parts`: each eval source's (records, counts, target tokens)."""
+    if cfg.eval:
+        named = [f"{key}: {source.path}" for key, source in keyed_sources(cfg, "eval")]
+    else:
+        named = [f"the data.eval_fraction of {key} held out for evaluation ({source.path})"
+                 for key, source in keyed_sources(cfg, "train")]
+    for where, (n_records, seen, targets) in zip(named, parts):
+        if n_records and not targets:
+            cut = seen.get("truncated", 0)
+            why = (f"all {n_records} of its examples are longer than data.max_length {cfg.max_length} and lose "
+                   "every token the loss is on (their prompts fill it)" if cut >= n_records else
+                   f"none of its {n_records} examples keeps a token the loss is on within data.max_length "
+                   f"{cfg.max_length} ({cut} are longer than it)")
+            raise UserError(f"{where}: no token to evaluate: {why}; an eval loss over zero tokens would read 0. "
+                            "Raise data.max_length, shorten the prompts, or evaluate on other rows")
 
 
 # ---------------------------------------------------------------- row order, mixtures

@@ -33,6 +33,7 @@ from ftdist import checkpoint, safewrite
 from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
+from ftdist.errors import UserError
 from ftdist.context import LocalContext
 from ftdist.data import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
                          with_weights)
@@ -265,6 +266,10 @@ def train_step(run: Run, state: TrainState, step: int) -> None:
     epoch, index = run.plan.position(step)
     batches = step_batches(run, epoch, index) + replay_batches(run, step)
     losses, grad_norm, pulled = optimizer_step(run, batches)
+    # Reduced over ranks (the loss) or global (DeepSpeed's grad norm): every rank stops together.
+    for what, value in (("training loss", losses["loss"]), ("gradient norm", grad_norm)):
+        if value is not None and not math.isfinite(value):
+            stop_diverged(run, step, what, value, good_before=step - 1)
     ctx = run.ctx
     tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches if not b.get("ignore")))
     state.step, state.tokens_seen = step, state.tokens_seen + tokens
@@ -349,6 +354,9 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     """Eval loss (and, with data.retention, forgetting) into the log, the orchestrator and the terminal."""
     ctx, data = run.ctx, run.data
     eval_loss, by_source, scores = run.evaluate("eval")
+    for name, value in {"": eval_loss, **by_source}.items():
+        if not math.isfinite(value):
+            stop_diverged(run, step, f"eval loss{' of ' + name if name else ''}", value, good_before=step)
     record = {"step": step, "eval_loss": eval_loss, **named("eval_loss", by_source)}
     line = f"step {step}: eval loss {eval_loss:.4f}"
     if scores:  # a classifier's accuracy, preference pairs' rewards (a perplexity would say nothing)
@@ -366,6 +374,8 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         if data.retention is not None:  # forgetting as training goes, not only at the end
             state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
+            if not math.isfinite(state.retention_loss):
+                stop_diverged(run, step, "retention loss", state.retention_loss, good_before=step)
             forgetting = forgetting_by_source(state)
             record.update(retention_loss=state.retention_loss, forgetting=state.retention_loss - state.retention_before,
                           **named("retention_loss", state.retention_by_source), **named("forgetting", forgetting))
@@ -435,6 +445,42 @@ def stop_on_notice(run: Run, state: TrainState, step: int, reason: str) -> None:
                           "resume from it, no step lost")
 
 
+# ---------------------------------------------------------------- divergence
+
+
+def stop_diverged(run: Run, step: int, what: str, value: float, good_before: int) -> None:
+    """A loss (or gradient norm) that is not a number stops the run at this step, on every rank
+    (each checks a value every rank shares), with one message: what diverged, the last good
+    checkpoint, what to lower. Nothing of the diverged state is written: no checkpoint of this
+    step, no final/, no summary; the checkpoints already made are kept. `good_before`: the
+    newest step whose weights are known good (the weights saved at step k gave the loss of step
+    k + 1, so a training loss that diverges at step n condemns the checkpoint of step n - 1)."""
+    cfg, ctx = run.cfg, run.ctx
+    run.log.append({"step": step, "event": "diverged", "what": what, "value": str(value)})
+    try:  # the checkpoints staged before this step, committed (or their failure told) first
+        run.uploader.flush()
+    except Exception:  # noqa: BLE001 - the stop's message matters more than a late upload
+        pass
+    good = [m["step"] for m in checkpoint.complete_markers(ctx.store) if m["step"] < good_before]
+    kept = (f"the last good checkpoint is {ctx.store.path(checkpoint.step_dir(good[-1]))}"
+            + (" (newer ones hold the diverged weights)" if any(
+                m["step"] >= good_before for m in checkpoint.complete_markers(ctx.store)) else "")
+            if good else "no checkpoint before it is left")
+    t = cfg.train
+    if step == 0:
+        fix = ("before any step, so it is the model's or the data's: check model.dtype (float16 overflows where "
+               "bfloat16 does not) and the weights of model.name_or_path")
+    else:
+        fix = (f"lower train.lr (now {t.lr:g}; e.g. {t.lr / 10:g})"
+               + (f", lengthen train.warmup_steps (now {t.warmup_steps})" if t.warmup_steps < 100 else "")
+               + (", set train.grad_clip (e.g. 1.0)" if t.grad_clip is None else f", or lower train.grad_clip "
+                  f"(now {t.grad_clip:g})")
+               + "; then rerun with --restart")
+    raise UserError(f"{ctx.store.url}: the {what} is {value} at step {step} of {run.plan.total_steps}: the run "
+                    f"diverged and stopped, without writing final/ or a checkpoint of this state; {kept}. To go "
+                    f"on, {fix}")
+
+
 # ---------------------------------------------------------------- finish
 
 
@@ -461,6 +507,9 @@ def finish(run: Run, state: TrainState) -> dict:
     if data.retention is not None:
         if data.eval is None:
             state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
+            if not math.isfinite(state.retention_loss):
+                stop_diverged(run, run.plan.total_steps, "retention loss", state.retention_loss,
+                              good_before=run.plan.total_steps)
         summary.update(retention_loss_before=state.retention_before, retention_loss_after=state.retention_loss,
                        forgetting=state.retention_loss - state.retention_before)
         if state.retention_by_source:

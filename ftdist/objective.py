@@ -17,6 +17,7 @@ from ftdist.attention import document_mask
 from ftdist.classify import ClassifierHead, confusion, scores
 from ftdist.config import Config
 from ftdist.data import IGNORE, Rows, collate
+from ftdist.errors import UserError
 from ftdist.model import compute_dtype
 
 # Logits per chunk of the chunked loss: 128 MiB in fp32 whatever the vocabulary (256 tokens at
@@ -234,6 +235,9 @@ def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, objective, 
             sums.append(ctx.all_reduce_sum(loss_over(cfg, ctx, engine, rows, list(group), pad_id, objective, counts)))
     model.train(was_training)
     together = np.sum(sums, axis=0)
+    if not together[1]:  # a loss over nothing reads 0: never a result (every rank has the same sums)
+        raise UserError("the evaluation covers zero tokens (no eval row keeps a token the loss is on within "
+                        f"data.max_length {cfg.data.max_length}): raise data.max_length or evaluate on other rows")
     by_source = [s[0] / s[1] if s[1] else None for s in sums] if len(groups) > 1 else []
     found = scores(ctx.all_reduce_sum(counts)) if counts is not None else \
         {m: v / max(together[1], 1) for m, v in zip(objective.metrics, together[2:])} or None

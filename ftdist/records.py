@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config import TEXT_SPLITS
+from ftdist.config import TEXT_SPLITS, echo, not_a_file
 from ftdist.errors import UserError
 from ftdist.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
@@ -112,15 +112,25 @@ class RowReader:
             return "classification"
         if "text" in row:
             return "text"
-        raise ValueError(f"no known keys in {sorted(row)}: expected text, prompt+completion, messages, "
+        raise ValueError(f"no known keys in [{shown_keys(row)}]: expected text, prompt+completion, messages, "
                          "conversations, instruction+output, prompt+chosen+rejected or text+label (rename yours "
                          "with data.columns)")
 
-    def string(self, row: dict, field: str, required: bool = True) -> str:
-        value = row.get(field, None if required else "")
+    def string(self, row: dict, field: str, required: bool = True, empty_ok: bool = False) -> str:
+        """A string field. `required`: the row must have it (a row whose columns match its format
+        only in part is named, never half-read); `empty_ok`: it may be "" (a prompt)."""
+        if field not in row:
+            if not required:
+                return ""
+            keys = shown_keys(row)
+            raise ValueError(f"{self.name(field)} must be a string, and is missing: the row's keys are [{keys}], "
+                             "which match no format "
+                             f"in full; name yours with data.columns (e.g. data.columns: {{{field}: YOUR_KEY}}) or "
+                             "set data.format")
+        value = row[field]
         if not isinstance(value, str):
-            raise ValueError(f"{self.name(field)} must be a string" + ("" if field in row else ", and is missing"))
-        if required and not value.strip():
+            raise ValueError(f"{self.name(field)} must be a string")
+        if required and not empty_ok and not value.strip():
             raise ValueError(f"{self.name(field)} is empty")
         return value
 
@@ -133,12 +143,12 @@ class RowReader:
             raise ValueError(f"{self.name('label')} must be a label: a non-empty string or an integer"
                              + ("" if "label" in row else ", and is missing"))
         if self.labels is not None and str(label) not in self.labels:
-            raise ValueError(f"{self.name('label')} {label!r} is not one of classification.labels "
+            raise ValueError(f"{self.name('label')} {echo(label, 80)} is not one of classification.labels "
                              f"({', '.join(sorted(self.labels))})")
         return {"text": self.string(row, "text"), "label": label}
 
     def prompt_completion(self, row: dict) -> dict:
-        return {"prompt": self.string(row, "prompt", required=False), "completion": self.string(row, "completion")}
+        return {"prompt": self.string(row, "prompt", empty_ok=True), "completion": self.string(row, "completion")}
 
     def alpaca(self, row: dict) -> dict:
         instruction, extra = self.string(row, "instruction"), self.string(row, "input", required=False)
@@ -167,8 +177,9 @@ class RowReader:
                 raise ValueError(f"{where} must be {{{self.name(role_key)}: str, {self.name(content_key)}: str}}")
             role = self.roles.get(turn[role_key])
             if role is None:
-                raise ValueError(f'{where}: unknown role "{turn[role_key]}"; say which it is with data.roles, '
-                                 f"e.g. data.roles: {{assistant: [{turn[role_key]}]}} (roles: {', '.join(ROLES)})")
+                named = turn[role_key][:80]  # a row's value, echoed: bounded
+                raise ValueError(f'{where}: unknown role "{named}"; say which it is with data.roles, '
+                                 f"e.g. data.roles: {{assistant: [{named}]}} (roles: {', '.join(ROLES)})")
             messages.append({"role": role, "content": turn[content_key]})
         if need_assistant and not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{self.name(field)} needs at least one assistant turn (the loss is on them)")
@@ -209,6 +220,11 @@ def surrogate_at(value: Any, path: str = "") -> Optional[str]:
 
 
 INTEGER = re.compile(r"-?[0-9]+")
+
+
+def shown_keys(row: dict, most: int = 12) -> str:
+    """A row's keys for a message: a few, each cut short (a row can hold any number, any size)."""
+    return ", ".join(repr(str(k)[:40]) for k in sorted(row, key=str)[:most]) + (", ..." if len(row) > most else "")
 
 
 def labels_of(records: Iterable[dict]) -> list[str]:
@@ -282,9 +298,9 @@ def plain_text(path: str, key: str) -> list[dict]:
     """A plain text file's paragraphs (split on blank lines) as text records."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{key}: not found: {path}")
+        raise UserError(f"{key}: {not_a_file(file)}")
     try:
-        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8-sig").split("\n\n") if p.strip()]
     except UnicodeDecodeError as e:
         raise UserError(f"{key}: {path}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     if not paragraphs:
@@ -313,4 +329,10 @@ def tokenizer_corpus(data, objective: str = "sft") -> list[str]:
     retention text. `data`: the run's DataConfig."""
     parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train", objective=objective)[0] \
         + read_split(data, "retention")[0]
-    return corpus_texts(r for part in parts for r in part)
+    # What training can use of a text is its first max_length tokens: the tokenizer learns from no more
+    # (a 100 MB row would cost BPE training its size, and teach it nothing a run sees).
+    limit = data.max_length * CORPUS_CHARS_PER_TOKEN
+    return [t[:limit] for t in corpus_texts(r for part in parts for r in part)]
+
+
+CORPUS_CHARS_PER_TOKEN = 32  # the most characters of a text a fresh tokenizer's token is counted to cover

@@ -32,8 +32,8 @@ import yaml
 from ftdist import __version__, runlock
 from ftdist.config import Config, config_yaml
 from ftdist.errors import UserError
-from ftdist.layout import (CHECKPOINTS, FINAL_DIR, FINISHED, LEASE_FILE, LOCK_FILE, RUN_MARKER, SEARCH_OUTPUTS,
-                           SNAPSHOT, SUMMARY, TRIAL_PREFIX, TUNER_DIR, is_ftdist_entry)
+from ftdist.layout import (CHECKPOINTS, FINAL_DIR, FINISHED, LEASE_FILE, LOCK_FILE, METRICS, RUN_MARKER,
+                           SEARCH_OUTPUTS, SNAPSHOT, SUMMARY, TRIAL_PREFIX, TUNER_DIR, is_ftdist_entry)
 from ftdist.storage import RunStore, open_run_store
 
 RUN, SEARCH = "run", "search"  # the kinds of directory ftdist writes (the marker's "kind")
@@ -269,11 +269,71 @@ def is_finished(store: RunStore) -> bool:
 
 
 def read_summary(store: RunStore) -> dict:
+    if not store.exists(SUMMARY) and is_finished(store):
+        finish_from_final(store)
     summary = json.loads(store.read_text(SUMMARY))
     summary.update(run_dir=store.url, final_dir=store.path(FINAL_DIR))
     return summary
 
 
 def finished_summary(store: RunStore) -> dict:
-    print(f"{store.url} is already finished; rerun with --restart to train again", flush=True)
+    if not store.exists(SUMMARY):
+        print(f"ftdist: {store.url}: final/ is complete but the run stopped before its summary; finishing from "
+              f"final/ (the summary rebuilt from {METRICS}), not training again", file=sys.stderr, flush=True)
+    else:
+        print(f"{store.url} is already finished; rerun with --restart to train again", flush=True)
     return read_summary(store)
+
+
+# The model's figures a run's start record and its summary share (ftdist.model.ModelInfo).
+MODEL_INFO = ("method", "trainable_params", "total_params", "num_layers", "frozen_blocks", "lora_targets")
+
+
+def finish_from_final(store: RunStore) -> None:
+    """A run stopped between writing final/ (complete: its ftdist.json is written last) and its
+    summary: the summary rebuilt from the metrics log, which holds every figure it reports, and the
+    plots drawn, so that the run is finished from final/ instead of trained again from step 0."""
+    records = []
+    for line in (store.read_text(METRICS) if store.exists(METRICS) else "").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by the stop
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    start = next((r for r in records if r.get("event") == "start"), {})
+    summary = {"steps": steps[-1]["step"] if steps else 0, "tokens_seen": steps[-1].get("tokens_seen") if steps else 0,
+               **{k: start[k] for k in MODEL_INFO if k in start}}
+    peaks = [r["peak_memory_gib"] for r in steps if r.get("peak_memory_gib") is not None]
+    if peaks:
+        summary["peak_memory_gib"] = max(peaks)
+    done = [r for r in records if r.get("event") == "checkpoint"]
+    if done:
+        summary.update(checkpoint_bytes=done[-1].get("bytes"), base_model_bytes=done[-1].get("base_model_bytes"))
+    evals = [r for r in records if "eval_loss" in r and r.get("step", 0) > 0]
+    if evals:
+        last = evals[-1]
+        summary.update(eval_loss=last["eval_loss"], best_eval_loss=min(r["eval_loss"] for r in evals),
+                       **{k: v for k, v in last.items() if k.startswith("eval_") and "/" not in k and k != "eval_loss"})
+        by_source = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("eval_loss/")}
+        if by_source:
+            summary["eval_loss_by_source"] = by_source
+        first = next((r for r in records if "eval_loss" in r and r.get("step") == 0), None)
+        if first is not None and last["eval_loss"] > first["eval_loss"]:
+            summary["negative_transfer"] = {"eval_loss_start": first["eval_loss"], "eval_loss_end": last["eval_loss"]}
+    retained = [r for r in records if "retention_loss" in r and r.get("step", 0) > 0]
+    before = start.get("retention_loss_before")
+    if retained and before is not None:
+        summary.update(retention_loss_before=before, retention_loss_after=retained[-1]["retention_loss"],
+                       forgetting=retained[-1]["retention_loss"] - before)
+    if not store.remote:
+        final = store.local / FINAL_DIR
+        summary["final_size_bytes"] = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+    summary["finished_from_final"] = f"the summary rebuilt from {METRICS}: the run stopped after final/ was written"
+    store.write_text(SUMMARY, json.dumps(summary, indent=2))
+    if not store.remote:
+        try:
+            from ftdist.report import plot_run
+
+            plot_run(store.local)
+        except Exception as e:  # noqa: BLE001 - plots are a courtesy; the run is finished without them
+            print(f"ftdist: warning: {store.url}: no plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True)

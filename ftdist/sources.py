@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
+from ftdist.config import not_a_file
 from ftdist.errors import UserError
 
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -103,7 +104,7 @@ def find_shards(path: str, key: str) -> list[Path]:
     elif p.is_file():
         files = [p]
     else:
-        raise UserError(f"{key}: not found: {path}")
+        raise UserError(f"{key}: {not_a_file(p)}")
     types = {FILE_TYPES.get(f.suffix.lower()) for f in files}
     if None in types:
         raise UserError(f"{key}: {files[0] if len(files) == 1 else path}: not a data file type; "
@@ -128,10 +129,15 @@ def read_rows(path: str, key: str = "data.train") -> Iterator[tuple[str, Row]]:
         yield from READERS[kind](file)
 
 
+BOM = b"\xef\xbb\xbf"  # what Excel and Notepad put before UTF-8 text: not part of the first row
+
+
 def jsonl_rows(file: Path) -> Iterator[tuple[str, Row]]:
     with file.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             where = f"{file}:{line_no}"
+            if line_no == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -147,7 +153,7 @@ def jsonl_rows(file: Path) -> Iterator[tuple[str, Row]]:
 
 def json_rows(file: Path) -> Iterator[tuple[str, Row]]:
     try:
-        rows = json.loads(file.read_bytes().decode("utf-8"))
+        rows = json.loads(file.read_bytes().removeprefix(BOM).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{file}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
@@ -176,10 +182,13 @@ def parquet_rows(file: Path) -> Iterator[tuple[str, Row]]:
 
 def csv_rows(file: Path) -> Iterator[tuple[str, Row]]:
     # surrogateescape: an invalid byte spoils its row only, which is then reported (or skipped).
-    with file.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    with file.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             return
+        # Column names as meant: " completion" (after "prompt, ") is the completion column.
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
         while True:
             try:
                 row = next(reader)

@@ -37,7 +37,7 @@ class Reporter(Protocol):
 
 
 def warn_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(redact_url(line), file=sys.stderr, flush=True)  # a URL's credentials never reach the terminal
 
 
 class Tracking:

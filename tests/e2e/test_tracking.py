@@ -34,7 +34,8 @@ API_KEY = "wandbkey" + "0" * 32
 
 def test_urls_lose_their_credentials_and_params_are_flat_and_redacted(tmp_path):
     assert redact_url("http://alice:s3cr3t@mlflow.internal:5000/x") == "http://***@mlflow.internal:5000/x"
-    assert redact_url("https://h/p?token=abc&run=1&api_key=k") == "https://h/p?token=***&run=1&api_key=***"
+    # Every query value, whatever its key is named (issue 35: ?apikey=... is a secret too).
+    assert redact_url("https://h/p?token=abc&run=1&apikey=k") == "https://h/p?token=***&run=***&apikey=***"
     assert redact_url("runs/a@b") == "runs/a@b"  # not a URL
     assert redacted({"storage": {"endpoint_url": "http://k:s@127.0.0.1:9000"}}) == \
         {"storage": {"endpoint_url": "http://***@127.0.0.1:9000"}}

@@ -254,7 +254,7 @@ def test_a_full_disk_while_writing_the_prepared_rows_keeps_no_half(tmp_path):
 
     where = tmp_path / "prepared" / "key" / "tok"
     with file_size_limit(64 * 1024), pytest.raises(UserError) as e:
-        save(Dataset(), where)
+        save(Dataset(), where, tmp_path)
     assert str(e.value).startswith("storage.cache_dir: the prepared rows: no room to write it in")
     assert "File too large" in str(e.value) and "run the same command again" in str(e.value)
     assert not where.exists() and list(where.parent.iterdir()) == []  # no staging directory left
