@@ -724,8 +724,8 @@ def echo(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
 def _bounded_repr(value: Any, limit: int) -> str:
     if isinstance(value, (list, tuple, dict)) and len(value) > limit:  # no repr of a huge container
         return f"<a {type(value).__name__} of {len(value)} items>"
-    if isinstance(value, str) and len(value) > limit:  # cut, with the length it had
-        return f"{value[: limit // 2]!r}... ({len(value)} characters)"
+    if isinstance(value, str) and len(value) > min(limit, 80):  # cut, with the length it had
+        return f"{value[:50]!r}... ({len(value)} characters)"
     try:
         text = repr(value)
     except RecursionError:  # a structure that contains itself

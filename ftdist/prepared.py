@@ -111,7 +111,7 @@ def data_key(cfg: Config) -> Optional[str]:
                 "sources": {split: [s.model_dump(exclude={"path", "weight", "name"}) for s in listed[split]]
                             for split in SPLITS},
                 "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
-                "labels": task_labels(cfg), "objective": cfg.objective,
+                "labels": task_labels(cfg), "task": cfg.task, "objective": cfg.objective,
                 "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
                 "splits": [name for name in SPLITS[1:] if getattr(d, name)],
                 "files": [[file_digest(f) for f in source_files(p)] for p in sources]}
