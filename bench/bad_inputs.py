@@ -856,7 +856,7 @@ def _(w):
 
 
 @case("links", "the run directory itself a link to the user's folder",
-      ("runs/case is a symbolic link", "mine", "run.name mine"))
+      ("runs/case is a symbolic link", "mine", "run.name mine"), suite=True)
 def _(w):
     (w.dir / "runs").mkdir()
     (w.dir / "runs" / "case").symlink_to(users_folder(w))
@@ -882,7 +882,7 @@ def _(w):
     return train(w)
 
 
-@case("links", "the prepared cache entry a link to the user's folder", ("is a symbolic link", "mine"))
+@case("links", "the prepared cache entry a link to the user's folder", ("is a symbolic link", "mine"), suite=True)
 def _(w):
     from ftdist.config import validate_config
     from ftdist.prepared import cache_root, data_key
@@ -924,7 +924,7 @@ def locked(w: Workspace, run: Path, seconds: float = 300):
 
 
 @case("writers", "a second train of a run that is training", ("is being written by", "ftdist train", "pid",
-                                                              "one writer at a time"), timeout=300)
+                                                              "one writer at a time"), timeout=300, suite=True)
 def _(w):
     from ftdist import runlock
 
@@ -934,14 +934,14 @@ def _(w):
     return train(w)
 
 
-@case("writers", "--restart of a run that another process writes", ("is being written by", "first.yaml"))
+@case("writers", "--restart of a run that another process writes", ("is being written by", "first.yaml"), suite=True)
 def _(w):
     locked(w, w.dir / "runs" / "case")
     return ["train", w.config(), "--local", "--restart"]
 
 
 @case("writers", "a train into a tune search's directory", ("tune search's directory", "never writes into it",
-                                                           "run.name"))
+                                                           "run.name"), suite=True)
 def _(w):
     from ftdist.config import validate_config
     from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
@@ -950,7 +950,7 @@ def _(w):
     return ["train", w.config("train.lr=0.5"), "--local", "--restart"]
 
 
-@case("writers", "a train into a trial of a search", ("tune search's directory", "trial-N"))
+@case("writers", "a train into a trial of a search", ("tune search's directory", "trial-N"), suite=True)
 def _(w):
     from ftdist.config import validate_config
     from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
@@ -960,7 +960,7 @@ def _(w):
     return train(w, f"run.output={search.local}", "run.name=trial-00001")
 
 
-@case("writers", "a tune into a training run's directory", ("training run's directory", "tune.name"), timeout=200)
+@case("writers", "a tune into a training run's directory", ("training run's directory", "tune.name"), timeout=200, suite=True)
 def _(w):
     a_run(w, "run.name=search")
     return ["tune", tune_config(w)]
@@ -984,7 +984,7 @@ def _(w):
     return train(w)
 
 
-@case("writers", "a second prepare of a model.init run being prepared", ("is being written by", "first.yaml"))
+@case("writers", "a second prepare of a model.init run being prepared", ("is being written by", "first.yaml"), suite=True)
 def _(w):
     locked(w, w.dir / "runs" / "case")
     return ["prepare", w.config()]
@@ -1102,21 +1102,21 @@ ESCAPE = "{{ messages.__class__.__mro__[1].__subclasses__() }}"  # Jinja's sandb
 
 
 @case("tracebacks", "a chat template that reaches outside the sandbox", ("data.chat_template", "escape.jinja",
-                                                                          "Jinja's sandbox"))
+                                                                          "Jinja's sandbox"), suite=True)
 def _(w):
     return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
                  f"data.chat_template={w.file('escape.jinja', ESCAPE)}")
 
 
 @case("tracebacks", "a chat template that changes the conversation", ("data.chat_template", "mutate.jinja",
-                                                                      "Jinja's sandbox"))
+                                                                      "Jinja's sandbox"), suite=True)
 def _(w):
     template = "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}{{ messages[0].content }}"
     return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
                  f"data.chat_template={w.file('mutate.jinja', template)}")
 
 
-@case("tracebacks", "a chat template that is not valid Jinja", ("data.chat_template", "broken.jinja", "line 1"))
+@case("tracebacks", "a chat template that is not valid Jinja", ("data.chat_template", "broken.jinja", "line 1"), suite=True)
 def _(w):
     return train(w, f"data.train={DEMO / 'chat.jsonl'}", "data.eval=null",
                  f"data.chat_template={w.file('broken.jinja', '{% for m in messages %}{{ m.content }}')}")
@@ -1134,7 +1134,7 @@ def _(w):
 
 
 @case("tracebacks", "a data file that cannot be read", ("data.train", "locked.jsonl", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     path = w.rows("locked.jsonl", [])
     os.chmod(path, 0)
@@ -1142,7 +1142,7 @@ def _(w):
 
 
 @case("tracebacks", "a data directory that cannot be listed", ("data.train", "shards", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     w.rows("shards/a.jsonl", [])
     os.chmod(w.dir / "shards", 0)
@@ -1150,21 +1150,21 @@ def _(w):
 
 
 @case("tracebacks", "a run directory that cannot be written", ("run.output", "locked-runs", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     (w.dir / "locked-runs").mkdir(mode=0o555)
     return train(w, f"run.output={w.dir / 'locked-runs'}")
 
 
 @case("tracebacks", "a cache directory that cannot be written", ("storage.cache_dir", "locked-cache", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     (w.dir / "locked-cache").mkdir(mode=0o555)
     return train(w, f"storage.cache_dir={w.dir / 'locked-cache'}")
 
 
 @case("tracebacks", "ftdist prepare into a cache that cannot be written", ("storage.cache_dir", "locked-cache"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     (w.dir / "locked-cache").mkdir(mode=0o555)
     return ["prepare", w.config(f"storage.cache_dir={w.dir / 'locked-cache'}")]
@@ -1178,7 +1178,7 @@ def _(w):
     return ["report", str(w.dir / "runs" / "case")]
 
 
-@case("tracebacks", "a config file that cannot be read", ("config.yaml", "ermission"), unprivileged=True)
+@case("tracebacks", "a config file that cannot be read", ("config.yaml", "ermission"), unprivileged=True, suite=True)
 def _(w):
     path = w.config()
     os.chmod(path, 0)
@@ -1186,7 +1186,7 @@ def _(w):
 
 
 @case("tracebacks", "a chat template file that cannot be read", ("data.chat_template", "tmpl.jinja", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     path = w.file("tmpl.jinja", "{{ messages }}")
     os.chmod(path, 0)
@@ -1194,7 +1194,7 @@ def _(w):
 
 
 @case("tracebacks", "retention text that cannot be read", ("data.retention", "general.txt", "ermission"),
-      unprivileged=True)
+      unprivileged=True, suite=True)
 def _(w):
     path = w.file("general.txt", (DEMO / "general.txt").read_text())
     os.chmod(path, 0)
@@ -1230,35 +1230,35 @@ def _(w):
     return ["prepare", w.config()]
 
 
-@case("tracebacks", "HOME that is not a directory", ("HOME", "/dev/null"), env={"HOME": "/dev/null"})
+@case("tracebacks", "HOME that is not a directory", ("HOME", "/dev/null"), env={"HOME": "/dev/null"}, suite=True)
 def _(w):
     raw = w.raw()
     del raw["storage"]
     return ["train", w.config(raw=raw), "--local"]
 
 
-@case("tracebacks", "a negative seed", ("train.seed", "4294967295"))
+@case("tracebacks", "a negative seed", ("train.seed", "4294967295"), suite=True)
 def _(w): return train(w, "train.seed=-1")
 
 
-@case("tracebacks", "a seed beyond 2^32-1", ("train.seed", "4294967295"))
+@case("tracebacks", "a seed beyond 2^32-1", ("train.seed", "4294967295"), suite=True)
 def _(w): return train(w, f"train.seed={2**32}")
 
 
-@case("tracebacks", "lora.target_modules: []", ("lora.target_modules", "all-linear"))
+@case("tracebacks", "lora.target_modules: []", ("lora.target_modules", "all-linear"), suite=True)
 def _(w): return train(w, "method=lora", "lora.target_modules=[]")
 
 
-@case("tracebacks", "a mixture weight of inf", ("data.train.0.weight",))
+@case("tracebacks", "a mixture weight of inf", ("data.train.0.weight",), suite=True)
 def _(w): return train(w, f"data.train=[{{path: {DEMO / 'train.jsonl'}, weight: .inf}}, "
                           f"{{path: {DEMO / 'eval.jsonl'}, weight: 1}}]")
 
 
-@case("tracebacks", "a learning rate of nan", ("train.lr",))
+@case("tracebacks", "a learning rate of nan", ("train.lr",), suite=True)
 def _(w): return train(w, "train.lr=.nan")
 
 
-@case("tracebacks", "a lone UTF-16 surrogate in a row", ("bad.jsonl:21", "surrogate", "data.skip_bad_rows"))
+@case("tracebacks", "a lone UTF-16 surrogate in a row", ("bad.jsonl:21", "surrogate", "data.skip_bad_rows"), suite=True)
 def _(w):
     lone = '{"prompt": "a", "completion": "b \\ud800"}'  # JSON's escape of half a surrogate pair
     return train(w, f"data.train={w.rows('bad.jsonl', [lone])}")
@@ -1271,59 +1271,59 @@ def _(w):
                  "task=classification")
 
 
-@case("tracebacks", "a 300-character run name", ("run.name",))
+@case("tracebacks", "a 300-character run name", ("run.name",), suite=True)
 def _(w): return train(w, "run.name=" + "a" * 300)
 
 
-@case("tracebacks", "generate --max-new-tokens -1", ("--max-new-tokens",))
+@case("tracebacks", "generate --max-new-tokens -1", ("--max-new-tokens",), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["generate", str(w.dir / "model"), "--prompt", "hi", "--max-new-tokens", "-1"]
 
 
-@case("tracebacks", "generate with an empty prompt", ("--prompt",))
+@case("tracebacks", "generate with an empty prompt", ("--prompt",), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["generate", str(w.dir / "model"), "--prompt", ""]
 
 
-@case("tracebacks", "generate --temperature -1", ("--temperature",))
+@case("tracebacks", "generate --temperature -1", ("--temperature",), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["generate", str(w.dir / "model"), "--prompt", "hi", "--temperature", "-1"]
 
 
-@case("tracebacks", "generate --seed beyond 2^32-1", ("--seed", "4294967295"))
+@case("tracebacks", "generate --seed beyond 2^32-1", ("--seed", "4294967295"), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["generate", str(w.dir / "model"), "--prompt", "hi", "--seed", str(2**32)]
 
 
-@case("tracebacks", "generate --prompt that is not UTF-8", ("--prompt", "UTF-8"))
+@case("tracebacks", "generate --prompt that is not UTF-8", ("--prompt", "UTF-8"), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["generate", str(w.dir / "model"), "--prompt", os.fsdecode(b"caf\xe9")]
 
 
-@case("tracebacks", "classify with an empty --text", ("--text", "empty"))
+@case("tracebacks", "classify with an empty --text", ("--text", "empty"), suite=True)
 def _(w):
     (w.dir / "model").mkdir()
     return ["classify", str(w.dir / "model"), "--text", " "]
 
 
-@case("tracebacks", "plan --gpu-memory 0", ("--gpu-memory",))
+@case("tracebacks", "plan --gpu-memory 0", ("--gpu-memory",), suite=True)
 def _(w): return ["plan", w.config(), "--gpu-memory", "0"]
 
 
-@case("tracebacks", "plan --gpu-memory -5", ("--gpu-memory",))
+@case("tracebacks", "plan --gpu-memory -5", ("--gpu-memory",), suite=True)
 def _(w): return ["plan", w.config(), "--gpu-memory", "-5"]
 
 
-@case("tracebacks", "plan --gpu-memory nan", ("--gpu-memory",))
+@case("tracebacks", "plan --gpu-memory nan", ("--gpu-memory",), suite=True)
 def _(w): return ["plan", w.config(), "--gpu-memory", "nan"]
 
 
-@case("tracebacks", "plan --workers -1", ("--workers",))
+@case("tracebacks", "plan --workers -1", ("--workers",), suite=True)
 def _(w): return ["plan", w.config(), "--workers", "-1"]
 
 
@@ -1389,7 +1389,7 @@ def _(w): return train(w, f"data.train={w.file('rows.jsonl', chr(0xFEFF) + chr(1
 
 
 @case("results", "CSV columns that match no format in full are named", ("rows.csv:2", '"prompt" must be a string, and is missing',
-      "Prompt", "data.columns"))
+      "Prompt", "data.columns"), suite=True)
 def _(w): return train(w, f"data.train={excel_csv(w, 'Prompt,completion')}", "data.eval=null")
 
 
@@ -1404,25 +1404,25 @@ def alias_bomb(levels: int = 9) -> str:
 
 
 @case("bounds", "a YAML alias bomb (a few hundred bytes)", ("config.yaml", "more than 100,000 values",
-      "aliases"), timeout=20)
+      "aliases"), timeout=20, suite=True)
 def _(w):
     raw = w.raw()
     text = alias_bomb() + yaml.safe_dump(raw, sort_keys=False).replace(f"train: {raw['data']['train']}", "train: *a8")
     return ["train", w.file("config.yaml", text), "--local"]
 
 
-@case("bounds", "an alias bomb in a --set value", ("--set data.train", "more than 100,000 values"), timeout=20)
+@case("bounds", "an alias bomb in a --set value", ("--set data.train", "more than 100,000 values"), timeout=20, suite=True)
 def _(w):
     flow = "{a: &a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
         f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdef", "bcdefg")) + "}"
     return ["train", w.config(), "--local", "--set", f"data.train={flow}"]
 
 
-@case("bounds", "an alias that contains itself", ("config.yaml", "contains it"), timeout=20)
+@case("bounds", "an alias that contains itself", ("config.yaml", "contains it"), timeout=20, suite=True)
 def _(w): return ["train", w.file("config.yaml", Path(w.config()).read_text() + "loop: &l [1, *l]\n"), "--local"]
 
 
-@case("bounds", "a config file of megabytes", ("config.yaml", "MiB is not a config file"), timeout=20)
+@case("bounds", "a config file of megabytes", ("config.yaml", "MiB is not a config file"), timeout=20, suite=True)
 def _(w): return ["train", w.file("config.yaml", Path(w.config()).read_text() + "#" + "x" * (3 << 20) + "\n"),
                   "--local"]
 
@@ -1431,7 +1431,7 @@ def short_message(w: Workspace, done) -> Optional[str]:
     return None if len(done.stderr) < 2000 else f"a message of {len(done.stderr)} characters"
 
 
-@case("bounds", "a value of a megabyte is echoed in one line", ("train.lr", "..."), after=short_message, timeout=20)
+@case("bounds", "a value of a megabyte is echoed in one line", ("train.lr", "..."), after=short_message, timeout=20, suite=True)
 def _(w):
     raw = w.raw()
     raw["train"]["lr"] = "fast" * 250_000
@@ -1484,16 +1484,16 @@ def no_dollar_directory(w: Workspace, done) -> Optional[str]:
 
 
 @case("lies", "run.output: $VAR/runs with VAR unset is named", ("run.output", "$BATTERY_UNSET is not set"),
-      env={"BATTERY_UNSET": None}, after=no_dollar_directory)
+      env={"BATTERY_UNSET": None}, after=no_dollar_directory, suite=True)
 def _(w): return train(w, "run.output=${BATTERY_UNSET}/runs")
 
 
 @case("lies", "an apikey in a tracker URL is redacted from the error",
-      ("logging.mlflow", "127.0.0.1:1", "apikey=***"), absent=("sk-battery-7f3a", "hunter2"))
+      ("logging.mlflow", "127.0.0.1:1", "apikey=***"), absent=("sk-battery-7f3a", "hunter2"), suite=True)
 def _(w): return train(w, "logging.mlflow={tracking_uri: 'http://bob:hunter2@127.0.0.1:1/?apikey=sk-battery-7f3a'}")
 
 
-@case("lies", "a FIFO as the data file", ("data.train", "rows.jsonl", "FIFO"), timeout=30)
+@case("lies", "a FIFO as the data file", ("data.train", "rows.jsonl", "FIFO"), timeout=30, suite=True)
 def _(w):
     os.mkfifo(w.dir / "rows.jsonl")
     return train(w, f"data.train={w.dir / 'rows.jsonl'}")
