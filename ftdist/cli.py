@@ -381,10 +381,6 @@ def ray_joined() -> bool:
 
 
 def run_command(args, leave: bool) -> int:
-    from ftdist import runlock
-
-    # What a run's lock names as its holder (never --set values: they may carry anything).
-    runlock.COMMAND = " ".join(["ftdist", args.command, *([args.config] if getattr(args, "config", None) else [])])
     try:
         quiet_libraries()
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,

@@ -39,16 +39,25 @@ from typing import Callable, Iterator, Optional
 from ftdist.errors import UserError
 from ftdist.layout import LEASE_FILE
 
-COMMAND: Optional[str] = None  # the command line that holds a lock (set by the CLI)
 LEASE_S = 60.0  # an s3:// lease's lifetime: how long a writer that died elsewhere keeps a run
 LEASE_RENEW_S = 15.0
 POLL_S = 0.2
 
 
 def holder_info() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "command": COMMAND or f"ftdist (in {os.path.basename(sys.argv[0]) or 'python'})",
+    return {"host": socket.gethostname(), "pid": os.getpid(), "command": holder_command(sys.argv),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def holder_command(argv: list[str]) -> str:
+    """What a lock names as its holder: `ftdist <command> <config or directory>` of this
+    process's command line, never its other arguments (--set values may carry anything);
+    a process that is not the CLI (a notebook, a test) says what it runs."""
+    program = os.path.basename(argv[0]) if argv else ""
+    words = argv[1:3] if program in ("ftdist", "__main__.py") else []
+    if not words or words[0].startswith("-"):
+        return f"ftdist (in {program or 'python'})"
+    return " ".join(["ftdist", words[0], *(w for w in words[1:] if not w.startswith("-"))])
 
 
 def describe(holder: Optional[dict]) -> str:

@@ -21,8 +21,9 @@ HOLD = """
 import sys, time
 from pathlib import Path
 from ftdist import runlock
-runlock.COMMAND = "ftdist train holder.yaml"
-runlock.lock_file(Path(sys.argv[1]), lambda h: "busy")
+lock = Path(sys.argv[1])
+sys.argv = ["ftdist", "train", "holder.yaml", "--set", "logging.mlflow.tracking_uri=http://u:secret@h"]
+runlock.lock_file(lock, lambda h: "busy")
 print("held", flush=True)
 time.sleep(120)
 """
@@ -143,3 +144,16 @@ def test_two_trains_of_one_run_the_second_is_refused_with_one_message(tmp_path):
     assert len(errors) == 1 and f"pid {proc.pid}" in errors[0], result.stderr
     assert not (store.local / "metrics.jsonl").exists()
     wait_until(lambda: runlock.lock_holder(store.local / LOCK_FILE) is None, 30, "the holder's lock to go")
+
+
+@pytest.mark.parametrize("argv, told", [
+    (["/venv/bin/ftdist", "train", "a.yaml", "--set", "x=secret"], "ftdist train a.yaml"),
+    (["/repo/ftdist/__main__.py", "tune", "s.yaml"], "ftdist tune s.yaml"),
+    (["/repo/ftdist/__main__.py", "train", "--set", "x=secret", "a.yaml"], "ftdist train"),
+    (["/usr/bin/python3", "-c"], "ftdist (in python3)"),
+    ([], "ftdist (in python)"),
+])
+def test_a_lock_names_its_holder_by_command_and_config_never_other_arguments(argv, told):
+    from ftdist.runlock import holder_command
+
+    assert holder_command(argv) == told
