@@ -907,9 +907,10 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from ftdist import runlock
-runlock.COMMAND = "ftdist train first.yaml"
-runlock.lock_file(Path(sys.argv[1]), lambda h: "busy")
-time.sleep(float(sys.argv[2]))
+lock, seconds = Path(sys.argv[1]), float(sys.argv[2])
+sys.argv = ["ftdist", "train", "first.yaml"]  # the command line a lock names its holder by
+runlock.lock_file(lock, lambda h: "busy")
+time.sleep(seconds)
 """
 
 

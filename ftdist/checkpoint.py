@@ -281,7 +281,7 @@ def start_points(store: RunStore) -> list[int]:
 
 # ---------------------------------------------------------------- the manifest
 
-MARKER_FILE = re.compile(rf"^(done-\d+|{MARKER})$")
+MARKER_FILE = re.compile(rf"^(done-\d+|{MARKER})(\.tmp)?$")  # (.tmp: being written whole, safewrite)
 
 
 def manifest(folder: Path) -> dict[str, list]:

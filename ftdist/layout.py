@@ -58,5 +58,7 @@ TRIAL_PREFIX = "trial-"
 
 
 def is_ftdist_entry(name: str) -> bool:
-    """A top-level name of a run or search directory that ftdist writes."""
-    return name in RUN_ENTRIES or (name.startswith(TRIAL_PREFIX) and name[len(TRIAL_PREFIX):].isdigit())
+    """A top-level name of a run or search directory that ftdist writes (a file's staged
+    <name>.tmp too: safewrite writes whole files that way)."""
+    return (name in RUN_ENTRIES or name.removesuffix(".tmp") in RUN_ENTRIES
+            or (name.startswith(TRIAL_PREFIX) and name[len(TRIAL_PREFIX):].isdigit()))

@@ -33,10 +33,10 @@ from ftdist import checkpoint, safewrite
 from ftdist.checkpoint import ResumePoint
 from ftdist.compiling import compile_model
 from ftdist.config import Config
-from ftdist.errors import UserError
 from ftdist.context import LocalContext
 from ftdist.data import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
                          with_weights)
+from ftdist.errors import UserError
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
 from ftdist.metrics import MetricsLog, Progress, perplexity

@@ -101,13 +101,30 @@ def not_regular(path: Path, what: str, st: os.stat_result | None = None) -> Link
 
 
 def write_text(path: Path, root: Path, what: str, text: str) -> None:
-    with open_file(path, root, what, "w") as f:
-        f.write(text)
+    write_bytes(path, root, what, text.encode())
 
 
 def write_bytes(path: Path, root: Path, what: str, data: bytes) -> None:
-    with open_file(path, root, what, "wb") as f:
-        f.write(data)
+    """Whole or not at all: written to <name>.tmp beside `path`, then renamed over it, so that
+    a reader (or a kill in between) never finds half a file. Markers depend on it: a COMPLETE
+    that exists is complete."""
+    path = Path(path)
+    check(path, root, what)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
+        raise not_regular(path, what, st)
+    staged = path.with_name(path.name + ".tmp")
+    try:
+        with open_file(staged, root, what, "wb") as f:
+            f.write(data)
+        os.replace(staged, path)
+    except BaseException:
+        if staged.is_file() and not staged.is_symlink():
+            staged.unlink()
+        raise
 
 
 def save_figure(fig, path: Path, what: str = "a plot", dpi: int = 110) -> None:
