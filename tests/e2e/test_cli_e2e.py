@@ -75,16 +75,23 @@ def test_killed_or_terminated_run_resumes_to_the_same_metrics(tmp_path):
     run_dir = tmp_path / "runs" / "term"
     proc = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(term), "--local"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: past_a_checkpoint(run_dir), 240, "a step past a complete checkpoint", proc)
-    signalled_after = max(r["step"] for r in step_records(run_dir))
-    proc.send_signal(signal.SIGTERM)
+    def early_between_checkpoints() -> bool:  # the steps after it, to the next scheduled checkpoint, are not one
+        return past_a_checkpoint(run_dir) and 1 <= max(r["step"] for r in step_records(run_dir)) % 10 <= 7
+
+    signalled_after = None
+    while signalled_after is None:  # (bounded: the run has 40 steps)
+        wait_until(early_between_checkpoints, 240, "a step early between two checkpoints", proc)
+        with paused([proc.pid]):  # the signal finds the step after the one read here running
+            if early_between_checkpoints():  # still, now that nothing moves
+                signalled_after = max(r["step"] for r in step_records(run_dir))
+                proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     lines = [line for line in err.splitlines() if line.startswith("ftdist:")]
     stopped = max(r["step"] for r in step_records(run_dir))  # the step the signal found running, then no other
     assert len(lines) == 1 and lines[0].startswith(f"ftdist: stopped on SIGTERM: after step {stopped} of 40"), err
     assert "Traceback" not in err and "run the same command again" in lines[0]
-    assert signalled_after <= stopped < 40 and stopped % 10  # not a scheduled checkpoint's step
+    assert signalled_after < stopped <= signalled_after + 2 and stopped % 10  # its own checkpoint, not a scheduled one
     assert complete_checkpoints(run_dir)[-1].name == f"step-{stopped}" and not (run_dir / "final").exists()
     assert read_metrics(run_dir / "metrics.jsonl")[-1] == {"step": stopped, "event": "stopped", "reason": "SIGTERM"}
     resumes_to_the_same_metrics(term, run_dir, stopped)
