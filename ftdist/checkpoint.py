@@ -109,22 +109,14 @@ def describe_newest(store: RunStore) -> str:
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-@contextmanager
 def disk_full_stops(path: Path, step: int, store: RunStore):
     """A checkpoint that does not fit the disk (or a file-size limit) stops the run with one
     message; its partial directory goes (freeing what it took), the complete ones stay."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
-        reason = disk_full(e, path)
-        if reason is None:
-            raise
-        safewrite.remove_quietly(path, store.local, f"checkpoint step-{step}")
-        before = [s for s in start_steps_local(store) if s < step]
-        resume = f"step-{before[-1]}" if before else "the start"
-        raise UserError(f"checkpoint step-{step}: no room to write it in {path.parent} ({reason}); free space "
-                        f"there (or point storage.cache_dir / run.output elsewhere) and run the same command again: "
-                        f"it resumes from {resume}") from None
+    what = f"checkpoint step-{step}"
+    before = [s for s in start_steps_local(store) if s < step]
+    return no_room_stops(path, what, "free space there (or point storage.cache_dir / run.output elsewhere) and run "
+                         f"the same command again: it resumes from {f'step-{before[-1]}' if before else 'the start'}",
+                         remove=lambda: safewrite.remove_quietly(path, store.local, what))
 
 
 def disk_full(error: Exception, path: Path) -> Optional[str]:
@@ -151,17 +143,21 @@ def disk_full(error: Exception, path: Path) -> Optional[str]:
 
 
 @contextmanager
-def no_room_stops(path: Path, what: str, fix: str):
-    """Writing `what` into `path` (final/, base/, the prepared rows' staging directory) as
-    disk_full_stops writes a checkpoint: a full disk (or a file-size limit) ends in one message
-    naming it, with `fix`; the partial `path` goes (freeing what it took), nothing else does."""
+def no_room_stops(path: Path, what: str, fix: str, remove: Optional[Callable[[], None]] = None):
+    """Writing `what` into `path` (a checkpoint, final/, base/, the prepared rows' staging
+    directory): a full disk (or a file-size limit) ends in one message naming it, with `fix`;
+    the partial `path` goes (`remove`; by default the tree, never following a link inside it),
+    freeing what it took; nothing else does."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
         reason = disk_full(e, path)
         if reason is None:
             raise
-        shutil.rmtree(path, ignore_errors=True)
+        if remove is not None:
+            remove()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
         raise UserError(f"{what}: no room to write it in {path.parent} ({reason}); {fix}") from None
 
 
