@@ -1,7 +1,7 @@
 """ftdist tune: Ray Tune trials, each a Ray Train run of one CPU worker, against the shared
 local Ray.
 
-One search serves most tests (a search costs minutes on two cores): 4 trials with ASHA,
+One search serves most tests (a search costs minutes on two cores): 6 trials with ASHA,
 interrupted (SIGINT) once at least one trial has finished, then run again to the end. The
 rerun must leave every trial that had ended untouched and finish the others.
 """
@@ -40,7 +40,7 @@ def search_config(tmp_path: Path, base: Path, *extra: str, name: str = "search")
         f"train.max_steps={STEPS}", "train.eval_every=4", "train.warmup_steps=2", "checkpoint.every_steps=8",
         "distributed.workers=1", "distributed.zero_stage=2", "distributed.max_failures=0", *extra, name="base")
     raw = cfg.model_dump(mode="json")
-    raw["tune"] = {"name": name, "num_samples": 4, "metric": "eval_loss", "mode": "min", "search": "random",
+    raw["tune"] = {"name": name, "num_samples": 6, "metric": "eval_loss", "mode": "min", "search": "random",
                    "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2, "max_t": STEPS},
                    "max_concurrent_trials": 2, "space": SPACE}
     path = tmp_path / f"{name}.yaml"
@@ -104,7 +104,7 @@ def test_interrupted_search_continues_with_the_remaining_trials_only(search):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "continuing the experiment" in second.stdout
     rows = read_results(search["dir"])
-    assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early (ASHA)"}
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"finished", "stopped early (ASHA)"}
     # Trials that had ended are not run again: every file they wrote is as it was.
     for path, content in search["snapshot"].items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == search["mtimes"][path], path
