@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from ftdist.rundir import check_free, finished_summary, is_finished, read_summar
 from ftdist.storage import RunStore, cache_path, is_remote
 
 GPU_PROBE_TIMEOUT_S = 120
+STOP_FLAG_NAMESPACE = "ftdist"  # where a driver's StopFlag actor lives (named ftdist-stop-<id>)
 # Ray Train's controller polls its worker group every 2 s by default: each run's start, end
 # and every restart waited up to that long for nothing. A poll is one cheap actor call.
 TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -63,7 +65,7 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
 
 
 @contextmanager
-def forwarded(notice: StopNotice, poll_s: float = 0.2):
+def forwarded(notice: StopNotice, poll_s: float = 0.05):
     """A StopFlag actor the workers ask at each step boundary, told of a stop asked of this
     driver by a thread (a signal handler must not call into Ray) for as long as the block runs."""
     import threading
@@ -81,7 +83,8 @@ def forwarded(notice: StopNotice, poll_s: float = 0.2):
         def reason(self) -> Optional[str]:
             return self.why
 
-    flag = StopFlag.remote()
+    # Named, in a namespace of its own, so that a test (or an operator) can find it: `ray list actors`.
+    flag = StopFlag.options(name=f"ftdist-stop-{uuid.uuid4().hex[:12]}", namespace=STOP_FLAG_NAMESPACE).remote()
     done = threading.Event()
 
     def forward() -> None:
