@@ -35,32 +35,24 @@ class Parser(argparse.ArgumentParser):
 # ("argument --gpu-memory: ..."), before anything loads.
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more (got {text})")
-    return value
+def at_least(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: a number of `kind` at least `minimum` (above it with `strict`); nan and
+    inf are refused by _number."""
+    what = "a whole number" if kind is int else "a number"
+    told = f"a number above {minimum:g}" if strict else f"{minimum:g} or more"
+
+    def parse(text: str):
+        value = _number(text, kind, what)
+        if not (value > minimum if strict else value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be {told} (got {text})")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int, "a whole number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a number")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float, "a number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
-    return value
+positive_int = at_least(int, 1)
+non_negative_int = at_least(int, 0)
+positive_float = at_least(float, 0, strict=True)
+non_negative_float = at_least(float, 0)
 
 
 SEED_MAX = 2**32 - 1  # numpy's seeds, as train.seed's (ftdist.config.SEED_MAX; not imported: pydantic)

@@ -170,15 +170,9 @@ def reading(directory: Path, url: str) -> Iterator[None]:
     except OSError:
         yield
         return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{url} is being restarted (`--restart` is deleting what it holds); wait for that "
-                            "command to start training, then run this one again") from None
+    with _held(fd, fcntl.LOCK_SH, f"{url} is being restarted (`--restart` is deleting what it holds); wait for "
+                                  "that command to start training, then run this one again"):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextmanager
@@ -186,12 +180,20 @@ def deleting(directory: Path, url: str) -> Iterator[None]:
     """An exclusive hold of a local run directory while --restart deletes in it: refused
     while another process reads it."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    with _held(fd, fcntl.LOCK_EX, f"{url} is being read by another process (an `ftdist export` of it); --restart "
+                                  "would delete what it reads: wait for it to end, then run the command again"):
+        yield
+
+
+@contextmanager
+def _held(fd: int, mode: int, refusal: str) -> Iterator[None]:
+    """flock `mode` on the open directory `fd` for the block, or a UserError (`refusal`) where
+    another process holds it the other way; `fd` is closed after either."""
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{url} is being read by another process (an `ftdist export` of it); --restart would "
-                            "delete what it reads: wait for it to end, then run the command again") from None
+            raise UserError(refusal) from None
         yield
     finally:
         os.close(fd)
