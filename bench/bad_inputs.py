@@ -752,7 +752,7 @@ def _(w):
 def _(w):
     import torch
 
-    from ftdist.checkpoint import manifest
+    from ftdist.training.checkpoint import manifest
 
     run = interrupted_run(w)
     step2 = run / "checkpoints" / "step-2"
@@ -818,7 +818,7 @@ def users_folder(w: Workspace) -> Path:
 def a_run(w: Workspace, *overrides: str) -> Path:
     """A run directory as ftdist makes it (its marker and snapshot), nothing trained yet."""
     from ftdist.config import validate_config
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.launch.rundir import prepare_run_dir
 
     return prepare_run_dir(validate_config(w.raw(*overrides)), restart=False).local
 
@@ -885,7 +885,7 @@ def _(w):
 @case("links", "the prepared cache entry a link to the user's folder", ("is a symbolic link", "mine"), suite=True)
 def _(w):
     from ftdist.config import validate_config
-    from ftdist.prepared import cache_root, data_key
+    from ftdist.data.prepared import cache_root, data_key
 
     cfg = validate_config(w.raw())
     cache_root(cfg).mkdir(parents=True)
@@ -906,7 +906,7 @@ def _(w):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from ftdist import runlock
+from ftdist.io import runlock
 lock, seconds = Path(sys.argv[1]), float(sys.argv[2])
 sys.argv = ["ftdist", "train", "first.yaml"]  # the command line a lock names its holder by
 runlock.lock_file(lock, lambda h: "busy")
@@ -916,8 +916,8 @@ time.sleep(seconds)
 
 def locked(w: Workspace, run: Path, seconds: float = 300):
     """Another process holding `run`'s lock (as a running writer does)."""
-    from ftdist import runlock
-    from ftdist.layout import LOCK_FILE
+    from ftdist.io import runlock
+    from ftdist.io.layout import LOCK_FILE
 
     run.mkdir(parents=True, exist_ok=True)
     return w.start(sys.executable, "-c", HOLDER, str(run / LOCK_FILE), str(seconds),
@@ -927,7 +927,7 @@ def locked(w: Workspace, run: Path, seconds: float = 300):
 @case("writers", "a second train of a run that is training", ("is being written by", "ftdist train", "pid",
                                                               "one writer at a time"), timeout=300, suite=True)
 def _(w):
-    from ftdist import runlock
+    from ftdist.io import runlock
 
     lock = w.dir / "runs" / "case" / ".ftdist-lock"
     w.start(*FTDIST, "train", w.config("train.max_steps=100000", "checkpoint.every_steps=100000"), "--local",
@@ -945,7 +945,7 @@ def _(w):
                                                            "run.name"), suite=True)
 def _(w):
     from ftdist.config import validate_config
-    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
+    from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
 
     prepare_run_dir(validate_config(w.raw()), restart=False, resumable=TUNE_RESUMABLE_CHANGES, kind=SEARCH)
     return ["train", w.config("train.lr=0.5"), "--local", "--restart"]
@@ -954,7 +954,7 @@ def _(w):
 @case("writers", "a train into a trial of a search", ("tune search's directory", "trial-N"), suite=True)
 def _(w):
     from ftdist.config import validate_config
-    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
+    from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
 
     search = prepare_run_dir(validate_config(w.raw("run.name=search")), restart=False,
                              resumable=TUNE_RESUMABLE_CHANGES, kind=SEARCH)

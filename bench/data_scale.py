@@ -100,8 +100,8 @@ def floor_seconds(config: Path, data: Path, env: dict) -> float:
 
 def measure_floor(config: Path, data: Path) -> None:
     from ftdist.config import load_config
-    from ftdist.model import load_tokenizer, resolve_base
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.launch.rundir import prepare_run_dir
 
     cfg = load_config(config, [])
     tokenizer = load_tokenizer(cfg, resolve_base(cfg, prepare_run_dir(cfg, restart=False)))
@@ -125,9 +125,9 @@ def data_step(config: Path, env: dict) -> dict:
 def measure_data_step(config: Path) -> None:
     """The child of data_step: prints one JSON line."""
     from ftdist.config import load_config
-    from ftdist.model import load_tokenizer, resolve_base
-    from ftdist.prepared import prepared_dataset
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.data.prepared import prepared_dataset
+    from ftdist.launch.rundir import prepare_run_dir
 
     cfg = load_config(config, [])
     tokenizer = load_tokenizer(cfg, resolve_base(cfg, prepare_run_dir(cfg, restart=False)))
@@ -180,8 +180,8 @@ def main() -> None:
 
     import yaml
 
-    from ftdist.model import resolve_base
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.model.build import resolve_base
+    from ftdist.launch.rundir import prepare_run_dir
 
     results = []
     env = dict(os.environ, PYTHONPATH=str(ROOT))

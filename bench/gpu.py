@@ -9,7 +9,7 @@ gradient checkpointing. Shapes from jobs/model-configs/, random weights (no hub 
 demo rows as plain text (every token a target, as for the baselines), packed.
 
 Per row: tokens/s (median step after the warm-up steps, which compile), MFU, peak memory
-(GPU: torch.cuda.max_memory_allocated; CPU: ftdist.memory.PeakMemory), the switches on, and
+(GPU: torch.cuda.max_memory_allocated; CPU: ftdist.sizing.memory.PeakMemory), the switches on, and
 the ratio to each baseline. MFU = tokens/s x FLOPs per token / the GPU's dense bf16 peak;
 FLOPs per token (forward + backward) = 6 N for the linear weights (the LM head included, the
 input embedding not), 4 N of them where they are frozen (no weight gradient) and 6 N for the
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ftdist.attention import document_mask  # noqa: E402
+from ftdist.model.attention import document_mask  # noqa: E402
 from ftdist.config import Config, load_config  # noqa: E402
-from ftdist.data import IGNORE, build_dataset, collate, epoch_order  # noqa: E402
-from ftdist.memory import GiB, PeakMemory  # noqa: E402
-from ftdist.metrics import read_metrics  # noqa: E402
+from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order  # noqa: E402
+from ftdist.sizing.memory import GiB, PeakMemory  # noqa: E402
+from ftdist.training.metrics import read_metrics  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOALS = {"full_vs_compiled_torch": 1.15, "qlora_vs_hf_tokens": 2.0, "qlora_vs_hf_memory": 0.7}
@@ -79,7 +79,7 @@ def model_config(case: Case, tokenizer):
     from transformers import AutoConfig
 
     from ftdist.config import ModelInit
-    from ftdist.model import init_model_config
+    from ftdist.model.build import init_model_config
 
     if case.tiny_init:
         config = init_model_config(ModelInit(**case.tiny_init))
@@ -95,7 +95,7 @@ def make_base(case: Case, corpus: Path, device: torch.device, out: Path) -> Path
     with a small BPE tokenizer trained on the corpus: what every row loads."""
     from transformers import AutoModelForCausalLM
 
-    from ftdist.tokenizer import train_tokenizer
+    from ftdist.data.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     tokenizer = train_tokenizer(texts, 512 if case.tiny_init else 4096)
@@ -134,11 +134,11 @@ def ftdist_row(cfg: Config, address: Optional[str] = None) -> dict:
     """A run of ftdist's loop: local mode, or Ray (distributed.workers) on the cluster at
     `address` (None: RAY_ADDRESS, or a local one started here)."""
     if not cfg.distributed.workers:
-        from ftdist.local import train_local
+        from ftdist.launch.local import train_local
 
         summary = train_local(cfg, show_progress=False)
     else:
-        from ftdist.distributed import train_ray
+        from ftdist.launch.ray_train import train_ray
 
         summary = train_ray(cfg, address=address, show_progress=False)
     records = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "step_time_s" in r]
@@ -146,7 +146,7 @@ def ftdist_row(cfg: Config, address: Optional[str] = None) -> dict:
 
 
 def rows_of(cfg: Config, base: Path):
-    from ftdist.model import load_tokenizer
+    from ftdist.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg, str(base))
     return build_dataset(cfg.data, tokenizer, cfg.train.seed).train, tokenizer.pad_token_id
@@ -237,8 +237,8 @@ def hf_qlora_row(case: Case, cfg: Config, base: Path, device: torch.device) -> d
 def flops_per_token(cfg: Config, case: Case) -> float:
     from torch import nn
 
-    from ftdist.memory import run_shell
-    from ftdist.preflight import model_config_of
+    from ftdist.sizing.memory import run_shell
+    from ftdist.launch.preflight import model_config_of
 
     model_config = model_config_of(cfg)
     shell = run_shell(cfg, model_config)
@@ -259,9 +259,9 @@ def summarize(case: Case, name: str, found: dict, flops: float, peak_flops: Opti
 
 
 def ftdist_switches(cfg: Config, device: torch.device) -> str:
-    from ftdist.attention import implementation
-    from ftdist.model import compute_dtype
-    from ftdist.preflight import model_config_of
+    from ftdist.model.attention import implementation
+    from ftdist.model.build import compute_dtype
+    from ftdist.launch.preflight import model_config_of
 
     t = cfg.train
     on = [str(compute_dtype(cfg, device)).removeprefix("torch."), "compile" if t.compile else "",

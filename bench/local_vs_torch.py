@@ -31,11 +31,11 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from ftdist.config import load_config
-from ftdist.attention import document_mask
-from ftdist.data import IGNORE, build_dataset, collate, epoch_order
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
-from ftdist.model import load_tokenizer
+from ftdist.model.attention import document_mask
+from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
+from ftdist.model.build import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

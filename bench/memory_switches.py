@@ -4,7 +4,7 @@ hidden 512, 8 blocks, vocabulary 32k, micro batch 4 x 1024 tokens.
 Part 1, whole runs: for full, lora and qlora, with gradient checkpointing off and on (chunked
 loss on, the default), one `ftdist train --local` of STEPS steps each in its own process.
 Per run: the measured peak (the summary's peak_memory_gib: the process's peak resident set
-less what it held before the model was built, see ftdist.memory.PeakMemory; glibc's mmap
+less what it held before the model was built, see ftdist.sizing.memory.PeakMemory; glibc's mmap
 threshold fixed at 64 KiB, MALLOC_MMAP_THRESHOLD_, so that every tensor's memory goes back to
 the system when it is freed: by default malloc keeps freed blocks, and the resident set then
 counts memory no tensor holds, up to 2 GiB more at this shape), the preflight's
@@ -51,9 +51,9 @@ GOALS = {"activations_ratio": 0.35, "checkpointing_time_ratio": 1.4, "estimate_e
 RUN = """
 import json, sys
 from ftdist.config import load_config
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
-from ftdist.preflight import check_fits
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
+from ftdist.launch.preflight import check_fits
 import torch
 cfg = load_config(sys.argv[1], sys.argv[2:])
 est = check_fits(cfg, torch.device("cpu"))

@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 
 from ftdist.config import load_config
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -64,8 +64,8 @@ def main() -> None:
     os.chdir(ROOT)
     import ray
 
-    from ftdist.distributed import connect, train_ray
-    from ftdist.quiet import quiet_libraries
+    from ftdist.launch.ray_train import connect, train_ray
+    from ftdist.io.quiet import quiet_libraries
 
     quiet_libraries()
     _, init_s = timed(ray.init, address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",

@@ -63,7 +63,7 @@ def write_config(path: Path, raw: dict) -> Path:
 def pretrain(tmp: Path) -> Path:
     """The base: a Llama of hidden 128, 4 blocks, trained on the general text for 200 steps."""
     from ftdist.config import load_config
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     paragraphs = [p for name in ("general.txt", "replay.txt")
                   for p in (DEMO / name).read_text().split("\n\n") if p.strip()]
@@ -82,7 +82,7 @@ def pretrain(tmp: Path) -> Path:
 
 def fine_tune(tmp: Path, base: Path, texts: dict, name: str, overrides: list[str], steps: int) -> dict:
     from ftdist.config import load_config
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     config = write_config(tmp / "task.yaml", {
         "run": {"name": "task", "output": str(tmp / "runs")},
@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    from ftdist.quiet import quiet_libraries
+    from ftdist.io.quiet import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="ftdist-spectrum-") as tmp_dir:

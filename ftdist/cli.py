@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from ftdist.errors import EXIT_USER_ERROR, UserError, path_problem
-from ftdist.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
-from ftdist.quiet import quiet_libraries
+from ftdist.training.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
+from ftdist.io.quiet import quiet_libraries
 
 EXIT_INTERRUPTED = 130
 
@@ -196,14 +196,14 @@ def cmd_train(args) -> int:
             why = "--local" if args.local else "distributed.workers: 0"
             raise UserError(f"--address {args.address} joins a Ray cluster, but {why} runs in this process; "
                             "drop one of the two")
-        from ftdist.local import train_local
-        from ftdist.quiet import without_deepspeed
+        from ftdist.launch.local import train_local
+        from ftdist.io.quiet import without_deepspeed
 
         without_deepspeed()
         with stop_on_sigterm(StopNotice()) as notice:
             summary = train_local(cfg, restart=args.restart, notice=notice)
     else:
-        from ftdist.distributed import train_ray
+        from ftdist.launch.ray_train import train_ray
 
         summary = train_ray(cfg, restart=args.restart, address=args.address, notice=StopNotice())
     print(f"done: model in {summary['final_dir']}")
@@ -264,8 +264,8 @@ def report_search(experiment, results) -> int:
 
 def cmd_prepare(args) -> int:
     from ftdist.config import load_config
-    from ftdist.prepared import prepare
-    from ftdist.quiet import without_deepspeed
+    from ftdist.data.prepared import prepare
+    from ftdist.io.quiet import without_deepspeed
 
     without_deepspeed()
     print("\n".join(prepare(load_config(args.config, args.overrides))))
@@ -274,7 +274,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_plan(args) -> int:
     from ftdist.config import load_config
-    from ftdist.sizing import DEFAULT_GPU_GIB, size_up
+    from ftdist.sizing.fit import DEFAULT_GPU_GIB, size_up
 
     overrides = args.overrides + ([f"distributed.workers={args.workers}"] if args.workers is not None else [])
     sizing = size_up(load_config(args.config, overrides),
@@ -284,9 +284,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ftdist.chat_templates import rendering
-    from ftdist.context import default_device
-    from ftdist.generate import generate, load_trained
+    from ftdist.data.chat_templates import rendering
+    from ftdist.training.context import default_device
+    from ftdist.artifacts.generate import generate, load_trained
 
     args.model = model_directory(args.model)
     device = default_device()
@@ -308,7 +308,7 @@ def cmd_generate(args) -> int:
 def model_directory(given: str) -> str:
     """The model directory `generate` / `classify` load: `given`, or a run directory's final/
     (said on stderr); a run that has not finished is told where its model will be."""
-    from ftdist.layout import FINAL_DIR, FINISHED, RUN_MARKER
+    from ftdist.io.layout import FINAL_DIR, FINISHED, RUN_MARKER
 
     path = Path(given)
     if not path.is_dir():
@@ -325,7 +325,7 @@ def model_directory(given: str) -> str:
 
 
 def cmd_classify(args) -> int:
-    from ftdist.classify import load_classifier, predict
+    from ftdist.artifacts.classify import load_classifier, predict
 
     args.model = model_directory(args.model)
     model, tokenizer, pooling = load_classifier(Path(args.model), trust_remote_code=args.trust_remote_code)
@@ -336,7 +336,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ftdist.report import format_summary, report
+    from ftdist.artifacts.report import format_summary, report
 
     summary, plots = report(Path(args.run_dir))
     print(format_summary(summary))
@@ -345,7 +345,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ftdist.export import export
+    from ftdist.artifacts.export import export
 
     from ftdist.config import StorageConfig
 

@@ -161,7 +161,7 @@ class DataConfig(Section):
     retention: Optional[SOURCES] = None
     # General text mixed into the training batches: set as regularization.replay.data.
     replay: Optional[SOURCES] = None
-    # auto tells the formats apart by a row's keys (ftdist.records).
+    # auto tells the formats apart by a row's keys (ftdist.data.records).
     format: FORMAT = "auto"
     # Keys renamed, ftdist's name: the file's (e.g. {messages: dialog, role: speaker, content: text}).
     columns: dict[str, str] = Field(default_factory=dict)
@@ -175,7 +175,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _known_names(self):
-        from ftdist.records import FIELDS, ROLES
+        from ftdist.data.records import FIELDS, ROLES
 
         listed = [(f"data.{split}.{i}", s) for split in SPLITS if isinstance(getattr(self, split), list)
                   for i, s in enumerate(getattr(self, split))]
@@ -301,7 +301,7 @@ class DpoConfig(Section):
 
 
 class RegularizationConfig(Section):
-    """What counters forgetting besides freezing and a low learning rate (ftdist.regularize)."""
+    """What counters forgetting besides freezing and a low learning rate (ftdist.training.regularize)."""
 
     replay: Optional[ReplayConfig] = None
     l2sp: float = Field(0.0, ge=0)  # the pull of each trained weight to its value before training

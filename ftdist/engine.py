@@ -3,7 +3,7 @@
 Per optimizer step the loop calls `step(micro_batches, loss, before_update)`: the engine runs
 forward and backward for each micro-batch (`loss(forward, batch)` is that micro-batch's loss,
 already normalised for the whole global batch), calls `before_update()` (the anchors' pull:
-ftdist.regularize), then clips and updates, and returns the gradient norm. An engine also
+ftdist.training.regularize), then clips and updates, and returns the gradient norm. An engine also
 owns its layout (kind, world size, ZeRO stage: written into every checkpoint, compared on
 resume), its checkpoint files (`save`, `load`, and the readers export uses), and
 `model_state()` for the final model. Which engine a rank runs is its context's choice
@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from ftdist.config import Config
 from ftdist.errors import UserError
-from ftdist.plan import accumulation_steps
-from ftdist.safeload import LOAD_ERRORS, deepspeed_loads, safe_load
-from ftdist.safeload import reason as load_reason
+from ftdist.training.plan import accumulation_steps
+from ftdist.io.safeload import LOAD_ERRORS, deepspeed_loads, safe_load
+from ftdist.io.safeload import reason as load_reason
 
 # A micro-batch's loss: loss(forward, batch) -> scalar tensor to backpropagate.
 MicroLoss = Callable[[Callable, dict], torch.Tensor]

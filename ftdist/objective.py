@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftdist.attention import document_mask
-from ftdist.classify import ClassifierHead, confusion, scores
+from ftdist.model.attention import document_mask
+from ftdist.artifacts.classify import ClassifierHead, confusion, scores
 from ftdist.config import Config
-from ftdist.data import IGNORE, Rows, collate
+from ftdist.data.rows import IGNORE, Rows, collate
 from ftdist.errors import UserError
-from ftdist.model import compute_dtype
+from ftdist.model.build import compute_dtype
 
 # Logits per chunk of the chunked loss: 128 MiB in fp32 whatever the vocabulary (256 tokens at
 # 128k entries, 1024 at 32k).

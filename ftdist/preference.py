@@ -1,5 +1,5 @@
 """objective: dpo. Preference tuning on the one loop: a loss head and its metrics, as the
-classifier is (ftdist.classify).
+classifier is (ftdist.artifacts.classify).
 
 A pair's rows (ftdist.data): its chosen and rejected sequences are documents 2j and 2j+1 of
 one packed row, so a pair is always in one micro-batch, and the batch plan, Ray Data, the
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftdist.config import Config
-from ftdist.data import IGNORE, Rows, collate
+from ftdist.data.rows import IGNORE, Rows, collate
 from ftdist.objective import ChunkedHead, autocast, forward_inputs
 
 # Per pair, summed over a micro-batch: what the log records and evaluations report, as means over pairs.
@@ -97,7 +97,7 @@ class PairHead(ChunkedHead):
         self.text = False
 
     def for_text(self):
-        from ftdist.classify import TextLoss
+        from ftdist.artifacts.classify import TextLoss
 
         return TextLoss(self)
 

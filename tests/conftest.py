@@ -211,7 +211,7 @@ def pretrained_base(tmp_path_factory):
         if arch not in built:
             import json
 
-            from ftdist.local import train_local
+            from ftdist.launch.local import train_local
 
             tmp = tmp_path_factory.mktemp(f"base-{arch}")
             corpus = tmp / "general.jsonl"
@@ -231,7 +231,7 @@ def ray_local():
     """One real local Ray for every Ray test of the session (start-up costs seconds)."""
     import ray
 
-    from ftdist.distributed import connect
+    from ftdist.launch.ray_train import connect
 
     # With the dashboard: Ray Train's placement-group cleaner polls the State API it serves.
     # 4 logical CPUs on the 2 cores: test_distributed runs two 2-worker trainers at a time.

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.config import Config, load_config
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
 from tests.conftest import (
     DEMO,
     foreign_lines,

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ftdist.config import Config, redact_url
 from ftdist.errors import UserError
-from ftdist.storage import is_remote
+from ftdist.io.storage import is_remote
 from ftdist.tracking.hub import warn_line
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # key -> module

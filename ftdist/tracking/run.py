@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftdist.config import Config, config_yaml, redact_url
-from ftdist.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
-from ftdist.metrics import read_metrics
-from ftdist.storage import RunStore
+from ftdist.io.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
+from ftdist.training.metrics import read_metrics
+from ftdist.io.storage import RunStore
 from ftdist.tracking.hub import Tracking, warn_line
 from ftdist.tracking.params import flat_params, run_tags
 
@@ -130,7 +130,7 @@ def flat_tune(cfg: Config) -> dict[str, Any]:
 def own_dirs(store: RunStore, tensorboard: bool = False, wandb: bool = False) -> None:
     """The trackers' directories in the run (made if missing), before any tracker writes there:
     a link in their place is refused (never written through), not a tracker's warning."""
-    from ftdist import safewrite
+    from ftdist.io import safewrite
 
     for wanted, rel, what in ((tensorboard, TENSORBOARD_DIR, "TensorBoard's event files"),
                               (wandb, WANDB_DIR, "W&B's run files")):

@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 from ftdist.config import Config
 from ftdist.errors import UserError
-from ftdist.layout import BASE_DIR, TUNER_DIR
-from ftdist.rayhead import watch_head
-from ftdist.storage import RunStore
+from ftdist.io.layout import BASE_DIR, TUNER_DIR
+from ftdist.launch.rayhead import watch_head
+from ftdist.io.storage import RunStore
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
@@ -41,7 +41,7 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     directory stays held by this process (one writer) until the caller's Experiment.done()."""
     from contextlib import ExitStack
 
-    from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, writing
+    from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, writing
 
     checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
@@ -80,15 +80,15 @@ def preflight(cfg: Config, raw: dict, address: Optional[str]):
     """Everything that can be wrong, before the first trial: the config and its space, the
     data, the cluster. Returns the checked inputs (local data paths, format) and whether
     trials use GPUs."""
-    from ftdist.distributed import preflight_cluster
-    from ftdist.preflight import check_inputs, model_config_of
+    from ftdist.launch.ray_train import preflight_cluster
+    from ftdist.launch.preflight import check_inputs, model_config_of
     from ftdist.tune.space import check_space
 
     if cfg.tune is None:
         raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
     if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
-    from ftdist.rundir import SEARCH, check_free
+    from ftdist.launch.rundir import SEARCH, check_free
 
     checked = check_inputs(cfg)
     check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
@@ -101,7 +101,7 @@ def trial_inputs(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool
     """What every trial shares, made once: the base model (built into the experiment for
     model.init), the Ray datasets, and the experiment's description. Returns those and the
     steps of one trial."""
-    from ftdist.distributed import shared_inputs
+    from ftdist.launch.ray_train import shared_inputs
 
     t = cfg.tune
     inputs = shared_inputs(checked, store)
@@ -136,7 +136,7 @@ def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, 
     storage_path, fs = tune_storage(store)
     path = f"{storage_path}/{TUNER_DIR}"
     if not store.remote:
-        from ftdist import safewrite
+        from ftdist.io import safewrite
 
         safewrite.check(store.root / TUNER_DIR, store.root, "Ray Tune's state")  # never through a link
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -164,7 +164,7 @@ def trial_model_source(cfg: Config, experiment_base: str, base_path: str) -> dic
     working directory)."""
     from pathlib import Path
 
-    from ftdist.storage import is_remote
+    from ftdist.io.storage import is_remote
 
     if cfg.model.init:
         return {"name_or_path": experiment_base, "init": None, "tokenizer": None}
@@ -184,7 +184,7 @@ def trial_concurrency(cfg: Config, use_gpu: bool) -> int:
     """Trials the cluster can run at once, each with all its workers placed."""
     import ray
 
-    from ftdist.distributed import worker_resources
+    from ftdist.launch.ray_train import worker_resources
 
     d, total = cfg.distributed, ray.cluster_resources()
     need = worker_resources(cfg, use_gpu)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ftdist import safewrite
+from ftdist.io import safewrite
 from ftdist.config import Config
 from ftdist.tune.experiment import Experiment
 from ftdist.tune.space import with_params
@@ -142,7 +142,7 @@ def write_report(experiment: Experiment, rows: list[TrialRow]) -> dict:
 
 
 def _pyplot():
-    from ftdist.report import _pyplot as pyplot
+    from ftdist.artifacts.report import _pyplot as pyplot
 
     return pyplot()
 
@@ -207,7 +207,7 @@ def end_search_tracking(experiment: Experiment, rows: list[TrialRow], summary: d
     ended (KILLED while trials are left: the same command continues them). Trials ASHA
     stopped were ended with their processes, before they could end their tracker runs:
     their MLflow runs are marked KILLED from here."""
-    from ftdist.layout import SEARCH_OUTPUTS
+    from ftdist.io.layout import SEARCH_OUTPUTS
     from ftdist.tracking.run import end_stopped_runs
 
     best = summary["best"]

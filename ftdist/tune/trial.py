@@ -60,9 +60,9 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     shared datasets once)."""
     from ray import tune
 
-    from ftdist.distributed import fit, worker_config
-    from ftdist.quiet import quiet_libraries
-    from ftdist.rundir import is_finished, prepare_run_dir, read_summary
+    from ftdist.launch.ray_train import fit, worker_config
+    from ftdist.io.quiet import quiet_libraries
+    from ftdist.launch.rundir import is_finished, prepare_run_dir, read_summary
 
     quiet_libraries()
     cfg = trial_config(experiment, params, tune.get_context().get_trial_name())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.local import train_local
+from ftdist.launch.local import train_local
 from tests.conftest import run_cli
 from tests.unit.test_classification import (
     base_state,
@@ -22,7 +22,7 @@ from tests.unit.test_classification import (
 def test_a_linear_probe_on_frozen_features_learns_and_leaves_every_base_weight_as_it_was(tmp_path, pretrained_base):
     from transformers import AutoModelForSequenceClassification
 
-    from ftdist.classify import load_classifier, predict
+    from ftdist.artifacts.classify import load_classifier, predict
 
     base = pretrained_base("llama")
     cfg = classification_config(tmp_path, base, "method=full", "freeze_layers=all", "train.lr=3e-2", name="probe")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.metrics import read_metrics
+from ftdist.training.metrics import read_metrics
 
 from tests.conftest import (
     DEMO,
@@ -175,7 +175,7 @@ def test_a_full_disk_while_staging_a_checkpoint_stops_the_run_and_keeps_the_comp
     assert "Traceback" not in err
     kept = complete_checkpoints(run_dir)
     assert kept
-    from ftdist.checkpoint import damage
+    from ftdist.training.checkpoint import damage
 
     for checkpoint in kept:  # each intact against its manifest
         files = json.loads((checkpoint / "COMPLETE").read_text())["files"]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ftdist.checkpoint import fetch_checkpoint, step_dir
-from ftdist.storage import RunStore
+from ftdist.training.checkpoint import fetch_checkpoint, step_dir
+from ftdist.io.storage import RunStore
 from tests.conftest import tiny_config
 from tests.unit.test_context import SAVED_BY_TWO
 

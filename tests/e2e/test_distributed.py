@@ -6,7 +6,7 @@ fine-tuning (ZeRO-3: the frozen reference partitioned) resumed by 1 worker. The 
 
 import pytest
 
-from ftdist.distributed import train_ray
+from ftdist.launch.ray_train import train_ray
 from ftdist.errors import UserError
 from tests.conftest import ONE_RAY_AT_A_TIME, tiny_config
 from tests.distributed_cases import (  # noqa: F401 (the shared tests, the fixture and the parametrization)

@@ -3,7 +3,7 @@
 
 import pytest
 
-from ftdist.data import IGNORE, build_dataset
+from ftdist.data.rows import IGNORE, build_dataset
 from tests.unit.test_eval_sources import (
     curve,
     files,

@@ -32,7 +32,7 @@ MERGE_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One short local-mode run per method. The adapter runs fine-tune the full run's base."""
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     tmp = tmp_path_factory.mktemp("export-runs")
     full = Path(train_local(tiny_config(tmp, "method=full", *SHORT, name="full"), show_progress=False)["run_dir"])
@@ -90,7 +90,7 @@ def test_lora_exports_the_adapter_and_merges_it(runs, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ftdist.generate import load_trained
+    from ftdist.artifacts.generate import load_trained
 
     adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     code, stdout, _ = export(capsys, runs["lora"], "--out", adapter)
@@ -117,9 +117,9 @@ def test_qlora_merges_into_the_dequantized_4bit_base(runs, tmp_path, capsys):
     from peft import PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from ftdist.export import run_config
-    from ftdist.generate import load_trained
-    from ftdist.model import build_model
+    from ftdist.artifacts.export import run_config
+    from ftdist.artifacts.generate import load_trained
+    from ftdist.model.build import build_model
 
     out = tmp_path / "merged"
     code, stdout, _ = export(capsys, runs["qlora"], "--out", out, "--merge")
@@ -222,8 +222,8 @@ def make_deepspeed_runs(root: str, base: str) -> None:
 
     from ftdist.config import config_yaml
     from ftdist.engine import deepspeed_engine, skip_inference_comm_op
-    from ftdist.model import build_model
-    from ftdist.optim import build_optimizer
+    from ftdist.model.build import build_model
+    from ftdist.training.optim import build_optimizer
 
     skip_inference_comm_op()  # as the engine does, before DeepSpeed's comm backend starts
     deepspeed.init_distributed("gloo")

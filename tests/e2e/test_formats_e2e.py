@@ -4,8 +4,8 @@ types (jsonl, json, parquet, csv, shard directories, globs, save_to_disk, s3://)
 import json
 from pathlib import Path
 
-from ftdist.preflight import check_inputs
-from ftdist.records import RowReader
+from ftdist.launch.preflight import check_inputs
+from ftdist.data.records import RowReader
 from tests.conftest import tiny_config
 from tests.unit.test_formats import rows_of_demo, write_each_type
 
@@ -25,7 +25,7 @@ def test_s3_directories_and_globs_are_fetched_and_read(tmp_path, s3):
 def test_alpaca_parquet_shards_train_with_the_llama3_template(tmp_path):
     import pandas as pd
 
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
     from tests.e2e.test_train import assert_learned
 
     demo = rows_of_demo(400)

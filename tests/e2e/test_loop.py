@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from ftdist.context import LocalContext
-from ftdist.loop import TrainState, train
-from ftdist.metrics import read_metrics
-from ftdist.rundir import prepare_run_dir
+from ftdist.training.context import LocalContext
+from ftdist.training.loop import TrainState, train
+from ftdist.training.metrics import read_metrics
+from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import DEMO, complete_checkpoints, tiny_config
 
 
@@ -45,7 +45,7 @@ def test_a_rerun_resumes_from_the_newest_complete_checkpoint_to_the_same_curve(t
         assert any(k.startswith("model.layers.1.") for k in kept)
         assert any(k.startswith("model.layers.0.") for k in kept) == (freeze == 0)
         if freeze:  # exported whole: the frozen weights from the base, the trained ones from the checkpoint
-            from ftdist.export import export
+            from ftdist.artifacts.export import export
 
             export(str(run_dir / "checkpoints" / "step-4"), str(tmp_path / "exported"))
             exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
@@ -156,7 +156,7 @@ def test_negative_transfer_is_told_with_the_two_numbers(tmp_path, capsys):
             in out) and "lower train.lr" in out
 
     # A classifier's accuracy counts too: lower at the end than before training is told, with its two numbers.
-    from ftdist.loop import negative_transfer
+    from ftdist.training.loop import negative_transfer
 
     assert negative_transfer(TrainState(eval_loss_start=0.69, eval_loss=0.65, eval_accuracy_start=0.62,
                                         eval_scores={"accuracy": 0.55})) == {"eval_accuracy_start": 0.62,

@@ -7,7 +7,7 @@ from tests.unit.test_mixtures import mixture, two_sources
 
 
 def test_a_mixture_trains_and_tells_each_source_at_the_start_and_in_the_summary(tmp_path, capsys):
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     a, b = two_sources(tmp_path, 200, 50)
     cfg = mixture(tmp_path, a, b, 0.5, 0.5, "train.max_steps=4", "train.eval_every=4", "checkpoint.every_steps=2",

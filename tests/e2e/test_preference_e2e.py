@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
 from tests.conftest import DEMO, run_cli, tiny_config
 from tests.unit.test_preference import LN2, dpo_config, records, rule_pairs, write_rows
 

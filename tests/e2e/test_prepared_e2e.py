@@ -3,8 +3,8 @@ byte of the data changes; `ftdist prepare`; the batched tokenizing equals the pe
 
 import numpy as np
 
-from ftdist.preflight import check_inputs
-from ftdist.prepared import prepared_dataset
+from ftdist.launch.preflight import check_inputs
+from ftdist.data.prepared import prepared_dataset
 from tests.unit.test_prepared import (
     config_with_copy,
     on_a_fresh_node,

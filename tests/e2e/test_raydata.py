@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.data import build_dataset
+from ftdist.data.rows import build_dataset
 from ftdist.errors import UserError
-from ftdist.model import load_tokenizer, resolve_base
-from ftdist.preflight import check_data
-from ftdist.raydata import ray_datasets, rows_of
-from ftdist.storage import RunStore
+from ftdist.model.build import load_tokenizer, resolve_base
+from ftdist.launch.preflight import check_data
+from ftdist.data.raydata import ray_datasets, rows_of
+from ftdist.io.storage import RunStore
 from tests.conftest import DEMO, ONE_RAY_AT_A_TIME, tiny_config
 
 pytestmark = [pytest.mark.ray, ONE_RAY_AT_A_TIME]
@@ -80,7 +80,7 @@ def test_a_user_error_inside_a_worker_reaches_the_user_as_one_message():
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from ftdist.distributed import find_user_error
+    from ftdist.launch.ray_train import find_user_error
 
     raised_in_worker = RayTaskError("train_fn", "Traceback ...", UserError("data.train: no rows")).as_instanceof_cause()
     wrapped = WorkerGroupError("worker 1 failed", {1: raised_in_worker})

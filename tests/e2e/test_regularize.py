@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.config import Config
-from ftdist.context import LocalContext
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
-from ftdist.rundir import prepare_run_dir
+from ftdist.training.context import LocalContext
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
+from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import tiny_config
 from tests.unit.test_regularize_quick import texts  # noqa: F401 (a fixture)
 
@@ -98,7 +98,7 @@ def test_lora_with_a_very_large_l2sp_weight_keeps_a_near_zero_update(tmp_path, p
 
 
 def test_ewc_fisher_is_positive_and_its_anchors_are_the_pretrained_weights(tmp_path, pretrained_base, texts):
-    from ftdist.loop import build
+    from ftdist.training.loop import build
 
     base = pretrained_base("llama")
     cfg = reg_config(tmp_path, base, texts, "regularization.ewc.weight=100", "regularization.l2sp=1", name="fisher")

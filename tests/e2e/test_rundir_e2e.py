@@ -4,8 +4,8 @@
 import pytest
 
 from ftdist.errors import UserError
-from ftdist.layout import RUN_MARKER
-from ftdist.rundir import prepare_run_dir
+from ftdist.io.layout import RUN_MARKER
+from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import tiny_config
 
 

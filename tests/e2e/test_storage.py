@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.checkpoint import prune
+from ftdist.training.checkpoint import prune
 from ftdist.config import StorageConfig
-from ftdist.metrics import read_metrics
-from ftdist.storage import RunStore
+from ftdist.training.metrics import read_metrics
+from ftdist.io.storage import RunStore
 from tests.conftest import (
     DEMO,
     FAKE_SECRET,
@@ -229,7 +229,7 @@ def test_prune_keeps_the_newest_and_the_best_and_drops_partial_leftovers(tmp_pat
 
 
 def test_a_store_that_does_not_answer_is_told_at_its_first_failure(capsys):
-    from ftdist.storage import retrying
+    from ftdist.io.storage import retrying
 
     failures = iter([ConnectionError("connection refused"), ConnectionError("connection refused")])
 
@@ -251,7 +251,7 @@ def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_
 
     from ftdist.config import StorageConfig
     from ftdist.errors import UserError
-    from ftdist.storage import filesystem, retrying
+    from ftdist.io.storage import filesystem, retrying
 
     storage = StorageConfig(endpoint_url=s3.relay.url, region="us-east-1", retry_deadline_s=60)
     fs = filesystem(s3.url(), storage)
@@ -272,10 +272,10 @@ def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_
 def test_an_s3_run_has_one_writer_by_its_lease_which_a_dead_holder_does_not_keep(s3, tmp_path, monkeypatch):
     """The lease object: a second writer is refused naming the first; a lease past its expiry, or
     whose holder on this host is gone, is taken over; the holder's renewals keep it; released, it goes."""
-    from ftdist import runlock
+    from ftdist.io import runlock
     from ftdist.errors import UserError
-    from ftdist.layout import LEASE_FILE
-    from ftdist.rundir import check_free, writing
+    from ftdist.io.layout import LEASE_FILE
+    from ftdist.launch.rundir import check_free, writing
 
     monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.2)
     cfg = tiny_config(tmp_path, *s3.overrides())

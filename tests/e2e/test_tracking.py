@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from ftdist.config import redact_url, redacted
-from ftdist.context import LocalContext
-from ftdist.loop import train
-from ftdist.metrics import read_metrics
-from ftdist.preflight import check_inputs
-from ftdist.rundir import prepare_run_dir
+from ftdist.training.context import LocalContext
+from ftdist.training.loop import train
+from ftdist.training.metrics import read_metrics
+from ftdist.launch.preflight import check_inputs
+from ftdist.launch.rundir import prepare_run_dir
 from ftdist.tracking.params import flat_params, record_metrics
 from ftdist.tracking.preflight import check_tracking
 from tests.conftest import REPO, tiny_config, write_config

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
 from tests.conftest import complete_checkpoints, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def test_feature_extraction_trains_only_norm_and_head(tmp_path):
 def test_qlora_base_is_4bit_and_frozen(tmp_path):
     from bitsandbytes.nn import Linear4bit
 
-    from ftdist.model import build_model
+    from ftdist.model.build import build_model
 
     cfg = tiny_config(tmp_path, "method=qlora", "freeze_layers=1")
     _, run_dir, _ = run(tmp_path, "method=qlora", "freeze_layers=1", "train.max_steps=5", "train.eval_every=2")
@@ -102,7 +102,7 @@ def test_qlora_base_is_4bit_and_frozen(tmp_path):
 
 
 def test_adapter_checkpoints_are_a_small_fraction_of_full_ones(tmp_path):
-    from ftdist.checkpoint import size_bytes
+    from ftdist.training.checkpoint import size_bytes
 
     bigger = ("model.init.hidden_size=256", "model.init.num_layers=2", "train.max_steps=12")
     _, full_dir, _ = run(tmp_path, *bigger, "method=full", name="full")

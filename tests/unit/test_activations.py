@@ -4,9 +4,9 @@ on the CPU keeps for the backward, block by block."""
 import pytest
 import torch
 
-from ftdist.activations import saved_bytes
-from ftdist.memory import run_shell
-from ftdist.model import build_initial_model, build_model, init_model_config
+from ftdist.sizing.activations import saved_bytes
+from ftdist.sizing.memory import run_shell
+from ftdist.model.build import build_initial_model, build_model, init_model_config
 from tests.conftest import tiny_config
 
 

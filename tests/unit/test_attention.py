@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from ftdist.attention import document_mask, implementation
+from ftdist.model.attention import document_mask, implementation
 from ftdist.errors import UserError
 
 LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)

@@ -73,8 +73,8 @@ def test_every_echo_of_a_users_value_is_bounded(tmp_path):
 
 
 def test_a_row_of_megabytes_is_cut_by_characters_before_it_is_tokenized():
-    from ftdist.data import char_limit, tokenize_records
-    from ftdist.tokenizer import train_tokenizer
+    from ftdist.data.rows import char_limit, tokenize_records
+    from ftdist.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
     limit = char_limit(tokenizer, 64)
@@ -143,8 +143,8 @@ def test_a_secret_in_a_tracker_url_never_reaches_an_error():
 
 
 def test_a_fifo_is_named_as_a_fifo_never_not_found(tmp_path):
-    from ftdist.records import plain_text
-    from ftdist.sources import check_source
+    from ftdist.data.records import plain_text
+    from ftdist.data.sources import check_source
 
     fifo = tmp_path / "rows.jsonl"
     os.mkfifo(fifo)
@@ -177,7 +177,7 @@ def test_a_run_directory_given_to_generate_means_its_final_model(tmp_path):
 
 
 def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
-    from ftdist.sources import read_rows
+    from ftdist.data.sources import read_rows
 
     csv_file = tmp_path / "rows.csv"
     csv_file.write_bytes(b"\xef\xbb\xbfprompt, completion\r\nreverse 12,21\r\n")
@@ -188,7 +188,7 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
 
 
 def test_columns_that_match_no_format_in_full_are_named_not_half_read():
-    from ftdist.records import RowReader
+    from ftdist.data.records import RowReader
 
     with pytest.raises(ValueError, match=r'"prompt" must be a string, and is missing: the row\'s keys are \[\'Prompt\', \'completion\'\]'):
         RowReader().normalize({"Prompt": "q", "completion": "a"})
@@ -196,8 +196,8 @@ def test_columns_that_match_no_format_in_full_are_named_not_half_read():
 
 
 def test_an_eval_file_whose_every_example_is_truncated_away_is_refused(tmp_path):
-    from ftdist.data import build_dataset
-    from ftdist.tokenizer import train_tokenizer
+    from ftdist.data.rows import build_dataset
+    from ftdist.data.tokenizer import train_tokenizer
 
     rows = [json.loads(x) for x in (DEMO / "eval.jsonl").read_text().splitlines()]
     long = tmp_path / "long.jsonl"
@@ -213,7 +213,7 @@ def test_an_eval_file_whose_every_example_is_truncated_away_is_refused(tmp_path)
 
 
 def test_a_diverging_run_stops_at_the_step_names_its_last_good_checkpoint_and_writes_no_final(tmp_path):
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     # Training loss: nan at step 3 (the weights of step 2's update): the checkpoint of step 2
     # holds them, step 1's is the last good one.
@@ -237,7 +237,7 @@ def test_a_diverging_run_stops_at_the_step_names_its_last_good_checkpoint_and_wr
 
 
 def test_an_eval_loss_that_is_nan_stops_the_run_too(tmp_path):
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     cfg = tiny_config(tmp_path, "train.lr=1e9", "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=2",
                       "checkpoint.every_steps=1", "model.init.num_layers=2")
@@ -248,7 +248,7 @@ def test_an_eval_loss_that_is_nan_stops_the_run_too(tmp_path):
 
 
 def test_a_run_stopped_between_final_and_its_summary_finishes_from_final(tmp_path, capsys):
-    from ftdist.local import train_local
+    from ftdist.launch.local import train_local
 
     cfg = tiny_config(tmp_path, "train.max_steps=2", "train.eval_every=2", "checkpoint.every_steps=1",
                       "model.init.num_layers=2")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.classify import scores
-from ftdist.data import IGNORE, build_dataset
+from ftdist.artifacts.classify import scores
+from ftdist.data.rows import IGNORE, build_dataset
 from ftdist.errors import UserError
-from ftdist.records import labels_of
-from ftdist.tokenizer import train_tokenizer
+from ftdist.data.records import labels_of
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, run_cli, tiny_config
 
 
@@ -70,8 +70,8 @@ def test_a_classifiers_retention_text_is_scored_in_chunks_as_whole_logits_would(
     chunks as an LM run's loss is (no [tokens x vocab] logits at once): the same loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftdist.classify import ClassifierHead, add_head
-    from ftdist.data import collate, pack, tokenize_records
+    from ftdist.artifacts.classify import ClassifierHead, add_head
+    from ftdist.data.rows import collate, pack, tokenize_records
     from ftdist.objective import loss_sum
 
     tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
@@ -109,7 +109,7 @@ def test_accuracy_and_macro_f1_from_the_confusion_counts():
     ({"text": "", "label": "yes"}, '"text" is empty'),
 ])
 def test_a_bad_row_names_the_file_line_and_field(tmp_path, row, problem):
-    from ftdist.preflight import check_inputs
+    from ftdist.launch.preflight import check_inputs
 
     rows = [{"text": "good", "label": "yes"}, {"text": "bad", "label": "no"}, row]
     cfg = tiny_config(tmp_path, "task=classification", 'classification.labels=["yes", "no"]',
@@ -126,7 +126,7 @@ def test_unquoted_yes_no_labels_are_refused_with_the_fix(tmp_path):
 def test_task_and_row_format_must_agree(tmp_path):
     with pytest.raises(UserError, match="task classification trains on"):
         tiny_config(tmp_path, "task=classification", "data.format=text")
-    from ftdist.preflight import check_inputs
+    from ftdist.launch.preflight import check_inputs
 
     with pytest.raises(UserError, match="rows are prompt_completion.*task: classification needs"):
         check_inputs(tiny_config(tmp_path, "task=classification"))
@@ -145,7 +145,7 @@ def exports_as_a_sequence_classifier(tmp_path, run_dir):
     probabilities; a checkpoint is refused (head and labels come with the final model)."""
     from transformers import AutoModelForSequenceClassification
 
-    from ftdist.classify import load_classifier, predict
+    from ftdist.artifacts.classify import load_classifier, predict
 
     texts = ["reverse 4821 =", "The river ran quietly past the old mill"]
     ours, tokenizer, pooling = load_classifier(run_dir / "final")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.metrics import read_metrics
+from ftdist.training.metrics import read_metrics
 from tests.conftest import (
     DEMO,
     REPO,
@@ -161,7 +161,7 @@ def test_a_stale_ray_current_cluster_file_is_ignored_for_a_local_ray(tmp_path, m
 
     from ray._common.utils import get_ray_address_file
 
-    from ftdist.distributed import reachable_address
+    from ftdist.launch.ray_train import reachable_address
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     current = Path(get_ray_address_file(None))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ftdist.attention import document_mask
-from ftdist.data import IGNORE, Encoded, Examples, collate, encode, pack, to_examples
+from ftdist.model.attention import document_mask
+from ftdist.data.rows import IGNORE, Encoded, Examples, collate, encode, pack, to_examples
 from ftdist.errors import UserError
-from ftdist.records import RowReader
-from ftdist.tokenizer import IM_END, train_tokenizer
+from ftdist.data.records import RowReader
+from ftdist.data.tokenizer import IM_END, train_tokenizer
 from tests.conftest import DEMO
 
 

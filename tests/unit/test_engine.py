@@ -15,7 +15,7 @@ from ftdist.engine import (
     skip_inference_comm_op,
 )
 from ftdist.errors import UserError
-from ftdist.optim import build_optimizer
+from ftdist.training.optim import build_optimizer
 from tests.conftest import tiny_config
 
 

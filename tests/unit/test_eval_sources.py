@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from ftdist.config import DataConfig
-from ftdist.data import build_dataset
+from ftdist.data.rows import build_dataset
 from ftdist.errors import UserError
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
-from ftdist.tokenizer import train_tokenizer
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, tiny_config
 
 LINES = (DEMO / "eval.jsonl").read_text().splitlines()
@@ -79,7 +79,7 @@ def test_each_source_of_a_list_is_packed_on_its_own_and_keeps_its_source(tmp_pat
 
 
 def test_a_bad_row_of_a_listed_source_names_its_key(tmp_path):
-    from ftdist.preflight import check_inputs
+    from ftdist.launch.preflight import check_inputs
 
     math, more, prose, rows = files(tmp_path)
     with more.open("a") as f:

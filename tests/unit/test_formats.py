@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.chat_templates import apply_choice
-from ftdist.data import encode
+from ftdist.data.chat_templates import apply_choice
+from ftdist.data.rows import encode
 from ftdist.errors import UserError
-from ftdist.records import RowReader
-from ftdist.tokenizer import train_tokenizer
+from ftdist.data.records import RowReader
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, tiny_config
 
 ALPACA = [{"instruction": "reverse", "input": "12", "output": "21"},
@@ -116,7 +116,7 @@ def test_named_and_file_chat_templates(tokenizer, tmp_path):
 
 
 def test_a_chat_row_without_a_template_names_the_fix():
-    from ftdist.chat_templates import require_template
+    from ftdist.data.chat_templates import require_template
 
     bare = train_tokenizer(["x"], 300)
     bare.chat_template = None

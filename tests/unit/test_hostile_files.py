@@ -48,7 +48,7 @@ def plant(path: Path, marker: Path, **beside) -> None:
 def reseal(checkpoint: Path) -> None:
     """COMPLETE's manifest rewritten for the files as they are now: one who can plant a file in a
     bucket can rewrite the marker too, so the checksums are no defence against them."""
-    from ftdist.checkpoint import manifest
+    from ftdist.training.checkpoint import manifest
 
     marker = json.loads((checkpoint / "COMPLETE").read_text())
     marker["files"] = manifest(checkpoint)
@@ -56,13 +56,13 @@ def reseal(checkpoint: Path) -> None:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    from ftdist.metrics import read_metrics
+    from ftdist.training.metrics import read_metrics
 
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def resumes(run_dir: Path) -> list[str]:
-    from ftdist.metrics import read_metrics
+    from ftdist.training.metrics import read_metrics
 
     return [r["checkpoint"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
 
@@ -72,9 +72,9 @@ def resumes(run_dir: Path) -> list[str]:
 
 def six_steps(tmp_path: Path):
     """A tiny local run of 6 steps, checkpoints at steps 2 and 4 (then final/): its directory and a rerun."""
-    from ftdist.context import LocalContext
-    from ftdist.loop import train
-    from ftdist.rundir import prepare_run_dir
+    from ftdist.training.context import LocalContext
+    from ftdist.training.loop import train
+    from ftdist.launch.rundir import prepare_run_dir
 
     cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
                       "checkpoint.keep=5", "train.eval_every=2")
@@ -92,7 +92,7 @@ def test_the_rng_state_is_saved_as_safetensors_and_restored_exactly(tmp_path):
 
     import numpy as np
 
-    from ftdist.checkpoint import load_rng, rng_state, save_rng, set_rng_state
+    from ftdist.training.checkpoint import load_rng, rng_state, save_rng, set_rng_state
 
     random.random(), np.random.normal(), torch.rand(3)  # a cached Gaussian in numpy's state too
     save_rng(tmp_path / "rng-0.safetensors")
@@ -162,7 +162,7 @@ def test_a_checkpoint_whose_manifest_lacks_the_file_list_is_damaged_not_trusted(
 def test_an_older_runs_rng_pt_still_resumes_read_weights_only(tmp_path, capsys):
     """Runs saved before the RNG state was safetensors wrote rng-<rank>.pt (numpy's state: an
     array): read with weights_only=True and numpy's array classes allowed, the curve is the same."""
-    from ftdist.checkpoint import load_rng
+    from ftdist.training.checkpoint import load_rng
 
     run_dir, run = six_steps(tmp_path)
     curve = losses(run_dir)
@@ -180,7 +180,7 @@ def test_an_older_runs_rng_pt_still_resumes_read_weights_only(tmp_path, capsys):
 def test_restore_rng_refuses_a_planted_pickle_without_running_it(tmp_path):
     import pickle
 
-    from ftdist.checkpoint import restore_rng
+    from ftdist.training.checkpoint import restore_rng
 
     marker = tmp_path / "PWNED"
     plant(tmp_path / "rng-0.pt", marker)
@@ -199,7 +199,7 @@ def test_deepspeeds_own_loads_are_made_weights_only_with_the_allow_list_for_the_
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from ftdist.safeload import deepspeed_loads
+    from ftdist.io.safeload import deepspeed_loads
 
     marker = tmp_path / "PWNED"
     plant(tmp_path / "hostile.pt", marker)
@@ -243,9 +243,9 @@ def deepspeed_checkpoints(root: str) -> None:
     import deepspeed
 
     from ftdist.engine import deepspeed_engine, skip_inference_comm_op
-    from ftdist.model import build_initial_model, build_model
-    from ftdist.optim import build_optimizer
-    from ftdist.safeload import why_unloadable
+    from ftdist.model.build import build_initial_model, build_model
+    from ftdist.training.optim import build_optimizer
+    from ftdist.io.safeload import why_unloadable
 
     skip_inference_comm_op()
     deepspeed.init_distributed("gloo")
@@ -312,7 +312,7 @@ def test_deepspeed_checkpoints_load_weights_only_and_refuse_a_planted_pickle(tmp
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with its tokenizer, as a Hugging Face directory."""
-    from ftdist.model import build_initial_model
+    from ftdist.model.build import build_initial_model
 
     root = tmp_path_factory.mktemp("base")
     build_initial_model(tiny_config(root, "model.init.num_layers=2"), root / "base")
@@ -404,7 +404,7 @@ def test_with_trust_remote_code_the_models_own_code_loads(tmp_path, base_dir, mo
 def test_what_asks_for_code_of_its_own(tmp_path, base_dir, monkeypatch):
     """An auto_map in config.json or tokenizer_config.json, or a model_type transformers does not
     know; the base itself asks for none. Refused unless trusted."""
-    from ftdist.model import refuse_remote_code, remote_code_error, remote_code_request
+    from ftdist.model.build import refuse_remote_code, remote_code_error, remote_code_request
 
     assert remote_code_request(base_dir) is None
     tokenizer = shutil.copytree(base_dir, tmp_path / "tokenizer")
@@ -459,7 +459,7 @@ def test_a_base_models_bin_with_a_planted_pickle_is_refused_unrun(tmp_path, base
     assert not marker.exists()
 
     # The same file reached past preflight (a hub model's download): load_causal_lm says it in one line.
-    from ftdist.model import load_causal_lm
+    from ftdist.model.build import load_causal_lm
 
     with pytest.raises(UserError, match=r"its weights hold objects other than tensors, refused unloaded"):
         load_causal_lm(str(base), torch.device("cpu"))

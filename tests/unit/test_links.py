@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ftdist import safewrite
+from ftdist.io import safewrite
 from ftdist.errors import UserError
-from ftdist.local import train_local
-from ftdist.rundir import prepare_run_dir
+from ftdist.launch.local import train_local
+from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import run_cli, tiny_config, write_config
 
 QUICK = ("train.max_steps=2", "checkpoint.every_steps=1", "train.eval_every=2", "model.init.num_layers=1")
@@ -121,7 +121,7 @@ def test_a_run_directory_that_is_a_link_is_refused_naming_its_target(tmp_path):
 
 
 def test_the_prepared_cache_is_never_written_through_a_link(tmp_path):
-    from ftdist.prepared import cache_root, data_key, remember_validated
+    from ftdist.data.prepared import cache_root, data_key, remember_validated
 
     cfg = tiny_config(tmp_path, f"storage.cache_dir={tmp_path / 'cache'}")
     folder, before = users_folder(tmp_path)
@@ -142,7 +142,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_an_export_into_a_link_is_refused_and_leaves_nothing_behind(tmp_path, finished_run):
-    from ftdist.export import export
+    from ftdist.artifacts.export import export
 
     folder = tmp_path / "models"
     folder.mkdir()

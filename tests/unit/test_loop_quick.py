@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
 from tests.conftest import tiny_config
 
 

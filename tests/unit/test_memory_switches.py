@@ -5,8 +5,8 @@ for full fine-tuning, LoRA over a frozen base and QLoRA over a 4-bit one. A step
 import pytest
 import torch
 
-from ftdist.data import IGNORE
-from ftdist.model import build_initial_model, build_model, checkpointed_blocks
+from ftdist.data.rows import IGNORE
+from ftdist.model.build import build_initial_model, build_model, checkpointed_blocks
 from ftdist.objective import chunked_cross_entropy, loss_sum
 from tests.conftest import tiny_config
 
@@ -139,7 +139,7 @@ def test_the_head_gives_plain_logits_outside_the_loss(tmp_path, base):
 def test_compiled_blocks_and_loss_give_the_same_loss_and_gradients(tmp_path, base):
     import torch._dynamo
 
-    from ftdist.compiling import compile_model
+    from ftdist.model.compiling import compile_model
 
     overrides = ("method=lora", "train.gradient_checkpointing=2")
     plain = loss_and_grads(built(tmp_path, base, *overrides))
@@ -159,7 +159,7 @@ def test_compiled_blocks_and_loss_give_the_same_loss_and_gradients(tmp_path, bas
 
 
 def test_a_failed_compilation_falls_back_once_with_one_message():
-    from ftdist.compiling import Compiled
+    from ftdist.model.compiling import Compiled
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no kernel for this")

@@ -3,7 +3,7 @@
 import io
 import json
 
-from ftdist.metrics import MetricsLog, Progress, read_metrics
+from ftdist.training.metrics import MetricsLog, Progress, read_metrics
 
 
 class FakeTerminal(io.StringIO):
@@ -44,7 +44,7 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
 def test_ray_noise_and_its_tracebacks_are_filtered_but_progress_is_kept():
     import io
 
-    from ftdist.quiet import NoiseFilter
+    from ftdist.io.quiet import NoiseFilter
 
     out = io.StringIO()
     stream = NoiseFilter(out)
@@ -66,7 +66,7 @@ def test_ray_noise_and_its_tracebacks_are_filtered_but_progress_is_kept():
 
 
 def test_the_forgetting_plot_reads_retention_at_each_evaluation(tmp_path):
-    from ftdist.report import plot_forgetting, retention_curve
+    from ftdist.artifacts.report import plot_forgetting, retention_curve
 
     records = [{"step": 0, "event": "start", "retention_loss_before": 3.0},
                {"step": 0, "eval_loss": 5.0},

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from ftdist.data import build_dataset, train_order
+from ftdist.data.rows import build_dataset, train_order
 from ftdist.errors import UserError
-from ftdist.preflight import check_inputs
-from ftdist.tokenizer import train_tokenizer
+from ftdist.launch.preflight import check_inputs
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, tiny_config
 
 LINES = (DEMO / "train.jsonl").read_text().splitlines()

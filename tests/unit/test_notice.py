@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from ftdist.notice import EXIT_STOPPED, StopNotice, stop_on_sigterm
+from ftdist.training.notice import EXIT_STOPPED, StopNotice, stop_on_sigterm
 
 
 def test_sigterm_is_noted_then_a_second_one_stops_at_once_and_the_old_handler_returns():

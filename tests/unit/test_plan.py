@@ -4,7 +4,7 @@ import pytest
 
 from ftdist.engine import deepspeed_config
 from ftdist.errors import UserError
-from ftdist.plan import accumulation_steps, make_plan
+from ftdist.training.plan import accumulation_steps, make_plan
 from tests.conftest import tiny_config
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ftdist.config import validate_config
-from ftdist.data import IGNORE, build_dataset
+from ftdist.data.rows import IGNORE, build_dataset
 from ftdist.errors import UserError
-from ftdist.local import train_local
-from ftdist.metrics import read_metrics
-from ftdist.tokenizer import train_tokenizer
+from ftdist.launch.local import train_local
+from ftdist.training.metrics import read_metrics
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 
 LN2 = math.log(2)
@@ -64,7 +64,7 @@ def test_a_pairs_chosen_and_rejected_are_documents_of_one_row_trained_on_the_res
     cfg = tiny_config(tmp_path, "objective=dpo", f"data.train={write_rows(tmp_path / 'p.jsonl', pairs + chat)}",
                       "data.eval=null", "data.eval_fraction=0", f"data.packing={str(packing).lower()}",
                       "data.max_length=96", "data.chat_template=chatml")
-    from ftdist.chat_templates import apply_choice
+    from ftdist.data.chat_templates import apply_choice
 
     apply_choice(tokenizer, "chatml")
     rows = build_dataset(cfg.data, tokenizer, 0, pairs=True).train
@@ -76,7 +76,7 @@ def test_a_pairs_chosen_and_rejected_are_documents_of_one_row_trained_on_the_res
         for d in range(n_docs):
             trained = targets[(doc == d) & (targets != IGNORE)]
             responses.append(tokenizer.decode(trained.tolist()))
-    from ftdist.data import turns_of
+    from ftdist.data.rows import turns_of
 
     def response(record: dict, side: str) -> str:
         """What the pair's `side` trains on: the response and the end of sequence, or the
@@ -168,8 +168,8 @@ def test_the_chunked_log_probs_and_their_gradients_equal_log_softmaxs():
 
 
 def test_the_memory_estimate_counts_the_reference(tmp_path):
-    from ftdist import memory
-    from ftdist.model import init_model_config
+    from ftdist.sizing import memory
+    from ftdist.model.build import init_model_config
 
     def estimate(*overrides, workers=1, stage=0):
         cfg = tiny_config(tmp_path, *overrides)

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from ftdist.data import Encoded, Rows, encode, encode_all, pack, to_examples
-from ftdist.preflight import check_data, check_inputs
-from ftdist.prepared import data_key, prepared_dataset, validated
-from ftdist.tokenizer import train_tokenizer
+from ftdist.data.rows import Encoded, Rows, encode, encode_all, pack, to_examples
+from ftdist.launch.preflight import check_data, check_inputs
+from ftdist.data.prepared import data_key, prepared_dataset, validated
+from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 
 

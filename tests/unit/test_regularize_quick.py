@@ -8,7 +8,7 @@ they are checked against local mode in tests/distributed_cases.py. Here: what ne
 
 import pytest
 
-from ftdist.data import replay_share
+from ftdist.data.rows import replay_share
 from ftdist.errors import UserError
 from tests.conftest import DEMO, tiny_config
 
@@ -46,8 +46,8 @@ def test_bad_combinations_say_which_work(tmp_path, texts):
 
 
 def test_the_memory_estimate_counts_anchors_and_fisher_on_each_ranks_share(tmp_path, texts):
-    from ftdist import memory
-    from ftdist.preflight import model_config_of
+    from ftdist.sizing import memory
+    from ftdist.launch.preflight import model_config_of
 
     def anchors(*extra, workers=1, stage=0):
         cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", *extra)

@@ -4,8 +4,8 @@
 import pytest
 
 from ftdist.errors import UserError
-from ftdist.layout import RUN_MARKER
-from ftdist.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
+from ftdist.io.layout import RUN_MARKER
+from ftdist.launch.rundir import TUNE_RESUMABLE_CHANGES, prepare_run_dir
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 
 

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from ftdist.chat_templates import check_choice, rendering
+from ftdist.data.chat_templates import check_choice, rendering
 from ftdist.cli import build_parser
 from ftdist.config import SEED_MAX
 from ftdist.errors import UserError, path_problem
-from ftdist.records import RowReader, labels_of
+from ftdist.data.records import RowReader, labels_of
 from tests.conftest import DEMO, REPO, run_cli, tiny_config, write_config
 from tests.unit.test_cli import assert_user_error
 
@@ -157,8 +157,8 @@ def test_templates_that_work_pass_preflight(tmp_path):
 
 
 def test_a_tokenizers_own_template_that_escapes_is_one_message_naming_it(tmp_path):
-    from ftdist.data import build_dataset
-    from ftdist.tokenizer import train_tokenizer
+    from ftdist.data.rows import build_dataset
+    from ftdist.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
     tokenizer.chat_template = "{% if messages | length > 1 %}" + ESCAPE + "{% endif %}"  # only with real rows
@@ -243,8 +243,8 @@ def file_size_limit(limit: int):
 
 
 def test_a_full_disk_while_writing_the_prepared_rows_keeps_no_half(tmp_path):
-    from ftdist.data import Rows
-    from ftdist.prepared import save
+    from ftdist.data.rows import Rows
+    from ftdist.data.prepared import save
 
     class Dataset:  # what save reads of one
         format, stats = "text", {}
@@ -264,9 +264,9 @@ def test_a_full_disk_while_writing_final_keeps_the_checkpoints_and_says_where_a_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftdist.model import init_model_config
-    from ftdist.outputs import save_final
-    from ftdist.tokenizer import train_tokenizer
+    from ftdist.model.build import init_model_config
+    from ftdist.training.outputs import save_final
+    from ftdist.data.tokenizer import train_tokenizer
 
     cfg = tiny_config(tmp_path)
     run = tmp_path / "runs" / "t"
@@ -283,7 +283,7 @@ def test_a_full_disk_while_writing_final_keeps_the_checkpoints_and_says_where_a_
 
 
 def test_a_full_disk_while_building_base_leaves_no_half_base(tmp_path):
-    from ftdist.model import no_room_for_base
+    from ftdist.model.build import no_room_for_base
 
     def build(cfg, base):  # as build_initial_model: aside, then renamed
         tmp = base.with_name("base.tmp")
@@ -302,7 +302,7 @@ def test_a_full_disk_while_building_base_leaves_no_half_base(tmp_path):
 
 
 def test_home_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
-    from ftdist.prepared import check_cache_dir
+    from ftdist.data.prepared import check_cache_dir
 
     monkeypatch.setenv("HOME", "/dev/null")
     cfg = tiny_config(tmp_path, "storage.cache_dir=~/.cache/ftdist")

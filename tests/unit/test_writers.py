@@ -11,16 +11,16 @@ import time
 
 import pytest
 
-from ftdist import runlock
+from ftdist.io import runlock
 from ftdist.errors import UserError
-from ftdist.layout import LOCK_FILE, RUN_MARKER
-from ftdist.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, check_free, prepare_run_dir, writing
+from ftdist.io.layout import LOCK_FILE, RUN_MARKER
+from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, check_free, prepare_run_dir, writing
 from tests.conftest import REPO, run_cli, tiny_config, wait_until, write_config
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from ftdist import runlock
+from ftdist.io import runlock
 lock = Path(sys.argv[1])
 sys.argv = ["ftdist", "train", "holder.yaml", "--set", "logging.mlflow.tracking_uri=http://u:secret@h"]
 runlock.lock_file(lock, lambda h: "busy")
@@ -110,7 +110,7 @@ def test_restart_refuses_while_an_export_reads_the_run(tmp_path):
 
 
 def test_a_second_preparer_of_the_same_rows_waits_for_the_first_then_reads_them(tmp_path, monkeypatch, capsys):
-    from ftdist import prepared
+    from ftdist.data import prepared
 
     cfg = tiny_config(tmp_path, f"storage.cache_dir={tmp_path / 'cache'}")
     where = prepared.cache_root(cfg) / "k" / "t"
@@ -154,6 +154,6 @@ def test_two_trains_of_one_run_the_second_is_refused_with_one_message(tmp_path):
     ([], "ftdist (in python)"),
 ])
 def test_a_lock_names_its_holder_by_command_and_config_never_other_arguments(argv, told):
-    from ftdist.runlock import holder_command
+    from ftdist.io.runlock import holder_command
 
     assert holder_command(argv) == told

@@ -1,0 +1,1 @@
+"""What is made from a run: export, generation, classification, reports."""

@@ -1,0 +1,208 @@
+"""Plots and a summary from a run's metrics.jsonl.
+
+  loss.png         training loss per step, eval loss at each evaluation
+  forgetting.png   (runs with data.retention) the trade-off: the task's eval loss falling while
+                   the loss on general text rises above its value before training
+  rewards.png      (objective dpo) the rewards of chosen and rejected responses, and the reward
+                   accuracy, per step and at each evaluation
+  lr.png, throughput.png (ftdist report)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ftdist.io import safewrite
+from ftdist.errors import UserError
+from ftdist.io.layout import METRICS, REPORT, SUMMARY
+from ftdist.training.metrics import read_metrics, series
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """The plots a run writes when it finishes: loss.png, forgetting.png with data.retention,
+    rewards.png for preference tuning."""
+    return [plot for plot in (plot_loss(run_dir), plot_forgetting(run_dir), plot_rewards(run_dir)) if plot]
+
+
+def plot_loss(run_dir: Path) -> Path:
+    """loss.png: training loss per step, eval loss at each evaluation."""
+    plt = _pyplot()
+    records = read_metrics(run_dir / METRICS)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_steps, train_loss = series(records, "loss")
+    ax.plot(train_steps, train_loss, label="train loss", linewidth=1)
+    eval_steps, eval_loss = series(records, "eval_loss")
+    if eval_steps:
+        ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
+    losses = [v for v in train_loss + eval_loss if v > 0]
+    if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
+        ax.set_yscale("log")
+    unit = "DPO loss (per pair)" if any("reward_accuracy" in r for r in records) else "cross-entropy (nats/token)"
+    return save_loss_figure(plt, fig, ax, run_dir.name, run_dir / "loss.png", unit)
+
+
+def plot_rewards(run_dir: Path) -> Optional[Path]:
+    """rewards.png: chosen's and rejected's rewards, and the reward accuracy; None for runs
+    that are not preference tuning."""
+    records = read_metrics(run_dir / METRICS)
+    if not any("reward_accuracy" in r for r in records):
+        return None
+    plt = _pyplot()
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, color in (("rewards_chosen", "tab:green"), ("rewards_rejected", "tab:red")):
+        rewards.plot(*series(records, key), color=color, linewidth=1, label=key.replace("_", " "))
+        rewards.plot(*series(records, f"eval_{key}"), "o--", color=color, label=f"eval {key.replace('_', ' ')}")
+    rewards.axhline(0, color="gray", linewidth=0.8)
+    rewards.set_ylabel("reward: beta x (log-prob - reference's)")
+    accuracy.plot(*series(records, "reward_accuracy"), linewidth=1, label="reward accuracy")
+    accuracy.plot(*series(records, "eval_reward_accuracy"), "o-", label="eval reward accuracy")
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_ylabel("pairs whose chosen reward is higher")
+    for ax in (rewards, accuracy):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{run_dir.name}: preference tuning")
+    fig.tight_layout()
+    out = run_dir / "rewards.png"
+    safewrite.save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def save_loss_figure(plt, fig, ax, title: str, out: Path, unit: str = "cross-entropy (nats/token)") -> Path:
+    """Axes, grid and legend of a loss-per-step figure; written to `out`."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    safewrite.save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def retention_curve(records: list[dict]) -> tuple[Optional[float], list[int], list[float]]:
+    """(retention loss before training, steps, retention loss at each evaluation after step 0)."""
+    start = next((r for r in records if r.get("event") == "start"), {})
+    before = start.get("retention_loss_before")
+    if before is None:
+        return None, [], []
+    points = [(r["step"], r.get("retention_loss", before + r["forgetting"])) for r in records
+              if r.get("forgetting") is not None]
+    return before, [s for s, _ in points], [v for _, v in points]
+
+
+def plot_forgetting(run_dir: Path) -> Optional[Path]:
+    """forgetting.png: what the task gained and what general text lost, per evaluation, in the
+    same unit (nats per token); None when the run measured no retention loss."""
+    records = read_metrics(run_dir / METRICS)
+    before, steps, retention = retention_curve(records)
+    if before is None:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    eval_steps, eval_loss = series(records, "eval_loss")
+    if eval_steps:
+        ax.plot(eval_steps, eval_loss, "o-", color="tab:blue", label="task: eval loss (data.eval)")
+    ax.axhline(before, color="tab:red", linestyle="--", linewidth=1, label="general text: before training")
+    ax.plot([0, *steps], [before, *retention], "s-", color="tab:red", label="general text: retention loss")
+    if steps:
+        ax.annotate(f"forgetting {retention[-1] - before:+.2f}", xy=(steps[-1], retention[-1]),
+                    xytext=(-10, -14), textcoords="offset points", ha="right", color="tab:red")
+    return save_loss_figure(plt, fig, ax, f"{run_dir.name}: the task learned, general text forgotten",
+                            run_dir / "forgetting.png")
+
+
+def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(*series(read_metrics(run_dir / METRICS), key))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    out = run_dir / filename
+    fig.tight_layout()
+    safewrite.save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def summarize(run_dir: Path) -> dict:
+    records = read_metrics(run_dir / METRICS)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    start = next((r for r in records if r.get("event") == "start"), {})
+    summary = {
+        "run": str(run_dir),
+        "method": start.get("method"),
+        "trainable_params": start.get("trainable_params"),
+        "total_params": start.get("total_params"),
+        "steps": steps[-1]["step"] if steps else 0,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "eval_loss_start": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
+        "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+        "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
+        # Median, so that the first (warm-up) steps do not skew throughput.
+        # The task's eval loss worse at the end than before training: the fine-tune hurt it.
+        "negative_transfer": bool(len(evals) > 1 and evals[0]["step"] == 0 and (
+            evals[-1]["eval_loss"] > evals[0]["eval_loss"]
+            or evals[-1].get("eval_accuracy", 1.0) < evals[0].get("eval_accuracy", 0.0))) if evals else None,
+        "median_tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2] if steps else None,
+    }
+    final = run_dir / SUMMARY
+    if final.exists():
+        done = json.loads(final.read_text())
+        for key in ("retention_loss_before", "retention_loss_after", "forgetting", "final_size_bytes"):
+            if key in done:
+                summary[key] = done[key]
+    return summary
+
+
+def report(run_dir: Path) -> tuple[dict, list[Path]]:
+    if not (run_dir / METRICS).is_file():
+        raise UserError(f"{run_dir}: no {METRICS}; give the directory of a run (<run.output>/<run.name>)")
+    try:
+        plots = [
+            *plot_run(run_dir),
+            plot_series(run_dir, "lr", "learning rate", "lr.png"),
+            plot_series(run_dir, "tokens_per_s", "tokens / s", "throughput.png"),
+        ]
+        summary = summarize(run_dir)
+        safewrite.write_text(run_dir / REPORT, run_dir, "the report", json.dumps(summary, indent=2))
+    except OSError as e:  # a run directory this user may only read (or one on a full disk)
+        from ftdist.errors import path_problem
+
+        if path_problem(e) is None:
+            raise
+        raise UserError(f"{run_dir}: cannot write the report's plots and {REPORT} there ({e.strerror}: "
+                        f"{e.filename}); make the run directory writable, or copy it (cp -r {run_dir} DIR) and "
+                        "run ftdist report DIR") from None
+    return summary, plots
+
+
+def format_summary(summary: dict) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        if isinstance(v, int) and v > 9999:
+            return f"{v:,}"
+        return str(v)
+
+    width = max(len(k) for k in summary)
+    return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in summary.items() if v is not None)

@@ -1,0 +1,1 @@
+"""Starting runs: local mode, the Ray driver, the Ray head, preflight checks, run directories."""

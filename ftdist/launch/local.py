@@ -1,0 +1,32 @@
+"""Local mode: one process, no Ray. Preflight, the run directory, then the one loop.
+
+Config, paths and data rows are checked before torch is imported, so that a mistake is told
+in seconds; neither Ray nor DeepSpeed is ever imported here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ftdist.config import Config
+from ftdist.training.notice import StopNotice
+from ftdist.launch.preflight import check_dtype, check_fits, check_inputs
+from ftdist.launch.rundir import check_free, finished_summary, is_finished, read_summary, writing
+
+
+def train_local(cfg: Config, restart: bool = False, show_progress: bool = True,
+                notice: Optional[StopNotice] = None) -> dict:
+    checked = check_inputs(cfg)
+    check_free(cfg)  # another writer of this run: told now, not after the model loads
+    from ftdist.training.context import LocalContext, default_device
+
+    device = default_device()
+    check_dtype(cfg, device)
+    check_fits(checked.cfg, device)
+    with writing(cfg, restart) as store:  # the snapshot keeps the config as written (s3:// paths)
+        if is_finished(store):
+            return finished_summary(store)
+        from ftdist.training.loop import train
+
+        train(checked.cfg, LocalContext(store=store, device=device, show_progress=show_progress, notice=notice))
+        return read_summary(store)

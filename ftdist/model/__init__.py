@@ -1,0 +1,1 @@
+"""The model: building it (4-bit, adapters, freezing), attention, compilation."""

@@ -1,0 +1,570 @@
+"""build the model a run trains: load or init, quantize (QLoRA), add adapters, freeze.
+
+`freeze_layers` is the fine-tuning spectrum as one knob:
+  full  + 0      full fine-tuning
+  full  + N      layer freezing: the lowest N blocks and the input embeddings get no updates
+  full  + all    feature extraction: only the final norm and the head train
+  lora/qlora + N adapters only on blocks N and up (the base is frozen anyway)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+
+from ftdist.model.attention import implementation as attention_implementation
+from ftdist.artifacts.classify import HEAD, add_head
+from ftdist.config import Config, ModelInit, QloraConfig, freeze_depth_problem, frozen_blocks
+from ftdist.errors import UserError
+from ftdist.io.layout import BASE_DIR
+from ftdist.launch.preflight import check_model_source
+
+if TYPE_CHECKING:
+    from ftdist.objective import ChunkedHead
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run trains: logged at the start, kept in the summary."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    num_layers: int
+    frozen_blocks: int
+    lora_targets: Optional[tuple[str, ...]] = None  # adapter runs
+
+    def record(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        return (f"model: {self.method}, {self.trainable_params:,} trainable of {self.total_params:,} parameters "
+                f"({100 * self.trainable_params / self.total_params:.2f}%), "
+                f"{self.frozen_blocks} of {self.num_layers} blocks frozen")
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: object
+    info: ModelInfo
+    head: Optional["ChunkedHead"] = None  # computing the loss (train.chunked_loss; a task's classifier)
+    attention: str = "sdpa"  # the model's attn_implementation, deciding the mask's form
+
+
+def compute_dtype(cfg: Config, device: torch.device, bf16_supported: Optional[bool] = None) -> torch.dtype:
+    """The dtype matmuls run in. Trainable weights always stay float32 (master weights).
+    `bf16_supported`: for a GPU not on this machine (ftdist plan); default: ask this one's."""
+    name = cfg.model.dtype
+    if name == "auto":
+        if device.type == "cuda" and (torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported):
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------- the base weights
+
+
+def resolve_base(cfg: Config, store) -> str:
+    """Where the base model lives: model.name_or_path (s3:// fetched into the cache), or
+    <run>/base built from model.init. For s3:// runs the built base goes into the store too,
+    so that every node (and a resumed run on a fresh machine) loads the very same weights."""
+    if cfg.model.name_or_path and not adapter_start(cfg.model.name_or_path):
+        return check_model_source(cfg.model.name_or_path, cfg.storage)
+    from ftdist.io import safewrite
+
+    base = store.root / BASE_DIR
+    for name in (BASE_DIR, BASE_DIR + ".tmp", BASE_DIR + ".download", BASE_DIR + ".lock"):
+        safewrite.check(store.root / name, store.root, "the base model")  # never read or written through a link
+    if (base / "config.json").is_file():
+        return str(base)
+    build_base = no_room_for_base(build_initial_model if cfg.model.init else merge_adapter_start)
+    if not store.remote:
+        build_base(cfg, base)
+        return str(base)
+    from filelock import FileLock
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store.root / (BASE_DIR + ".lock"))):  # ranks on one node: one download
+        if not (base / "config.json").is_file():
+            tmp = base.with_name(BASE_DIR + ".download")
+            safewrite.remove(tmp, store.root, "the base model")
+            if store.exists(f"{BASE_DIR}/config.json"):
+                store.download(BASE_DIR, tmp)
+                safewrite.rename(tmp, base, store.root, "the base model")
+            else:
+                build_base(cfg, base)
+                store.upload(BASE_DIR, source=base)
+    return str(base)
+
+
+def no_room_for_base(build):
+    """`build` (cfg, base) with a full disk told as one message; its partial base/ (written
+    aside as base.tmp by model.init, in place by an adapter merge) goes, nothing else does."""
+    def build_base(cfg: Config, base: Path) -> None:
+        from ftdist.training.checkpoint import no_room_stops
+
+        what = f"{BASE_DIR}/ (the {'initial weights of model.init' if cfg.model.init else 'merged starting model'})"
+        partial = base.with_name(BASE_DIR + ".tmp") if cfg.model.init else base
+        with no_room_stops(partial, what, "free space there (or set run.output elsewhere) and run the same "
+                                          "command again"):
+            build(cfg, base)
+    return build_base
+
+
+# ---------------------------------------------------------------- code a model asks to run
+
+TRUST_SETTING = "set model.trust_remote_code: true"
+# generate, classify and export take no config: the flag, never the run's own snapshot (a copied
+# run, or one from a shared bucket, could say anything there).
+TRUST_FLAG = "rerun with --trust-remote-code (model.trust_remote_code: true in a config)"
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def remote_code_request(directory: Path) -> Optional[str]:
+    """Why a model or tokenizer directory asks transformers to run code it ships (None: it
+    does not): an `auto_map` in its config.json or tokenizer_config.json, or a model_type
+    transformers does not know (only the directory's own code could build it)."""
+    import json
+
+    for name in REMOTE_CODE_FILES:
+        try:
+            data = json.loads((directory / name).read_text())
+        except (OSError, ValueError):  # absent or unreadable: the loader names that
+            continue
+        if not isinstance(data, dict):
+            continue
+        auto_map = data.get("auto_map")
+        if auto_map:
+            shown = ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else auto_map
+            return f"its {name} asks to run code of its own (auto_map: {str(shown)[:200]})"
+        model_type = data.get("model_type")
+        if name == "config.json" and isinstance(model_type, str) and model_type:
+            from transformers import CONFIG_MAPPING
+
+            if model_type not in CONFIG_MAPPING:
+                return (f"its config.json has model_type {model_type!r}, which transformers does not know "
+                        "(only code of its own could build it)")
+    return None
+
+
+def refuse_remote_code(source: Optional[str], trust: bool, what: str, allow: str = TRUST_SETTING) -> None:
+    """UserError when `source` (a local model or tokenizer directory, or a hub id's files in the
+    local Hugging Face cache) asks for code of its own and running it was not allowed (`allow`
+    names the setting that would). A hub id not downloaded yet is refused by transformers itself
+    when its code would be needed (trust_remote_code=False; remote_code_error), and checked here
+    once its config is in the cache (the loop and `ftdist plan` ask again after reading it)."""
+    if trust or not source:
+        return
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        reason = remote_code_request(directory)
+        shown = str(directory)
+    else:
+        reason = hub_remote_code_request(source)
+        shown = source
+    if reason:
+        raise UserError(f"{what} {shown}: {reason}; {runs_no_code(allow)}")
+
+
+def runs_no_code(allow: str) -> str:
+    return f"ftdist runs no code from a model unless told to: {allow}, for a model whose code you have read"
+
+
+def hub_remote_code_request(repo_id: str) -> Optional[str]:
+    """remote_code_request of a hub id's files as the local Hugging Face cache holds them (None:
+    not cached, or asks for nothing)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folders = set()
+    for name in REMOTE_CODE_FILES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+        except Exception:  # noqa: BLE001 - not a hub id (a path, an s3:// URL): nothing cached under it
+            return None
+        if isinstance(cached, str):
+            folders.add(Path(cached).parent)
+    for folder in sorted(folders):
+        reason = remote_code_request(folder)
+        if reason:
+            return reason
+    return None
+
+
+def remote_code_error(error: Exception, source: str, what: str, allow: str = TRUST_SETTING) -> Optional[UserError]:
+    """transformers' own refusal of a hub model's custom code (trust_remote_code=False), as one line."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return UserError(f"{what} {source} asks to run code of its own; {runs_no_code(allow)}")
+
+
+def adapter_start(name_or_path: Optional[str]) -> bool:
+    """Whether model.name_or_path is an adapter run's final/ (say, an SFT run's LoRA adapters
+    before preference tuning): the run starts from them merged into their base."""
+    from ftdist.io.storage import is_remote
+
+    return bool(name_or_path) and not is_remote(name_or_path) \
+        and (Path(name_or_path).expanduser() / "adapter_config.json").is_file()
+
+
+def merge_adapter_start(cfg: Config, out: Path) -> None:
+    """<run>/base of a run that starts from adapters: them merged into their base (ftdist
+    export --merge), the model this run trains and, for dpo, its reference."""
+    from ftdist.artifacts.export import export
+
+    export(cfg.model.name_or_path, str(out), merge=True, storage=cfg.storage,
+           trust_remote_code=cfg.model.trust_remote_code, allow=TRUST_SETTING)
+
+
+def tokenizer_source(cfg: Config) -> Optional[str]:
+    from ftdist.io.storage import fetch, is_remote
+
+    name = cfg.model.tokenizer
+    return str(fetch(name, cfg.storage, "models")) if name and is_remote(name) else name
+
+
+def init_model_config(init: ModelInit, tokenizer=None):
+    from transformers import AutoConfig
+
+    special = {}
+    if tokenizer is not None:
+        special = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
+    return AutoConfig.for_model(
+        init.arch,
+        hidden_size=init.hidden_size,
+        intermediate_size=init.intermediate_size or 4 * init.hidden_size,
+        num_hidden_layers=init.num_layers,
+        num_attention_heads=init.num_heads,
+        num_key_value_heads=init.num_kv_heads or init.num_heads,
+        vocab_size=init.vocab_size,
+        max_position_embeddings=init.max_position_embeddings,
+        tie_word_embeddings=init.tie_word_embeddings,
+        **special,
+    )
+
+
+def build_initial_model(cfg: Config, out: Path) -> None:
+    """Random weights from model.init plus a tokenizer (model.tokenizer, or one trained on the
+    run's text), saved as one HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftdist.data.records import tokenizer_corpus
+    from ftdist.data.tokenizer import train_tokenizer
+
+    init, tokenizer_path = cfg.model.init, tokenizer_source(cfg)
+    if tokenizer_path:
+        trust = cfg.model.trust_remote_code
+        refuse_remote_code(tokenizer_path, trust, "model.tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
+    else:
+        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data, cfg.objective), init.vocab_size)
+    if len(tokenizer) > init.vocab_size:
+        raise UserError(
+            f"model.init.vocab_size {init.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens; raise it to at least {len(tokenizer)}"
+        )
+    model_config = init_model_config(init, tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    # Written aside, then renamed: a crash never leaves a half-written base behind.
+    from ftdist.io import safewrite
+
+    tmp = out.with_name(out.name + ".tmp")
+    safewrite.remove(tmp, out.parent, "the base model")
+    safewrite.make_dirs(tmp, out.parent, "the base model")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    safewrite.rename(tmp, out, out.parent, "the base model")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def run_tokenizer_source(cfg: Config, base_path: str) -> str:
+    """Where the run's tokenizer loads from: model.tokenizer over a base model's own."""
+    return tokenizer_source(cfg) if (cfg.model.tokenizer and not cfg.model.init) else base_path
+
+
+def load_tokenizer(cfg: Config, base_path: str):
+    """The run's tokenizer, with data.chat_template set on it."""
+    from transformers import AutoTokenizer
+
+    from ftdist.data.chat_templates import apply_choice
+
+    source = run_tokenizer_source(cfg, base_path)
+    trust = cfg.model.trust_remote_code
+    refuse_remote_code(source, trust, "model.tokenizer" if source != base_path else "model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise remote_code_error(e, source, "model.tokenizer") or \
+            UserError(f"model.tokenizer: cannot load a tokenizer from {source}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    apply_choice(tokenizer, cfg.data.chat_template)
+    return tokenizer
+
+
+def quantized_load_kwargs(qlora: QloraConfig, dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained arguments for a 4-bit NF4/FP4 base (training and generation alike)."""
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "dtype": dtype,
+        "device_map": {"": (device.index or 0) if device.type == "cuda" else "cpu"},
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=qlora.quant_type,
+            bnb_4bit_use_double_quant=qlora.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            # Storage dtype = compute dtype: what sharded (ZeRO-3) training needs.
+            bnb_4bit_quant_storage=dtype,
+        ),
+    }
+
+
+def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig] = None,
+                   dtype: torch.dtype = torch.float32, what: str = "model.name_or_path",
+                   attention: Optional[str] = None, trust_remote_code: bool = False,
+                   allow: str = TRUST_SETTING) -> nn.Module:
+    """A causal LM from a HF directory or hub id, float32 on the CPU; with `qlora`, its frozen
+    weights in 4 bits on `device` (compute in `dtype`), as training, export and generation load it.
+    `attention`: an attn_implementation (default: transformers' choice). A model that asks to
+    run code of its own is refused unless `trust_remote_code` (`allow` names the setting)."""
+    from transformers import AutoModelForCausalLM
+
+    refuse_remote_code(path, trust_remote_code, what, allow)
+    kwargs = {"dtype": torch.float32} if qlora is None else quantized_load_kwargs(qlora, dtype, device)
+    kwargs["trust_remote_code"] = trust_remote_code
+    if attention:
+        kwargs["attn_implementation"] = attention
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:  # a .bin that holds more than tensors: refused, never run
+        from ftdist.io.safeload import reason
+
+        raise UserError(f"{what}: {path}: its weights hold objects other than tensors, refused unloaded "
+                        f"({reason(e)}); use a copy in safetensors") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise remote_code_error(e, path, what, allow) or \
+            UserError(f"{what}: cannot load a causal LM from {path}: {e}") from None
+    if qlora is not None:
+        keep_4bit_trainable(model)
+    return model
+
+
+def load_base_model(cfg: Config, base_path: str, device: torch.device) -> nn.Module:
+    from transformers import AutoConfig
+
+    qlora = cfg.qlora if cfg.method == "qlora" else None
+    trust = cfg.model.trust_remote_code
+    refuse_remote_code(base_path, trust, "model.name_or_path")
+    model_config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
+    attention = attention_implementation(cfg.model.attention, model_config, device)
+    model = load_causal_lm(base_path, device, qlora, compute_dtype(cfg, device), attention=attention,
+                           trust_remote_code=trust)
+    if qlora is None:
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, the first forward in eval mode repacks each 4-bit weight
+    for a fast inference kernel that autograd cannot pass through: training after an
+    evaluation then silently stops gradients below that layer (and crashes on biased
+    layers, as in Qwen2). Found here with bitsandbytes 0.50.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+# ---------------------------------------------------------------- structure
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList with one entry per hidden layer."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return name, module
+    raise UserError(f"cannot find the transformer blocks of {type(model).__name__}; freeze_layers needs them")
+
+
+def n_frozen_blocks(cfg: Config, n_layers: int) -> int:
+    problem = freeze_depth_problem(cfg.freeze_layers, cfg.method, n_layers)
+    if problem:
+        raise UserError(problem)
+    return frozen_blocks(cfg.freeze_layers, n_layers)
+
+
+def freeze_full(model: nn.Module, cfg: Config) -> int:
+    """Full fine-tuning with the lowest blocks (and the input embeddings) frozen. Returns how
+    many blocks are frozen."""
+    _, blocks = decoder_blocks(model)
+    n = n_frozen_blocks(cfg, len(blocks))
+    model.requires_grad_(True)
+    task_head = getattr(model, HEAD, None) if cfg.task == "classification" else None
+    if task_head is not None and not model.config.tie_word_embeddings:
+        model.get_output_embeddings().requires_grad_(False)  # the task's loss never reaches the LM head
+    if n == 0:
+        return 0
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+    block_params = {id(p) for p in blocks.parameters()}
+    for module in model.modules():  # token and position embeddings outside the blocks
+        if isinstance(module, nn.Embedding) and not any(id(p) in block_params for p in module.parameters()):
+            module.requires_grad_(False)
+    if cfg.freeze_layers == "all":
+        # Feature extraction: only the head learns (an LM's final norm and head; a task's new head alone).
+        if task_head is not None:
+            model.requires_grad_(False)
+            task_head.requires_grad_(True)
+        else:
+            model.get_output_embeddings().requires_grad_(True)
+    return n
+
+
+def enable_gradient_checkpointing(model: nn.Module, every: int) -> None:
+    """Recompute the activations of every `every`-th decoder block in the backward pass instead
+    of keeping them. Non-reentrant checkpointing: correct under adapters over a frozen or 4-bit
+    base (the input embeddings' output is made to require grad as well) and with ZeRO-3."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+        for i, block in enumerate(decoder_blocks(model)[1]):
+            block.gradient_checkpointing = i % every == 0
+
+
+def checkpointed_blocks(model: nn.Module) -> list[bool]:
+    """For each decoder block: is its forward recomputed in the backward pass?"""
+    return [bool(getattr(block, "gradient_checkpointing", False)) for block in decoder_blocks(model)[1]]
+
+
+def linear_names(blocks: nn.ModuleList) -> list[str]:
+    """Leaf names of the linear layers inside the blocks (q_proj, ..., down_proj); bitsandbytes'
+    4-bit layers are nn.Linear too (no need to import it, which takes seconds, for a float model)."""
+    names = set()
+    for name, module in blocks.named_modules():
+        if isinstance(module, nn.Linear):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[str]]:
+    """LoRA adapters on the blocks above the frozen ones: (PEFT model, blocks frozen, targets)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    blocks_name, blocks = decoder_blocks(model)
+    n = n_frozen_blocks(cfg, len(blocks))
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # ours: build_model
+    targets = cfg.lora.target_modules
+    # PEFT refuses layers_to_transform with the string "all-linear": name the layers.
+    target_list = linear_names(blocks) if targets == "all-linear" else list(targets)
+    known = set(linear_names(blocks))
+    unknown = [t for t in target_list if t not in known]
+    if unknown:
+        raise UserError(
+            f"lora.target_modules: {unknown} are not linear layers of this model; choose from {sorted(known)} or 'all-linear'"
+        )
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target_list,
+        layers_to_transform=list(range(n, len(blocks))) if n else None,
+        layers_pattern=blocks_name.split(".")[-1] if n else None,
+        modules_to_save=[HEAD] if cfg.task == "classification" else None,  # the new head trains whole
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), n, target_list
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        n = math.prod(quant_state.shape) if quant_state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundle:
+    tokenizer = load_tokenizer(cfg, base_path)
+    model = load_base_model(cfg, base_path, device)
+    if cfg.task == "classification":
+        add_head(model, len(cfg.classification.labels), cfg.train.seed)
+    targets = None
+    if cfg.train.checkpoint_every:
+        enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
+    if cfg.method == "full":
+        frozen = freeze_full(model, cfg)
+    else:
+        model, frozen, targets = add_adapters(model, cfg)
+    trainable, total = count_parameters(model)
+    info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
+                     tuple(targets) if targets else None)
+    # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
+    # (transformers checkpoints only in training mode). Evaluation switches back and forth.
+    model.train()
+    return ModelBundle(model, tokenizer, info, loss_head(cfg, model), model.config._attn_implementation)
+
+
+def loss_head(cfg: Config, model: nn.Module):
+    """What computes the loss inside the LM head's forward: the task's classifier, or the
+    chunked LM loss (train.chunked_loss); None: the loss from the logits."""
+    if cfg.task == "classification":
+        from ftdist.artifacts.classify import ClassifierHead
+
+        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its trained copy
+        return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling,
+                              chunked=cfg.train.chunked_loss)
+    if cfg.objective == "dpo":  # each response token's log-prob, in chunks (whatever train.chunked_loss says)
+        from ftdist.preference import PairHead
+
+        return PairHead(plain_linear_head(model))
+    return chunked_head(cfg, model)
+
+
+def chunked_head(cfg: Config, model: nn.Module):
+    """The LM head made to compute the loss in chunks (train.chunked_loss), or None."""
+    from ftdist.objective import ChunkedHead
+
+    if not cfg.train.chunked_loss:
+        return None
+    return ChunkedHead(plain_linear_head(model, "train.chunked_loss"))
+
+
+def plain_linear_head(model: nn.Module, key: Optional[str] = None) -> nn.Linear:
+    """The LM head, which a chunked loss computes with: it must be a plain linear layer. `key`:
+    the setting that asks for the chunks (None: objective dpo, which always computes in chunks)."""
+    head = model.get_output_embeddings()
+    if getattr(model.config, "final_logit_softcapping", None) or type(head) is not nn.Linear:
+        fix = f"set {key}: false" if key else "objective dpo computes log-probs through it in chunks: use a model " \
+                                              "whose head is"
+        raise UserError(f"{key or 'objective dpo'}: {type(model).__name__}'s LM head is not a plain linear layer "
+                        f"(it caps or wraps its logits); {fix}")
+    return head

@@ -1,0 +1,1 @@
+"""Memory: the estimate, the activation trace, `ftdist plan`."""

@@ -1,0 +1,217 @@
+"""How much memory a run needs per device, before any weight is loaded.
+
+Counts come from an empty (meta) copy of the model with the run's freezing applied;
+bytes follow how ZeRO partitions training state over N workers:
+
+  stage 0: every device holds weights, gradients and optimizer states
+  stage 1: optimizer states / N        stage 2: + gradients / N        stage 3: + weights / N
+  offload_optimizer / offload_params: those states live in host memory instead
+  regularization.l2sp / ewc: an fp32 anchor (and with EWC a Fisher value) per trained weight,
+  partitioned and offloaded as the optimizer states are (a rank keeps its own share)
+
+Activations are what autograd saves, traced on the same empty model (ftdist.sizing.activations),
+floating-point tensors in the compute dtype (a checkpointed block keeps only its input), plus
+the logits in fp32: all of them and their gradient, or one chunk (train.chunked_loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from ftdist.config import Config
+
+GiB = 2**30
+ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+FROZEN_BYTES_4BIT = 0.5 + 0.06  # NF4 plus (double-quantised) block constants
+# On a GPU the caching allocator holds more than the tensors it hands out (split and cached
+# blocks), and the CUDA context and communication buffers lie outside it: a run is planned to
+# use at most this share of a device's memory.
+GPU_USABLE = 0.9
+
+
+def usable(available: float, device_type: str) -> float:
+    """Of `available` bytes on a device, how many a run is planned to fill."""
+    return available * GPU_USABLE if device_type == "cuda" else available
+
+
+@dataclass
+class MemoryEstimate:
+    total_params: int
+    trainable_params: int
+    weights: float  # bytes per device
+    gradients: float
+    optimizer: float
+    activations: float
+    host: float  # bytes per worker offloaded to CPU memory
+    anchors: float = 0.0  # L2-SP / EWC state
+    reference: float = 0.0  # objective dpo's frozen reference model (full runs, unless precomputed)
+
+    @property
+    def device_total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.anchors + self.reference + self.activations
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {value / GiB:.2f}" for name, value in (
+            ("weights", self.weights), ("gradients", self.gradients), ("optimizer", self.optimizer),
+            *((("anchors", self.anchors),) if self.anchors else ()),
+            *((("reference", self.reference),) if self.reference else ()), ("activations", self.activations)))
+        host = f" (+{self.host / GiB:.2f} GiB offloaded to host memory)" if self.host else ""
+        return f"{parts} = {self.device_total / GiB:.2f} GiB per device{host}"
+
+
+def run_shell(cfg: Config, model_config) -> nn.Module:
+    """An empty (meta) copy of the model as the run trains it: freezing applied, adapters added."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ftdist.artifacts.classify import add_head
+    from ftdist.model.build import add_adapters, freeze_full
+
+    with init_empty_weights():
+        shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+    shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
+    if cfg.task == "classification":  # labels unknown before the data is read (ftdist plan): a few
+        add_head(shell, len(cfg.classification.labels or ()) or 2, cfg.train.seed)
+    if cfg.method == "full":
+        freeze_full(shell, cfg)
+        return shell
+    return add_adapters(shell, cfg)[0]
+
+
+def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: int, device_type: str) -> float:
+    """What the forward pass keeps for the backward: per block what the trace of the empty
+    model saves (ftdist.sizing.activations), or only its input when it is checkpointed, plus one
+    checkpointed block recomputed at a time; and the logits: with train.chunked_loss one chunk
+    in fp32 (and its copy in a 16-bit compute dtype), else all of them with their gradient."""
+    from ftdist.sizing.activations import saved_bytes
+    from ftdist.objective import chunk_tokens
+
+    s, b = cfg.row_length, cfg.train.micro_batch_size
+    every = cfg.train.checkpoint_every
+    traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
+                         compute_bytes=dtype_bytes)
+    per_block = list(traced.blocks)
+    if device_type == "cpu" and cfg.model.attention != "eager" and (cfg.data.packing or b > 1):
+        # sdpa's CPU kernel keeps its own float copy of the document mask, in every block.
+        per_block = [x + b * s * s * 4 for x in per_block]
+    checkpointed = set(range(0, len(per_block), every)) if every else set()
+    kept = sum(traced.block_input if i in checkpointed else x for i, x in enumerate(per_block))
+    recomputed = max((per_block[i] for i in checkpointed), default=0.0)
+    blocks = kept + recomputed + traced.outside
+    vocab = model_config.vocab_size
+    if cfg.task == "classification":  # a classifier's logits: a few per example, not the vocabulary's
+        logits = 0.0
+    elif cfg.train.chunked_loss or cfg.objective == "dpo":  # one chunk's logits in fp32 (dpo: and their softmax)
+        logits = min(s * b, chunk_tokens(vocab)) * vocab * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
+    else:  # the logits and their gradient, in fp32
+        logits = 2 * s * b * vocab * 4
+    return blocks + logits
+
+
+def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stage: int,
+                dtype: torch.dtype) -> dict[str, float]:
+    """Weights, gradients and optimizer states per device, and what is offloaded to the host."""
+    n = max(workers, 1)
+    d = cfg.distributed
+    weight_bytes = torch.finfo(dtype).bits // 8 if cfg.method != "qlora" else FROZEN_BYTES_4BIT
+    # Trainable weights are held in fp32 (our master copy); a frozen base in the load dtype.
+    weights = (total - trainable) * weight_bytes + trainable * 4
+    gradients = trainable * 4
+    optimizer = trainable * ADAM_STATE_BYTES
+    r = cfg.regularization
+    anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
+    # dpo's reference of a full run: a frozen copy in the compute dtype (adapter runs switch
+    # their adapters off instead; precomputed log-probs live in host memory beside the rows).
+    copy = cfg.objective == "dpo" and cfg.method == "full" and not cfg.dpo.precompute_reference
+    reference = total * (torch.finfo(dtype).bits // 8) if copy else 0.0
+    if zero_stage >= 1:  # on the fp32 master weights' partitions
+        optimizer /= n
+        anchors /= n
+    if zero_stage >= 2:
+        gradients /= n
+    if zero_stage >= 3:  # the reference is partitioned like the policy
+        weights /= n
+        reference /= n
+    host = 0.0
+    if zero_stage >= 1 and d.offload_optimizer == "cpu":
+        host, optimizer, anchors = host + optimizer + anchors, 0.0, 0.0
+    if zero_stage == 3 and d.offload_params == "cpu":
+        host, weights, reference = host + weights + reference, 0.0, 0.0
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "anchors": anchors,
+            "reference": reference, "host": host}
+
+
+def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
+             dtype: torch.dtype = torch.float32, device_type: str = "cuda") -> MemoryEstimate:
+    shell = run_shell(cfg, model_config)
+    total = sum(p.numel() for p in shell.parameters())
+    trainable = sum(p.numel() for p in shell.parameters() if p.requires_grad)
+    act_dtype = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return MemoryEstimate(total, trainable, activations=activation_bytes(cfg, model_config, shell, act_dtype, device_type),
+                          **state_bytes(cfg, total, trainable, workers, zero_stage, dtype))
+
+
+def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: torch.dtype,
+           limit: float) -> list[str]:
+    """What would make the run fit in `limit` bytes (`est`: its estimate as configured), tried
+    in the order a user would reach for them."""
+    tips = []
+    if cfg.train.checkpoint_every != 1 and est.activations > est.device_total / 2:
+        tips.append("set train.gradient_checkpointing: true (activations are most of it)")
+    if not cfg.train.chunked_loss:
+        tips.append("set train.chunked_loss: true (the logits are never held whole)")
+    if est.reference:
+        tips.append("set dpo.precompute_reference: true (the reference's log-probs computed before training, "
+                    "no frozen copy held)")
+    for stage in range(cfg.distributed.zero_stage + 1, 4):
+        if cfg.method == "qlora" and stage == 3:
+            break
+        staged = replace(est, **state_bytes(cfg, est.total_params, est.trainable_params, workers, stage, dtype))
+        if workers > 1 and staged.device_total <= limit:
+            tips.append(f"raise distributed.zero_stage to {stage}")
+            break
+    if cfg.distributed.zero_stage >= 1 and cfg.distributed.offload_optimizer == "none" and \
+            est.optimizer > est.device_total / 10:
+        tips.append("set distributed.offload_optimizer: cpu")
+    if cfg.train.micro_batch_size > 1:
+        tips.append("lower train.micro_batch_size (the global batch stays the same)")
+    if cfg.method != "qlora":
+        tips.append("use method: qlora (a 4-bit frozen base with LoRA adapters)")
+    if workers <= 1 or cfg.distributed.zero_stage < 3:
+        tips.append("use more distributed.workers with distributed.zero_stage 3" if cfg.method != "qlora"
+                    else "use a smaller model")
+    return tips or ["use devices with more memory"]
+
+
+class PeakMemory:
+    """The most memory this process has used for training on its device, since it was made
+    (before the model is built). GPU: the allocator's peak (torch.cuda.max_memory_allocated),
+    which is what the estimate counts. CPU: the process's peak resident set (getrusage's
+    ru_maxrss, the kernel's high-water mark) less its resident set when the meter was made
+    (the interpreter and the libraries already imported). glibc's malloc keeps some freed
+    memory resident for reuse, so on CPU this is at most that much above the tensors' own
+    peak (bench/memory_switches.py measures with MALLOC_MMAP_THRESHOLD_ fixed, which hands every
+    large freed block back at once)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.before = 0.0
+        else:
+            import psutil
+
+            self.before = float(psutil.Process().memory_info().rss)
+
+    def bytes(self) -> float:
+        if self.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.device))
+        import resource
+
+        return max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.before)
+
+    def gib(self) -> float:
+        return round(self.bytes() / GiB, 3)

@@ -1,0 +1,144 @@
+"""What differs between the modes the one loop runs in: rank, world, device, where the
+data comes from, which engine steps, how to talk to the other ranks and the orchestrator.
+
+Local mode is one process with the plain engine; each Ray Train worker gets a RayContext
+with the same interface and a DeepSpeed engine, so the loop never asks "am I under Ray?".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ftdist.config import Config
+from ftdist.training.notice import StopNotice
+from ftdist.io.storage import RunStore
+from ftdist.tracking.run import TrackingGroup
+
+
+@dataclass
+class LocalContext:
+    store: RunStore  # the run directory, and this rank's local copy of it (store.local)
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    show_progress: bool = True
+    tracking_group: Optional[TrackingGroup] = None  # a search's trial reports inside the search's group
+    notice: Optional[StopNotice] = None  # a stop asked of this process (SIGTERM)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this rank writes: the run itself, or its local copy of an s3:// run."""
+        return self.store.local
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, value):
+        """A number's (or a numpy array's) sum over the ranks."""
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def report(self, metrics: dict) -> None:
+        """Hand metrics to the orchestrator (nothing to do in one process)."""
+
+    def stop_requested(self) -> Optional[str]:
+        """Why the run must stop at this step boundary (None: it goes on). Every rank gets the same answer."""
+        return self.notice.reason if self.notice else None
+
+    def topology(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "nodes": 1}
+
+    def load_data(self, cfg: Config, tokenizer):
+        from ftdist.data.prepared import prepared_dataset
+
+        return prepared_dataset(cfg, tokenizer)
+
+    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
+        """`resume`: the state.json of the checkpoint the run continues from, if any."""
+        from ftdist.engine import PlainEngine
+
+        return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
+
+    def make_reference(self, cfg: Config, model):
+        """dpo's frozen reference model, as this rank runs it: here, the model itself."""
+        return model
+
+
+@dataclass
+class RayContext(LocalContext):
+    """A Ray Train worker: torch.distributed is set up by Ray (gloo on CPU, NCCL on GPU),
+    data arrives as this worker's Ray Data shard, DeepSpeed steps."""
+
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
+    stop_flag: Any = None  # the driver's StopFlag actor (distributed.py): a stop asked of the driver
+
+    def all_reduce_sum(self, value):
+        import numpy as np
+        import torch.distributed as dist
+
+        # NCCL reduces only GPU tensors; float64 keeps token counts exact.
+        array = isinstance(value, np.ndarray)
+        tensor = torch.as_tensor(np.asarray(value, np.float64).reshape(-1), device=self.device)
+        dist.all_reduce(tensor)
+        if array:
+            return tensor.cpu().numpy().reshape(value.shape)
+        total = tensor.item()
+        return int(total) if isinstance(value, int) else total
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def stop_requested(self) -> Optional[str]:
+        """The driver's stop request, agreed by every rank (they stop at the same step)."""
+        if self.stop_flag is None:
+            return None
+        import ray
+
+        reason = ray.get(self.stop_flag.reason.remote(), timeout=60)
+        if not self.all_reduce_sum(int(reason is not None)):
+            return None
+        return reason or "a stop asked of the driver"
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def topology(self) -> dict[str, Any]:
+        """How many Ray nodes this process group spans (by node id: nodes may share an IP)."""
+        import ray
+        import torch.distributed as dist
+
+        node_ids: list = [None] * self.world_size
+        dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+        return {"world_size": self.world_size, "nodes": len(set(node_ids))}
+
+    def load_data(self, cfg: Config, tokenizer):
+        from ftdist.data.raydata import dataset_from_shards
+
+        return dataset_from_shards(cfg, self.data_stats,
+                                   (self.rank, self.world_size) if self.split_in_workers else None)
+
+    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
+        from ftdist.engine import deepspeed_engine
+
+        return deepspeed_engine(cfg, model, optimizer, scheduler, self.world_size, resume)
+
+    def make_reference(self, cfg: Config, model):
+        from ftdist.engine import deepspeed_reference
+
+        return deepspeed_reference(cfg, model, self.world_size)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
