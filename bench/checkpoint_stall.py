@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # tests.s3server: the same loopback S3 server the
 
 from ftdist.config import load_config  # noqa: E402
 from ftdist.launch.local import train_local  # noqa: E402
-from ftdist.training.metrics import read_metrics  # noqa: E402
+from ftdist.io.metrics_log import read_metrics  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

@@ -45,7 +45,7 @@ from ftdist.model.attention import document_mask  # noqa: E402
 from ftdist.config import Config, load_config  # noqa: E402
 from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order  # noqa: E402
 from ftdist.sizing.memory import GiB, PeakMemory  # noqa: E402
-from ftdist.training.metrics import read_metrics  # noqa: E402
+from ftdist.io.metrics_log import read_metrics  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOALS = {"full_vs_compiled_torch": 1.15, "qlora_vs_hf_tokens": 2.0, "qlora_vs_hf_memory": 0.7}

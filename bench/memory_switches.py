@@ -52,7 +52,7 @@ RUN = """
 import json, sys
 from ftdist.config import load_config
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.preflight import check_fits
 import torch
 cfg = load_config(sys.argv[1], sys.argv[2:])

@@ -264,7 +264,7 @@ def report_search(experiment, results) -> int:
 
 def cmd_prepare(args) -> int:
     from ftdist.config import load_config
-    from ftdist.data.prepared import prepare
+    from ftdist.launch.prepare import prepare
     from ftdist.io.quiet import without_deepspeed
 
     without_deepspeed()
@@ -274,7 +274,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_plan(args) -> int:
     from ftdist.config import load_config
-    from ftdist.sizing.fit import DEFAULT_GPU_GIB, size_up
+    from ftdist.launch.fit import DEFAULT_GPU_GIB, size_up
 
     overrides = args.overrides + ([f"distributed.workers={args.workers}"] if args.workers is not None else [])
     sizing = size_up(load_config(args.config, overrides),

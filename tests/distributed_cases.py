@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ftdist.config import Config, load_config
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import (
     DEMO,
     foreign_lines,

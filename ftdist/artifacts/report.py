@@ -17,7 +17,7 @@ from typing import Optional
 from ftdist.io import safewrite
 from ftdist.errors import UserError
 from ftdist.io.layout import METRICS, REPORT, SUMMARY
-from ftdist.training.metrics import read_metrics, series
+from ftdist.io.metrics_log import read_metrics, series
 
 
 def _pyplot():

@@ -224,7 +224,7 @@ def shared_url(cfg: Config) -> Optional[str]:
     object storage, else in the bucket of the first s3:// data source; None for local work.
     Resolved on the config as written (preflight's local copies of the data no longer name
     their bucket)."""
-    from ftdist.launch.preflight import data_paths
+    from ftdist.data.records import data_paths
     from ftdist.io.storage import is_remote, join
 
     if cfg.storage.prepared_url:
@@ -273,7 +273,7 @@ def fetch_rows(bucket, rel: str, where: Path, root: Path) -> None:
 
 def save(dataset: "Dataset", where: Path, root: Path) -> None:
     from ftdist.io import safewrite
-    from ftdist.training.checkpoint import no_room_stops
+    from ftdist.io.space import no_room_stops
 
     safewrite.make_dirs(where.parent, root, "the prepared rows")
     safewrite.check(where, root, "the prepared rows")
@@ -318,52 +318,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- ftdist prepare
 
-
-def prepare(cfg: Config) -> list[str]:
-    """Build (or find) a config's prepared rows ahead of its runs; the lines to print."""
-    import time
-
-    from contextlib import nullcontext
-
-    from ftdist.model.build import load_tokenizer, resolve_base
-    from ftdist.launch.preflight import check_inputs
-    from ftdist.launch.rundir import writing
-
-    started = time.perf_counter()
-    checked = check_inputs(cfg)
-    # A tokenizer trained for model.init lives with the run's base model: the run's directory,
-    # written by this command alone while it builds it.
-    with nullcontext() if cfg.model.name_or_path else writing(cfg) as store:
-        tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
-    dataset = prepared_dataset(checked.cfg, tokenizer)
-    return describe(dataset, cfg.data.packing) + [
-        f"prepared in {time.perf_counter() - started:.1f} s: {dataset.stats.get('prepared', 'not cached (hub data)')}"]
-
-
-def describe(dataset: "Dataset", packing: bool) -> list[str]:
-    lines = []
-    for split in SPLITS:
-        rows = getattr(dataset, split)
-        if rows is None:
-            continue
-        tokens = rows.tokens()
-        # Of the rows' token slots (data.max_length a row; twice that for preference pairs' rows).
-        filled = f", packing efficiency {tokens / len(rows.flat['ids']):.1%}" if packing and len(rows) else ""
-        lines.append(f"{split}: {len(rows)} rows, {tokens} tokens ({rows.target_tokens()} trained on){filled}, "
-                     f"{rows.nbytes() / 2**20:.1f} MiB")
-    from ftdist.data.rows import source_line
-
-    stats = dataset.stats
-    lines[1:1] = [f"  {source_line(s)}" for s in stats.get("sources", [])]
-    unit = "pairs" if dataset.format == "preference" else "examples"
-    lines.insert(0, f"data: {dataset.format}, {stats.get('examples', '?')} training {unit}"
-                    + (f", {stats['skipped_rows']} bad rows skipped" if stats.get("skipped_rows") else "")
-                    + (f", {stats['truncated']} cut to data.max_length" if stats.get("truncated") else "")
-                    + (f", {stats['dropped_no_target']} dropped (no token to learn)"
-                       if stats.get("dropped_no_target") else ""))
-    return lines
 
 
 def write_rows(dataset: "Dataset", staging: Path) -> None:

@@ -24,15 +24,13 @@ SPLIT_IN_WORKERS_MAX_ROWS = 50_000  # up to this many training rows every worker
 BLOCK_ROWS = 8192  # rows per Arrow table handed to Ray Data
 
 
-def ray_datasets(cfg: Config, base_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def ray_datasets(cfg: Config, tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """The driver's side: Ray datasets of packed rows for train, eval, retention, and the
     data's stats (format, rows, what was skipped, truncated, dropped, whether from the cache)."""
     import ray.data
 
-    from ftdist.model.build import load_tokenizer
     from ftdist.data.prepared import prepared_dataset
 
-    tokenizer = load_tokenizer(cfg, base_path)
     dataset = prepared_dataset(cfg, tokenizer)
     splits = {name: getattr(dataset, name) for name in SPLITS}
     datasets = {name: ray.data.from_arrow([arrow_table(rows, i, i + BLOCK_ROWS)

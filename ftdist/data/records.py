@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config import TEXT_SPLITS, echo, not_a_file
+from ftdist.config import SPLITS, TEXT_SPLITS, echo, not_a_file
 from ftdist.errors import UserError
 from ftdist.data.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
@@ -336,3 +336,8 @@ def tokenizer_corpus(data, objective: str = "sft") -> list[str]:
 
 
 CORPUS_CHARS_PER_TOKEN = 32  # the most characters of a text a fresh tokenizer's token is counted to cover
+
+
+def data_paths(data) -> list[tuple[str, str]]:
+    """(config key, path) of every data source: each source of train, eval, retention, replay."""
+    return [(key, source.path) for split in SPLITS for key, source in keyed_sources(data, split)]

@@ -1,1 +1,1 @@
-"""Starting runs: local mode, the Ray driver, the Ray head, preflight checks, run directories."""
+"""Starting runs: local mode, the Ray driver, the Ray head, preflight checks, `ftdist plan` and `ftdist prepare`, run directories."""

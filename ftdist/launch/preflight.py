@@ -21,7 +21,7 @@ from ftdist.data.chat_templates import check_choice
 from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.io.hub import check_reachable
-from ftdist.data.records import SPLIT_KEYS, is_plain_text, keyed_sources, labels_of, read_split, read_train
+from ftdist.data.records import SPLIT_KEYS, data_paths, is_plain_text, labels_of, read_split, read_train
 from ftdist.data.sources import GLOB_CHARS, check_readable, check_source, is_glob
 from ftdist.io.storage import fetch, is_remote
 
@@ -49,11 +49,6 @@ def check_inputs(cfg: Config) -> CheckedInputs:
     if labels is not None:  # the task's labels, read from the rows where not given: fixed for the run
         local = local.model_copy(update={"classification": local.classification.model_copy(update={"labels": labels})})
     return CheckedInputs(local, fmt, skipped)
-
-
-def data_paths(data) -> list[tuple[str, str]]:
-    """(config key, path) of every data source: each source of train, eval, retention, replay."""
-    return [(key, source.path) for split in SPLITS for key, source in keyed_sources(data, split)]
 
 
 def check_paths(cfg: Config) -> None:

@@ -139,13 +139,13 @@ class SharedInputs:
 def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     """The base model files (built once for model.init, before any worker) and the Ray
     datasets; the loop's own batch checks run on them before any worker starts."""
-    from ftdist.model.build import resolve_base
+    from ftdist.model.build import load_tokenizer, resolve_base
     from ftdist.training.plan import make_plan
     from ftdist.data.raydata import SPLIT_IN_WORKERS_MAX_ROWS, ray_datasets
 
     cfg = checked.cfg
     base_path = resolve_base(cfg, store)
-    datasets, stats = ray_datasets(cfg, base_path)
+    datasets, stats = ray_datasets(cfg, load_tokenizer(cfg, base_path))
     datasets = {name: ds.materialize() for name, ds in datasets.items()}
     plan = make_plan(cfg, stats["train_rows"], cfg.distributed.workers)
     return SharedInputs(base_path, datasets, stats, plan,

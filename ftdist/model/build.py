@@ -108,7 +108,7 @@ def no_room_for_base(build):
     """`build` (cfg, base) with a full disk told as one message; its partial base/ (written
     aside as base.tmp by model.init, in place by an adapter merge) goes, nothing else does."""
     def build_base(cfg: Config, base: Path) -> None:
-        from ftdist.training.checkpoint import no_room_stops
+        from ftdist.io.space import no_room_stops
 
         what = f"{BASE_DIR}/ (the {'initial weights of model.init' if cfg.model.init else 'merged starting model'})"
         partial = base.with_name(BASE_DIR + ".tmp") if cfg.model.init else base

@@ -1,1 +1,1 @@
-"""Memory: the estimate, the activation trace, `ftdist plan`."""
+"""Memory: the estimate per device and the activation trace it counts."""

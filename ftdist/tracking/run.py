@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from ftdist.config import Config, config_yaml, redact_url
 from ftdist.io.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
 from ftdist.tracking.hub import Tracking, warn_line
 from ftdist.tracking.params import flat_params, run_tags

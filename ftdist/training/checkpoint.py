@@ -25,16 +25,12 @@ never removed: the run stops.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import sys
 import time
-from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +45,7 @@ from ftdist.errors import UserError
 from ftdist.io.layout import CHECKPOINTS as ROOT
 from ftdist.io.layout import METRICS
 from ftdist.io.safeload import safe_load, why_unloadable
+from ftdist.io.space import no_room_stops
 from ftdist.io.storage import NotYet, RunStore, Uploader, retrying
 
 MARKER = "COMPLETE"
@@ -106,9 +103,6 @@ def describe_newest(store: RunStore) -> str:
 # ---------------------------------------------------------------- saving
 
 
-DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
 def disk_full_stops(path: Path, step: int, store: RunStore):
     """A checkpoint that does not fit the disk (or a file-size limit) stops the run with one
     message; its partial directory goes (freeing what it took), the complete ones stay."""
@@ -117,48 +111,6 @@ def disk_full_stops(path: Path, step: int, store: RunStore):
     return no_room_stops(path, what, "free space there (or point storage.cache_dir / run.output elsewhere) and run "
                          f"the same command again: it resumes from {f'step-{before[-1]}' if before else 'the start'}",
                          remove=lambda: safewrite.remove_quietly(path, store.local, what))
-
-
-def disk_full(error: Exception, path: Path) -> Optional[str]:
-    """Why `error` means the disk (or a file-size limit) is full; None when it does not.
-    Writers report it differently: OSError's errno; safetensors' "os error 28"; torch.save's
-    zip writer only a RuntimeError ("unexpected pos"), told by the disk's free space or a
-    file that reached the file-size limit."""
-    import resource
-
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.strerror if error.errno in DISK_FULL else None
-    found = re.search(r"os error (\d+)", str(error))
-    if found:
-        return os.strerror(int(found.group(1))) if int(found.group(1)) in DISK_FULL else None
-    if not isinstance(error, (RuntimeError, OSError)):  # an OSError without errno: numpy's short write
-        return None
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
-    if limit != resource.RLIM_INFINITY and sizes and max(sizes) >= limit - 4096:
-        return os.strerror(errno.EFBIG)
-    if shutil.disk_usage(path.parent if path.parent.exists() else "/").free < 16 * 2**20:
-        return os.strerror(errno.ENOSPC)
-    return None
-
-
-@contextmanager
-def no_room_stops(path: Path, what: str, fix: str, remove: Optional[Callable[[], None]] = None):
-    """Writing `what` into `path` (a checkpoint, final/, base/, the prepared rows' staging
-    directory): a full disk (or a file-size limit) ends in one message naming it, with `fix`;
-    the partial `path` goes (`remove`; by default the tree, never following a link inside it),
-    freeing what it took; nothing else does."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated
-        reason = disk_full(e, path)
-        if reason is None:
-            raise
-        if remove is not None:
-            remove()
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-        raise UserError(f"{what}: no room to write it in {path.parent} ({reason}); {fix}") from None
 
 
 def rerun_starts(run_dir: Path) -> str:

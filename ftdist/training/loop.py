@@ -40,7 +40,8 @@ from ftdist.data.rows import (Dataset, collate, epoch_order, replay_order, repla
 from ftdist.errors import UserError
 from ftdist.io.layout import METRICS, SUMMARY
 from ftdist.sizing.memory import PeakMemory
-from ftdist.training.metrics import MetricsLog, Progress, perplexity
+from ftdist.io.metrics_log import MetricsLog
+from ftdist.training.metrics import Progress, perplexity
 from ftdist.model.build import ModelBundle, build_model, compute_dtype, resolve_base
 from ftdist.training.notice import StoppedOnNotice
 from ftdist.objective import autocast, evaluate_rows, objective_for, split_objective, task_head

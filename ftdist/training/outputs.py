@@ -20,7 +20,8 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                model_state: Optional[dict] = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
-    from ftdist.training.checkpoint import no_room_stops, rerun_starts
+    from ftdist.io.space import no_room_stops
+    from ftdist.training.checkpoint import rerun_starts
 
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")

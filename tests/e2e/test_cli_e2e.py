@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 
 from tests.conftest import (
     DEMO,

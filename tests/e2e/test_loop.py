@@ -10,7 +10,7 @@ import torch
 
 from ftdist.training.context import LocalContext
 from ftdist.training.loop import TrainState, train
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import DEMO, complete_checkpoints, tiny_config
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import DEMO, run_cli, tiny_config
 from tests.unit.test_preference import LN2, dpo_config, records, rule_pairs, write_rows
 

@@ -22,7 +22,7 @@ def prepared(tmp_path: Path, *overrides: str):
     run_dir.mkdir(parents=True)
     base = resolve_base(cfg, RunStore(str(run_dir), run_dir, cfg.storage))
     check_data(cfg)
-    datasets, _ = ray_datasets(cfg, base)
+    datasets, _ = ray_datasets(cfg, load_tokenizer(cfg, base))
     datasets = {k: v.materialize() for k, v in datasets.items()}
     return cfg, base, datasets
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ftdist.config import Config
 from ftdist.training.context import LocalContext
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.rundir import prepare_run_dir
 from tests.conftest import tiny_config
 from tests.unit.test_regularize_quick import texts  # noqa: F401 (a fixture)

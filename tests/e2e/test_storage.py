@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ftdist.training.checkpoint import prune
 from ftdist.config import StorageConfig
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
 from tests.conftest import (
     DEMO,

@@ -16,7 +16,7 @@ import torch
 from ftdist.config import redact_url, redacted
 from ftdist.training.context import LocalContext
 from ftdist.training.loop import train
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.preflight import check_inputs
 from ftdist.launch.rundir import prepare_run_dir
 from ftdist.tracking.params import flat_params, record_metrics

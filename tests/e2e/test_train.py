@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import complete_checkpoints, tiny_config
 
 pytestmark = pytest.mark.slow

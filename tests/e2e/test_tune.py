@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import (
     ONE_RAY_AT_A_TIME,
     run_cli,

@@ -3,7 +3,7 @@ trackers unharmed, every step in metrics.jsonl). The rest of the trackers' tests
 
 import json
 
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import start_cli, tiny_config, wait_until, write_config
 from tests.e2e.test_tracking import steps
 from tests.trackers import (

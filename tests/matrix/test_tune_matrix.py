@@ -9,7 +9,7 @@ import signal
 import pytest
 import yaml
 
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import (
     DEMO,
     ONE_RAY_AT_A_TIME,

@@ -10,7 +10,7 @@ from ftdist.config import DataConfig
 from ftdist.data.rows import build_dataset
 from ftdist.errors import UserError
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, tiny_config
 

@@ -56,13 +56,13 @@ def reseal(checkpoint: Path) -> None:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    from ftdist.training.metrics import read_metrics
+    from ftdist.io.metrics_log import read_metrics
 
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def resumes(run_dir: Path) -> list[str]:
-    from ftdist.training.metrics import read_metrics
+    from ftdist.io.metrics_log import read_metrics
 
     return [r["checkpoint"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
 

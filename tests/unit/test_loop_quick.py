@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from tests.conftest import tiny_config
 
 

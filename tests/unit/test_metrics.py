@@ -3,7 +3,8 @@
 import io
 import json
 
-from ftdist.training.metrics import MetricsLog, Progress, read_metrics
+from ftdist.io.metrics_log import MetricsLog, read_metrics
+from ftdist.training.metrics import Progress
 
 
 class FakeTerminal(io.StringIO):

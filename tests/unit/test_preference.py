@@ -15,7 +15,7 @@ from ftdist.config import validate_config
 from ftdist.data.rows import IGNORE, build_dataset
 from ftdist.errors import UserError
 from ftdist.launch.local import train_local
-from ftdist.training.metrics import read_metrics
+from ftdist.io.metrics_log import read_metrics
 from ftdist.data.tokenizer import train_tokenizer
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 
