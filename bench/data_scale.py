@@ -100,7 +100,8 @@ def floor_seconds(config: Path, data: Path, env: dict) -> float:
 
 def measure_floor(config: Path, data: Path) -> None:
     from ftdist.config import load_config
-    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.model.source import load_tokenizer
+    from ftdist.training.base import resolve_base
     from ftdist.launch.rundir import prepare_run_dir
 
     cfg = load_config(config, [])
@@ -125,7 +126,8 @@ def data_step(config: Path, env: dict) -> dict:
 def measure_data_step(config: Path) -> None:
     """The child of data_step: prints one JSON line."""
     from ftdist.config import load_config
-    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.model.source import load_tokenizer
+    from ftdist.training.base import resolve_base
     from ftdist.data.prepared import prepared_dataset
     from ftdist.launch.rundir import prepare_run_dir
 
@@ -180,7 +182,7 @@ def main() -> None:
 
     import yaml
 
-    from ftdist.model.build import resolve_base
+    from ftdist.training.base import resolve_base
     from ftdist.launch.rundir import prepare_run_dir
 
     results = []

@@ -79,7 +79,7 @@ def model_config(case: Case, tokenizer):
     from transformers import AutoConfig
 
     from ftdist.config import ModelInit
-    from ftdist.model.build import init_model_config
+    from ftdist.model.source import init_model_config
 
     if case.tiny_init:
         config = init_model_config(ModelInit(**case.tiny_init))
@@ -146,7 +146,7 @@ def ftdist_row(cfg: Config, address: Optional[str] = None) -> dict:
 
 
 def rows_of(cfg: Config, base: Path):
-    from ftdist.model.build import load_tokenizer
+    from ftdist.model.source import load_tokenizer
 
     tokenizer = load_tokenizer(cfg, str(base))
     return build_dataset(cfg.data, tokenizer, cfg.train.seed).train, tokenizer.pad_token_id

@@ -35,7 +35,7 @@ from ftdist.model.attention import document_mask
 from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order
 from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
-from ftdist.model.build import load_tokenizer
+from ftdist.model.source import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -196,7 +196,7 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     that asks to run code of its own is refused unless `trust_remote_code` (--trust-remote-code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ftdist.model.build import TRUST_FLAG, refuse_remote_code
+    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
 
     info = describe(final)
     trust = trust_remote_code

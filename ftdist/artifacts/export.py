@@ -91,7 +91,7 @@ def run_dir_of(path: Path) -> Path:
 
 def export_source(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool,
                   allow: Optional[str]) -> str:
-    from ftdist.model.build import TRUST_FLAG, refuse_remote_code
+    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
 
     src = resolve_source(path)
     # The snapshot's own model.trust_remote_code is replaced by the caller's choice.
@@ -210,8 +210,8 @@ def base_model_of(src: Source) -> str:
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
-    from ftdist.model.build import adapter_start
-    from ftdist.launch.preflight import check_model_source
+    from ftdist.model.source import adapter_start
+    from ftdist.model.source import check_model_source
 
     if src.cfg.model.init is not None or adapter_start(src.cfg.model.name_or_path):  # the run built its base
         base = src.run_dir / BASE_DIR
@@ -224,7 +224,7 @@ def base_model_of(src: Source) -> str:
 
 def load_tokenizer_of(src: Source, base: str):
     """The tokenizer the run trained with."""
-    from ftdist.model.build import load_tokenizer
+    from ftdist.model.source import load_tokenizer
 
     if src.is_final:  # saved with the final model, as training used it
         from transformers import AutoTokenizer
@@ -410,7 +410,7 @@ def skeleton(base: str, trust_remote_code: bool = False):
     """The base's modules on the meta device: structure and names, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftdist.model.build import refuse_remote_code
+    from ftdist.model.source import refuse_remote_code
 
     refuse_remote_code(base, trust_remote_code, "the base model")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)  # keeps `base` as PEFT's name

@@ -18,7 +18,8 @@ def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool
     from transformers import AutoTokenizer
 
     from ftdist.config import QloraConfig
-    from ftdist.model.build import TRUST_FLAG, load_causal_lm, refuse_remote_code
+    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
+    from ftdist.model.build import load_causal_lm
 
     path = Path(path)
     trust = trust_remote_code

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Optional
 from ftdist.data.chat_templates import check_choice
 from ftdist.config import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
-from ftdist.io.hub import check_reachable
 from ftdist.data.records import SPLIT_KEYS, data_paths, is_plain_text, labels_of, read_split, read_train
 from ftdist.data.sources import GLOB_CHARS, check_readable, check_source, is_glob
 from ftdist.io.storage import fetch, is_remote
+from ftdist.model.source import adapter_start, check_model_source
 
 if TYPE_CHECKING:
     import torch
@@ -65,58 +65,10 @@ def check_paths(cfg: Config) -> None:
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
     if cfg.model.name_or_path and not is_remote(cfg.model.name_or_path):  # an s3:// model is checked once fetched
         check_model_source(cfg.model.name_or_path, cfg.storage)
+        if adapter_start(cfg.model.name_or_path):  # an adapter run's final/: the run merges it into its base
+            from ftdist.artifacts.export import resolve_source  # torch, off the path to a config error
 
-
-def check_model_source(name_or_path: str, storage) -> str:
-    """A local model directory, a hub id, or an s3:// directory (fetched once into the cache)."""
-    if is_remote(name_or_path):
-        local = fetch(name_or_path, storage, "models")
-        if not (local / "config.json").is_file():
-            raise UserError(f"model.name_or_path {name_or_path}: no config.json there; point it at a Hugging Face "
-                            "model directory in the bucket")
-        check_weight_files(local, "model.name_or_path")
-        return str(local)
-    path = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
-        path = path.expanduser()
-        if (path / "adapter_config.json").is_file():  # an adapter run's final/: the run merges it (model.py)
-            from ftdist.artifacts.export import resolve_source
-
-            resolve_source(path)
-            return str(path)
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model.name_or_path {name_or_path}: no config.json there; "
-                "point it at a Hugging Face model directory (or a hub id)"
-            )
-        check_weight_files(path, "model.name_or_path")
-        return str(path)
-    check_reachable("model.name_or_path", name_or_path)
-    return name_or_path  # a hub id
-
-
-def check_weight_files(model_dir: Path, key: str) -> None:
-    """Each .safetensors file's header read, which tells a truncated or damaged file (its
-    tensors would reach past its end) in milliseconds, before the model loads; each torch
-    weights file (pytorch_model*.bin) read as tensors only, never unpickled: one that holds
-    anything else (a planted pickle's code) is refused before the model loads."""
-    from safetensors import SafetensorError, safe_open
-
-    from ftdist.io.safeload import why_unloadable
-
-    for file in sorted(model_dir.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{key} {model_dir}: {file.name} is damaged or incomplete ({e}); copy or download "
-                            "it again") from None
-    for file in sorted([*model_dir.glob("*.bin"), *model_dir.glob("*.pt"), *model_dir.glob("*.pth")]):
-        problem = why_unloadable(file, allowed=False)
-        if problem:
-            raise UserError(f"{key} {model_dir}: {file.name} {problem}; ftdist loads a model's weights as tensors "
-                            "only: use a copy in safetensors, or download it again") from None
+            resolve_source(Path(cfg.model.name_or_path).expanduser())
 
 
 def localize_data(cfg: Config) -> Config:
@@ -193,7 +145,7 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
 
-    from ftdist.model.build import adapter_start, init_model_config, refuse_remote_code, remote_code_error
+    from ftdist.model.source import init_model_config, refuse_remote_code, remote_code_error
 
     if cfg.model.init:
         if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):

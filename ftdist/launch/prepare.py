@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 def prepare(cfg: Config) -> list[str]:
     """Build (or find) a config's prepared rows ahead of its runs; the lines to print."""
-    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.model.source import load_tokenizer
+    from ftdist.training.base import resolve_base
 
     started = time.perf_counter()
     checked = check_inputs(cfg)

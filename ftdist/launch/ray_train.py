@@ -139,7 +139,8 @@ class SharedInputs:
 def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     """The base model files (built once for model.init, before any worker) and the Ray
     datasets; the loop's own batch checks run on them before any worker starts."""
-    from ftdist.model.build import load_tokenizer, resolve_base
+    from ftdist.model.source import load_tokenizer
+    from ftdist.training.base import resolve_base
     from ftdist.training.plan import make_plan
     from ftdist.data.raydata import SPLIT_IN_WORKERS_MAX_ROWS, ray_datasets
 

@@ -42,7 +42,8 @@ from ftdist.io.layout import METRICS, SUMMARY
 from ftdist.sizing.memory import PeakMemory
 from ftdist.io.metrics_log import MetricsLog
 from ftdist.training.metrics import Progress, perplexity
-from ftdist.model.build import ModelBundle, build_model, compute_dtype, resolve_base
+from ftdist.training.base import resolve_base
+from ftdist.model.build import ModelBundle, build_model, compute_dtype
 from ftdist.training.notice import StoppedOnNotice
 from ftdist.objective import autocast, evaluate_rows, objective_for, split_objective, task_head
 from ftdist.training.optim import build_optimizer

@@ -7,7 +7,8 @@ import pytest
 
 from ftdist.data.rows import build_dataset
 from ftdist.errors import UserError
-from ftdist.model.build import load_tokenizer, resolve_base
+from ftdist.model.source import load_tokenizer
+from ftdist.training.base import resolve_base
 from ftdist.launch.preflight import check_data
 from ftdist.data.raydata import ray_datasets, rows_of
 from ftdist.io.storage import RunStore

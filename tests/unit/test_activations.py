@@ -6,7 +6,8 @@ import torch
 
 from ftdist.sizing.activations import saved_bytes
 from ftdist.sizing.memory import run_shell
-from ftdist.model.build import build_initial_model, build_model, init_model_config
+from ftdist.model.source import build_initial_model, init_model_config
+from ftdist.model.build import build_model
 from tests.conftest import tiny_config
 
 

@@ -243,7 +243,8 @@ def deepspeed_checkpoints(root: str) -> None:
     import deepspeed
 
     from ftdist.engine import deepspeed_engine, skip_inference_comm_op
-    from ftdist.model.build import build_initial_model, build_model
+    from ftdist.model.source import build_initial_model
+    from ftdist.model.build import build_model
     from ftdist.training.optim import build_optimizer
     from ftdist.io.safeload import why_unloadable
 
@@ -312,7 +313,7 @@ def test_deepspeed_checkpoints_load_weights_only_and_refuse_a_planted_pickle(tmp
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with its tokenizer, as a Hugging Face directory."""
-    from ftdist.model.build import build_initial_model
+    from ftdist.model.source import build_initial_model
 
     root = tmp_path_factory.mktemp("base")
     build_initial_model(tiny_config(root, "model.init.num_layers=2"), root / "base")
@@ -404,7 +405,7 @@ def test_with_trust_remote_code_the_models_own_code_loads(tmp_path, base_dir, mo
 def test_what_asks_for_code_of_its_own(tmp_path, base_dir, monkeypatch):
     """An auto_map in config.json or tokenizer_config.json, or a model_type transformers does not
     know; the base itself asks for none. Refused unless trusted."""
-    from ftdist.model.build import refuse_remote_code, remote_code_error, remote_code_request
+    from ftdist.model.source import refuse_remote_code, remote_code_error, remote_code_request
 
     assert remote_code_request(base_dir) is None
     tokenizer = shutil.copytree(base_dir, tmp_path / "tokenizer")

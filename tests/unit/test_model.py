@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ftdist.errors import UserError
-from ftdist.model.build import build_initial_model, build_model
+from ftdist.model.source import build_initial_model
+from ftdist.model.build import build_model
 from tests.conftest import tiny_config
 
 

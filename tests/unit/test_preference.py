@@ -169,7 +169,7 @@ def test_the_chunked_log_probs_and_their_gradients_equal_log_softmaxs():
 
 def test_the_memory_estimate_counts_the_reference(tmp_path):
     from ftdist.sizing import memory
-    from ftdist.model.build import init_model_config
+    from ftdist.model.source import init_model_config
 
     def estimate(*overrides, workers=1, stage=0):
         cfg = tiny_config(tmp_path, *overrides)

@@ -32,7 +32,7 @@ def plan(capsys, *args: str) -> tuple[int, str]:
 def demo_shape(tmp_path_factory):
     """What tiny-qlora.yaml fine-tunes (the demo's final model), as its config.json alone."""
     from ftdist.config import load_config
-    from ftdist.model.build import init_model_config
+    from ftdist.model.source import init_model_config
 
     out = tmp_path_factory.mktemp("tiny-demo-final")
     init_model_config(load_config(REPO / "jobs" / "configs" / "tiny-demo.yaml").model.init).save_pretrained(out)

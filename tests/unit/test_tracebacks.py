@@ -264,7 +264,7 @@ def test_a_full_disk_while_writing_final_keeps_the_checkpoints_and_says_where_a_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftdist.model.build import init_model_config
+    from ftdist.model.source import init_model_config
     from ftdist.training.outputs import save_final
     from ftdist.data.tokenizer import train_tokenizer
 
@@ -283,7 +283,7 @@ def test_a_full_disk_while_writing_final_keeps_the_checkpoints_and_says_where_a_
 
 
 def test_a_full_disk_while_building_base_leaves_no_half_base(tmp_path):
-    from ftdist.model.build import no_room_for_base
+    from ftdist.training.base import no_room_for_base
 
     def build(cfg, base):  # as build_initial_model: aside, then renamed
         tmp = base.with_name("base.tmp")
