@@ -285,7 +285,7 @@ def cmd_plan(args) -> int:
 
 def cmd_generate(args) -> int:
     from ftdist.data.chat_templates import rendering
-    from ftdist.training.context import default_device
+    from ftdist.model.build import default_device
     from ftdist.artifacts.generate import generate, load_trained
 
     args.model = model_directory(args.model)

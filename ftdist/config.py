@@ -43,6 +43,13 @@ def expand_env(value: str) -> str:
 PathStr = Annotated[str, AfterValidator(expand_env)]
 
 
+# The data formats' vocabulary, which data.columns and data.roles map onto (ftdist.data.records reads rows
+# by it): the chat roles, and every key data.columns may rename (each format's top-level keys, then a turn's).
+ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output", "system",
+          "chosen", "rejected", "label", "role", "content", "from", "value")
+
+
 class Section(BaseModel):
     # A typo in a key is an error, never silently ignored; so is a number YAML reads as .inf or
     # .nan, which no setting can use (a mixture weight of inf draws nothing from the others).
@@ -175,8 +182,6 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _known_names(self):
-        from ftdist.data.records import FIELDS, ROLES
-
         listed = [(f"data.{split}.{i}", s) for split in SPLITS if isinstance(getattr(self, split), list)
                   for i, s in enumerate(getattr(self, split))]
         mappings = [("data", self.columns, self.roles)] + [(key, s.columns or {}, s.roles or {}) for key, s in listed]

@@ -338,7 +338,7 @@ def load_base(base: str, cfg: Optional[Config] = None, trust_remote_code: Option
         trust_remote_code = cfg.model.trust_remote_code if cfg is not None else False
     if cfg is None or cfg.method != "qlora":
         return load_causal_lm(base, torch.device("cpu"), what="the base model", trust_remote_code=trust_remote_code)
-    from ftdist.training.context import default_device
+    from ftdist.model.build import default_device
     from ftdist.model.build import compute_dtype
 
     # Quantized as in training (settings, compute dtype, device type): the adapters learned

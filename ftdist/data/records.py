@@ -20,15 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config import SPLITS, TEXT_SPLITS, echo, not_a_file
+from ftdist.config import FIELDS, ROLES, SPLITS, TEXT_SPLITS, echo, not_a_file
 from ftdist.errors import UserError
 from ftdist.data.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 
 FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification")
-ROLES = ("system", "user", "assistant", "tool")
-# Every key data.columns may rename: the top-level keys of each format, then the keys of a turn.
-FIELDS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output", "system",
-          "chosen", "rejected", "label", "role", "content", "from", "value")
 TURN_FIELDS = ("role", "content", "from", "value")
 # Role names understood without data.roles: OpenAI's and ShareGPT's.
 KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}

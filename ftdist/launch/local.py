@@ -18,7 +18,8 @@ def train_local(cfg: Config, restart: bool = False, show_progress: bool = True,
                 notice: Optional[StopNotice] = None) -> dict:
     checked = check_inputs(cfg)
     check_free(cfg)  # another writer of this run: told now, not after the model loads
-    from ftdist.training.context import LocalContext, default_device
+    from ftdist.model.build import default_device
+    from ftdist.training.context import LocalContext
 
     device = default_device()
     check_dtype(cfg, device)

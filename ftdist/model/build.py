@@ -324,3 +324,7 @@ def plain_linear_head(model: nn.Module, key: Optional[str] = None) -> nn.Linear:
         raise UserError(f"{key or 'objective dpo'}: {type(model).__name__}'s LM head is not a plain linear layer "
                         f"(it caps or wraps its logits); {fix}")
     return head
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -140,5 +140,3 @@ class RayContext(LocalContext):
         return deepspeed_reference(cfg, model, self.world_size)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -25,6 +25,8 @@ def records(path: Path, key: str) -> dict[int, float]:
 def test_a_local_run_stopped_before_the_change_resumes_to_the_same_curve(tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(BEFORE / "local-run", runs / "before")
+    snapshot = runs / "before" / "config.yaml"  # the data where this clone has it (made in /work/main)
+    snapshot.write_text(snapshot.read_text().replace("/work/main/data/demo", str(DEMO)))
     config = tmp_path / "before.yaml"
     config.write_text((BEFORE / "local.yaml").read_text().replace("RUNS", str(runs)).replace("DEMO", str(DEMO))
                       + f"storage:\n  cache_dir: {PREPARED_CACHE}\n")
