@@ -8,6 +8,8 @@ cannot drift from what they describe.
   lines right above the field and the `# ...` at the end of its line; a section's text is its
   class docstring.
 - `index.md`: README.md, its links into docs/ made relative to the site.
+- Pages of docs/ link to `../bench/results/X.md`, `../bench/README.md` and `../README.md` as
+  the repository has them; the site's copies are linked instead.
 - `benchmarks/results/*`: every file of bench/results/ but the JSON (each `*.md` a page, listed
   under "Benchmarks" in the nav; images beside them), and bench/README.md as
   `benchmarks/how-they-measure.md`.
@@ -56,11 +58,21 @@ def on_files(files, config):
     return files
 
 
+# Links a page of docs/ writes as they resolve in the repository (read on GitHub or in an
+# editor), and where the same files are in the site.
+REPO_LINKS = {"](../bench/results/": "](benchmarks/results/",
+              "](../bench/README.md": "](benchmarks/how-they-measure.md",
+              "](../README.md": "](index.md"}
+
+
 def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "configuration.md":
         from ftdist.config import Config
 
-        return markdown.replace(MARKER, config_reference(Config))
+        markdown = markdown.replace(MARKER, config_reference(Config))
+    if "/" not in page.file.src_uri and not page.file.generated_by:
+        for repo, site in REPO_LINKS.items():
+            markdown = markdown.replace(repo, site)
     return markdown
 
 
@@ -87,7 +99,7 @@ def config_reference(root: type) -> str:
             out.append(f"{'#' * level} `{prefix}`\n")
         doc = inspect.getdoc(model) if model.__dict__.get("__doc__") else None
         if doc:
-            out.append(" ".join(doc.split()) + "\n")
+            out.append(prose(" ".join(doc.split())) + "\n")
         out.append("| key | type | default | description |\n| --- | --- | --- | --- |")
         nested: list[tuple[type, str]] = []
         for name, field in model.model_fields.items():
@@ -105,7 +117,15 @@ def config_reference(root: type) -> str:
 
 
 def cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """`text` for a table cell: one line, pipes escaped, `<name>` shown as written."""
+    return prose(text).replace("|", "\\|").replace("\n", " ")
+
+
+def prose(text: str) -> str:
+    """Source comments and docstrings as Markdown text: `<` and `>` outside code spans escaped,
+    so that `eval_loss/<name>` is not read as an HTML tag."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def is_model(tp) -> bool:
