@@ -81,7 +81,7 @@ class Workspace:
         return self.file(name, "\n".join(lines) + "\n")
 
     def raw(self, *overrides: str) -> dict:
-        from ftdist.config import apply_override
+        from ftdist.config.load import apply_override
 
         raw = {
             "run": {"name": "case", "output": str(self.dir / "runs")},
@@ -817,7 +817,7 @@ def users_folder(w: Workspace) -> Path:
 
 def a_run(w: Workspace, *overrides: str) -> Path:
     """A run directory as ftdist makes it (its marker and snapshot), nothing trained yet."""
-    from ftdist.config import validate_config
+    from ftdist.config.load import validate_config
     from ftdist.launch.rundir import prepare_run_dir
 
     return prepare_run_dir(validate_config(w.raw(*overrides)), restart=False).local
@@ -884,7 +884,7 @@ def _(w):
 
 @case("links", "the prepared cache entry a link to the user's folder", ("is a symbolic link", "mine"), suite=True)
 def _(w):
-    from ftdist.config import validate_config
+    from ftdist.config.load import validate_config
     from ftdist.data.prepared import cache_root, data_key
 
     cfg = validate_config(w.raw())
@@ -944,7 +944,7 @@ def _(w):
 @case("writers", "a train into a tune search's directory", ("tune search's directory", "never writes into it",
                                                            "run.name"), suite=True)
 def _(w):
-    from ftdist.config import validate_config
+    from ftdist.config.load import validate_config
     from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
 
     prepare_run_dir(validate_config(w.raw()), restart=False, resumable=TUNE_RESUMABLE_CHANGES, kind=SEARCH)
@@ -953,7 +953,7 @@ def _(w):
 
 @case("writers", "a train into a trial of a search", ("tune search's directory", "trial-N"), suite=True)
 def _(w):
-    from ftdist.config import validate_config
+    from ftdist.config.load import validate_config
     from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, prepare_run_dir
 
     search = prepare_run_dir(validate_config(w.raw("run.name=search")), restart=False,

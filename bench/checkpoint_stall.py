@@ -37,7 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.s3server: the same loopback S3 server the tests use
 
-from ftdist.config import load_config  # noqa: E402
+from ftdist.config.load import load_config  # noqa: E402
 from ftdist.launch.local import train_local  # noqa: E402
 from ftdist.io.metrics_log import read_metrics  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402

@@ -80,7 +80,7 @@ class PeakRss:
 
 
 def bench_config(tmp: Path, data: Path, workers: int):
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
 
     return load_config(ROOT / "jobs/configs/tiny-demo.yaml", [
         f"run.output={tmp / 'runs'}", f"run.name=data-{workers}", f"data.train={data}", "data.eval=null",
@@ -99,7 +99,7 @@ def floor_seconds(config: Path, data: Path, env: dict) -> float:
 
 
 def measure_floor(config: Path, data: Path) -> None:
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.model.source import load_tokenizer
     from ftdist.training.base import resolve_base
     from ftdist.launch.rundir import prepare_run_dir
@@ -125,7 +125,7 @@ def data_step(config: Path, env: dict) -> dict:
 
 def measure_data_step(config: Path) -> None:
     """The child of data_step: prints one JSON line."""
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.model.source import load_tokenizer
     from ftdist.training.base import resolve_base
     from ftdist.data.prepared import prepared_dataset

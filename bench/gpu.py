@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftdist.model.attention import document_mask  # noqa: E402
-from ftdist.config import Config, load_config  # noqa: E402
+from ftdist.config.load import load_config  # noqa: E402
+from ftdist.config.schema import Config
 from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order  # noqa: E402
 from ftdist.sizing.memory import GiB, PeakMemory  # noqa: E402
 from ftdist.io.metrics_log import read_metrics  # noqa: E402
@@ -78,7 +79,7 @@ def cases(tiny: bool) -> list[Case]:
 def model_config(case: Case, tokenizer):
     from transformers import AutoConfig
 
-    from ftdist.config import ModelInit
+    from ftdist.config.schema import ModelInit
     from ftdist.model.source import init_model_config
 
     if case.tiny_init:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM
 
-from ftdist.config import load_config
+from ftdist.config.load import load_config
 from ftdist.model.attention import document_mask
 from ftdist.data.rows import IGNORE, build_dataset, collate, epoch_order
 from ftdist.launch.local import train_local

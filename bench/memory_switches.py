@@ -50,7 +50,7 @@ GOALS = {"activations_ratio": 0.35, "checkpointing_time_ratio": 1.4, "estimate_e
 
 RUN = """
 import json, sys
-from ftdist.config import load_config
+from ftdist.config.load import load_config
 from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.preflight import check_fits

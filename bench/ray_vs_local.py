@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from ftdist.config import load_config
+from ftdist.config.load import load_config
 from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
 

@@ -62,7 +62,7 @@ def write_config(path: Path, raw: dict) -> Path:
 
 def pretrain(tmp: Path) -> Path:
     """The base: a Llama of hidden 128, 4 blocks, trained on the general text for 200 steps."""
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.launch.local import train_local
 
     paragraphs = [p for name in ("general.txt", "replay.txt")
@@ -81,7 +81,7 @@ def pretrain(tmp: Path) -> Path:
 
 
 def fine_tune(tmp: Path, base: Path, texts: dict, name: str, overrides: list[str], steps: int) -> dict:
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.launch.local import train_local
 
     config = write_config(tmp / "task.yaml", {

@@ -2,7 +2,7 @@
 cannot drift from what they describe.
 
 - `configuration.md`: its `<!-- config-reference -->` marker is replaced by every key of
-  `ftdist.config.Config`, walked through pydantic's `model_fields` (a new key or section appears
+  `ftdist.config.schema.Config`, walked through pydantic's `model_fields` (a new key or section appears
   without touching this file), each with its type, default and description. The description is
   the field's own (`Field(description=...)`) or the comments beside it in the source: the comment
   lines right above the field and the `# ...` at the end of its line; a section's text is its
@@ -67,7 +67,7 @@ REPO_LINKS = {"](../bench/results/": "](benchmarks/results/",
 
 def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "configuration.md":
-        from ftdist.config import Config
+        from ftdist.config.schema import Config
 
         markdown = markdown.replace(MARKER, config_reference(Config))
     if "/" not in page.file.src_uri and not page.file.generated_by:

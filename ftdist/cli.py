@@ -55,7 +55,7 @@ positive_float = at_least(float, 0, strict=True)
 non_negative_float = at_least(float, 0)
 
 
-SEED_MAX = 2**32 - 1  # numpy's seeds, as train.seed's (ftdist.config.SEED_MAX; not imported: pydantic)
+SEED_MAX = 2**32 - 1  # numpy's seeds, as train.seed's (ftdist.config.schema.SEED_MAX; not imported: pydantic)
 
 
 def seed_value(text: str) -> int:
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.local or cfg.distributed.workers == 0:
@@ -223,7 +223,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ftdist.config import load_raw, validate_config
+    from ftdist.config.load import load_raw, validate_config
     from ftdist.tune.experiment import tune
 
     raw = load_raw(args.config, args.overrides)  # trials and best.yaml start from the config as written
@@ -263,7 +263,7 @@ def report_search(experiment, results) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.launch.prepare import prepare
     from ftdist.io.quiet import without_deepspeed
 
@@ -273,7 +273,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.launch.fit import DEFAULT_GPU_GIB, size_up
 
     overrides = args.overrides + ([f"distributed.workers={args.workers}"] if args.workers is not None else [])
@@ -347,7 +347,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ftdist.artifacts.export import export
 
-    from ftdist.config import StorageConfig
+    from ftdist.config.schema import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage,
@@ -378,7 +378,7 @@ def run_command(args, leave: bool) -> int:
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
                 "classify": cmd_classify, "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
-        from ftdist.config import redact_url
+        from ftdist.config.redact import redact_url
 
         # Every URL's credentials (userinfo, query values) redacted, whichever check wrote the message.
         print(f"ftdist: error: {redact_url(str(e))}", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.training.plan import accumulation_steps
 from ftdist.io.safeload import LOAD_ERRORS, deepspeed_loads, safe_load

@@ -15,7 +15,7 @@ from torch import nn
 
 from ftdist.model.attention import document_mask
 from ftdist.artifacts.classify import ClassifierHead, confusion, scores
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.data.rows import IGNORE, Rows, collate
 from ftdist.errors import UserError
 from ftdist.model.build import compute_dtype

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.data.rows import IGNORE, Rows, collate
 from ftdist.objective import ChunkedHead, autocast, forward_inputs
 

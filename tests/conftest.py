@@ -23,7 +23,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 
-from ftdist.config import Config, apply_override, validate_config  # noqa: E402
+from ftdist.config.load import apply_override, validate_config  # noqa: E402
+from ftdist.config.schema import Config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"

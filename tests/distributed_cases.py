@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.config import Config, load_config
+from ftdist.config.load import load_config
+from ftdist.config.schema import Config
 from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
 from tests.conftest import (

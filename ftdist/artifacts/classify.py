@@ -207,7 +207,7 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        from ftdist.config import QloraConfig
+        from ftdist.config.schema import QloraConfig
         from ftdist.model.build import quantized_load_kwargs
 
         labels = info["classification"]["labels"]

@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from ftdist.training.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
-from ftdist.config import Config, StorageConfig, validate_config
+from ftdist.config.load import validate_config
+from ftdist.config.schema import Config, StorageConfig
 from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, frozen_names, tied_names
 from ftdist.errors import UserError
 from ftdist.io.layout import BASE_DIR, CHECKPOINTS, FINAL_DIR, SNAPSHOT, SUMMARY

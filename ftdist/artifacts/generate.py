@@ -17,7 +17,7 @@ def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool
     (--trust-remote-code: the directory's own ftdist.json is not asked, a copied run could say anything)."""
     from transformers import AutoTokenizer
 
-    from ftdist.config import QloraConfig
+    from ftdist.config.schema import QloraConfig
     from ftdist.model.source import TRUST_FLAG, refuse_remote_code
     from ftdist.model.build import load_causal_lm
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
-from ftdist.config import SPLITS, Config
+from ftdist.config.schema import SPLITS, Config
 from ftdist.errors import UserError
 from ftdist.data.sources import is_hub, shard_files
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ftdist.config import SPLITS, Config
+from ftdist.config.schema import SPLITS, Config
 from ftdist.data.rows import COLUMNS, Dataset, Rows, empty_rows
 
 SPLIT = ["train"]  # eval and retention go whole to every worker (small data: train too, see SharedInputs)

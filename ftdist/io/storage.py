@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, TypeVar
 
-from ftdist.config import StorageConfig
+from ftdist.config.schema import StorageConfig
 from ftdist.errors import UserError
 
 T = TypeVar("T")

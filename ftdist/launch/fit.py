@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.launch.ray_train import describe_plan
 from ftdist.sizing.memory import GPU_USABLE, GiB
 from ftdist.model.build import compute_dtype

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.training.notice import StopNotice
 from ftdist.launch.preflight import check_dtype, check_fits, check_inputs
 from ftdist.launch.rundir import check_free, finished_summary, is_finished, read_summary, writing

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ftdist.data.chat_templates import check_choice
-from ftdist.config import SPLITS, Config, freeze_depth_problem
+from ftdist.config.schema import SPLITS, Config, freeze_depth_problem
 from ftdist.errors import UserError
 from ftdist.data.records import SPLIT_KEYS, data_paths, is_plain_text, labels_of, read_split, read_train
 from ftdist.data.sources import GLOB_CHARS, check_readable, check_source, is_glob

@@ -7,7 +7,7 @@ import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from ftdist.config import SPLITS, Config
+from ftdist.config.schema import SPLITS, Config
 from ftdist.data.prepared import prepared_dataset
 from ftdist.launch.preflight import check_inputs
 from ftdist.launch.rundir import writing

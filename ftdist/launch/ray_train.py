@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.training.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.training.plan import Plan, accumulation_steps

@@ -31,7 +31,8 @@ import yaml
 
 from ftdist import __version__
 from ftdist.io import runlock
-from ftdist.config import Config, config_yaml
+from ftdist.config.load import config_yaml
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.io.layout import (CHECKPOINTS, FINAL_DIR, FINISHED, LEASE_FILE, LOCK_FILE, METRICS, RUN_MARKER,
                            SEARCH_OUTPUTS, SNAPSHOT, SUMMARY, TRIAL_PREFIX, TUNER_DIR, is_ftdist_entry)

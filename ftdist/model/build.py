@@ -18,7 +18,7 @@ from torch import nn
 
 from ftdist.model.attention import implementation as attention_implementation
 from ftdist.artifacts.classify import HEAD, add_head
-from ftdist.config import Config, QloraConfig, freeze_depth_problem, frozen_blocks
+from ftdist.config.schema import Config, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
 from ftdist.model.source import TRUST_SETTING, load_tokenizer, refuse_remote_code, remote_code_error
 

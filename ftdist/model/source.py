@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ftdist.config import Config, ModelInit
+from ftdist.config.schema import Config, ModelInit
 from ftdist.errors import UserError
 from ftdist.io import safewrite
 from ftdist.io.hub import check_reachable

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 
 GiB = 2**30
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter

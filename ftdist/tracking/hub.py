@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Protocol
 
-from ftdist.config import redact_url
+from ftdist.config.redact import redact_url
 from ftdist.tracking.params import record_metrics
 
 FLUSH_S = 30.0  # at the end: how long the trackers may take to send what is left

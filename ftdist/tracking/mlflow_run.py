@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ftdist.config import MlflowConfig, redact_url
+from ftdist.config.redact import redact_url
+from ftdist.config.schema import MlflowConfig
 
 # MLflow retries a failed request 7 times with a doubling backoff (minutes) by default: the
 # reporter is in the background, but the end of a run waits for it, bounded.

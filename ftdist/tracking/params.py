@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from ftdist.config import Config, redacted
+from ftdist.config.redact import redacted
+from ftdist.config.schema import Config
 
 
 def flat_params(cfg: Config) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import importlib
 from pathlib import Path
 from typing import Optional
 
-from ftdist.config import Config, redact_url
+from ftdist.config.redact import redact_url
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.io.storage import is_remote
 from ftdist.tracking.hub import warn_line

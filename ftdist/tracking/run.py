@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ftdist.config import Config, config_yaml, redact_url
+from ftdist.config.load import config_yaml
+from ftdist.config.redact import redact_url
+from ftdist.config.schema import Config
 from ftdist.io.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
 from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ftdist.config import WandbConfig
+from ftdist.config.schema import WandbConfig
 
 STATUS_EXIT_CODE = {"FINISHED": 0, "KILLED": 130}  # anything else: failed (1)
 

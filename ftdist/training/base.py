@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftdist.artifacts.export import export
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.io import safewrite
 from ftdist.io.layout import BASE_DIR
 from ftdist.io.space import no_room_stops

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.training.notice import StopNotice
 from ftdist.io.storage import RunStore
 from ftdist.tracking.run import TrackingGroup

@@ -33,7 +33,7 @@ from ftdist.training import checkpoint
 from ftdist.io import safewrite
 from ftdist.training.checkpoint import ResumePoint
 from ftdist.model.compiling import compile_model
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.training.context import LocalContext
 from ftdist.data.rows import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
                          with_weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 
 SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ftdist.io import safewrite
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.io.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
 
 

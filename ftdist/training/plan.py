@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftdist.config import Config, TrainConfig
+from ftdist.config.schema import Config, TrainConfig
 from ftdist.errors import UserError
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ftdist.artifacts.classify import HEAD
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.data.rows import Rows, collate, epoch_order
 from ftdist.objective import autocast, loss_sum, target_count
 

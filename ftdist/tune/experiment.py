@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.io.layout import BASE_DIR, TUNER_DIR
 from ftdist.launch.rayhead import watch_head

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from ftdist.io import safewrite
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.tune.experiment import Experiment
 from ftdist.tune.space import with_params
 from ftdist.tune.trial import FINISHED

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ftdist.config import Config, SpaceSpec, format_validation_error, freeze_depth_problem, set_dotted
+from ftdist.config.load import format_validation_error, set_dotted
+from ftdist.config.schema import Config, SpaceSpec, freeze_depth_problem
 from ftdist.errors import UserError
 
 

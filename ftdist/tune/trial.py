@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.tune.space import with_params
 
 FINISHED = "finished"  # in the trial's last result: its Train run ended by itself, with a final model

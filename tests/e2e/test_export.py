@@ -220,7 +220,7 @@ def make_deepspeed_runs(root: str, base: str) -> None:
     import deepspeed
     from safetensors.torch import save_file
 
-    from ftdist.config import config_yaml
+    from ftdist.config.load import config_yaml
     from ftdist.engine import deepspeed_engine, skip_inference_comm_op
     from ftdist.model.build import build_model
     from ftdist.training.optim import build_optimizer

@@ -137,7 +137,7 @@ def test_ray_job_submit_runs_the_tiny_job_and_no_secret_leaves_ftdist(tmp_path, 
 
     import yaml
 
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
 
     port, dashboard = free_port(), free_port()
     # Ray 2.60 protects its dashboard with a token (~/.ray/auth_token); clients send it in token mode.

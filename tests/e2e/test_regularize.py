@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 from ftdist.training.context import LocalContext
 from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftdist.training.checkpoint import prune
-from ftdist.config import StorageConfig
+from ftdist.config.schema import StorageConfig
 from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
 from tests.conftest import (
@@ -249,7 +249,7 @@ def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_
     import threading
     import time
 
-    from ftdist.config import StorageConfig
+    from ftdist.config.schema import StorageConfig
     from ftdist.errors import UserError
     from ftdist.io.storage import filesystem, retrying
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from ftdist.config import redact_url, redacted
+from ftdist.config.redact import redact_url, redacted
 from ftdist.training.context import LocalContext
 from ftdist.training.loop import train
 from ftdist.io.metrics_log import read_metrics

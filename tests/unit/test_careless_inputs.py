@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftdist.config import load_config, redact_url, redacted, validate_config
+from ftdist.config.load import load_config, validate_config
+from ftdist.config.redact import redact_url, redacted
 from ftdist.errors import UserError
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 

@@ -141,7 +141,7 @@ def eval_records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
 
     cfg = load_config(path)
     if not Path(cfg.data.train).is_absolute():  # cluster examples point at the user's shared storage

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ftdist.cli import build_parser
-from ftdist.config import load_config
+from ftdist.config.load import load_config
 from tests.conftest import REPO
 
 

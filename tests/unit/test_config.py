@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from ftdist.config import Config, load_config, redacted
+from ftdist.config.load import load_config
+from ftdist.config.redact import redacted
+from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from tests.conftest import tiny_config, write_config
 

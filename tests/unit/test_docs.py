@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftdist.config import Config
+from ftdist.config.schema import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

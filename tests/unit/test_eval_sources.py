@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ftdist.config import DataConfig
+from ftdist.config.schema import DataConfig
 from ftdist.data.rows import build_dataset
 from ftdist.errors import UserError
 from ftdist.launch.local import train_local

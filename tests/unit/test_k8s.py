@@ -26,7 +26,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ftdist.cli import build_parser
-from ftdist.config import load_config
+from ftdist.config.load import load_config
 from ftdist.errors import UserError
 from tests.conftest import REPO
 

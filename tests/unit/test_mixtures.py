@@ -95,7 +95,7 @@ def search_raw(tmp_path, a, b, space):
 
 
 def test_a_sources_weight_is_searchable_and_set_by_index(tmp_path):
-    from ftdist.config import apply_override, validate_config
+    from ftdist.config.load import apply_override, validate_config
     from ftdist.tune.space import check_space, with_params
 
     a, b = two_sources(tmp_path, 20, 20)

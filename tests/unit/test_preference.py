@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from ftdist.config import validate_config
+from ftdist.config.load import validate_config
 from ftdist.data.rows import IGNORE, build_dataset
 from ftdist.errors import UserError
 from ftdist.launch.local import train_local

@@ -31,7 +31,7 @@ def plan(capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def demo_shape(tmp_path_factory):
     """What tiny-qlora.yaml fine-tunes (the demo's final model), as its config.json alone."""
-    from ftdist.config import load_config
+    from ftdist.config.load import load_config
     from ftdist.model.source import init_model_config
 
     out = tmp_path_factory.mktemp("tiny-demo-final")

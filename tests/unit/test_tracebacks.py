@@ -17,7 +17,7 @@ import pytest
 
 from ftdist.data.chat_templates import check_choice, rendering
 from ftdist.cli import build_parser
-from ftdist.config import SEED_MAX
+from ftdist.config.schema import SEED_MAX
 from ftdist.errors import UserError, path_problem
 from ftdist.data.records import RowReader, labels_of
 from tests.conftest import DEMO, REPO, run_cli, tiny_config, write_config
