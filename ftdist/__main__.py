@@ -1,3 +1,3 @@
-from ftdist.cli import main
+from ftdist.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ftdist.errors import EXIT_USER_ERROR, UserError, path_problem
 from ftdist.training.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
@@ -414,7 +415,9 @@ def leave_ray(code: int) -> None:
     """Disconnect from the Ray this command joined (stopping the one it started) before the
     interpreter exits: left to interpreter shutdown, Ray's core worker can abort the process
     ("terminate called ...", exit 134) after the command has already succeeded. Bounded: when
-    Ray does not let go in time, the streams are flushed and the process exits with its code."""
+    Ray does not let go in time, the streams are flushed and the process exits with its code.
+    What Ray's native code writes while it tears down (gRPC's and abseil's "RAW: Lock ..." lines,
+    seen under load) is not the user's: stdout and stderr point at /dev/null meanwhile."""
     import threading
 
     if not ray_joined():
@@ -428,9 +431,43 @@ def leave_ray(code: int) -> None:
         finally:
             done.set()
 
+    restore = drop_native_output()
     threading.Thread(target=shutdown, daemon=True, name="ftdist-leave-ray").start()
-    if not done.wait(LEAVE_RAY_TIMEOUT_S):
+    left = done.wait(LEAVE_RAY_TIMEOUT_S)
+    restore()
+    if not left:
         print(f"ftdist: Ray did not shut down within {LEAVE_RAY_TIMEOUT_S:.0f} s; exiting without it", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def drop_native_output() -> Callable[[], None]:
+    """File descriptors 1 and 2 pointed at /dev/null (Python's streams flushed first); returns
+    the function that puts them back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    sink = os.open(os.devnull, os.O_WRONLY)
+    for fd in saved:
+        os.dup2(sink, fd)
+    os.close(sink)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+    return restore
+
+
+def run() -> int:
+    """The `ftdist` command (and `python -m ftdist`): main, then, where this process ran Ray, its
+    native teardown at interpreter exit kept out of what the user reads (everything ftdist had to
+    say is printed by then)."""
+    code = main()
+    if "ray" in sys.modules:
+        drop_native_output()
+    return code
