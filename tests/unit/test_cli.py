@@ -189,3 +189,19 @@ def test_a_hub_model_without_network_is_one_message_without_retry_noise(tmp_path
     assert time.monotonic() - start < 30
 
 
+
+
+def test_native_writes_while_ray_tears_down_are_not_shown_and_the_streams_come_back():
+    """What native code writes to fds 1 and 2 (gRPC's and abseil's lines as Ray shuts down) goes
+    nowhere while dropped; Python's and native writes after restore() are shown again."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom ftdist.cli import drop_native_output\nprint('before', flush=True)\n"
+            "restore = drop_native_output()\nos.write(2, b'[mutex.cc : 452] RAW: Lock blocking\\n')\n"
+            "os.write(1, b'native out\\n')\nprint('python err', file=sys.stderr)\nrestore()\n"
+            "os.write(2, b'after native\\n')\nprint('after', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "before\nafter\n"
+    assert result.stderr == "after native\n"
