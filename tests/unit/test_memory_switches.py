@@ -7,7 +7,7 @@ import torch
 
 from ftdist.data import IGNORE
 from ftdist.model import build_initial_model, build_model, checkpointed_blocks
-from ftdist.objective import chunked_cross_entropy, loss_sum
+from ftdist.objectives.tokens import chunked_cross_entropy, loss_sum
 from tests.conftest import tiny_config
 
 VOCAB = 384
