@@ -583,10 +583,9 @@ class Config(Section):
     def _its_args(cls, args: dict[str, Any], info) -> dict[str, Any]:
         if "objective" not in info.data or "task" not in info.data:  # already told
             return args
-        from ftdist.objectives import load, parse_args
+        from ftdist.objectives import load, name_of, parse_args
 
-        name = "classification" if info.data["task"] == "classification" else info.data["objective"]
-        parse_args(load(name), args)
+        parse_args(load(name_of(info.data["task"], info.data["objective"])), args)
         return args
 
     @property

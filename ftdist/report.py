@@ -145,14 +145,13 @@ def run_objective(run_dir: Path):
     none); a UserError where the snapshot names a class that cannot be imported here."""
     import yaml
 
-    from ftdist.objectives import load
+    from ftdist.objectives import load, name_of
 
     path = run_dir / SNAPSHOT
     snapshot = yaml.safe_load(path.read_text()) if path.is_file() else None
     snapshot = snapshot if isinstance(snapshot, dict) else {}
-    name = "classification" if snapshot.get("task") == "classification" else str(snapshot.get("objective", "sft"))
     try:
-        return load(name)
+        return load(name_of(snapshot.get("task", "causal_lm"), str(snapshot.get("objective", "sft"))))
     except ValueError as e:
         raise UserError(f"{path}: objective: {e}") from None
 

@@ -37,9 +37,13 @@ ROW_WORDS = {"text": "text rows (text, prompt/completion, chat)", "pairs": "pref
 
 
 def objective_name(cfg: "Config") -> str:
-    """The name of the run's objective: classification for task: classification, else what
+    return name_of(cfg.task, cfg.objective)
+
+
+def name_of(task: str, objective: str) -> str:
+    """The name of a run's objective: classification for task: classification, else what
     `objective:` says (a built-in's name, or an import path)."""
-    return "classification" if cfg.task == "classification" else cfg.objective
+    return "classification" if task == "classification" else objective
 
 
 def objective_class(cfg: "Config") -> type[Objective]:
@@ -109,7 +113,7 @@ def parse_args(cls: type[Objective], raw: Mapping[str, Any]) -> Optional["BaseMo
     """`objective_args:` as the objective's Args model; ValueError naming the key."""
     if cls.Args is None:
         if raw:
-            where = f"; its settings are in {cls.section}:" if cls.section else ""
+            where = f": its settings are under {cls.section}:" if cls.section else ""
             raise ValueError(f"objective {cls.name} takes no objective_args (given {', '.join(map(str, raw))}){where}; "
                              "remove objective_args")
         return None
@@ -159,7 +163,7 @@ def config_problem(cfg: "Config") -> Optional[str]:
                 f"{', '.join(extra)}")
     if cfg.regularization.replay is not None and cls.rows != "text":
         return (f"regularization.replay mixes text into the batches, which {what(cfg)} does not train on (its batches "
-                f"are {ROW_WORDS[cls.rows]}): use regularization.l2sp or regularization.ewc")
+                f"are {ROW_WORDS[cls.rows]}): use regularization.l2sp or regularization.ewc with {what(cfg)}")
     return None
 
 

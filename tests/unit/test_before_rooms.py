@@ -25,6 +25,9 @@ def records(path: Path, key: str) -> dict[int, float]:
 def test_a_local_run_stopped_before_the_change_resumes_to_the_same_curve(tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(BEFORE / "local-run", runs / "before")
+    # The snapshot names the demo data where the fixture was made (/work/main): here, this checkout's.
+    snapshot = runs / "before" / "config.yaml"
+    snapshot.write_text(snapshot.read_text().replace("/work/main/data/demo", str(DEMO)))
     config = tmp_path / "before.yaml"
     config.write_text((BEFORE / "local.yaml").read_text().replace("RUNS", str(runs)).replace("DEMO", str(DEMO))
                       + f"storage:\n  cache_dir: {PREPARED_CACHE}\n")
