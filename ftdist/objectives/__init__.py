@@ -110,7 +110,8 @@ def import_module(module_name: str):
 
 
 def parse_args(cls: type[Objective], raw: Mapping[str, Any]) -> Optional["BaseModel"]:
-    """`objective_args:` as the objective's Args model; ValueError naming the key."""
+    """`objective_args:` as the objective's Args model; ValueError naming the key (config
+    validation shows it under objective_args)."""
     if cls.Args is None:
         if raw:
             where = f": its settings are under {cls.section}:" if cls.section else ""
@@ -128,12 +129,12 @@ def parse_args(cls: type[Objective], raw: Mapping[str, Any]) -> Optional["BaseMo
             if err["type"] == "extra_forbidden":
                 known = list(cls.Args.model_fields)
                 close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
-                told.append(f"objective_args.{key}: unknown key"
+                told.append(f"{key}: unknown key"
                             + (f"; did you mean {close[0]}?" if close else f"; {cls.name} takes {', '.join(known)}"))
             elif err["type"] == "missing":
-                told.append(f"objective_args.{key}: required by objective {cls.name}")
+                told.append(f"{key}: required by objective {cls.name}")
             else:
-                told.append(f"objective_args.{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+                told.append(f"{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
         raise ValueError("; ".join(told)) from None
 
 
