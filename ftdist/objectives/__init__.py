@@ -158,7 +158,7 @@ def config_problem(cfg: "Config") -> Optional[str]:
         if cls.rows == "text" and foreign:
             fmt = foreign[0]
             needs = "need task: classification" if owner[fmt] == "classification" else f"train with objective: {owner[fmt]}"
-            return f"data.format {fmt} rows ({'{text, label}' if fmt == 'classification' else '{prompt, chosen, rejected}'}) {needs}"
+            return f"data.format {fmt}: {ROW_WORDS[load(owner[fmt]).rows]} {needs}"
         wanted = " or ".join(cls.formats) if len(cls.formats) <= 2 else f"one of {', '.join(cls.formats)}"
         return (f"{what(cfg)} trains on {ROW_WORDS[cls.rows]}: set data.format to {wanted} (or auto), not "
                 f"{', '.join(extra)}")
