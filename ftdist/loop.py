@@ -37,9 +37,9 @@ from ftdist.context import LocalContext
 from ftdist.data import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
                          with_weights)
 from ftdist.errors import UserError
+from ftdist.evaluate import evaluate_rows, text_loss
 from ftdist.layout import METRICS, SUMMARY
 from ftdist.memory import PeakMemory
-from ftdist.evaluate import evaluate_rows, text_loss
 from ftdist.metrics import MetricsLog, Progress
 from ftdist.model import ModelBundle, build_model, compute_dtype, resolve_base
 from ftdist.notice import StoppedOnNotice
@@ -115,7 +115,7 @@ class Run:
         if self.ctx.is_main and self.ctx.show_progress:
             print(line, flush=True)
 
-    def evaluate(self, split: str) -> tuple[float, dict, Optional[dict]]:
+    def evaluate(self, split: str) -> tuple[float, dict, dict]:
         """The mean loss over the eval or retention rows (every rank's share), the model as it
         is now: together, by source name (empty for one source), and the objective's scores
         (retention text is scored as text, whatever the objective)."""
