@@ -13,7 +13,7 @@ import pytest
 from ftdist.cli import main
 from ftdist.errors import UserError
 from ftdist.metrics import read_metrics
-from tests.conftest import tiny_config, write_config
+from tests.conftest import run_cli_probed, tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "focal.py"
@@ -103,6 +103,19 @@ def test_each_bad_objective_is_one_config_message_and_exit_2(workdir, capsys, ov
     assert "objective" in err
     if overrides == ["objective=focal:FocalLos"]:
         assert "did you mean focal:FocalLoss?" in err
+
+
+def test_resolving_an_objective_to_refuse_a_config_imports_no_heavy_library(tmp_path):
+    """Config validation asks the built-ins (their rows, formats, metrics) without torch."""
+    config = write_config(tmp_path, tiny_config(tmp_path, "objective=dpo", "data.format=auto"))
+    for bad, said in (("tune={name: s, metric: eval_accuracy, space: {train.lr: {choice: [0.1, 0.2]}}}",
+                        "tune.metric eval_accuracy is not a metric of objective dpo (it is one of classification's: "
+                        "set task: classification)"),
+                       ("data.format=prompt_completion", "objective dpo trains on preference rows"),
+                       ("objective=nowhere:Mine", "objective: no module nowhere")):
+        result, loaded = run_cli_probed("train", str(config), "--local", "--set", bad)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert loaded == set(), (bad, loaded)
 
 
 def run_config(workdir: Path, *more: str):
