@@ -68,7 +68,7 @@ print(json.dumps({"peak_gib": summary["peak_memory_gib"], "step_time_s": times,
 LOSS = """
 import json, resource, sys, time
 import psutil, torch
-from ftdist.objective import chunked_cross_entropy
+from ftdist.objectives.tokens import chunked_cross_entropy
 torch.manual_seed(0)
 tokens, hidden_size, vocab, chunked = int(sys.argv[1]), 512, 32000, sys.argv[2] == "chunked"
 hidden = torch.randn(1, tokens, hidden_size, requires_grad=True)

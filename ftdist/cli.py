@@ -207,16 +207,19 @@ def cmd_train(args) -> int:
         from ftdist.launch.ray_train import train_ray
 
         summary = train_ray(cfg, restart=args.restart, address=args.address, notice=StopNotice())
+    from ftdist.objectives import objective_class
+
+    objective = objective_class(cfg)
     print(f"done: model in {summary['final_dir']}")
-    for key in ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "eval_reward_accuracy", "eval_reward_margin",
-                "forgetting"):
+    # The objective's told metrics, as the summary names them.
+    for key in ("eval_loss", *(f"eval_{name}" for name in objective.told), "forgetting"):
         if summary.get(key) is not None:
             print(f"  {key}: {summary[key]:.4f}")
     worse = summary.get("negative_transfer")
     if worse:
-        told = [f"the task's eval {what} {verb} from {worse[f'eval_{what}_start']:.4f} before training to "
-                f"{worse[f'eval_{what}_end']:.4f} at the end" for what, verb in (("loss", "rose"), ("accuracy", "fell"))
-                if f"eval_{what}_start" in worse]
+        told = [f"the task's {metric.replace('_', ' ')} {'rose' if objective.metrics[metric] == 'min' else 'fell'} from "
+                f"{worse[f'{metric}_start']:.4f} before training to {worse[f'{metric}_end']:.4f} at the end"
+                for metric in objective.transfer if f"{metric}_start" in worse]
         print(f"  negative transfer: {' and '.join(told)}; the fine-tune made the task worse than the base model: "
               "lower train.lr, freeze more layers (freeze_layers), or check the training data against the eval data")
     print(f"  metrics: {summary['run_dir']}/metrics.jsonl, plot: {summary['run_dir']}/loss.png")

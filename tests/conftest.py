@@ -82,7 +82,7 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
 FTDIST_LINE = re.compile(
     r"^(plan: |memory \(estimate\): |model: |data: |regularization: |step \d+|checkpoint step \d+ complete|"
     r"resuming from |done: |"
-    r"  (eval_loss|eval_ppl|eval_accuracy|eval_macro_f1|eval_reward_accuracy|eval_reward_margin|forgetting|"
+    r"  (eval_\w+|forgetting|"
     r"negative transfer|metrics): |.* is already finished|ftdist: )")
 
 # `ftdist ARGS` in a subprocess that reports at exit which heavy libraries it imported.

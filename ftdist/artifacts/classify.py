@@ -1,13 +1,5 @@
-"""task: classification. A new head on the pretrained model's final hidden states, trained from
-scratch in float32, whatever the method: with `method: full, freeze_layers: all` it is a linear
-probe on frozen features (feature extraction); with N frozen blocks or adapters, the top of
-the model learns with it.
-
-The rows keep the causal LM's shape (ftdist.data): a text's tokens, and a target only on its
-last token, the label's index. So packing, Ray Data, the caches and the engines are the LM's.
-The head stands in for the LM head's forward (as objective.ChunkedHead does): the loss is
-computed inside a module's forward, where ZeRO-3 has gathered the weights. The LM head itself
-stays as it was: retention text is still scored by it, for forgetting.
+"""A classification run's final model, and `ftdist classify` (what trains it:
+ftdist.objectives.classification).
 
 `final/` of a full run is a <Arch>ForSequenceClassification directory (the backbone and
 `score`), which AutoModelForSequenceClassification loads; of an adapter run, the adapters
@@ -20,118 +12,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-HEAD = "score"  # the name transformers' *ForSequenceClassification classes give the head
-
-
-def add_head(model: nn.Module, n_labels: int, seed: int) -> nn.Linear:
-    """A new float32 linear layer from the final hidden states to the labels, as `model.score`."""
-    hidden = model.get_output_embeddings().in_features
-    head = nn.Linear(hidden, n_labels, bias=False, dtype=torch.float32,
-                     device=model.get_output_embeddings().weight.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
-    model.add_module(HEAD, head)
-    return head
-
-
-def pool(hidden: torch.Tensor, targets: torch.Tensor, doc: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(one vector per labelled example, its label): the hidden state of the example's last
-    token (where its label is), or the mean over its tokens."""
-    at = (targets != -100).nonzero()  # [n, 2]: (row, position) of each example's last token
-    labels = targets[at[:, 0], at[:, 1]]
-    if how == "last":
-        return hidden[at[:, 0], at[:, 1]], labels
-    rows = at[:, 0]
-    same = (doc[rows] == doc[rows, at[:, 1]][:, None]).to(hidden.dtype)  # [n, T]: the example's tokens
-    summed = torch.bmm(same[:, None, :], hidden[rows]).squeeze(1)
-    return summed / same.sum(1, keepdim=True), labels
-
-
-class ClassifierHead:
-    """The LM head's forward, replaced: with labels pending it pools, applies the task head in
-    float32 and returns the summed cross-entropy (kept: the example's logits, for accuracy);
-    with text targets pending (retention text, scored by the LM head the task leaves alone),
-    the LM loss in chunks as ChunkedHead computes it (`chunked`: train.chunked_loss); with
-    none pending, the LM head's logits as before."""
-
-    def __init__(self, lm_head: nn.Module, score: nn.Module, pooling: str, chunked: bool = True):
-        self.lm_head, self.score, self.pooling, self.chunked = lm_head, score, pooling, chunked
-        self.targets: Optional[torch.Tensor] = None
-        self.doc: Optional[torch.Tensor] = None
-        self.text = False  # the pending targets are text tokens, not labels
-        self.logits: Optional[torch.Tensor] = None  # of the last forward's examples, detached
-        self.labels: Optional[torch.Tensor] = None
-        self.logits_forward = lm_head.forward
-        lm_head.forward = self.forward  # an instance attribute: the module, its names and hooks stay
-
-    def expect(self, targets: torch.Tensor, doc: torch.Tensor) -> None:
-        self.targets, self.doc = targets, doc.to(targets.device)
-
-    def done(self) -> None:
-        self.targets = self.doc = None
-        self.text = False
-
-    def for_text(self) -> Optional["TextLoss"]:
-        """What scores text through this head's LM head: the chunked LM loss, or None (the loss
-        from whole logits) where train.chunked_loss is off."""
-        return TextLoss(self) if self.chunked else None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.targets is None:
-            return self.logits_forward(hidden)
-        if self.text:
-            from ftdist.objective import chunk_tokens, chunked_cross_entropy
-
-            head = self.lm_head
-            return chunked_cross_entropy(hidden, head.weight, head.bias, self.targets, chunk_tokens(head.out_features))
-        pooled, labels = pool(hidden, self.targets, self.doc, self.pooling)
-        with torch.autocast(hidden.device.type, enabled=False):  # the new head learns in float32
-            logits = self.score(pooled.float())
-        self.logits, self.labels = logits.detach(), labels
-        return F.cross_entropy(logits, labels.long(), reduction="sum")
-
-
-class TextLoss:
-    """A classifier's head made to score text (its expect/done, as a loss head's)."""
-
-    def __init__(self, head: ClassifierHead):
-        self.head = head
-
-    def expect(self, targets: torch.Tensor, doc: torch.Tensor) -> None:
-        self.head.expect(targets, doc)
-        self.head.text = True
-
-    def done(self) -> None:
-        self.head.done()
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def confusion(logits: torch.Tensor, labels: torch.Tensor, n_labels: int) -> np.ndarray:
-    """[true, predicted] counts."""
-    predicted = logits.argmax(-1).cpu().numpy()
-    counts = np.zeros((n_labels, n_labels), np.float64)
-    np.add.at(counts, (labels.cpu().numpy().astype(int), predicted), 1)
-    return counts
-
-
-def scores(counts: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (the unweighted mean of each label's F1; a label never true nor
-    predicted counts as 0)."""
-    total = counts.sum()
-    tp = np.diag(counts)
-    precision = np.divide(tp, counts.sum(0), out=np.zeros_like(tp), where=counts.sum(0) > 0)
-    recall = np.divide(tp, counts.sum(1), out=np.zeros_like(tp), where=counts.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    return {"accuracy": float(tp.sum() / total) if total else 0.0, "macro_f1": float(f1.mean())}
-
+from ftdist.objectives.classification import HEAD
 
 # ---------------------------------------------------------------- final/
 

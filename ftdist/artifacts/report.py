@@ -16,7 +16,7 @@ from typing import Optional
 
 from ftdist.io import safewrite
 from ftdist.errors import UserError
-from ftdist.io.layout import METRICS, REPORT, SUMMARY
+from ftdist.io.layout import METRICS, REPORT, SNAPSHOT, SUMMARY
 from ftdist.io.metrics_log import read_metrics, series
 
 
@@ -140,11 +140,38 @@ def plot_series(run_dir: Path, key: str, ylabel: str, filename: str) -> Path:
     return out
 
 
+def run_objective(run_dir: Path):
+    """The objective class of the run in `run_dir`, by its config snapshot (sft where there is
+    none); a UserError where the snapshot names a class that cannot be imported here."""
+    import yaml
+
+    from ftdist.objectives import load, name_of
+
+    path = run_dir / SNAPSHOT
+    snapshot = yaml.safe_load(path.read_text()) if path.is_file() else None
+    snapshot = snapshot if isinstance(snapshot, dict) else {}
+    try:
+        return load(name_of(snapshot.get("task", "causal_lm"), str(snapshot.get("objective", "sft"))))
+    except ValueError as e:
+        raise UserError(f"{path}: objective: {e}") from None
+
+
 def summarize(run_dir: Path) -> dict:
+    """The run's figures from its log: the objective's metrics at the last evaluation, and
+    whether the end is worse than before training by any of its `transfer` metrics."""
+    objective = run_objective(run_dir)
     records = read_metrics(run_dir / METRICS)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     start = next((r for r in records if r.get("event") == "start"), {})
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+
+    def worse(metric: str) -> bool:
+        before, after = first.get(metric), last.get(metric)
+        if before is None or after is None:
+            return False
+        return after > before if objective.metrics[metric] == "min" else after < before
+
     summary = {
         "run": str(run_dir),
         "method": start.get("method"),
@@ -153,16 +180,13 @@ def summarize(run_dir: Path) -> dict:
         "steps": steps[-1]["step"] if steps else 0,
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
-        "eval_loss_start": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
-        "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "eval_ppl": evals[-1].get("eval_ppl") if evals else None,
-        "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+        "eval_loss_start": first["eval_loss"] if evals and first["step"] == 0 else None,
+        **{metric: last.get(metric) if evals else None for metric in objective.metrics},
         "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
+        # The task's eval figures worse at the end than before training: the fine-tune hurt it.
+        "negative_transfer": bool(len(evals) > 1 and first["step"] == 0 and any(map(worse, objective.transfer)))
+        if evals else None,
         # Median, so that the first (warm-up) steps do not skew throughput.
-        # The task's eval loss worse at the end than before training: the fine-tune hurt it.
-        "negative_transfer": bool(len(evals) > 1 and evals[0]["step"] == 0 and (
-            evals[-1]["eval_loss"] > evals[0]["eval_loss"]
-            or evals[-1].get("eval_accuracy", 1.0) < evals[0].get("eval_accuracy", 0.0))) if evals else None,
         "median_tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2] if steps else None,
     }
     final = run_dir / SUMMARY

@@ -293,7 +293,7 @@ class EwcConfig(Section):
 
 class DpoConfig(Section):
     """objective: dpo. Preference pairs train the policy to rank each chosen response above its
-    rejected one, relative to a reference model (ftdist.preference)."""
+    rejected one, relative to a reference model (ftdist.objectives.dpo)."""
 
     beta: float = Field(0.1, gt=0)  # how far from the reference the policy may move: smaller, farther
     loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's; ipo: IPO's squared loss on mean log-probs
@@ -488,7 +488,6 @@ class SpaceSpec(Section):
         return list(getattr(self, self.kind))
 
 
-HIGHER_IS_BETTER = ("eval_accuracy", "eval_macro_f1", "eval_reward_accuracy", "eval_reward_margin")
 SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
 # What a search may vary: how the model is fine-tuned. Data, base model, storage and the run's
 # name are the experiment's, the same for every trial (they share one base and one dataset).
@@ -522,10 +521,11 @@ class TuneConfig(Section):
     # outputs in <run.output>/<name>/
     name: str = Field(min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._-]+$")
     num_samples: int = Field(8, gt=0)
-    metric: Literal["eval_loss", "eval_loss_plus_forgetting", "eval_accuracy", "eval_macro_f1",
-                    "eval_reward_accuracy", "eval_reward_margin"] = "eval_loss"
+    # One of the objective's metrics (ftdist.objectives), or eval_loss_plus_forgetting; unset:
+    # the objective's first (eval_loss for the built-ins).
+    metric: Optional[str] = None
     forgetting_weight: float = Field(0.0, ge=0)  # eval_loss_plus_forgetting = eval_loss + weight * forgetting
-    mode: Literal["min", "max"] = "min"
+    mode: Optional[Literal["min", "max"]] = None  # unset: which way the metric is better
     search: Literal["random", "optuna"] = "random"
     scheduler: SchedulerConfig = SchedulerConfig()
     max_concurrent_trials: int = Field(2, gt=0)
@@ -555,8 +555,11 @@ class Config(Section):
     # causal_lm: next-token loss on the rows' targets; classification: a new head over labels.
     task: Literal["causal_lm", "classification"] = "causal_lm"
     classification: ClassificationConfig = ClassificationConfig()
-    # sft: supervised, the loss on the target tokens; dpo: preference pairs (prompt, chosen, rejected).
-    objective: Literal["sft", "dpo"] = "sft"
+    # sft: supervised, the loss on the target tokens; dpo: preference pairs (prompt, chosen, rejected);
+    # or a class of your own by import path, module:Class (ftdist.objectives, docs/objectives.md).
+    objective: str = "sft"
+    # The settings of an objective of your own, as its Args model takes them.
+    objective_args: dict[str, Any] = {}
     dpo: DpoConfig = DpoConfig()
     method: Literal["full", "lora", "qlora"] = "lora"
     freeze_layers: Union[int, Literal["all"]] = 0
@@ -571,11 +574,37 @@ class Config(Section):
     regularization: RegularizationConfig = RegularizationConfig()
     tune: Optional[TuneConfig] = None  # read by `ftdist tune` only
 
+    @field_validator("objective")
+    @classmethod
+    def _an_objective(cls, name: str) -> str:
+        """A built-in's name, or an import path whose class meets the protocol (imported here)."""
+        from ftdist.objectives import load
+
+        load(name)
+        return name
+
+    @field_validator("objective_args")
+    @classmethod
+    def _its_args(cls, args: dict[str, Any], info) -> dict[str, Any]:
+        if "objective" not in info.data or "task" not in info.data:  # already told
+            return args
+        from ftdist.objectives import load, name_of, parse_args
+
+        parse_args(load(name_of(info.data["task"], info.data["objective"])), args)
+        return args
+
+    @property
+    def row_shape(self) -> str:
+        """What the data path builds for the run's objective: text, pairs or labels."""
+        from ftdist.objectives import objective_class
+
+        return objective_class(self).rows
+
     @property
     def row_length(self) -> int:
-        """The most tokens a row holds: data.max_length, or twice it for dpo, whose rows hold a
-        pair (its chosen and rejected sequences, each up to max_length)."""
-        return self.data.max_length * (2 if self.objective == "dpo" else 1)
+        """The most tokens a row holds: data.max_length, or twice it for preference pairs
+        (a row holds a pair: its chosen and rejected sequences, each up to max_length)."""
+        return self.data.max_length * (2 if self.row_shape == "pairs" else 1)
 
     @model_validator(mode="before")
     @classmethod
@@ -615,44 +644,24 @@ class Config(Section):
                 "freeze_layers: all for feature extraction (only the final norm and head "
                 "train), or a number of blocks for lora/qlora"
             )
-        formats = {self.data.format} | {s.format for s in self.data.sources if s.format}
-        if self.task == "classification" and not formats <= {"auto", "classification"}:
-            raise ValueError(f"task classification trains on {{text, label}} rows: set data.format to classification "
-                             f"(or auto), not {', '.join(sorted(formats - {'auto', 'classification'}))}")
-        if self.task == "causal_lm" and "classification" in formats:
-            raise ValueError("data.format classification rows ({text, label}) need task: classification")
-        if self.objective == "dpo":
-            if self.task == "classification":
-                raise ValueError("objective dpo trains a causal LM on preference pairs: use task: causal_lm (a "
-                                 "classifier trains with objective: sft)")
-            if not formats <= {"auto", "preference"}:
-                raise ValueError(f"objective dpo trains on preference rows ({{prompt, chosen, rejected}}): set "
-                                 f"data.format to preference (or auto), not "
-                                 f"{', '.join(sorted(formats - {'auto', 'preference'}))}")
-        elif "preference" in formats:
-            raise ValueError("data.format preference rows ({prompt, chosen, rejected}) train with objective: dpo")
+        from ftdist.objectives import config_problem
+
+        problem = config_problem(self)
+        if problem:
+            raise ValueError(problem)
         r = self.regularization
         if r.ewc is not None and self.data.retention is None:
             raise ValueError("regularization.ewc estimates its Fisher on data.retention: set data.retention "
                              "(general text, held out), or use regularization.l2sp, which needs none")
-        if r.replay is not None and self.task == "classification":
-            raise ValueError("regularization.replay mixes text into the batches, which a classifier's head does "
-                             "not train on: use regularization.l2sp or regularization.ewc with task classification")
-        if r.replay is not None and self.objective == "dpo":
-            raise ValueError("regularization.replay mixes text into the batches, which objective dpo does not "
-                             "train on (its batches are pairs): use regularization.l2sp or regularization.ewc")
         if self.tune is not None:
-            higher_is_better = self.tune.metric in HIGHER_IS_BETTER
-            if self.tune.metric in ("eval_accuracy", "eval_macro_f1") and self.task != "classification":
-                raise ValueError(f"tune.metric {self.tune.metric} is a classification metric: set task: "
-                                 "classification, or use eval_loss")
-            if self.tune.metric.startswith("eval_reward") and self.objective != "dpo":
-                raise ValueError(f"tune.metric {self.tune.metric} is a preference-tuning metric: set objective: dpo, "
-                                 "or use eval_loss")
-            if (self.tune.mode == "max") != higher_is_better:
-                raise ValueError(f"tune.mode {self.tune.mode} with tune.metric {self.tune.metric}: "
-                                 f"{'higher' if higher_is_better else 'lower'} is better, so set tune.mode: "
-                                 f"{'max' if higher_is_better else 'min'}")
+            from ftdist.objectives import default_tune_metric, default_tune_mode, tune_metric_problem
+
+            metric = self.tune.metric or default_tune_metric(self)
+            mode = self.tune.mode or default_tune_mode(self, metric)
+            problem = tune_metric_problem(self, metric, mode)
+            if problem:
+                raise ValueError(problem)
+            self.tune.metric, self.tune.mode = metric, mode  # resolved: what Tune and the reports read
             if self.data.eval is None and self.data.eval_fraction == 0:
                 raise ValueError("tune compares trials by their eval loss: set data.eval, or data.eval_fraction "
                                  "above 0")

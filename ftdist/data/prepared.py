@@ -120,9 +120,9 @@ def data_key(cfg: Config) -> Optional[str]:
 
 def task_labels(cfg: Config) -> Optional[list[str]]:
     """A classification task's labels, as its rows are made (preflight resolves them); None
-    for the causal LM."""
+    for rows that are not labelled texts."""
     labels = cfg.classification.labels
-    return [str(x) for x in labels] if cfg.task == "classification" and labels else None
+    return [str(x) for x in labels] if cfg.row_shape == "labels" and labels else None
 
 
 def tokenizer_key(tokenizer) -> str:
@@ -166,7 +166,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
 
     key = data_key(cfg)
     if key is None:
-        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape == "pairs")
     rel = f"{key}/{tokenizer_key(tokenizer)}"
     where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
     if (where / "stats.json").is_file():  # whole once there (renamed into place): no lock to read it
@@ -177,7 +177,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         if bucket is not None and bucket.exists(f"{rel}/stats.json"):
             fetch_rows(bucket, rel, where, cache_root(cfg))
             return cached(where, f"from the cache, {bucket.path(rel)}")
-        dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.objective == "dpo")
+        dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape == "pairs")
         try:
             save(dataset, where, cache_root(cfg))
         except PermissionError as e:

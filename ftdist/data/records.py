@@ -51,9 +51,10 @@ class RowReader:
     # ------------------------------------------------------------ reading
 
     def read(self, path: str, fmt: str = "auto", skip_bad_rows: bool = False, key: str = "data.train",
-             objective: str = "sft") -> tuple[list[dict], str, int]:
+             rows: str = "text") -> tuple[list[dict], str, int]:
         """Validated records of a source, the format they share, and how many bad rows were
-        skipped. `objective`: what trains on them (sft: not preference pairs; dpo: only them)."""
+        skipped. `rows`: what the objective trains on (ftdist.objectives.RowShape): preference
+        pairs only where it is pairs, never elsewhere."""
         records: list[dict] = []
         skipped = 0
         for where, row in read_rows(path, key):
@@ -63,14 +64,14 @@ class RowReader:
                 row_fmt, record = self.normalize(row, fmt)
                 if fmt == "auto":
                     fmt = row_fmt
-                    refuse_other_objective(fmt, path, key, objective)
+                    refuse_other_objective(fmt, path, key, rows)
             except (ValueError, TypeError) as e:
                 if skip_bad_rows:
                     skipped += 1
                     continue
                 raise UserError(f"{where}: {e}; fix the row, or set data.skip_bad_rows: true to skip bad rows") from None
             records.append(record)
-        refuse_other_objective(fmt, path, key, objective)
+        refuse_other_objective(fmt, path, key, rows)
         if not records:
             raise UserError(f"{key}: {path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
         return records, fmt, skipped
@@ -234,47 +235,47 @@ def labels_of(records: Iterable[dict]) -> list[str]:
     return sorted(found, key=lambda x: (int(x), x) if numeric else (0, x))
 
 
-def refuse_other_objective(fmt: str, path: str, key: str, objective: str) -> None:
+def refuse_other_objective(fmt: str, path: str, key: str, rows: str) -> None:
     """Preference pairs train with objective dpo, and objective dpo trains on them alone."""
-    if objective == "sft" and fmt == "preference":
+    if rows != "pairs" and fmt == "preference":
         raise UserError(f"{key}: {path}: rows are preference pairs ({{prompt, chosen, rejected}}), but objective sft "
                         "(supervised fine-tuning) trains on text, prompt/completion or chat rows; set objective: dpo "
                         "to tune on the pairs, or train on the chosen answers: data.format: prompt_completion, "
                         "data.columns: {completion: chosen}")
-    if objective == "dpo" and fmt != "preference":
+    if rows == "pairs" and fmt != "preference":
         raise UserError(f"{key}: {path}: rows are {fmt}, but objective dpo trains on preference pairs ({{prompt, "
                         "chosen, rejected}); give pairs (rename your keys with data.columns, e.g. {chosen: good, "
                         "rejected: bad}), or set objective: sft to train on these rows")
 
 
 def read_split(data, split: str, train_format: Optional[str] = None, labels: Optional[list] = None,
-               objective: str = "sft") -> tuple[list[list[dict]], str, int]:
+               rows: str = "text") -> tuple[list[list[dict]], str, int]:
     """Each source of data.<split>'s validated records (one list per source), the format they
     have (several: joined by "+"), and the bad rows skipped. Eval sources of no format of their
     own must have the training rows' `train_format` (where that is one format; dpo's are pairs); retention
     and replay sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
-    classification labels a row may have (unset: any). `objective`: what the train and eval rows
-    train (dpo: preference pairs only)."""
+    classification labels a row may have (unset: any). `rows`: what the objective trains on
+    (ftdist.objectives.RowShape; pairs: preference pairs only)."""
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format
-        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format and objective == "sft":
+        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format and rows != "pairs":
             fmt = train_format
         if split in TEXT_SPLITS and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
         else:
             records, fmt, bad = RowReader(source.columns, source.roles, labels).read(
-                source.path, fmt, data.skip_bad_rows, key, "sft" if split in TEXT_SPLITS else objective)
+                source.path, fmt, data.skip_bad_rows, key, "text" if split in TEXT_SPLITS else rows)
         parts.append(records)
         formats.append(fmt)
         skipped += bad
     return parts, "+".join(dict.fromkeys(formats)), skipped
 
 
-def read_train(data, labels: Optional[list] = None, objective: str = "sft") -> tuple[list[list[dict]], str, int]:
+def read_train(data, labels: Optional[list] = None, rows: str = "text") -> tuple[list[list[dict]], str, int]:
     """Each training source's validated records (one list per source of a mixture), the
     format they have (a mixture of several: joined by "+"), and the bad rows skipped."""
-    return read_split(data, "train", labels=labels, objective=objective)
+    return read_split(data, "train", labels=labels, rows=rows)
 
 
 def keyed_sources(data, split: str) -> list[tuple[str, Any]]:
@@ -322,10 +323,10 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
     return texts
 
 
-def tokenizer_corpus(data, objective: str = "sft") -> list[str]:
+def tokenizer_corpus(data, rows: str = "text") -> list[str]:
     """The text a fresh tokenizer learns from (model.init runs): the training data, and the
     retention text. `data`: the run's DataConfig."""
-    parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train", objective=objective)[0] \
+    parts = read_split(data.model_copy(update={"skip_bad_rows": True}), "train", rows=rows)[0] \
         + read_split(data, "retention")[0]
     # What training can use of a text is its first max_length tokens: the tokenizer learns from no more
     # (a 100 MB row would cost BPE training its size, and teach it nothing a run sees).

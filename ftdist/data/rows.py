@@ -295,7 +295,7 @@ def to_examples(enc: Encoded, max_length: int, pairs: bool = False) -> tuple[Exa
 def classification_examples(tokenizer, records: list[dict], max_length: int,
                             labels: list[str]) -> tuple[Examples, dict]:
     """{text, label} records: the text's first max_length tokens, and one target, the label's
-    index, on the last of them (where the classifier reads the example: ftdist.artifacts.classify)."""
+    index, on the last of them (where the classifier reads the example: ftdist.objectives.classification)."""
     index = {label: i for i, label in enumerate(labels)}
     ids, lengths = flat(tokenizer([r["text"] for r in records], return_attention_mask=False)["input_ids"])
     kept = np.minimum(lengths, max_length)
@@ -433,7 +433,7 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
         "targets": stack("targets", IGNORE),
         "n_tokens": int((doc >= 0).sum()),  # real tokens, padding excluded
     }
-    if "ref" in rows.flat:  # dpo's precomputed reference log-probs (ftdist.preference)
+    if "ref" in rows.flat:  # dpo's precomputed reference log-probs (ftdist.objectives.dpo)
         batch["ref"] = stack("ref", 0.0, np.float32)
     return batch
 
@@ -446,10 +446,10 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
     """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
     each source, unless data.eval is given), tokenized and packed on its own; the rows of
     all sources of a split together, each row knowing its source (a mixture: train_order;
-    per-source evaluation: ftdist.objective.evaluate_rows). `labels`: a classification task's
+    per-source evaluation: ftdist.training.evaluate.evaluate_rows). `labels`: a classification task's
     (its training and eval rows carry one each; retention text stays text). `pairs`: objective
-    dpo's preference pairs, each pair's two sequences in one row (ftdist.preference)."""
-    parts, fmt, skipped = read_train(cfg, labels, "dpo" if pairs else "sft")
+    dpo's preference pairs, each pair's two sequences in one row (ftdist.objectives.dpo)."""
+    parts, fmt, skipped = read_train(cfg, labels, "pairs" if pairs else "text")
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
@@ -493,7 +493,7 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
         stats["sources"] = source_stats(cfg, train)
 
     if cfg.eval:
-        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels, "dpo" if pairs else "sft")
+        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels, "pairs" if pairs else "text")
         stats["skipped_rows"] += eval_skipped
     eval_parts: list = []
     eval_rows = rows_of(held_out, per_part=eval_parts) if any(held_out) else None

@@ -102,9 +102,9 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     if known is not None:
         return known
     given = task_labels(cfg)
-    parts, fmt, skipped = read_train(cfg.data, given, cfg.objective)
+    parts, fmt, skipped = read_train(cfg.data, given, cfg.row_shape)
     labels = None
-    if cfg.task == "classification":
+    if cfg.row_shape == "labels":
         if fmt != "classification":
             raise UserError(f"data.train: rows are {fmt}, but task: classification needs {{text, label}} rows "
                             "(rename your columns with data.columns, e.g. {label: category})")
@@ -114,7 +114,7 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     elif "classification" in fmt.split("+"):
         raise UserError("data.train: rows are {text, label} (classification): set task: classification to train a "
                         "classifier on them")
-    skipped += read_split(cfg.data, "eval", fmt, labels, cfg.objective)[2]
+    skipped += read_split(cfg.data, "eval", fmt, labels, cfg.row_shape)[2]
     read_split(cfg.data, "retention")
     read_split(cfg.data, "replay")
     remember_validated(cfg, fmt, skipped, labels)

@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from ftdist.model.attention import implementation as attention_implementation
-from ftdist.artifacts.classify import HEAD, add_head
 from ftdist.config.schema import Config, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
 from ftdist.model.source import TRUST_SETTING, load_tokenizer, refuse_remote_code, remote_code_error
 
 if TYPE_CHECKING:
-    from ftdist.objective import ChunkedHead
+    from ftdist.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class ModelBundle:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
-    head: Optional["ChunkedHead"] = None  # computing the loss (train.chunked_loss; a task's classifier)
+    head: object = None  # computing the loss, handed over by the objective (None: from the logits)
     attention: str = "sdpa"  # the model's attn_implementation, deciding the mask's form
 
 
@@ -171,14 +170,15 @@ def n_frozen_blocks(cfg: Config, n_layers: int) -> int:
     return frozen_blocks(cfg.freeze_layers, n_layers)
 
 
-def freeze_full(model: nn.Module, cfg: Config) -> int:
+def freeze_full(model: nn.Module, cfg: Config, own_modules: Optional[tuple[str, ...]] = None) -> int:
     """Full fine-tuning with the lowest blocks (and the input embeddings) frozen. Returns how
-    many blocks are frozen."""
+    many blocks are frozen. `own_modules`: the objective's heads on the model (a classifier's),
+    which replace the LM head (None: those of the config's objective)."""
     _, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     model.requires_grad_(True)
-    task_head = getattr(model, HEAD, None) if cfg.task == "classification" else None
-    if task_head is not None and not model.config.tie_word_embeddings:
+    task_heads = [getattr(model, name) for name in objective_modules(cfg, own_modules)]
+    if task_heads and not model.config.tie_word_embeddings:
         model.get_output_embeddings().requires_grad_(False)  # the task's loss never reaches the LM head
     if n == 0:
         return 0
@@ -190,9 +190,10 @@ def freeze_full(model: nn.Module, cfg: Config) -> int:
             module.requires_grad_(False)
     if cfg.freeze_layers == "all":
         # Feature extraction: only the head learns (an LM's final norm and head; a task's new head alone).
-        if task_head is not None:
+        if task_heads:
             model.requires_grad_(False)
-            task_head.requires_grad_(True)
+            for head in task_heads:
+                head.requires_grad_(True)
         else:
             model.get_output_embeddings().requires_grad_(True)
     return n
@@ -227,8 +228,10 @@ def linear_names(blocks: nn.ModuleList) -> list[str]:
     return sorted(names)
 
 
-def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[str]]:
-    """LoRA adapters on the blocks above the frozen ones: (PEFT model, blocks frozen, targets)."""
+def add_adapters(model: nn.Module, cfg: Config,
+                 own_modules: Optional[tuple[str, ...]] = None) -> tuple[nn.Module, int, list[str]]:
+    """LoRA adapters on the blocks above the frozen ones: (PEFT model, blocks frozen, targets).
+    `own_modules`: the objective's heads, which train whole (None: the config's objective's)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     blocks_name, blocks = decoder_blocks(model)
@@ -251,7 +254,7 @@ def add_adapters(model: nn.Module, cfg: Config) -> tuple[nn.Module, int, list[st
         target_modules=target_list,
         layers_to_transform=list(range(n, len(blocks))) if n else None,
         layers_pattern=blocks_name.split(".")[-1] if n else None,
-        modules_to_save=[HEAD] if cfg.task == "classification" else None,  # the new head trains whole
+        modules_to_save=list(objective_modules(cfg, own_modules)) or None,  # an objective's new head trains whole
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), n, target_list
@@ -268,61 +271,50 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def build_model(cfg: Config, base_path: str, device: torch.device) -> ModelBundle:
+def objective_modules(cfg: Config, own_modules: Optional[tuple[str, ...]]) -> tuple[str, ...]:
+    """The modules an objective adds to the model: `own_modules`, or where not given, those
+    of the config's objective (a checkpoint's export rebuilds the model it trained)."""
+    if own_modules is not None:
+        return own_modules
+    from ftdist.objectives import objective_class
+
+    return objective_class(cfg).own_modules
+
+
+def build_model(cfg: Config, base_path: str, device: torch.device,
+                objective: Optional["Objective"] = None) -> ModelBundle:
+    """The model as `objective` (default: the config's) trains it: its modules added, frozen or
+    adapted, and its loss head (made by the objective) in place of the LM head's forward."""
+    if objective is None:
+        from ftdist.objectives import resolve
+
+        objective = resolve(cfg)
     tokenizer = load_tokenizer(cfg, base_path)
     model = load_base_model(cfg, base_path, device)
-    if cfg.task == "classification":
-        add_head(model, len(cfg.classification.labels), cfg.train.seed)
+    objective.prepare_model(model)
     targets = None
     if cfg.train.checkpoint_every:
         enable_gradient_checkpointing(model, cfg.train.checkpoint_every)
     if cfg.method == "full":
-        frozen = freeze_full(model, cfg)
+        frozen = freeze_full(model, cfg, objective.own_modules)
     else:
-        model, frozen, targets = add_adapters(model, cfg)
+        model, frozen, targets = add_adapters(model, cfg, objective.own_modules)
     trainable, total = count_parameters(model)
     info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
                      tuple(targets) if targets else None)
     # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
     # (transformers checkpoints only in training mode). Evaluation switches back and forth.
     model.train()
-    return ModelBundle(model, tokenizer, info, loss_head(cfg, model), model.config._attn_implementation)
+    return ModelBundle(model, tokenizer, info, objective.make_head(model), model.config._attn_implementation)
 
 
-def loss_head(cfg: Config, model: nn.Module):
-    """What computes the loss inside the LM head's forward: the task's classifier, or the
-    chunked LM loss (train.chunked_loss); None: the loss from the logits."""
-    if cfg.task == "classification":
-        from ftdist.artifacts.classify import ClassifierHead
-
-        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: its trained copy
-        return ClassifierHead(model.get_output_embeddings(), getattr(unwrapped, HEAD), cfg.classification.pooling,
-                              chunked=cfg.train.chunked_loss)
-    if cfg.objective == "dpo":  # each response token's log-prob, in chunks (whatever train.chunked_loss says)
-        from ftdist.preference import PairHead
-
-        return PairHead(plain_linear_head(model))
-    return chunked_head(cfg, model)
-
-
-def chunked_head(cfg: Config, model: nn.Module):
-    """The LM head made to compute the loss in chunks (train.chunked_loss), or None."""
-    from ftdist.objective import ChunkedHead
-
-    if not cfg.train.chunked_loss:
-        return None
-    return ChunkedHead(plain_linear_head(model, "train.chunked_loss"))
-
-
-def plain_linear_head(model: nn.Module, key: Optional[str] = None) -> nn.Linear:
+def plain_linear_head(model: nn.Module, key: str, fix: str) -> nn.Linear:
     """The LM head, which a chunked loss computes with: it must be a plain linear layer. `key`:
-    the setting that asks for the chunks (None: objective dpo, which always computes in chunks)."""
+    what asks for the chunks (train.chunked_loss, an objective), and `fix`: what to do instead."""
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None) or type(head) is not nn.Linear:
-        fix = f"set {key}: false" if key else "objective dpo computes log-probs through it in chunks: use a model " \
-                                              "whose head is"
-        raise UserError(f"{key or 'objective dpo'}: {type(model).__name__}'s LM head is not a plain linear layer "
-                        f"(it caps or wraps its logits); {fix}")
+        raise UserError(f"{key}: {type(model).__name__}'s LM head is not a plain linear layer (it caps or wraps its "
+                        f"logits); {fix}")
     return head
 
 

@@ -152,7 +152,7 @@ def build_initial_model(cfg: Config, out: Path) -> None:
         refuse_remote_code(tokenizer_path, trust, "model.tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust)
     else:
-        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data, cfg.objective), init.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_corpus(cfg.data, cfg.row_shape), init.vocab_size)
     if len(tokenizer) > init.vocab_size:
         raise UserError(
             f"model.init.vocab_size {init.vocab_size} is smaller than the tokenizer's "

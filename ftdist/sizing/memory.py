@@ -47,7 +47,7 @@ class MemoryEstimate:
     activations: float
     host: float  # bytes per worker offloaded to CPU memory
     anchors: float = 0.0  # L2-SP / EWC state
-    reference: float = 0.0  # objective dpo's frozen reference model (full runs, unless precomputed)
+    reference: float = 0.0  # a model the objective holds beside (dpo's frozen reference of a full run)
 
     @property
     def device_total(self) -> float:
@@ -67,27 +67,28 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ftdist.artifacts.classify import add_head
     from ftdist.model.build import add_adapters, freeze_full
+    from ftdist.objectives import resolve
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
     shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors
-    if cfg.task == "classification":  # labels unknown before the data is read (ftdist plan): a few
-        add_head(shell, len(cfg.classification.labels or ()) or 2, cfg.train.seed)
+    objective = resolve(cfg)
+    objective.prepare_model(shell)  # its own modules (labels unknown before the data is read: a few)
     if cfg.method == "full":
-        freeze_full(shell, cfg)
+        freeze_full(shell, cfg, objective.own_modules)
         return shell
-    return add_adapters(shell, cfg)[0]
+    return add_adapters(shell, cfg, objective.own_modules)[0]
 
 
 def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: int, device_type: str) -> float:
     """What the forward pass keeps for the backward: per block what the trace of the empty
     model saves (ftdist.sizing.activations), or only its input when it is checkpointed, plus one
-    checkpointed block recomputed at a time; and the logits: with train.chunked_loss one chunk
-    in fp32 (and its copy in a 16-bit compute dtype), else all of them with their gradient."""
+    checkpointed block recomputed at a time; and what the objective's loss holds of the logits
+    (ftdist.objectives: with train.chunked_loss one chunk in fp32, else all of them with their
+    gradient; a classifier's, none to speak of)."""
     from ftdist.sizing.activations import saved_bytes
-    from ftdist.objective import chunk_tokens
+    from ftdist.objectives import resolve
 
     s, b = cfg.row_length, cfg.train.micro_batch_size
     every = cfg.train.checkpoint_every
@@ -101,14 +102,7 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     kept = sum(traced.block_input if i in checkpointed else x for i, x in enumerate(per_block))
     recomputed = max((per_block[i] for i in checkpointed), default=0.0)
     blocks = kept + recomputed + traced.outside
-    vocab = model_config.vocab_size
-    if cfg.task == "classification":  # a classifier's logits: a few per example, not the vocabulary's
-        logits = 0.0
-    elif cfg.train.chunked_loss or cfg.objective == "dpo":  # one chunk's logits in fp32 (dpo: and their softmax)
-        logits = min(s * b, chunk_tokens(vocab)) * vocab * (4 + (dtype_bytes if dtype_bytes < 4 else 0))
-    else:  # the logits and their gradient, in fp32
-        logits = 2 * s * b * vocab * 4
-    return blocks + logits
+    return blocks + resolve(cfg).logits_bytes(s * b, model_config.vocab_size, dtype_bytes)
 
 
 def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stage: int,
@@ -123,10 +117,10 @@ def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stag
     optimizer = trainable * ADAM_STATE_BYTES
     r = cfg.regularization
     anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
-    # dpo's reference of a full run: a frozen copy in the compute dtype (adapter runs switch
-    # their adapters off instead; precomputed log-probs live in host memory beside the rows).
-    copy = cfg.objective == "dpo" and cfg.method == "full" and not cfg.dpo.precompute_reference
-    reference = total * (torch.finfo(dtype).bits // 8) if copy else 0.0
+    # A model the objective holds beside the one that trains (dpo's frozen reference of a full run).
+    from ftdist.objectives import resolve
+
+    reference = resolve(cfg).reference_bytes(total, torch.finfo(dtype).bits // 8)
     if zero_stage >= 1:  # on the fp32 master weights' partitions
         optimizer /= n
         anchors /= n

@@ -38,18 +38,19 @@ from ftdist.training.context import LocalContext
 from ftdist.data.rows import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
                          with_weights)
 from ftdist.errors import UserError
+from ftdist.training.evaluate import evaluate_rows, text_loss
 from ftdist.io.layout import METRICS, SUMMARY
 from ftdist.sizing.memory import PeakMemory
 from ftdist.io.metrics_log import MetricsLog
-from ftdist.training.metrics import Progress, perplexity
+from ftdist.training.metrics import Progress
 from ftdist.training.base import resolve_base
 from ftdist.model.build import ModelBundle, build_model, compute_dtype
 from ftdist.training.notice import StoppedOnNotice
-from ftdist.objective import autocast, evaluate_rows, objective_for, split_objective, task_head
+from ftdist.objectives import Objective, resolve
+from ftdist.objectives.tokens import autocast, text_head
 from ftdist.training.optim import build_optimizer
 from ftdist.training.outputs import publish, save_final, write_summary
 from ftdist.training.plan import Plan, make_plan
-from ftdist.preference import frozen_reference, preference_reference
 from ftdist.training.regularize import Anchors, fisher_diagonal
 from ftdist.training.regularize import describe as describe_regularization
 from ftdist.io.storage import StoreUnavailable, Uploader
@@ -63,10 +64,10 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-    eval_loss_start: Optional[float] = None  # before training (step 0): what negative transfer is told against
-    eval_accuracy_start: Optional[float] = None  # ... and a classifier's accuracy then
+    # Before training (step 0), the objective's `transfer` metrics: what negative transfer is told against.
+    eval_start: Optional[dict] = None
     eval_loss: Optional[float] = None  # at the latest evaluation after step 0
-    eval_scores: Optional[dict] = None  # a classifier's accuracy and macro-F1, ditto
+    eval_metrics: Optional[dict] = None  # the objective's other figures then (eval_ppl, eval_accuracy, ...)
     best_eval_loss: Optional[float] = None
     retention_before: Optional[float] = None  # data.retention's loss before training
     retention_loss: Optional[float] = None  # ... at the latest evaluation
@@ -77,7 +78,12 @@ class TrainState:
 
     @classmethod
     def of_checkpoint(cls, saved: dict) -> "TrainState":
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        if state.eval_start is None and saved.get("eval_loss_start") is not None:  # written before objectives
+            state.eval_start = {"eval_loss": saved["eval_loss_start"],
+                                **({"eval_accuracy": saved["eval_accuracy_start"]}
+                                   if saved.get("eval_accuracy_start") is not None else {})}
+        return state
 
 
 @dataclass
@@ -91,7 +97,7 @@ class Run:
     data: Dataset
     plan: Plan
     engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
-    objective: object  # objective.TokenObjective | preference.PreferenceObjective: each batch's loss and metrics
+    objective: Objective  # each batch's loss and metrics, each evaluation's figures
     log: MetricsLog
     uploader: Uploader
     peak: PeakMemory  # this rank's device memory, measured
@@ -112,12 +118,14 @@ class Run:
         if self.ctx.is_main and self.ctx.show_progress:
             print(line, flush=True)
 
-    def evaluate(self, split: str) -> tuple[float, dict, Optional[dict]]:
+    def evaluate(self, split: str) -> tuple[float, dict, dict]:
         """The mean loss over the eval or retention rows (every rank's share), the model as it
-        is now: together, by source name (empty for one source), and a classifier's scores."""
+        is now: together, by source name (empty for one source), and the objective's scores
+        (retention text is scored as text, whatever the objective)."""
         names = self.cfg.data.eval_names() if split == "eval" else self.cfg.data.retention_names()
+        objective = self.objective if split == "eval" else text_loss(self.bundle)
         result = evaluate_rows(self.cfg, self.ctx, self.engine, getattr(self.data, split), pad_id(self),
-                               split_objective(self.objective, self.bundle, split), max(len(names), 1))
+                               objective, max(len(names), 1))
         return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}, result.scores
 
     def order(self, epoch: int) -> np.ndarray:
@@ -151,7 +159,7 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
     try:
         state = restore(run, resume) if resume else TrainState()
         run.progress = Progress(run.plan.total_steps, state.step, cfg.train.log_every,
-                                enabled=ctx.is_main and ctx.show_progress)
+                                enabled=ctx.is_main and ctx.show_progress, told=run.objective.told)
         if state.step == 0:
             begin(run, state)
         for step in range(state.step + 1, run.plan.total_steps + 1):
@@ -185,16 +193,16 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
 def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     peak = PeakMemory(ctx.device)  # before the model: what training adds to the process
     base_path = resolve_base(cfg, ctx.store)
-    bundle = build_model(cfg, base_path, ctx.device)
+    objective = resolve(cfg)
+    bundle = build_model(cfg, base_path, ctx.device, objective)
     data = ctx.load_data(cfg, bundle.tokenizer)
     plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
     optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
     fisher = None
     if cfg.regularization.ewc is not None:  # at the weights before training, before ZeRO partitions them
         fisher = fisher_diagonal(cfg, bundle.model, data.retention, bundle.tokenizer.pad_token_id,
-                                 task_head(bundle, "retention"), bundle.attention, ctx.device)
-    # dpo's reference of a full run: the starting model, copied before the engine takes it.
-    frozen = frozen_reference(cfg, bundle.model, compute_dtype(cfg, ctx.device))
+                                 text_head(bundle.head), bundle.attention, ctx.device)
+    objective.before_engine(bundle.model, compute_dtype(cfg, ctx.device))  # (dpo: its frozen reference)
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     # Anchors: the master weights as they are now, before a checkpoint is restored into them.
@@ -205,10 +213,8 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
                              resume.saved["step"] if resume else None) \
         if ctx.is_main else Tracking([])
     log = MetricsLog(ctx.run_dir / METRICS, enabled=ctx.is_main, listener=tracking.log)
-    # dpo's reference: built, or its log-probs computed, before a checkpoint is restored.
-    reference = preference_reference(cfg, ctx, bundle, engine, data, frozen) if cfg.objective == "dpo" else None
-    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, objective_for(cfg, bundle, reference), log,
-              Uploader(), peak, tracking, anchors)
+    objective.start(ctx, bundle, engine, data)  # before a checkpoint is restored (dpo: its reference)
+    run = Run(cfg, ctx, bundle, base_path, data, plan, engine, objective, log, Uploader(), peak, tracking, anchors)
     run.say(bundle.info.describe())
     if cfg.train.compile:
         compile_model(bundle, ctx.device, run.say)
@@ -319,11 +325,11 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
     replay rows, theirs apart) and the objective's metrics, the grad norm, and the anchors'
     penalty before the update."""
     cfg, ctx, objective = run.cfg, run.ctx, run.objective
-    # Normalised by the global count (target tokens; dpo: pairs): the same loss however the
+    # Normalised by the global count (the objective's: target tokens, pairs): the same loss however the
     # batch is split. Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
     global_count = ctx.all_reduce_sum(sum(objective.count(b) for b in batches if not b.get("ignore")))
     # Task rows' loss sum and count, replay rows' loss sum and count, the objective's metric sums.
-    summed = np.zeros(4 + len(objective.metrics))
+    summed = np.zeros(4 + len(objective.step_metrics))
     pulled: dict = {}
 
     def micro_batch_loss(forward, batch: dict) -> torch.Tensor:
@@ -344,7 +350,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
     totals = ctx.all_reduce_sum(summed)
     task_sum, task_count, replay_sum, replay_targets = totals[:4]
     losses = {"loss": task_sum / max(task_count, 1),
-              **{m: v / max(task_count, 1) for m, v in zip(objective.metrics, totals[4:])}}
+              **{m: v / max(task_count, 1) for m, v in zip(objective.step_metrics, totals[4:])}}
     if replay_targets:
         losses["replay_loss"] = replay_sum / replay_targets
     return losses, grad_norm, pulled
@@ -360,20 +366,12 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     for name, value in {"": eval_loss, **by_source}.items():
         if not math.isfinite(value):
             stop_diverged(run, step, f"eval loss{' of ' + name if name else ''}", value, good_before=step)
-    record = {"step": step, "eval_loss": eval_loss, **named("eval_loss", by_source)}
-    line = f"step {step}: eval loss {eval_loss:.4f}"
-    if scores:  # a classifier's accuracy, preference pairs' rewards (a perplexity would say nothing)
-        record.update({f"eval_{k}": v for k, v in scores.items()})
-        line += describe_scores(scores)
-    else:
-        record["eval_ppl"] = perplexity(eval_loss)
-        line += f", perplexity {record['eval_ppl']:.2f}"
-    line += told(by_source, ".4f")
+    record = {"step": step, "eval_loss": eval_loss, **named("eval_loss", by_source), **scores}
+    line = f"step {step}: eval loss {eval_loss:.4f}" + run.objective.describe(scores) + told(by_source, ".4f")
     if step == 0:
-        state.eval_loss_start = eval_loss
-        state.eval_accuracy_start = (scores or {}).get("accuracy")
+        state.eval_start = {m: record[m] for m in run.objective.transfer if record.get(m) is not None}
     else:
-        state.eval_loss, state.eval_by_source, state.eval_scores = eval_loss, by_source, scores
+        state.eval_loss, state.eval_by_source, state.eval_metrics = eval_loss, by_source, scores
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         if data.retention is not None:  # forgetting as training goes, not only at the end
             state.retention_loss, state.retention_by_source, _ = run.evaluate("retention")
@@ -388,15 +386,6 @@ def evaluate_and_report(run: Run, state: TrainState, step: int) -> None:
     ctx.report({**record, "tokens_seen": state.tokens_seen, "trainable_params": run.bundle.info.trainable_params,
                 "total_steps": run.plan.total_steps})
     run.progress.write(line)
-
-
-def describe_scores(scores: dict) -> str:
-    """An evaluation's scores for the terminal: a classifier's, or preference pairs'."""
-    if "reward_accuracy" in scores:
-        from ftdist.preference import describe
-
-        return describe(scores)
-    return f", accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
 
 
 def named(metric: str, by_source: Optional[dict]) -> dict:
@@ -500,11 +489,8 @@ def finish(run: Run, state: TrainState) -> dict:
         summary.update(eval_loss=state.eval_loss, best_eval_loss=state.best_eval_loss)
         if state.eval_by_source:
             summary["eval_loss_by_source"] = state.eval_by_source
-        if state.eval_scores:  # a classifier's, in place of a perplexity (as each evaluation tells it)
-            summary.update({f"eval_{k}": v for k, v in state.eval_scores.items()})
-        else:
-            summary["eval_ppl"] = perplexity(state.eval_loss)
-        worse = negative_transfer(state)
+        summary.update(state.eval_metrics or {})  # the objective's figures (eval_ppl, eval_accuracy, ...)
+        worse = negative_transfer(state, run.objective)
         if worse:
             summary["negative_transfer"] = worse
     if data.retention is not None:
@@ -535,15 +521,16 @@ def finish(run: Run, state: TrainState) -> dict:
     return summary
 
 
-def negative_transfer(state: TrainState) -> dict:
-    """The task's figures before training and at the end where the end is worse (the eval
-    loss higher, or a classifier's accuracy lower); empty where it is not."""
+def negative_transfer(state: TrainState, objective: Objective) -> dict:
+    """The objective's `transfer` metrics before training and at the end, where the end is
+    worse (the eval loss higher, a classifier's accuracy lower); empty where none is."""
     worse = {}
-    if state.eval_loss_start is not None and state.eval_loss > state.eval_loss_start:
-        worse.update(eval_loss_start=state.eval_loss_start, eval_loss_end=state.eval_loss)
-    start, end = state.eval_accuracy_start, (state.eval_scores or {}).get("accuracy")
-    if start is not None and end is not None and end < start:
-        worse.update(eval_accuracy_start=start, eval_accuracy_end=end)
+    now = {"eval_loss": state.eval_loss, **(state.eval_metrics or {})}
+    for metric, start in (state.eval_start or {}).items():
+        end = now.get(metric)
+        if metric in objective.transfer and end is not None and (
+                end > start if objective.metrics[metric] == "min" else end < start):
+            worse.update({f"{metric}_start": start, f"{metric}_end": end})
     return worse
 
 

@@ -12,8 +12,9 @@ class Progress:
     """A progress bar on a terminal; plain log lines (every log_every steps) otherwise."""
 
     def __init__(self, total: int, start: int, log_every: int, enabled: bool = True,
-                 stream=None):
-        self.total, self.log_every, self.enabled = total, log_every, enabled
+                 stream=None, told: tuple[str, ...] = ()):
+        """`told`: the objective's metrics a step's line tells where the step has them."""
+        self.total, self.log_every, self.enabled, self.told = total, log_every, enabled, told
         self.stream = stream or sys.stdout
         self.bar = None
         if enabled and self.stream.isatty():
@@ -30,9 +31,8 @@ class Progress:
             return
         step = record["step"]
         if step % self.log_every == 0 or step == self.total:
-            extra = "".join(f"  {name} {record[key]:.4f}" for key, name in (
-                ("replay_loss", "replay loss"), ("penalty", "penalty"), ("reward_accuracy", "reward accuracy"),
-                ("reward_margin", "margin")) if key in record)
+            extra = "".join(f"  {key.replace('_', ' ')} {record[key]:.4f}"
+                            for key in ("replay_loss", "penalty", *self.told) if key in record)
             self.write(
                 f"step {step}/{self.total}  loss {record['loss']:.4f}{extra}  lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  tokens/s {record['tokens_per_s']:.0f}"

@@ -41,21 +41,13 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
 
 def write_final(tmp: Path, run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                 model_state: Optional[dict]) -> None:
-    if cfg.task == "classification" and cfg.method == "full":
-        from ftdist.artifacts.classify import save_full_classifier
+    from ftdist.objectives import resolve
 
-        save_full_classifier(tmp, model, cfg.classification.labels, tokenizer.pad_token_id, model_state)
-    else:
-        model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
-        if cfg.task == "classification":
-            from ftdist.artifacts.classify import mark_adapter_for_classification
-
-            mark_adapter_for_classification(tmp)
+    # The objective writes the model (a classifier's as one), and adds to final/ftdist.json.
+    own = resolve(cfg).write_final(tmp, model, tokenizer, model_state)
     tokenizer.save_pretrained(tmp)
     meta = {"method": cfg.method, "base_model": base_path, "qlora": cfg.qlora.model_dump(),
-            "dtype": cfg.model.dtype, "task": cfg.task}
-    if cfg.task == "classification":
-        meta["classification"] = cfg.classification.model_dump()
+            "dtype": cfg.model.dtype, "task": cfg.task, **own}
     safewrite.write_text(tmp / FINAL_META, run_dir, "the final model", json.dumps(meta, indent=2))
 
 

@@ -28,10 +28,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ftdist.artifacts.classify import HEAD
 from ftdist.config.schema import Config
 from ftdist.data.rows import Rows, collate, epoch_order
-from ftdist.objective import autocast, loss_sum, target_count
+from ftdist.objectives.classification import HEAD
+from ftdist.objectives.tokens import autocast, loss_sum, target_count
 
 
 def describe(cfg: Config, replay_rows: Optional[int], anchors: Optional["Anchors"]) -> Optional[str]:

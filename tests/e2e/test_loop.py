@@ -157,12 +157,15 @@ def test_negative_transfer_is_told_with_the_two_numbers(tmp_path, capsys):
 
     # A classifier's accuracy counts too: lower at the end than before training is told, with its two numbers.
     from ftdist.training.loop import negative_transfer
+    from ftdist.objectives.classification import Classification
 
-    assert negative_transfer(TrainState(eval_loss_start=0.69, eval_loss=0.65, eval_accuracy_start=0.62,
-                                        eval_scores={"accuracy": 0.55})) == {"eval_accuracy_start": 0.62,
-                                                                             "eval_accuracy_end": 0.55}
-    assert negative_transfer(TrainState(eval_loss_start=0.69, eval_loss=0.65, eval_accuracy_start=0.5,
-                                        eval_scores={"accuracy": 0.8})) == {}
+    start = {"eval_loss": 0.69, "eval_accuracy": 0.62}
+    assert negative_transfer(TrainState(eval_start=start, eval_loss=0.65, eval_metrics={"eval_accuracy": 0.55}),
+                             Classification) == {"eval_accuracy_start": 0.62, "eval_accuracy_end": 0.55}
+    assert negative_transfer(TrainState(eval_start=start, eval_loss=0.65, eval_metrics={"eval_accuracy": 0.8}),
+                             Classification) == {}
+    # A checkpoint written before objectives (its two fields) resumes with the same figures to compare.
+    assert TrainState.of_checkpoint({"eval_loss_start": 0.69, "eval_accuracy_start": 0.62}).eval_start == start
 
     good = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "train.eval_every=3", name="fine")
     assert main(["train", str(write_config(tmp_path, good, "good.yaml")), "--local"]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.artifacts.classify import scores
+from ftdist.objectives.classification import scores
 from ftdist.data.rows import IGNORE, build_dataset
 from ftdist.errors import UserError
 from ftdist.data.records import labels_of
@@ -70,9 +70,9 @@ def test_a_classifiers_retention_text_is_scored_in_chunks_as_whole_logits_would(
     chunks as an LM run's loss is (no [tokens x vocab] logits at once): the same loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftdist.artifacts.classify import ClassifierHead, add_head
+    from ftdist.objectives.classification import ClassifierHead, add_head
     from ftdist.data.rows import collate, pack, tokenize_records
-    from ftdist.objective import loss_sum
+    from ftdist.objectives.tokens import loss_sum
 
     tokenizer = train_tokenizer((DEMO / "general.txt").read_text().split("\n\n"), 384)
     torch.manual_seed(0)

@@ -100,7 +100,7 @@ def test_packed_rows_give_the_same_loss_as_separate_examples(attention):
     only, it has no backward there): a packed row equals its examples run one by one."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ftdist.objective import loss_sum
+    from ftdist.objectives.tokens import loss_sum
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)

@@ -8,7 +8,7 @@ import torch
 from ftdist.data.rows import IGNORE
 from ftdist.model.source import build_initial_model
 from ftdist.model.build import build_model, checkpointed_blocks
-from ftdist.objective import chunked_cross_entropy, loss_sum
+from ftdist.objectives.tokens import chunked_cross_entropy, loss_sum
 from tests.conftest import tiny_config
 
 VOCAB = 384

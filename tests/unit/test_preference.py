@@ -134,7 +134,7 @@ def test_bad_combinations_say_which_work(tmp_path):
                        "space": {"dpo.beta": {"choice": [0.1, 0.3]}}}
         return validate_config(raw)
 
-    with pytest.raises(UserError, match="tune.metric eval_reward_accuracy is a preference-tuning metric"):
+    with pytest.raises(UserError, match="tune.metric eval_reward_accuracy is not a metric of objective sft .it is one of dpo.s: set objective: dpo"):
         searched("sft", "max")
     with pytest.raises(UserError, match="set tune.mode: max"):
         searched("dpo", "min")
@@ -147,7 +147,7 @@ def test_bad_combinations_say_which_work(tmp_path):
 
 
 def test_the_chunked_log_probs_and_their_gradients_equal_log_softmaxs():
-    from ftdist.preference import LinearLogProbs
+    from ftdist.objectives.tokens import LinearLogProbs
 
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)

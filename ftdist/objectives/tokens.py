@@ -1,11 +1,15 @@
-"""The causal-LM objective: summed cross-entropy over a batch's target tokens, and evaluation
-as the token-weighted mean loss over a set of rows, split across ranks."""
+"""The token-loss machinery every objective on the LM head shares: the forward pass in the
+compute dtype, the LM head made to compute the summed cross-entropy (or each target token's
+log-prob) chunk by chunk inside its own forward, and the loss of text through it.
+
+The loss is computed inside the head's forward so that ZeRO-3 has the head's weight gathered
+(DeepSpeed gathers a module's parameters for its forward); at most one chunk of
+[tokens x vocab] logits is ever alive.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -14,20 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftdist.model.attention import document_mask
-from ftdist.artifacts.classify import ClassifierHead, confusion, scores
 from ftdist.config.schema import Config
-from ftdist.data.rows import IGNORE, Rows, collate
-from ftdist.errors import UserError
+from ftdist.data.rows import IGNORE
 from ftdist.model.build import compute_dtype
-
-# Logits per chunk of the chunked loss: 128 MiB in fp32 whatever the vocabulary (256 tokens at
-# 128k entries, 1024 at 32k).
-CHUNK_LOGITS = 2**25
-
-
-def chunk_tokens(vocab_size: int) -> int:
-    return max(16, CHUNK_LOGITS // vocab_size)
-
+from ftdist.objectives.base import chunk_tokens
 
 def autocast(cfg: Config, device: torch.device):
     """The forward pass in the compute dtype (bf16 / fp16), master weights staying float32."""
@@ -166,99 +160,123 @@ def target_count(batch: dict) -> int:
     return int((batch["targets"] != IGNORE).sum())
 
 
-class TokenObjective:
-    """What the loop's step and evaluation ask of an objective, for the causal LM and the
-    classifier: the count a batch's loss is normalised by (its target tokens), and a
-    micro-batch's summed cross-entropy (no metrics of its own). ftdist.preference has the other."""
+class LinearLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T + bias)[targets] per token, over chunks of tokens: at most
+    one chunk of logits alive, in the forward and in the backward (which recomputes them)."""
 
-    metrics: tuple[str, ...] = ()
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(targets), chunk):
+                part = slice(start, start + chunk)
+                logits = chunk_logits(hidden[part], weight, bias)
+                out[part] = logits.gather(1, targets[part, None]).squeeze(1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        d_hidden = torch.empty_like(hidden) if wants[0] else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
+        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and wants[2] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(targets), ctx.chunk):
+                part = slice(start, start + ctx.chunk)
+                # d logp / d logits = onehot(target) - softmax, scaled by each token's incoming gradient
+                d_logits = chunk_logits(hidden[part], weight, bias).softmax(-1).mul_(-d_out[part, None])
+                d_logits.scatter_add_(1, targets[part, None], d_out[part, None].float())
+                if d_bias is not None:
+                    d_bias += d_logits.sum(0)
+                if d_hidden is not None:
+                    d_hidden[part] = (d_logits.to(hidden.dtype) @ weight.to(hidden.dtype))
+                if d_weight is not None:
+                    d_weight.addmm_(d_logits.t(), hidden[part].float())
+        return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype), None, None)
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One chunk's logits in float32, the matmul in the hidden states' dtype (the compute dtype)."""
+    return F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)).float()
+
+
+class LogProbHead(ChunkedHead):
+    """The LM head's forward, replaced: with targets pending, each target token's log-prob (in
+    the flattened order of the targets); with text targets pending (retention text), the summed
+    cross-entropy as ChunkedHead computes it; with none, the logits."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__(head)
+        self.text = False
+
+    def for_text(self) -> "TextLoss":
+        return TextLoss(self)
+
+    def done(self) -> None:
+        super().done()
+        self.text = False
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None or self.text:
+            return super().forward(hidden)
+        targets = self.targets.flatten()
+        keep = (targets != IGNORE).nonzero().squeeze(1)
+        hidden = hidden.flatten(0, -2).index_select(0, keep)
+        return LinearLogProbs.apply(hidden, self.head.weight, self.head.bias, targets.index_select(0, keep),
+                                    self.chunk)
+
+
+def token_logps(forward, batch: dict, device: torch.device, head: LogProbHead, attention: str) -> torch.Tensor:
+    """The model's log-prob of each target token of the batch (flattened order)."""
+    head.expect(batch["targets"].to(device), batch["doc"])
+    try:
+        return forward(**forward_inputs(batch, device, attention)).logits
+    finally:
+        head.done()
+
+
+class TextLoss:
+    """A head whose targets are usually something else (labels, per-token log-probs) made to
+    score text, as a loss head is asked to (its expect/done): retention text."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def expect(self, targets: torch.Tensor, doc: torch.Tensor) -> None:
+        self.head.expect(targets, doc)
+        self.head.text = True
+
+    def done(self) -> None:
+        self.head.done()
+
+
+def text_head(head):
+    """The head that scores text (retention): an objective's head as text, or the head itself
+    (the chunked LM loss, or None: the loss from whole logits)."""
+    return head.for_text() if hasattr(head, "for_text") else head
+
+
+class TokenLoss:
+    """Text scored by its summed cross-entropy over target tokens: what evaluation asks of an
+    objective (ftdist.training.evaluate), for retention text and the sft objective alike."""
+
+    step_metrics: tuple[str, ...] = ()
+    evaluation_size = 0
 
     def __init__(self, head, attention: str):
         self.head, self.attention = head, attention
 
-    count = staticmethod(target_count)
+    @staticmethod
+    def count(batch: dict) -> int:
+        return target_count(batch)
 
     def loss(self, forward, batch: dict, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
         return loss_sum(forward, batch, device, self.head, self.attention), np.zeros(0)
 
-
-def objective_for(cfg: Config, bundle, reference=None):
-    """The run's objective: sft's token loss (a classifier's through its head), or dpo's pairs
-    against `reference` (ftdist.preference.preference_reference)."""
-    if cfg.objective == "dpo":
-        from ftdist.preference import PreferenceObjective
-
-        return PreferenceObjective(cfg, bundle.head, reference, bundle.attention)
-    return TokenObjective(bundle.head, bundle.attention)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The token-weighted mean loss over a set of rows, and over each source's rows (None for
-    a source with no rows there); `by_source` is empty where the rows have one source."""
-
-    loss: float
-    by_source: list[Optional[float]]
-    scores: Optional[dict] = None  # a classifier's accuracy and macro-F1 over all the rows
-
-
-def task_head(bundle, split: str):
-    """The loss head an evaluation of `split` uses: retention text is scored as text (a
-    classifier's or a preference run's LM head scores it as the base's), in chunks where
-    train.chunked_loss is on."""
-    if split == "retention" and hasattr(bundle.head, "for_text"):
-        return bundle.head.for_text()
-    return bundle.head
-
-
-def split_objective(objective, bundle, split: str):
-    """What an evaluation of `split` computes: the run's objective, or for retention text the
-    LM loss on it."""
-    if split == "retention":
-        return TokenObjective(task_head(bundle, split), bundle.attention)
-    return objective
-
-
-@torch.no_grad()
-def evaluate_rows(cfg: Config, ctx, engine, rows: Rows, pad_id: int, objective, n_sources: int = 1) -> Evaluation:
-    """Each source's rows evaluated (each rank takes every world_size-th row of them), and
-    all of them together; a classifier's predictions counted too, and an objective's metrics
-    (preference pairs': rewards and their accuracy) averaged."""
-    model = engine.model
-    was_training = model.training
-    model.eval()
-    groups = [rows.of_source(s) for s in range(n_sources)] if rows.source is not None else [range(len(rows))]
-    head, sums = objective.head, []
-    counts = np.zeros((len(cfg.classification.labels),) * 2) if isinstance(head, ClassifierHead) else None
-    with autocast(cfg, ctx.device):
-        for group in groups:
-            sums.append(ctx.all_reduce_sum(loss_over(cfg, ctx, engine, rows, list(group), pad_id, objective, counts)))
-    model.train(was_training)
-    together = np.sum(sums, axis=0)
-    if not together[1]:  # a loss over nothing reads 0: never a result (every rank has the same sums)
-        raise UserError("the evaluation covers zero tokens (no eval row keeps a token the loss is on within "
-                        f"data.max_length {cfg.data.max_length}): raise data.max_length or evaluate on other rows")
-    by_source = [s[0] / s[1] if s[1] else None for s in sums] if len(groups) > 1 else []
-    found = scores(ctx.all_reduce_sum(counts)) if counts is not None else \
-        {m: v / max(together[1], 1) for m, v in zip(objective.metrics, together[2:])} or None
-    return Evaluation(together[0] / max(together[1], 1), by_source, found)
-
-
-def loss_over(cfg: Config, ctx, engine, rows: Rows, group: list[int], pad_id: int, objective,
-              counts: Optional[np.ndarray] = None) -> np.ndarray:
-    """This rank's [summed loss, count, objective's metric sums...] over its share of the rows
-    `group`; a classifier's [true, predicted] counts added into `counts`."""
-    mine = group[ctx.rank :: ctx.world_size]
-    size = cfg.train.micro_batch_size
-    # Every rank runs the same number of forward passes: under ZeRO-3 each one is collective.
-    n_batches = math.ceil(math.ceil(len(group) / ctx.world_size) / size)
-    sums = np.zeros(2 + len(objective.metrics))
-    for i in range(n_batches):
-        index = mine[i * size : (i + 1) * size]
-        batch = collate(rows, index or [group[0]], pad_id)
-        loss, metrics = objective.loss(engine.forward, batch, ctx.device)
-        if index:  # a rank with no rows left runs one row and ignores it
-            sums += (float(loss), objective.count(batch), *metrics)
-            if counts is not None:
-                counts += confusion(objective.head.logits, objective.head.labels, len(counts))
-    return sums
+    def evaluation_sums(self, batch: dict) -> np.ndarray:
+        return np.zeros(0)
