@@ -207,7 +207,7 @@ def cmd_train(args) -> int:
         from ftdist.launch.ray_train import train_ray
 
         summary = train_ray(cfg, restart=args.restart, address=args.address, notice=StopNotice())
-    from ftdist.objectives import objective_class
+    from ftdist.objectives.registry import objective_class
 
     objective = objective_class(cfg)
     print(f"done: model in {summary['final_dir']}")

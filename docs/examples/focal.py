@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ftdist.objectives import ObjectiveBase
+from ftdist.objectives.base import ObjectiveBase
 
 
 class FocalArgs(BaseModel):

@@ -145,7 +145,7 @@ def run_objective(run_dir: Path):
     none); a UserError where the snapshot names a class that cannot be imported here."""
     import yaml
 
-    from ftdist.objectives import load, name_of
+    from ftdist.objectives.registry import load, name_of
 
     path = run_dir / SNAPSHOT
     snapshot = yaml.safe_load(path.read_text()) if path.is_file() else None

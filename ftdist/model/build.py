@@ -22,7 +22,7 @@ from ftdist.errors import UserError
 from ftdist.model.source import TRUST_SETTING, load_tokenizer, refuse_remote_code, remote_code_error
 
 if TYPE_CHECKING:
-    from ftdist.objectives import Objective
+    from ftdist.objectives.protocol import Objective
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def objective_modules(cfg: Config, own_modules: Optional[tuple[str, ...]]) -> tu
     of the config's objective (a checkpoint's export rebuilds the model it trained)."""
     if own_modules is not None:
         return own_modules
-    from ftdist.objectives import objective_class
+    from ftdist.objectives.registry import objective_class
 
     return objective_class(cfg).own_modules
 
@@ -286,7 +286,7 @@ def build_model(cfg: Config, base_path: str, device: torch.device,
     """The model as `objective` (default: the config's) trains it: its modules added, frozen or
     adapted, and its loss head (made by the objective) in place of the LM head's forward."""
     if objective is None:
-        from ftdist.objectives import resolve
+        from ftdist.objectives.registry import resolve
 
         objective = resolve(cfg)
     tokenizer = load_tokenizer(cfg, base_path)

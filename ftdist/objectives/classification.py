@@ -14,6 +14,8 @@ final/ and `ftdist classify` (inference): ftdist.artifacts.classify.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ftdist.objectives.base import ObjectiveBase
@@ -98,7 +100,8 @@ class ClassifierHead:
         if self.targets is None:
             return self.logits_forward(hidden)
         if self.text:
-            from ftdist.objectives.tokens import chunk_tokens, chunked_cross_entropy
+            from ftdist.objectives.chunks import chunk_tokens
+            from ftdist.objectives.tokens import chunked_cross_entropy
 
             head = self.lm_head
             return chunked_cross_entropy(hidden, head.weight, head.bias, self.targets, chunk_tokens(head.out_features))
@@ -183,8 +186,6 @@ class Classification(ObjectiveBase):
     def write_final(self, folder, model: "nn.Module", tokenizer, model_state: Optional[dict]) -> dict:
         """A full run's as a *ForSequenceClassification directory; an adapter run's adapters and
         head marked for PEFT's sequence classification (ftdist.artifacts.classify)."""
-        from ftdist.artifacts.classify import mark_adapter_for_classification, save_full_classifier
-
         cfg = self.cfg
         if cfg.method == "full":
             save_full_classifier(folder, model, cfg.classification.labels, tokenizer.pad_token_id, model_state)
@@ -192,3 +193,45 @@ class Classification(ObjectiveBase):
             super().write_final(folder, model, tokenizer, model_state)
             mark_adapter_for_classification(folder)
         return {"classification": cfg.classification.model_dump()}
+
+
+def sequence_classification_config(model_config, labels: list[str], pad_token_id: Optional[int]):
+    """The base's config as <Arch>ForSequenceClassification's, with the run's labels."""
+    config = type(model_config).from_dict(model_config.to_dict())
+    arch = (model_config.architectures or [type(model_config).__name__.removesuffix("Config") + "ForCausalLM"])[0]
+    config.architectures = [arch.replace("ForCausalLM", "ForSequenceClassification")]
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    config.pad_token_id = pad_token_id
+    config.use_cache = True
+    return config
+
+
+def full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trained causal LM's state with its task head: the keys a *ForSequenceClassification
+    model has (the backbone and the head; not the LM head, which the task did not use)."""
+    return {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+
+
+def save_full_classifier(folder: Path, model, labels: list[str], pad_token_id: Optional[int],
+                         state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """final/ of a full run: a *ForSequenceClassification directory (config and weights)."""
+    from safetensors.torch import save_file
+
+    from ftdist.engine import unique_tensors
+
+    weights = full_state(unique_tensors(state if state is not None else model.state_dict()))
+    folder.mkdir(parents=True, exist_ok=True)
+    sequence_classification_config(model.config, labels, pad_token_id).save_pretrained(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def mark_adapter_for_classification(folder: Path) -> None:
+    """An adapter run's final/: PEFT's task type made SEQ_CLS, so that PEFT puts the adapters and
+    the head (saved as `score`) on the base built as *ForSequenceClassification."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["task_type"] = "SEQ_CLS"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Optional
 
-from ftdist.objectives.base import ObjectiveBase, chunk_logit_bytes
+from ftdist.objectives.base import ObjectiveBase
+from ftdist.objectives.chunks import chunk_logit_bytes
 
 if TYPE_CHECKING:
     import numpy as np

@@ -10,6 +10,7 @@ The loss is computed inside the head's forward so that ZeRO-3 has the head's wei
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import numpy as np
@@ -20,8 +21,8 @@ from torch import nn
 from ftdist.model.attention import document_mask
 from ftdist.config.schema import Config
 from ftdist.data.rows import IGNORE
+from ftdist.objectives.chunks import chunk_tokens
 from ftdist.model.build import compute_dtype
-from ftdist.objectives.base import chunk_tokens
 
 def autocast(cfg: Config, device: torch.device):
     """The forward pass in the compute dtype (bf16 / fp16), master weights staying float32."""
@@ -280,3 +281,9 @@ class TokenLoss:
 
     def evaluation_sums(self, batch: dict) -> np.ndarray:
         return np.zeros(0)
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    if loss is None:
+        return None
+    return math.exp(min(loss, 50.0))

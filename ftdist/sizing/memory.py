@@ -68,7 +68,7 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from ftdist.model.build import add_adapters, freeze_full
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
@@ -88,7 +88,7 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     (ftdist.objectives: with train.chunked_loss one chunk in fp32, else all of them with their
     gradient; a classifier's, none to speak of)."""
     from ftdist.sizing.activations import saved_bytes
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
 
     s, b = cfg.row_length, cfg.train.micro_batch_size
     every = cfg.train.checkpoint_every
@@ -118,7 +118,7 @@ def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stag
     r = cfg.regularization
     anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
     # A model the objective holds beside the one that trains (dpo's frozen reference of a full run).
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
 
     reference = resolve(cfg).reference_bytes(total, torch.finfo(dtype).bits // 8)
     if zero_stage >= 1:  # on the fp32 master weights' partitions

@@ -46,7 +46,8 @@ from ftdist.training.metrics import Progress
 from ftdist.training.base import resolve_base
 from ftdist.model.build import ModelBundle, build_model, compute_dtype
 from ftdist.training.notice import StoppedOnNotice
-from ftdist.objectives import Objective, resolve
+from ftdist.objectives.protocol import Objective
+from ftdist.objectives.registry import resolve
 from ftdist.objectives.tokens import autocast, text_head
 from ftdist.training.optim import build_optimizer
 from ftdist.training.outputs import publish, save_final, write_summary

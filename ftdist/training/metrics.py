@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import sys
-from typing import Optional
-
 
 
 class Progress:
@@ -51,7 +48,3 @@ class Progress:
             self.bar.close()
 
 
-def perplexity(loss: Optional[float]) -> Optional[float]:
-    if loss is None:
-        return None
-    return math.exp(min(loss, 50.0))

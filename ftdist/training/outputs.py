@@ -41,7 +41,7 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
 
 def write_final(tmp: Path, run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                 model_state: Optional[dict]) -> None:
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
 
     # The objective writes the model (a classifier's as one), and adds to final/ftdist.json.
     own = resolve(cfg).write_final(tmp, model, tokenizer, model_state)

@@ -32,7 +32,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def test_the_built_ins_resolve_by_objective_and_task(tmp_path):
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
     from ftdist.objectives.classification import Classification
     from ftdist.objectives.dpo import Dpo
     from ftdist.objectives.sft import Sft
@@ -51,7 +51,7 @@ def test_the_built_ins_resolve_by_objective_and_task(tmp_path):
 
 
 def test_a_class_by_import_path_from_the_working_directory(workdir):
-    from ftdist.objectives import resolve
+    from ftdist.objectives.registry import resolve
 
     cfg = tiny_config(workdir, "objective=focal:FocalLoss", "objective_args.gamma=1.5")
     objective = resolve(cfg)
@@ -70,7 +70,7 @@ def test_a_class_by_import_path_from_the_working_directory(workdir):
 
 BROKEN = "import nonexistent_package_for_ftdist\n"
 NOT_AN_OBJECTIVE = "class Plain:\n    pass\n"
-BAD_METRICS = ("from ftdist.objectives import ObjectiveBase\n\n\nclass Sideways(ObjectiveBase):\n"
+BAD_METRICS = ("from ftdist.objectives.base import ObjectiveBase\n\n\nclass Sideways(ObjectiveBase):\n"
                "    metrics = {'eval_loss': 'lower'}\n")
 
 
