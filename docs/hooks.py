@@ -7,6 +7,9 @@ cannot drift from what they describe.
   the field's own (`Field(description=...)`) or the comments beside it in the source: the comment
   lines right above the field and the `# ...` at the end of its line; a section's text is its
   class docstring.
+- `architecture.md`: its `<!-- package-layout -->` marker is replaced by the import layers as
+  tools/imports.py checks them (LAYERS) and every module of ftdist/ with the first sentence of
+  its docstring: a new module appears, and a layer moves, without touching the page.
 - `index.md`: README.md, its links into docs/ made relative to the site.
 - Pages of docs/ link to `../bench/results/X.md`, `../bench/README.md` and `../README.md` as
   the repository has them; the site's copies are linked instead.
@@ -31,6 +34,7 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MARKER = "<!-- config-reference -->"
+LAYOUT_MARKER = "<!-- package-layout -->"
 NAV_SECTION = "Benchmarks"
 
 
@@ -70,6 +74,8 @@ def on_page_markdown(markdown, page, config, files):
         from ftdist.config.schema import Config
 
         markdown = markdown.replace(MARKER, config_reference(Config))
+    if page.file.src_uri == "architecture.md":
+        markdown = markdown.replace(LAYOUT_MARKER, package_layout())
     if "/" not in page.file.src_uri and not page.file.generated_by:
         for repo, site in REPO_LINKS.items():
             markdown = markdown.replace(repo, site)
@@ -82,6 +88,33 @@ def readme_as_index() -> str:
     text = (ROOT / "README.md").read_text()
     text = re.sub(r"\]\(docs/", "](", text)
     return re.sub(r"\]\(bench/results/", "](benchmarks/results/", text)
+
+
+# --- the package layout ---------------------------------------------------------------------
+
+def package_layout() -> str:
+    """The layers (tools/imports.py's LAYERS, top first), then each package's modules with the
+    first sentence of their docstrings."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ftdist_imports", ROOT / "tools" / "imports.py")
+    imports = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = imports
+    spec.loader.exec_module(imports)
+    lines = ["| layer (top first) | packages and modules |", "|---|---|"]
+    lines += [f"| {i} | {', '.join(f'`{n}`' for n in names)} |" for i, names in enumerate(imports.LAYERS)]
+    lines += ["", "| module | what it is |", "|---|---|"]
+    package = ROOT / "ftdist"
+    for path in sorted(package.rglob("*.py"), key=lambda p: (p.parent != package, str(p.parent), p.name != "__init__.py", p.name)):
+        if path.name == "__main__.py":
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = " ".join(doc.split("\n\n")[0].split())
+        first = re.split(r"(?<=[.:])\s", first, maxsplit=1)[0] if len(first) > 160 else first
+        rel = path.relative_to(ROOT).as_posix()
+        lines.append(f"| `{rel}` | {cell(first)} |")
+    return "\n".join(lines)
 
 
 # --- the configuration reference ------------------------------------------------------------
