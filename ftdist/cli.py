@@ -88,6 +88,19 @@ def text_value(text: str) -> str:
     return text
 
 
+def run_command_parser(sub, name: str, help: str, description: str, config_help: str, example: str,
+                       restart_help: str) -> argparse.ArgumentParser:
+    """`train` and `tune`: a config, the Ray cluster to join, overrides, --restart."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, the cluster a `ray job submit` job runs "
+                             "in, or a Ray started on this machine; else a new local one)")
+    add_overrides(parser, example)
+    parser.add_argument("--restart", action="store_true", help=restart_help)
+    return parser
+
+
 def add_overrides(command: argparse.ArgumentParser, example: str) -> None:
     command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help=f"override a config key, e.g. --set {example} (repeatable)")
@@ -103,30 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ftdist", description="Fine-tune causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,tune,prepare,plan,generate,classify,report,export}")
 
-    train = sub.add_parser("train", help="fine-tune a model from a YAML config",
-                           description="Fine-tune a model. The same command again resumes from the newest "
-                                       "complete checkpoint.")
-    train.add_argument("config", help="YAML config (see README: Config reference)")
+    train = run_command_parser(sub, "train", "fine-tune a model from a YAML config",
+                               "Fine-tune a model. The same command again resumes from the newest complete checkpoint.",
+                               "YAML config (docs/configuration.md)", "train.lr=3e-4",
+                               "delete this run's directory and start over instead of resuming")
     train.add_argument("--local", action="store_true",
                        help="run in this process, on this machine's CPU (or its GPU if it has one), without "
                             "Ray (also what distributed.workers: 0 means)")
-    train.add_argument("--address", default=None,
-                       help="Ray cluster to join (default: RAY_ADDRESS, the cluster a `ray job submit` job "
-                            "runs in, or a Ray started on this machine; else a new local one)")
-    add_overrides(train, "train.lr=3e-4")
-    train.add_argument("--restart", action="store_true",
-                       help="delete this run's directory and start over instead of resuming")
-
-    tun = sub.add_parser("tune", help="search hyperparameters (the config's tune: section) with Ray Tune",
-                         description="Run the trials of the config's tune: section, each a Ray Train run, with "
-                                     "early stopping; write the results table, best.yaml and plots into "
-                                     "<run.output>/<tune.name>. The same command again continues an interrupted "
-                                     "search without rerunning finished trials.")
-    tun.add_argument("config", help="YAML config with a tune: section (see README: Tuning)")
-    tun.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
-    add_overrides(tun, "tune.num_samples=16")
-    tun.add_argument("--restart", action="store_true",
-                     help="delete the experiment's directory and search again from scratch")
+    run_command_parser(sub, "tune", "search hyperparameters (the config's tune: section) with Ray Tune",
+                       "Run the trials of the config's tune: section, each a Ray Train run, with early stopping; "
+                       "write the results table, best.yaml and plots into <run.output>/<tune.name>. The same "
+                       "command again continues an interrupted search without rerunning finished trials.",
+                       "YAML config with a tune: section (docs/tuning.md)", "tune.num_samples=16",
+                       "delete the experiment's directory and search again from scratch")
 
     pre = sub.add_parser("prepare", help="tokenize and pack a config's data into the prepared-data cache",
                          description="Validate, tokenize and pack the config's data into storage.cache_dir "

@@ -158,7 +158,7 @@ TEXT_SPLITS = ("retention", "replay")  # general text: format text, or plain tex
 
 
 class DataConfig(Section):
-    # One source (a path, see README: Data sources), or a mixture: a list of sources.
+    # One source (a path; docs/data.md), or a mixture: a list of sources.
     train: SOURCES
     # Unset: data.eval_fraction of each training source's rows. A list: each source evaluated
     # on its own (eval_loss/<name>) and all together (eval_loss).

@@ -85,7 +85,7 @@ def preflight(cfg: Config, raw: dict, address: Optional[str]):
     from ftdist.tune.space import check_space
 
     if cfg.tune is None:
-        raise UserError("the config has no tune: section; add one (see README: Tuning) to search with ftdist tune")
+        raise UserError("the config has no tune: section; add one (docs/tuning.md) to search with ftdist tune")
     if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
     from ftdist.launch.rundir import SEARCH, check_free
