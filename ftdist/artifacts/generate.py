@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ftdist.config.schema import QloraConfig
 from ftdist.errors import UserError
 from ftdist.io.layout import FINAL_META
+from ftdist.model.build import load_causal_lm
+from ftdist.model.source import TRUST_FLAG, refuse_remote_code
 
 
 def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool = False):
@@ -17,9 +20,6 @@ def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool
     (--trust-remote-code: the directory's own ftdist.json is not asked, a copied run could say anything)."""
     from transformers import AutoTokenizer
 
-    from ftdist.config.schema import QloraConfig
-    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
-    from ftdist.model.build import load_causal_lm
 
     path = Path(path)
     trust = trust_remote_code

@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ftdist.errors import UserError, path_problem
 from ftdist.io import safewrite
-from ftdist.errors import UserError
 from ftdist.io.layout import METRICS, REPORT, SNAPSHOT, SUMMARY
 from ftdist.io.metrics_log import read_metrics, series
+from ftdist.objectives.registry import load, name_of
 
 
 def _pyplot():
@@ -145,7 +146,6 @@ def run_objective(run_dir: Path):
     none); a UserError where the snapshot names a class that cannot be imported here."""
     import yaml
 
-    from ftdist.objectives.registry import load, name_of
 
     path = run_dir / SNAPSHOT
     snapshot = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -210,7 +210,6 @@ def report(run_dir: Path) -> tuple[dict, list[Path]]:
         summary = summarize(run_dir)
         safewrite.write_text(run_dir / REPORT, run_dir, "the report", json.dumps(summary, indent=2))
     except OSError as e:  # a run directory this user may only read (or one on a full disk)
-        from ftdist.errors import path_problem
 
         if path_problem(e) is None:
             raise

@@ -16,6 +16,16 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from ftdist.objectives.registry import (
+    config_problem,
+    default_tune_metric,
+    default_tune_mode,
+    load,
+    name_of,
+    objective_class,
+    parse_args,
+    tune_metric_problem,
+)
 
 # $VAR and ${VAR} in a path: expanded from the environment at validation (here, at the edge; the
 # rest of ftdist sees the expanded path), and a variable that is not set is an error naming it,
@@ -578,8 +588,6 @@ class Config(Section):
     @classmethod
     def _an_objective(cls, name: str) -> str:
         """A built-in's name, or an import path whose class meets the protocol (imported here)."""
-        from ftdist.objectives.registry import load
-
         load(name)
         return name
 
@@ -588,7 +596,6 @@ class Config(Section):
     def _its_args(cls, args: dict[str, Any], info) -> dict[str, Any]:
         if "objective" not in info.data or "task" not in info.data:  # already told
             return args
-        from ftdist.objectives.registry import load, name_of, parse_args
 
         parse_args(load(name_of(info.data["task"], info.data["objective"])), args)
         return args
@@ -596,8 +603,6 @@ class Config(Section):
     @property
     def row_shape(self) -> str:
         """What the data path builds for the run's objective: text, pairs or labels."""
-        from ftdist.objectives.registry import objective_class
-
         return objective_class(self).rows
 
     @property
@@ -644,7 +649,6 @@ class Config(Section):
                 "freeze_layers: all for feature extraction (only the final norm and head "
                 "train), or a number of blocks for lora/qlora"
             )
-        from ftdist.objectives.registry import config_problem
 
         problem = config_problem(self)
         if problem:
@@ -654,8 +658,6 @@ class Config(Section):
             raise ValueError("regularization.ewc estimates its Fisher on data.retention: set data.retention "
                              "(general text, held out), or use regularization.l2sp, which needs none")
         if self.tune is not None:
-            from ftdist.objectives.registry import default_tune_metric, default_tune_mode, tune_metric_problem
-
             metric = self.tune.metric or default_tune_metric(self)
             mode = self.tune.mode or default_tune_mode(self, metric)
             problem = tune_metric_problem(self, metric, mode)

@@ -36,8 +36,12 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import numpy as np
 
 from ftdist.config.schema import SPLITS, Config
-from ftdist.errors import UserError
+from ftdist.data.records import data_paths
 from ftdist.data.sources import is_hub, shard_files
+from ftdist.errors import UserError
+from ftdist.io import runlock, safewrite
+from ftdist.io.space import no_room_stops
+from ftdist.io.storage import RunStore, is_remote, join
 
 if TYPE_CHECKING:
     from ftdist.data.rows import Dataset
@@ -199,8 +203,6 @@ def cached(where: Path, how: str) -> "Dataset":
 def entry_lock(cfg: Config, where: Path) -> Iterator[None]:
     """The lock of one cache entry (<entry>.lock beside it), held while it is made; another
     process making the same entry is waited for, at most WAIT_S."""
-    from ftdist.io import runlock, safewrite
-
     root = cache_root(cfg)
     safewrite.make_dirs(where.parent, root, "the prepared rows")
 
@@ -224,9 +226,6 @@ def shared_url(cfg: Config) -> Optional[str]:
     object storage, else in the bucket of the first s3:// data source; None for local work.
     Resolved on the config as written (preflight's local copies of the data no longer name
     their bucket)."""
-    from ftdist.data.records import data_paths
-    from ftdist.io.storage import is_remote, join
-
     if cfg.storage.prepared_url:
         return cfg.storage.prepared_url
     if is_remote(cfg.run.output):
@@ -238,8 +237,6 @@ def shared_url(cfg: Config) -> Optional[str]:
 def bucket_copy(cfg: Config):
     """The bucket's copy of the cache (a RunStore over storage.prepared_url, which preflight
     resolves with shared_url); None where there is none."""
-    from ftdist.io.storage import RunStore
-
     url = cfg.storage.prepared_url
     return RunStore(url, cache_root(cfg), cfg.storage) if url else None
 
@@ -257,8 +254,6 @@ def keep_copy(bucket, rel: str, where: Path) -> None:
 
 def fetch_rows(bucket, rel: str, where: Path, root: Path) -> None:
     """The bucket's rows into the local cache, renamed into place once whole."""
-    from ftdist.io import safewrite
-
     safewrite.make_dirs(where.parent, root, "the prepared rows")
     staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=where.parent))
     try:
@@ -272,9 +267,6 @@ def fetch_rows(bucket, rel: str, where: Path, root: Path) -> None:
 
 
 def save(dataset: "Dataset", where: Path, root: Path) -> None:
-    from ftdist.io import safewrite
-    from ftdist.io.space import no_room_stops
-
     safewrite.make_dirs(where.parent, root, "the prepared rows")
     safewrite.check(where, root, "the prepared rows")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=where.parent))
@@ -307,8 +299,6 @@ def load(where: Path) -> "Dataset":
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from ftdist.io import safewrite
-
     root = path.parent.parent  # <cache_dir>/prepared: the entry's directory is ftdist's
     safewrite.make_dirs(path.parent, root, path.name)
     safewrite.check(path, root, path.name)

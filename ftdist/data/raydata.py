@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ftdist.config.schema import SPLITS, Config
+from ftdist.data.prepared import prepared_dataset
 from ftdist.data.rows import COLUMNS, Dataset, Rows, empty_rows
 
 SPLIT = ["train"]  # eval and retention go whole to every worker (small data: train too, see SharedInputs)
@@ -29,7 +30,6 @@ def ray_datasets(cfg: Config, tokenizer) -> tuple[dict[str, Any], dict[str, Any]
     data's stats (format, rows, what was skipped, truncated, dropped, whether from the cache)."""
     import ray.data
 
-    from ftdist.data.prepared import prepared_dataset
 
     dataset = prepared_dataset(cfg, tokenizer)
     splits = {name: getattr(dataset, name) for name in SPLITS}

@@ -23,6 +23,7 @@ from typing import Iterator, Union
 
 from ftdist.config.load import not_a_file
 from ftdist.errors import UserError
+from ftdist.io.hub import check_reachable
 
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HUB_PREFIX = "hf:"
@@ -224,7 +225,6 @@ def saved_rows(path: str) -> Iterator[tuple[str, Row]]:
 def hub_rows(source: str, key: str) -> Iterator[tuple[str, Row]]:
     from datasets import load_dataset
 
-    from ftdist.io.hub import check_reachable
 
     name, _, split = source[len(HUB_PREFIX):].partition(":")
     check_reachable(key, name, cached_file=None)

@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Optional
 
 from ftdist.errors import UserError
 from ftdist.io.layout import LEASE_FILE
+from ftdist.io.safewrite import not_regular, refuse
 
 LEASE_S = 60.0  # an s3:// lease's lifetime: how long a writer that died elsewhere keeps a run
 LEASE_RENEW_S = 15.0
@@ -87,8 +88,6 @@ def lock_file(path: Path, busy: Callable[[Optional[dict]], str], wait_s: float =
     """The exclusive lock held on the file `path` (made if missing; a directory's is its
     LOCK_FILE), waiting up to `wait_s` for a holder to end (`waiting` is told once who it
     waits for); past that a UserError with busy(holder)."""
-    from ftdist.io.safewrite import not_regular, refuse
-
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)

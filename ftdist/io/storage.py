@@ -25,6 +25,7 @@ from typing import Callable, Optional, TypeVar
 
 from ftdist.config.schema import StorageConfig
 from ftdist.errors import UserError
+from ftdist.io import safewrite
 
 T = TypeVar("T")
 SCHEME = "s3://"
@@ -205,8 +206,6 @@ class RunStore:
     # -- writes (no-ops for local runs: the local copy is the run)
     def write_text(self, rel: str, text: str) -> None:
         if not self.remote:
-            from ftdist.io import safewrite
-
             target = self.local / rel
             safewrite.make_dirs(target.parent, self.local, rel)
             safewrite.write_text(target, self.local, rel, text)
@@ -237,7 +236,6 @@ class RunStore:
 
     def remove(self, rel: str) -> None:
         if not self.remote:  # never through a link (safewrite)
-            from ftdist.io import safewrite
 
             safewrite.remove(self.local / rel, self.local, rel)
             return

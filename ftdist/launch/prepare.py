@@ -11,6 +11,7 @@ from ftdist.config.schema import SPLITS, Config
 from ftdist.data.prepared import prepared_dataset
 from ftdist.launch.preflight import check_inputs
 from ftdist.launch.rundir import writing
+from ftdist.model.source import load_tokenizer
 
 if TYPE_CHECKING:
     from ftdist.data.rows import Dataset
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 
 def prepare(cfg: Config) -> list[str]:
     """Build (or find) a config's prepared rows ahead of its runs; the lines to print."""
-    from ftdist.model.source import load_tokenizer
     from ftdist.training.base import resolve_base
 
     started = time.perf_counter()

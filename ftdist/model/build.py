@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from ftdist.model.attention import implementation as attention_implementation
 from ftdist.config.schema import Config, QloraConfig, freeze_depth_problem, frozen_blocks
 from ftdist.errors import UserError
+from ftdist.io.safeload import reason
+from ftdist.model.attention import implementation as attention_implementation
 from ftdist.model.source import TRUST_SETTING, load_tokenizer, refuse_remote_code, remote_code_error
+from ftdist.objectives.registry import objective_class, resolve
 
 if TYPE_CHECKING:
     from ftdist.objectives.protocol import Objective
@@ -108,7 +110,6 @@ def load_causal_lm(path: str, device: torch.device, qlora: Optional[QloraConfig]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError as e:  # a .bin that holds more than tensors: refused, never run
-        from ftdist.io.safeload import reason
 
         raise UserError(f"{what}: {path}: its weights hold objects other than tensors, refused unloaded "
                         f"({reason(e)}); use a copy in safetensors") from None
@@ -276,7 +277,6 @@ def objective_modules(cfg: Config, own_modules: Optional[tuple[str, ...]]) -> tu
     of the config's objective (a checkpoint's export rebuilds the model it trained)."""
     if own_modules is not None:
         return own_modules
-    from ftdist.objectives.registry import objective_class
 
     return objective_class(cfg).own_modules
 
@@ -286,8 +286,6 @@ def build_model(cfg: Config, base_path: str, device: torch.device,
     """The model as `objective` (default: the config's) trains it: its modules added, frozen or
     adapted, and its loss head (made by the objective) in place of the LM head's forward."""
     if objective is None:
-        from ftdist.objectives.registry import resolve
-
         objective = resolve(cfg)
     tokenizer = load_tokenizer(cfg, base_path)
     model = load_base_model(cfg, base_path, device)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from ftdist.config.schema import Config, ModelInit
+from ftdist.data.chat_templates import apply_choice
+from ftdist.data.records import tokenizer_corpus
 from ftdist.errors import UserError
 from ftdist.io import safewrite
 from ftdist.io.hub import check_reachable
 from ftdist.io.storage import fetch, is_remote
-
 
 TRUST_SETTING = "set model.trust_remote_code: true"
 
@@ -143,7 +144,6 @@ def build_initial_model(cfg: Config, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftdist.data.records import tokenizer_corpus
     from ftdist.data.tokenizer import train_tokenizer
 
     init, tokenizer_path = cfg.model.init, tokenizer_source(cfg)
@@ -180,7 +180,6 @@ def load_tokenizer(cfg: Config, base_path: str):
     """The run's tokenizer, with data.chat_template set on it."""
     from transformers import AutoTokenizer
 
-    from ftdist.data.chat_templates import apply_choice
 
     source = run_tokenizer_source(cfg, base_path)
     trust = cfg.model.trust_remote_code

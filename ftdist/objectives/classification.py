@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ftdist.objectives.base import ObjectiveBase
+from ftdist.objectives.chunks import chunk_tokens
 
 if TYPE_CHECKING:
     import numpy as np
@@ -100,7 +101,6 @@ class ClassifierHead:
         if self.targets is None:
             return self.logits_forward(hidden)
         if self.text:
-            from ftdist.objectives.chunks import chunk_tokens
             from ftdist.objectives.tokens import chunked_cross_entropy
 
             head = self.lm_head

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ftdist.model.build import decoder_blocks
+
 TRACE_ATTENTION = {"fused": "ftdist_fused_trace", "eager": "ftdist_eager_trace"}
 
 
@@ -72,8 +74,6 @@ def saved_bytes(shell: nn.Module, batch: int, seq: int, attention: str = "sdpa",
     indices) their own size. `input_grads`: the input embeddings' output requires grad (as
     gradient checkpointing makes it under adapters). A model with real weights is traced as it is, with
     its own attention, on its own device (what the meta trace is checked against)."""
-    from ftdist.model.build import decoder_blocks
-
     base = shell.get_base_model() if hasattr(shell, "get_base_model") else shell
     config = base.config
     kept = config._attn_implementation

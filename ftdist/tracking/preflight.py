@@ -13,6 +13,7 @@ from ftdist.config.schema import Config
 from ftdist.errors import UserError
 from ftdist.io.storage import is_remote
 from ftdist.tracking.hub import warn_line
+from ftdist.tracking.mlflow_run import client
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # key -> module
 
@@ -53,7 +54,6 @@ def probe_mlflow(conf) -> Optional[str]:
     uri = conf.tracking_uri
     if not uri.startswith(("http://", "https://")):
         return None
-    from ftdist.tracking.mlflow_run import client
 
     try:
         client(conf).search_experiments(max_results=1)

@@ -13,11 +13,16 @@ from typing import Any, Optional
 from ftdist.config.load import config_yaml
 from ftdist.config.redact import redact_url
 from ftdist.config.schema import Config
+from ftdist.io import safewrite
 from ftdist.io.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
 from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
 from ftdist.tracking.hub import Tracking, warn_line
+from ftdist.tracking.mlflow_run import MlflowRun, client
 from ftdist.tracking.params import flat_params, run_tags
+from ftdist.tracking.preflight import unreachable_reason
+from ftdist.tracking.tensorboard import TensorBoardLog
+from ftdist.tracking.wandb_run import WandbRun
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,6 @@ def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None
     conf = cfg.logging.mlflow
     if conf is None or not trials:
         return
-    from ftdist.tracking.mlflow_run import client
 
     try:
         mlflow = client(conf)
@@ -113,7 +117,6 @@ def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None
             if saved and mlflow.get_run(saved["run_id"]).info.status == "RUNNING":
                 mlflow.set_terminated(saved["run_id"], "KILLED")
     except Exception as e:  # noqa: BLE001: the search's results stand without it
-        from ftdist.tracking.preflight import unreachable_reason
 
         (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot mark stopped "
                             f"trials' runs ({unreachable_reason(e)})")
@@ -132,8 +135,6 @@ def flat_tune(cfg: Config) -> dict[str, Any]:
 def own_dirs(store: RunStore, tensorboard: bool = False, wandb: bool = False) -> None:
     """The trackers' directories in the run (made if missing), before any tracker writes there:
     a link in their place is refused (never written through), not a tracker's warning."""
-    from ftdist.io import safewrite
-
     for wanted, rel, what in ((tensorboard, TENSORBOARD_DIR, "TensorBoard's event files"),
                               (wandb, WANDB_DIR, "W&B's run files")):
         if wanted:
@@ -165,8 +166,6 @@ class TrackerIds:
 def _opened(warn, ids: TrackerIds, name: str, where: str, opener):
     """The reporter `opener` makes (its run's id kept at once), or None (with one warning) when
     its tracker cannot be reached."""
-    from ftdist.tracking.preflight import unreachable_reason
-
     try:
         reporter = opener()
     except Exception as e:  # noqa: BLE001: whatever the client raises, the run goes on without it
@@ -178,18 +177,12 @@ def _opened(warn, ids: TrackerIds, name: str, where: str, opener):
 
 
 def _tensorboard(log_dir: Path, resumed_at, config_text: str, upload):
-    from ftdist.tracking.tensorboard import TensorBoardLog
-
     return TensorBoardLog(log_dir, resumed_at, config_text, upload)
 
 
 def _mlflow(conf, run_name, params, tags, saved, parent):
-    from ftdist.tracking.mlflow_run import MlflowRun
-
     return MlflowRun(conf, run_name, params, tags, saved, parent)
 
 
 def _wandb(conf, run_dir, run_name, params, tags, saved, group, job_type, upload):
-    from ftdist.tracking.wandb_run import WandbRun
-
     return WandbRun(conf, run_dir, run_name, params, tags, saved, group, job_type, upload)

@@ -11,16 +11,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ftdist.io import safewrite
 from ftdist.config.schema import Config
+from ftdist.io import safewrite
 from ftdist.io.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
+from ftdist.io.space import no_room_stops
+from ftdist.objectives.registry import resolve
 
 
 def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                model_state: Optional[dict] = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
-    from ftdist.io.space import no_room_stops
     from ftdist.training.checkpoint import rerun_starts
 
     final = run_dir / FINAL_DIR
@@ -41,8 +42,6 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
 
 def write_final(tmp: Path, run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                 model_state: Optional[dict]) -> None:
-    from ftdist.objectives.registry import resolve
-
     # The objective writes the model (a classifier's as one), and adds to final/ftdist.json.
     own = resolve(cfg).write_final(tmp, model, tokenizer, model_state)
     tokenizer.save_pretrained(tmp)

@@ -16,9 +16,15 @@ from typing import Any, Optional
 
 from ftdist.config.schema import Config
 from ftdist.errors import UserError
+from ftdist.io import safewrite
 from ftdist.io.layout import BASE_DIR, TUNER_DIR
+from ftdist.io.storage import RunStore, is_remote
+from ftdist.launch.preflight import check_inputs, model_config_of
+from ftdist.launch.ray_train import preflight_cluster, shared_inputs, worker_resources
 from ftdist.launch.rayhead import watch_head
-from ftdist.io.storage import RunStore
+from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, check_free, writing
+from ftdist.tracking.run import open_search_tracking
+from ftdist.tune.space import check_space, ray_domains
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 
@@ -41,7 +47,6 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     directory stays held by this process (one writer) until the caller's Experiment.done()."""
     from contextlib import ExitStack
 
-    from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, writing
 
     checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
@@ -58,7 +63,6 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
 def search(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool, concurrency: int):
     from dataclasses import asdict
 
-    from ftdist.tracking.run import open_search_tracking
 
     experiment, datasets, steps = trial_inputs(cfg, checked, raw, store, use_gpu)
     tracking, group = open_search_tracking(checked.cfg, store)
@@ -80,15 +84,10 @@ def preflight(cfg: Config, raw: dict, address: Optional[str]):
     """Everything that can be wrong, before the first trial: the config and its space, the
     data, the cluster. Returns the checked inputs (local data paths, format) and whether
     trials use GPUs."""
-    from ftdist.launch.ray_train import preflight_cluster
-    from ftdist.launch.preflight import check_inputs, model_config_of
-    from ftdist.tune.space import check_space
-
     if cfg.tune is None:
         raise UserError("the config has no tune: section; add one (docs/tuning.md) to search with ftdist tune")
     if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
-    from ftdist.launch.rundir import SEARCH, check_free
 
     checked = check_inputs(cfg)
     check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
@@ -101,8 +100,6 @@ def trial_inputs(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool
     """What every trial shares, made once: the base model (built into the experiment for
     model.init), the Ray datasets, and the experiment's description. Returns those and the
     steps of one trial."""
-    from ftdist.launch.ray_train import shared_inputs
-
     t = cfg.tune
     inputs = shared_inputs(checked, store)
     steps = inputs.plan.total_steps
@@ -124,7 +121,6 @@ def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, 
     (finished trials kept, unfinished ones run again and resume), else a new one."""
     from ray import tune as ray_tune
 
-    from ftdist.tune.space import ray_domains
     from ftdist.tune.trial import run_trial
 
     t = cfg.tune
@@ -136,8 +132,6 @@ def build_tuner(cfg: Config, store: RunStore, experiment: dict, datasets: dict, 
     storage_path, fs = tune_storage(store)
     path = f"{storage_path}/{TUNER_DIR}"
     if not store.remote:
-        from ftdist.io import safewrite
-
         safewrite.check(store.root / TUNER_DIR, store.root, "Ray Tune's state")  # never through a link
     if ray_tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"tune: continuing the experiment in {store.path(TUNER_DIR)} (trials that ended are kept)", flush=True)
@@ -164,7 +158,6 @@ def trial_model_source(cfg: Config, experiment_base: str, base_path: str) -> dic
     working directory)."""
     from pathlib import Path
 
-    from ftdist.io.storage import is_remote
 
     if cfg.model.init:
         return {"name_or_path": experiment_base, "init": None, "tokenizer": None}
@@ -184,7 +177,6 @@ def trial_concurrency(cfg: Config, use_gpu: bool) -> int:
     """Trials the cluster can run at once, each with all its workers placed."""
     import ray
 
-    from ftdist.launch.ray_train import worker_resources
 
     d, total = cfg.distributed, ray.cluster_resources()
     need = worker_resources(cfg, use_gpu)

@@ -14,8 +14,11 @@ from typing import Any, Optional
 
 import yaml
 
-from ftdist.io import safewrite
+from ftdist.artifacts.report import _pyplot as pyplot
 from ftdist.config.schema import Config
+from ftdist.io import safewrite
+from ftdist.io.layout import SEARCH_OUTPUTS
+from ftdist.tracking.run import end_stopped_runs
 from ftdist.tune.experiment import Experiment
 from ftdist.tune.space import with_params
 from ftdist.tune.trial import FINISHED
@@ -142,8 +145,6 @@ def write_report(experiment: Experiment, rows: list[TrialRow]) -> dict:
 
 
 def _pyplot():
-    from ftdist.artifacts.report import _pyplot as pyplot
-
     return pyplot()
 
 
@@ -207,9 +208,6 @@ def end_search_tracking(experiment: Experiment, rows: list[TrialRow], summary: d
     ended (KILLED while trials are left: the same command continues them). Trials ASHA
     stopped were ended with their processes, before they could end their tracker runs:
     their MLflow runs are marked KILLED from here."""
-    from ftdist.io.layout import SEARCH_OUTPUTS
-    from ftdist.tracking.run import end_stopped_runs
-
     best = summary["best"]
     if best is not None:
         experiment.tracking.log({"step": 0, f"best_{experiment.cfg.tune.metric}": best["metric"]})

@@ -14,6 +14,9 @@ from typing import Any, Optional
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ftdist.config.schema import Config
+from ftdist.io.quiet import quiet_libraries
+from ftdist.launch.ray_train import fit, worker_config
+from ftdist.launch.rundir import is_finished, prepare_run_dir, read_summary
 from ftdist.tune.space import with_params
 
 FINISHED = "finished"  # in the trial's last result: its Train run ended by itself, with a final model
@@ -60,9 +63,6 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     shared datasets once)."""
     from ray import tune
 
-    from ftdist.launch.ray_train import fit, worker_config
-    from ftdist.io.quiet import quiet_libraries
-    from ftdist.launch.rundir import is_finished, prepare_run_dir, read_summary
 
     quiet_libraries()
     cfg = trial_config(experiment, params, tune.get_context().get_trial_name())
