@@ -53,7 +53,7 @@ class RowReader:
     def read(self, path: str, fmt: str = "auto", skip_bad_rows: bool = False, key: str = "data.train",
              rows: str = "text") -> tuple[list[dict], str, int]:
         """Validated records of a source, the format they share, and how many bad rows were
-        skipped. `rows`: what the objective trains on (ftdist.objectives.RowShape): preference
+        skipped. `rows`: what the objective trains on (ftdist.objectives.protocol.RowShape): preference
         pairs only where it is pairs, never elsewhere."""
         records: list[dict] = []
         skipped = 0
@@ -255,7 +255,7 @@ def read_split(data, split: str, train_format: Optional[str] = None, labels: Opt
     own must have the training rows' `train_format` (where that is one format; dpo's are pairs); retention
     and replay sources are text, or plain text files (paragraphs split on blank lines). `labels`: the
     classification labels a row may have (unset: any). `rows`: what the objective trains on
-    (ftdist.objectives.RowShape; pairs: preference pairs only)."""
+    (ftdist.objectives.protocol.RowShape; pairs: preference pairs only)."""
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format

@@ -126,7 +126,7 @@ def protocol_problems(cls: type) -> list[str]:
         return [f"it is a {type(cls).__name__}, not a class"]
     missing = [m for m in REQUIRED if not hasattr(cls, m)]
     if missing:
-        return [f"it lacks {', '.join(missing)} (subclass ftdist.objectives.ObjectiveBase for the defaults)"]
+        return [f"it lacks {', '.join(missing)} (subclass ftdist.objectives.base.ObjectiveBase for the defaults)"]
     problems = []
     metrics = cls.metrics
     if not isinstance(metrics, Mapping) or "eval_loss" not in metrics:
