@@ -1,7 +1,7 @@
 """Checkpoints in <run>/checkpoints/step-<N>/: written locally, committed in the background.
 
-  the engine's files      (engine.py) local mode: model.safetensors or adapter/ (adapters alone,
-                          megabytes), optimizer.pt, scheduler.pt; Ray workers: deepspeed/, each
+  the engine's files      (ftdist/engines) the plain engine: the trained weights or adapters (rank 0's),
+                          optimizer and scheduler states; a partitioning engine (DeepSpeed): each
                           rank its own partition (adapter runs leave the frozen base out)
   every mode:             rng-<rank>.safetensors (the RNG states: tensors, the rest as JSON in its
                           header; older runs wrote rng-<rank>.pt, still read, weights only),
@@ -12,10 +12,10 @@
                           the manifest: each file's size and SHA-256; a directory without it is
                           never resumed from, and is removed
 
-Saving costs the training thread only the copy into memory (local mode) or the local write
-(DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
-Uploader. Resuming at another world size or ZeRO stage goes through DeepSpeed's universal
-checkpoint (engine.load). A resume first checks, on every rank, the files that rank loads
+Saving costs the training thread only the copy into memory (the plain engine) or the local
+write (DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
+Uploader. Resuming at another world size is the engine's (Engine.load: DeepSpeed converts
+through its universal checkpoint). A resume first checks, on every rank, the files that rank loads
 against the manifest, and that each torch file loads as tensors and data only (safeload: nothing
 in a checkpoint is ever unpickled; a planted pickle is damage, never run); a COMPLETE without the
 file list cannot be checked and counts as damage too. A damaged checkpoint is named with the
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ftdist import safewrite
-from ftdist.engine import deepspeed_file_rank
+from ftdist.engines import file_rank
 from ftdist.errors import UserError
 from ftdist.layout import CHECKPOINTS as ROOT
 from ftdist.layout import METRICS
@@ -388,20 +388,20 @@ def resume_point(ctx) -> Optional[ResumePoint]:
 
 def rank_loads(rank: int, world_size: int, saved_world: int) -> Callable[[str], bool]:
     """Which of a checkpoint's files this rank reads: every file when the world size changed
-    (DeepSpeed's universal conversion reads all), else its own and the shared ones."""
+    (an engine's re-partitioning may read all), else its own and the shared ones."""
     def loads(name: str) -> bool:
         if saved_world != world_size:
             return True
         leaf = name.rsplit("/", 1)[-1]
         rng = RNG_FILE.match(leaf)
-        owner = int(rng.group(1)) if rng else deepspeed_file_rank(leaf)
+        owner = int(rng.group(1)) if rng else file_rank(leaf)
         return owner is None or owner == rank
     return loads
 
 
 def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> Path:
     """This rank's local copy of checkpoint `step` (downloaded for s3:// runs): its own files,
-    or every rank's when the world size changed (DeepSpeed's universal conversion reads all)."""
+    or every rank's when the world size changed (an engine's re-partitioning may read all)."""
     rel = step_dir(step)
     path = store.local / rel
     if not store.remote:

@@ -1,8 +1,9 @@
 """What differs between the modes the one loop runs in: rank, world, device, where the
 data comes from, which engine steps, how to talk to the other ranks and the orchestrator.
 
-Local mode is one process with the plain engine; each Ray Train worker gets a RayContext
-with the same interface and a DeepSpeed engine, so the loop never asks "am I under Ray?".
+Local mode is one process; each Ray Train worker gets a RayContext with the same interface, so
+the loop never asks "am I under Ray?". The engine is distributed.engine's (ftdist/engines):
+auto is the plain engine in local mode and DeepSpeed on Ray workers.
 """
 
 from __future__ import annotations
@@ -60,21 +61,29 @@ class LocalContext:
 
         return prepared_dataset(cfg, tokenizer)
 
+    @property
+    def local(self) -> bool:
+        """One process without a process group (what engines may run here: ftdist.engines)."""
+        return True
+
+    def engine_class(self, cfg: Config):
+        from ftdist.engines import engine_class, resolve
+
+        return engine_class(resolve(cfg.distributed.engine, self.local))
+
     def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
         """`resume`: the state.json of the checkpoint the run continues from, if any."""
-        from ftdist.engine import PlainEngine
-
-        return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
+        return self.engine_class(cfg).build(cfg, model, optimizer, scheduler, self.world_size, resume)
 
     def make_reference(self, cfg: Config, model):
-        """dpo's frozen reference model, as this rank runs it: here, the model itself."""
-        return model
+        """dpo's frozen reference model, as this rank's engine runs it."""
+        return self.engine_class(cfg).reference(cfg, model, self.world_size)
 
 
 @dataclass
 class RayContext(LocalContext):
     """A Ray Train worker: torch.distributed is set up by Ray (gloo on CPU, NCCL on GPU),
-    data arrives as this worker's Ray Data shard, DeepSpeed steps."""
+    data arrives as this worker's Ray Data shard."""
 
     data_stats: dict[str, Any] = field(default_factory=dict)
     split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
@@ -129,15 +138,9 @@ class RayContext(LocalContext):
         return dataset_from_shards(cfg, self.data_stats,
                                    (self.rank, self.world_size) if self.split_in_workers else None)
 
-    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
-        from ftdist.engine import deepspeed_engine
-
-        return deepspeed_engine(cfg, model, optimizer, scheduler, self.world_size, resume)
-
-    def make_reference(self, cfg: Config, model):
-        from ftdist.engine import deepspeed_reference
-
-        return deepspeed_reference(cfg, model, self.world_size)
+    @property
+    def local(self) -> bool:
+        return False
 
 
 def default_device() -> torch.device:

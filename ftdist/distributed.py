@@ -1,11 +1,11 @@
 """Ray mode: preflight on the driver, then a Ray Train TorchTrainer whose workers each run
-the one loop inside DeepSpeed.
+the one loop with the run's engine (distributed.engine; auto: DeepSpeed).
 
 Driver: check config and data (preflight.py), then the cluster; print the plan and a memory
 estimate per device (failing fast with advice when it does not fit); build the base model
 files and the Ray datasets (`shared_inputs`, which a search's trials share too); fit.
 Workers: `worker_loop`, the same `loop.train` local mode runs, with a RayContext (whose
-engine is DeepSpeed). A worker that dies restarts the group (distributed.max_failures
+engine is distributed.engine's: ftdist/engines). A worker that dies restarts the group (distributed.max_failures
 times), and the loop resumes from the newest complete checkpoint.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftdist.config import Config
+from ftdist.engines import engine_class, resolve
 from ftdist.errors import UserError
 from ftdist.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 from ftdist.plan import Plan, accumulation_steps
@@ -119,7 +120,7 @@ def preflight_cluster(cfg: Config, address: Optional[str]) -> tuple[bool, str, D
     device = torch.device(device_type)
     check_dtype(cfg, device)
     d = cfg.distributed
-    estimate = check_fits(cfg, device, d.workers, d.zero_stage, available=per_device)
+    estimate = check_fits(cfg, device, d.workers, resolve(d.engine, local=False), available=per_device)
     return use_gpu, device_type, DeviceBudget(per_device, estimate)
 
 
@@ -341,10 +342,9 @@ def gpu_memory() -> float:
 def describe_plan(cfg: Config, device_type: str) -> str:
     d, t = cfg.distributed, cfg.train
     accumulation = accumulation_steps(t, d.workers)
-    offload = [f"{what} offloaded to CPU" for what, value in
-               (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if value == "cpu"]
+    engine = engine_class(resolve(d.engine, local=False)).describe(cfg)
     return (f"plan: {d.workers} workers on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "
-            f"DeepSpeed ZeRO-{d.zero_stage}{', ' + ', '.join(offload) if offload else ''}, placement {d.placement}; "
+            f"{engine}, placement {d.placement}; "
             f"global batch {t.batch_size} = {d.workers} workers x {accumulation} accumulation steps x "
             f"micro batch {t.micro_batch_size}")
 

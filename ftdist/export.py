@@ -10,9 +10,9 @@ Each export also holds the tokenizer and an ftdist.json saying what it is (metho
 source, step), so `ftdist generate OUT` loads it as it loads runs/NAME/final.
 
 The weights come from final/ (a finished run), else from the run's newest complete
-checkpoint, or from the one checkpoint named. Checkpoints hold the weights in one of three
-layouts: model.safetensors (local mode, full), adapter/ (local mode, lora/qlora), or
-deepspeed/ (Ray workers: DeepSpeed's own files, consolidated here with its zero_to_fp32).
+checkpoint, or from the one checkpoint named. Checkpoints hold the weights as the engine that
+wrote them lays them out: a PEFT adapter directory is copied as it is, anything else is read
+consolidated through the engine's reader (ftdist.engines.weights_of), whatever its format.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import yaml
 
 from ftdist.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
 from ftdist.config import Config, StorageConfig, validate_config
-from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, frozen_names, tied_names
+from ftdist.engines import adapter_folder, weights_of
+from ftdist.engines.base import frozen_names, tied_names
 from ftdist.errors import UserError
 from ftdist.layout import BASE_DIR, CHECKPOINTS, FINAL_DIR, SNAPSHOT, SUMMARY
 from ftdist.layout import FINAL_META as META
@@ -309,7 +310,6 @@ def refuse_classifier_checkpoint(src: Source, merge: bool) -> None:
 
 def full_model(src: Source, base: str):
     """The trained model, float32 on the CPU (a classifier: *ForSequenceClassification)."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if src.is_final:
@@ -321,11 +321,7 @@ def full_model(src: Source, base: str):
     # The architecture and the frozen weights; every trained weight is then replaced.
     model = load_base(base, trust_remote_code=src.cfg.model.trust_remote_code)
     freeze_full(model, src.cfg)  # which weights the run trained: a checkpoint holds those only
-    if (src.weights / PLAIN_WEIGHTS).is_file():
-        state = load_file(str(src.weights / PLAIN_WEIGHTS))
-    else:
-        state = deepspeed_weights(src.weights, adapters_only=False)
-    load_weights(model, state, src.weights)
+    load_weights(model, weights_of(src.weights, adapters_only=False), src.weights)
     return model.requires_grad_(True)
 
 
@@ -368,11 +364,10 @@ def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
 
 
 def adapter_dir(src: Source) -> Optional[Path]:
-    """The PEFT adapter directory of final/ or a local-mode checkpoint; None for DeepSpeed's."""
-    for folder in (src.weights, src.weights / PLAIN_ADAPTER_DIR):
-        if (folder / ADAPTER_FILES[0]).is_file():
-            return folder
-    return None
+    """The PEFT adapter directory of final/ or of a checkpoint whose engine saves one; None else."""
+    if (src.weights / ADAPTER_FILES[0]).is_file():
+        return src.weights
+    return adapter_folder(src.weights)
 
 
 def write_adapter(src: Source, base: str, folder: Path) -> None:
@@ -381,7 +376,7 @@ def write_adapter(src: Source, base: str, folder: Path) -> None:
         for name in ADAPTER_FILES:
             shutil.copy2(saved / name, folder / name)
         return
-    # DeepSpeed's files: the adapter structure on an empty (meta) copy of the base, no weights
+    # An engine's own files: the adapter structure on an empty (meta) copy of the base, no weights
     # loaded (a QLoRA base may not fit in memory as floats), and the trained tensors saved through it.
     model = with_new_adapters(src.cfg, skeleton(base, src.cfg.model.trust_remote_code))
     model.save_pretrained(folder, state_dict=adapter_weights(src, model))
@@ -428,8 +423,8 @@ def with_new_adapters(cfg: Config, model):
 
 
 def adapter_weights(src: Source, model) -> dict[str, torch.Tensor]:
-    """The trained adapter tensors of a DeepSpeed checkpoint, by the model's parameter names."""
-    state = deepspeed_weights(src.weights, adapters_only=True)
+    """The trained adapter tensors of a checkpoint in an engine's own files, by the model's parameter names."""
+    state = weights_of(src.weights, adapters_only=True)
     expected = {name: param.shape for name, param in model.named_parameters() if param.requires_grad}
     wrong = [name for name, shape in expected.items() if name not in state or state[name].shape != shape]
     if wrong:

@@ -87,7 +87,7 @@ class Run:
     base_path: str
     data: Dataset
     plan: Plan
-    engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
+    engine: object  # an ftdist.engines.base.Engine
     objective: object  # objective.TokenObjective | preference.PreferenceObjective: each batch's loss and metrics
     log: MetricsLog
     uploader: Uploader
@@ -195,7 +195,7 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     # Anchors: the master weights as they are now, before a checkpoint is restored into them.
-    anchors = Anchors(cfg, engine.model, ctx.rank, fisher, ctx.all_reduce_sum) if cfg.regularization.anchored \
+    anchors = Anchors(cfg, engine, ctx.rank, fisher, ctx.all_reduce_sum) if cfg.regularization.anchored \
         else None
     del fisher
     tracking = open_tracking(cfg, ctx.store, engine.layout.record(), ctx.tracking_group,
@@ -317,7 +317,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
     penalty before the update."""
     cfg, ctx, objective = run.cfg, run.ctx, run.objective
     # Normalised by the global count (target tokens; dpo: pairs): the same loss however the
-    # batch is split. Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
+    # batch is split. Gradients are averaged over ranks (every engine), hence the factor world_size.
     global_count = ctx.all_reduce_sum(sum(objective.count(b) for b in batches if not b.get("ignore")))
     # Task rows' loss sum and count, replay rows' loss sum and count, the objective's metric sums.
     summed = np.zeros(4 + len(objective.metrics))

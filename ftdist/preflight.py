@@ -222,10 +222,11 @@ def model_config_of(cfg: Config):
     return config
 
 
-def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,
+def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, engine: str,
                  available: float, device_type: str = "cuda") -> tuple["MemoryEstimate", float, list[str]]:
     """The memory estimate per device, the bytes of `available` a run may fill
-    (memory.usable), and what would make the run fit when it exceeds them (empty when it fits)."""
+    (memory.usable), and what would make the run fit when it exceeds them (empty when it fits).
+    `engine`: the engine's name (ftdist.engines), which says how states divide over `workers`."""
     from ftdist import memory
 
     model_config = model_config_of(cfg)
@@ -233,9 +234,9 @@ def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: in
     if problem:
         raise UserError(problem)
     check_length(cfg, model_config)
-    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype, device_type)
+    est = memory.estimate(cfg, model_config, workers, engine, dtype, device_type)
     limit = memory.usable(available, device_type)
-    tips = memory.advice(cfg, model_config, est, workers, dtype, limit) if est.device_total > limit else []
+    tips = memory.advice(cfg, model_config, est, workers, dtype, limit, engine) if est.device_total > limit else []
     return est, limit, tips
 
 
@@ -248,7 +249,7 @@ def check_length(cfg: Config, model_config) -> None:
                         f"({source}); set data.max_length to at most {limit}")
 
 
-def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,
+def check_fits(cfg: Config, device: "torch.device", workers: int = 1, engine: str = "plain",
                available: Optional[float] = None) -> "MemoryEstimate":
     """The memory estimate per device; a UserError with advice when it exceeds `available`."""
     import psutil
@@ -259,7 +260,7 @@ def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage
 
     if available is None:
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    est, limit, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available, device.type)
+    est, limit, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, engine, available, device.type)
     if tips:
         usable = f" ({limit / GiB:.1f} GiB usable)" if limit < available else ""
         raise UserError(

@@ -47,7 +47,7 @@ LOCKS = {LOCK_FILE, LEASE_FILE}  # ftdist's own, in a directory not yet marked (
 RESUMABLE_CHANGES = {"run.output", "model.trust_remote_code",
                      "train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
                      "checkpoint.every_steps", "checkpoint.keep",
-                     "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
+                     "distributed.workers", "distributed.zero_stage", "distributed.engine", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
                      "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
                      "logging.",  # where a run reports: its numbers are the same wherever they go

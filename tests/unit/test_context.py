@@ -6,7 +6,7 @@ import torch
 
 from ftdist.checkpoint import resume_point
 from ftdist.context import LocalContext, RayContext
-from ftdist.engine import PlainEngine
+from ftdist.engines.plain import PlainEngine
 from ftdist.optim import build_optimizer
 from ftdist.storage import RunStore
 from tests.conftest import tiny_config

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ftdist.engine import deepspeed_config
+from ftdist.engines.deepspeed import deepspeed_config
 from ftdist.errors import UserError
 from ftdist.plan import accumulation_steps, make_plan
 from tests.conftest import tiny_config

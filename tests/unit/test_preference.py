@@ -172,8 +172,8 @@ def test_the_memory_estimate_counts_the_reference(tmp_path):
     from ftdist.model import init_model_config
 
     def estimate(*overrides, workers=1, stage=0):
-        cfg = tiny_config(tmp_path, *overrides)
-        return memory.estimate(cfg, init_model_config(cfg.model.init), workers, stage, torch.bfloat16)
+        cfg = tiny_config(tmp_path, *overrides, f"distributed.zero_stage={stage}")
+        return memory.estimate(cfg, init_model_config(cfg.model.init), workers, "deepspeed", torch.bfloat16)
 
     sft, dpo = estimate("method=full"), estimate("method=full", "objective=dpo", "data.format=auto")
     assert sft.reference == 0 and dpo.reference == dpo.total_params * 2  # a bf16 copy

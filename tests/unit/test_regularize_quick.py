@@ -50,8 +50,8 @@ def test_the_memory_estimate_counts_anchors_and_fisher_on_each_ranks_share(tmp_p
     from ftdist.preflight import model_config_of
 
     def anchors(*extra, workers=1, stage=0):
-        cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", *extra)
-        return memory.estimate(cfg, model_config_of(cfg), workers, stage).anchors
+        cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", f"distributed.zero_stage={stage}", *extra)
+        return memory.estimate(cfg, model_config_of(cfg), workers, "deepspeed").anchors
 
     plain = memory.estimate(tiny_config(tmp_path), model_config_of(tiny_config(tmp_path)))
     assert plain.anchors == 0 and "anchors" not in plain.describe()
