@@ -196,10 +196,11 @@ def cmd_train(args) -> int:
             why = "--local" if args.local else "distributed.workers: 0"
             raise UserError(f"--address {args.address} joins a Ray cluster, but {why} runs in this process; "
                             "drop one of the two")
+        from ftdist.engines import resolve, unused_libraries
         from ftdist.local import train_local
-        from ftdist.quiet import without_deepspeed
+        from ftdist.quiet import without_libraries
 
-        without_deepspeed()
+        without_libraries(unused_libraries(resolve(cfg.distributed.engine, local=True)))
         with stop_on_sigterm(StopNotice()) as notice:
             summary = train_local(cfg, restart=args.restart, notice=notice)
     else:
@@ -264,10 +265,11 @@ def report_search(experiment, results) -> int:
 
 def cmd_prepare(args) -> int:
     from ftdist.config import load_config
+    from ftdist.engines import unused_libraries
     from ftdist.prepared import prepare
-    from ftdist.quiet import without_deepspeed
+    from ftdist.quiet import without_libraries
 
-    without_deepspeed()
+    without_libraries(unused_libraries("plain"))  # preparing data steps no engine
     print("\n".join(prepare(load_config(args.config, args.overrides))))
     return 0
 

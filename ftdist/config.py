@@ -369,8 +369,9 @@ class CheckpointConfig(Section):
 class DistributedConfig(Section):
     """Ray Train workers and the engine that steps them. workers: 0 is local mode (one process,
     no Ray). engine (ftdist/engines): auto is plain in local mode and deepspeed on Ray workers;
-    plain also runs data-parallel on Ray workers (every state whole on each). zero_stage,
-    offload_* and the raw deepspeed keys are the deepspeed engine's."""
+    plain also runs data-parallel on Ray workers (every state whole on each), deepspeed also in
+    local mode (a world of one process). zero_stage, offload_* and the raw deepspeed keys are
+    the deepspeed engine's."""
 
     workers: int = Field(2, ge=0)
     engine: str = "auto"  # auto, or a name of ftdist.engines' registry
@@ -400,10 +401,6 @@ class DistributedConfig(Section):
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps the optimizer on "
                              "each device)")
-        from ftdist.engines import local_refusal
-
-        if self.workers == 0 and local_refusal(self.engine):
-            raise ValueError(local_refusal(self.engine))
         if self.engine == "plain":
             used = [f"{key}: {value}" for key, value in (("offload_optimizer", self.offload_optimizer),
                                                          ("offload_params", self.offload_params)) if value != "none"]

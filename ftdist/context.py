@@ -29,6 +29,8 @@ class LocalContext:
     show_progress: bool = True
     tracking_group: Optional[TrackingGroup] = None  # a search's trial reports inside the search's group
     notice: Optional[StopNotice] = None  # a stop asked of this process (SIGTERM)
+    owns_world: bool = field(default=False, repr=False)  # a process group of one opened here (close())
+    launcher_env: dict = field(default_factory=dict, repr=False)  # what open_world set, and what it replaced
 
     @property
     def run_dir(self) -> Path:
@@ -73,7 +75,43 @@ class LocalContext:
 
     def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
         """`resume`: the state.json of the checkpoint the run continues from, if any."""
-        return self.engine_class(cfg).build(cfg, model, optimizer, scheduler, self.world_size, resume)
+        engine = self.engine_class(cfg)
+        if engine.needs_process_group:
+            self.open_world()
+        return engine.build(cfg, model, optimizer, scheduler, self.world_size, resume)
+
+    def open_world(self) -> None:
+        """A process group of this one process (gloo on CPU, NCCL on GPU) for an engine that
+        steps through one, unless one is open already (Ray's, on its workers). As a launcher
+        (torchrun) would, it says the process's place in the environment: engines read it."""
+        import os
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        place = {"RANK": str(self.rank), "LOCAL_RANK": str(self.rank), "WORLD_SIZE": str(self.world_size)}
+        self.launcher_env = {key: os.environ.get(key) for key in place}
+        os.environ.update(place)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=self.rank, world_size=self.world_size)
+        self.owns_world = True
+
+    def close(self) -> None:
+        """Close what this context opened (a later run in this process opens its own)."""
+        if not self.owns_world:
+            return
+        import os
+
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        for key, value in self.launcher_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.owns_world = False
 
     def make_reference(self, cfg: Config, model):
         """dpo's frozen reference model, as this rank's engine runs it."""

@@ -15,42 +15,37 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from ftdist.engines.base import EngineClass
 
-# name -> (module, class). A new engine: one module here and one line below.
+# name -> (module, class, the libraries it alone imports). A new engine: one module here and
+# one line below.
 ENGINES = {
-    "plain": ("ftdist.engines.plain", "PlainEngine"),
-    "deepspeed": ("ftdist.engines.deepspeed", "DeepSpeedEngine"),
+    "plain": ("ftdist.engines.plain", "PlainEngine", ()),
+    "deepspeed": ("ftdist.engines.deepspeed", "DeepSpeedEngine", ("deepspeed",)),
 }
 CHOICES = ("auto", *ENGINES)
-# Engines that run in one process without a process group (local mode).
-LOCAL_ENGINES = ("plain",)
-
-
-def local_refusal(choice: str) -> Optional[str]:
-    """Why `choice` cannot run in local mode (None: it can)."""
-    if choice == "auto" or choice in LOCAL_ENGINES:
-        return None
-    return (f"distributed.engine {choice} runs on Ray workers only: local mode (--local, distributed.workers: 0) "
-            f"trains with distributed.engine plain; set distributed.engine: auto (or plain), or run on Ray workers "
-            f"with distributed.workers > 0 and without --local")
 
 
 def resolve(choice: str, local: bool) -> str:
-    """The engine a run uses: `choice` (distributed.engine) in local mode or on Ray workers."""
+    """The engine a run uses: `choice` (distributed.engine) in local mode or on Ray workers.
+    Every engine runs in both: in local mode one that steps through torch.distributed gets a
+    process group of one (LocalContext.open_world)."""
     from ftdist.errors import UserError
 
     if choice == "auto":
         return "plain" if local else "deepspeed"
     if choice not in ENGINES:
         raise UserError(f"distributed.engine {choice!r} is not one of {', '.join(CHOICES)}")
-    refusal = local_refusal(choice) if local else None
-    if refusal:
-        raise UserError(refusal)
     return choice
 
 
 def engine_class(name: str) -> "EngineClass":
-    module, cls = ENGINES[name]
+    module, cls, _ = ENGINES[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def unused_libraries(name: str) -> list[str]:
+    """The libraries only other engines than `name` import (a run of `name` can hide them)."""
+    used = set(ENGINES[name][2])
+    return sorted({lib for _, _, libs in ENGINES.values() for lib in libs} - used)
 
 
 def all_classes() -> list["EngineClass"]:

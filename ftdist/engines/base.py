@@ -92,6 +92,7 @@ class Engine(Protocol):
 
     name: ClassVar[str]
     WEIGHT_FILES: ClassVar[tuple[str, ...]]  # what its checkpoints hold the weights in (messages)
+    needs_process_group: ClassVar[bool]  # steps through torch.distributed even in one process
 
     # -- building (the loop)
     @classmethod

@@ -50,6 +50,7 @@ class DeepSpeedEngine:
 
     name: ClassVar[str] = "deepspeed"
     WEIGHT_FILES: ClassVar[tuple[str, ...]] = (f"{DEEPSPEED_DIR}/",)
+    needs_process_group: ClassVar[bool] = True  # in local mode too: a world of one process
 
     def __init__(self, model, optimizer, scheduler, ds_config: dict[str, Any], world_size: int):
         import deepspeed

@@ -46,6 +46,7 @@ class PlainEngine:
 
     name: ClassVar[str] = "plain"
     WEIGHT_FILES: ClassVar[tuple[str, ...]] = (WEIGHTS, f"{ADAPTER_DIR}/")
+    needs_process_group: ClassVar[bool] = False  # one process needs none; on Ray workers, Ray's
 
     def __init__(self, model, optimizer, scheduler, grad_clip: Optional[float], world_size: int = 1):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

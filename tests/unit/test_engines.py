@@ -1,8 +1,9 @@
 """Engines as a room, fast and without Ray: the registry and the choice by distributed.engine
-(refused where it cannot run, with the fix), both engines against the Engine protocol, the
+(in either mode; refused with the fix where a setting would do nothing), both engines against the Engine protocol, the
 plain engine's share of master weights for regularizers, each engine's memory terms, and the
 plain engine data-parallel over two real gloo processes."""
 
+import os
 import subprocess
 import sys
 import typing
@@ -28,7 +29,7 @@ def test_the_registry_names_each_engine_and_stays_torch_free():
     for name in engines.ENGINES:
         assert engines.engine_class(name).name == name
     # Naming and resolving engines (what config validation does) imports no heavy library.
-    probe = ("import sys, ftdist.engines as e; e.resolve('auto', local=True); e.local_refusal('deepspeed'); "
+    probe = ("import sys, ftdist.engines as e; e.resolve('auto', local=True); e.resolve('deepspeed', local=True); "
              "print(sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT)}, check=True).stdout
@@ -38,30 +39,19 @@ def test_the_registry_names_each_engine_and_stays_torch_free():
 @pytest.mark.parametrize("choice, local, chosen", [
     ("auto", True, "plain"), ("auto", False, "deepspeed"),  # today's behaviour
     ("plain", True, "plain"), ("plain", False, "plain"),  # the plain engine data-parallel on Ray workers
-    ("deepspeed", False, "deepspeed"),
+    ("deepspeed", False, "deepspeed"), ("deepspeed", True, "deepspeed"),  # DeepSpeed in a world of one process
 ])
 def test_the_engine_is_chosen_by_config_and_mode(choice, local, chosen):
     assert engines.resolve(choice, local) == chosen
 
 
-def test_an_engine_that_cannot_run_in_local_mode_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(UserError, match="distributed.engine deepspeed runs on Ray workers only.*set "
-                                        "distributed.engine: auto \\(or plain\\)"):
-        engines.resolve("deepspeed", local=True)
-    # At config validation where the config itself says local mode ...
-    with pytest.raises(UserError, match="distributed.engine deepspeed runs on Ray workers only"):
-        tiny_config(tmp_path, "distributed.engine=deepspeed", "distributed.workers=0")
-    # ... and where --local says it, before anything is written.
-    from ftdist.local import train_local
-
-    with pytest.raises(UserError, match="distributed.engine deepspeed runs on Ray workers only"):
-        train_local(tiny_config(tmp_path, "distributed.engine=deepspeed", "distributed.workers=2"))
-    assert not (tmp_path / "runs").exists()
-
-
 def test_config_refuses_an_unknown_engine_and_deepspeed_settings_the_plain_engine_ignores(tmp_path):
     with pytest.raises(UserError, match="distributed.engine 'fsdp' is not one of auto, plain, deepspeed"):
         tiny_config(tmp_path, "distributed.engine=fsdp")
+    with pytest.raises(UserError, match="distributed.engine 'fsdp' is not one of auto, plain, deepspeed"):
+        engines.resolve("fsdp", local=False)
+    assert tiny_config(tmp_path, "distributed.engine=deepspeed", "distributed.workers=0").distributed.engine == \
+        "deepspeed"
     with pytest.raises(UserError, match="distributed.engine plain .* offload_optimizer: cpu would do nothing; "
                                         "remove it, or set distributed.engine: deepspeed"):
         tiny_config(tmp_path, "distributed.engine=plain", "distributed.offload_optimizer=cpu")
@@ -198,3 +188,23 @@ def test_the_plain_engine_on_two_processes_takes_one_process_steps(tmp_path):
         assert got["norms"] == pytest.approx(norms, rel=1e-5) and norms[0] > 0.5  # the whole batch's norm, clipped
         for ours, theirs in zip(got["weights"], model.parameters()):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_local_mode_opens_a_world_of_one_for_an_engine_that_needs_one_and_closes_it(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from ftdist.context import LocalContext
+    from ftdist.storage import RunStore
+
+    monkeypatch.setenv("LOCAL_RANK", "7")  # what was there before comes back
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = LocalContext(store=RunStore(str(tmp_path), tmp_path, tiny_config(tmp_path).storage), device=torch.device("cpu"))
+    assert not PlainEngine.needs_process_group and DeepSpeedEngine.needs_process_group
+    ctx.open_world()
+    try:
+        assert dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) == (0, 1)
+        assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
+        ctx.open_world()  # one already open: kept
+    finally:
+        ctx.close()
+    assert not dist.is_initialized() and os.environ["LOCAL_RANK"] == "7" and "WORLD_SIZE" not in os.environ
