@@ -171,14 +171,10 @@ EngineClass = type  # an Engine class of the registry (its class members are cal
 def refuse_other_engine(path: Path, saved: dict, name: str) -> None:
     """A checkpoint loads only into the engine that wrote it (any world size)."""
     written_by = Layout.of_checkpoint(saved).engine
-    if written_by == name:
-        return
-    if written_by == "deepspeed":
-        raise UserError(f"{path} was written by Ray workers (DeepSpeed); resume it without --local and with "
-                        "distributed.workers > 0 (distributed.engine: auto or deepspeed), or start over with --restart")
-    raise UserError(f"{path} was written by the plain engine (local mode, or distributed.engine: plain); resume it "
-                    "with --local (or distributed.workers: 0), or on Ray workers with distributed.engine: plain, or "
-                    "start over with --restart")
+    if written_by != name:
+        raise UserError(f"{path} was written by the {written_by} engine, this run's is {name} (distributed.engine: "
+                        f"auto is plain in local mode, deepspeed on Ray workers); resume it with distributed.engine: "
+                        f"{written_by} (in either mode, at any number of workers), or start over with --restart")
 
 
 # ---------------------------------------------------------------- the model's parameters

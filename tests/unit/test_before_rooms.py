@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tests.conftest import DEMO, PREPARED_CACHE, run_cli
 
 BEFORE = Path(__file__).resolve().parents[1] / "fixtures" / "before-rooms"
+MADE_WITH_DEMO = "/work/main/data/demo"
 
 
 def records(path: Path, key: str) -> dict[int, float]:
@@ -25,6 +26,9 @@ def records(path: Path, key: str) -> dict[int, float]:
 def test_a_local_run_stopped_before_the_change_resumes_to_the_same_curve(tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(BEFORE / "local-run", runs / "before")
+    # Its snapshot names the demo data where the fixture was made (/work/main): here, in this checkout.
+    snapshot = runs / "before" / "config.yaml"
+    snapshot.write_text(snapshot.read_text().replace(MADE_WITH_DEMO, str(DEMO)))
     config = tmp_path / "before.yaml"
     config.write_text((BEFORE / "local.yaml").read_text().replace("RUNS", str(runs)).replace("DEMO", str(DEMO))
                       + f"storage:\n  cache_dir: {PREPARED_CACHE}\n")

@@ -74,10 +74,13 @@ def test_save_and_load_restore_weights_optimizer_and_schedule(tmp_path):
 
 
 def test_checkpoints_of_the_other_mode_are_refused_with_what_to_do(tmp_path):
-    with pytest.raises(UserError, match="written by Ray workers .* without --local"):
+    with pytest.raises(UserError, match="written by the deepspeed engine, this run's is plain .*; resume it with "
+                                        "distributed.engine: deepspeed"):
         refuse_other_engine(tmp_path, {"engine": "deepspeed"}, "plain")
-    with pytest.raises(UserError, match="written by the plain engine .*; resume it with --local"):
+    with pytest.raises(UserError, match="written by the plain engine, this run's is deepspeed .*; resume it with "
+                                        "distributed.engine: plain"):
         refuse_other_engine(tmp_path, {"engine": "plain"}, "deepspeed")
+    refuse_other_engine(tmp_path, {}, "plain")  # checkpoints before engines were named: local mode's
 
 
 @pytest.mark.parametrize("saved, current, universal", [
