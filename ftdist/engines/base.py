@@ -165,7 +165,7 @@ class Engine(Protocol):
         """The final model's state on rank 0 where the model's own is not whole (None: it is)."""
 
 
-EngineClass = type  # an Engine class of the registry (its class members are called on it)
+EngineClass = type[Engine]  # an engine class of the registry (its class members are called on it)
 
 
 def refuse_other_engine(path: Path, saved: dict, name: str) -> None:
