@@ -15,9 +15,21 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ftdist.artifacts.report import format_summary, report
+from ftdist.config.load import load_config, load_raw, validate_config
+from ftdist.config.redact import redact_url
+from ftdist.config.schema import StorageConfig
+from ftdist.data.chat_templates import rendering
+from ftdist.engines.registry import resolve, unused_libraries
 from ftdist.errors import EXIT_USER_ERROR, UserError, path_problem
+from ftdist.io.layout import FINAL_DIR, FINISHED, RUN_MARKER
+from ftdist.io.quiet import quiet_libraries, without_libraries
+from ftdist.launch.local import train_local
+from ftdist.launch.prepare import prepare
+from ftdist.launch.ray_train import train_ray
+from ftdist.objectives.registry import objective_class
 from ftdist.training.notice import EXIT_STOPPED, StopNotice, StoppedOnNotice, stop_on_sigterm
-from ftdist.io.quiet import quiet_libraries
+from ftdist.tune.experiment import tune
 
 EXIT_INTERRUPTED = 130
 
@@ -191,25 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from ftdist.config.load import load_config
-
     cfg = load_config(args.config, args.overrides)
     if args.local or cfg.distributed.workers == 0:
         if args.address:
             why = "--local" if args.local else "distributed.workers: 0"
             raise UserError(f"--address {args.address} joins a Ray cluster, but {why} runs in this process; "
                             "drop one of the two")
-        from ftdist.launch.local import train_local
-        from ftdist.io.quiet import without_deepspeed
 
-        without_deepspeed()
+        without_libraries(unused_libraries(resolve(cfg.distributed.engine, local=True)))
         with stop_on_sigterm(StopNotice()) as notice:
             summary = train_local(cfg, restart=args.restart, notice=notice)
     else:
-        from ftdist.launch.ray_train import train_ray
-
         summary = train_ray(cfg, restart=args.restart, address=args.address, notice=StopNotice())
-    from ftdist.objectives.registry import objective_class
 
     objective = objective_class(cfg)
     print(f"done: model in {summary['final_dir']}")
@@ -229,9 +234,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ftdist.config.load import load_raw, validate_config
-    from ftdist.tune.experiment import tune
-
     raw = load_raw(args.config, args.overrides)  # trials and best.yaml start from the config as written
     experiment, results = tune(validate_config(raw, source=args.config), raw, restart=args.restart,
                                address=args.address)
@@ -269,17 +271,12 @@ def report_search(experiment, results) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ftdist.config.load import load_config
-    from ftdist.launch.prepare import prepare
-    from ftdist.io.quiet import without_deepspeed
-
-    without_deepspeed()
+    without_libraries(unused_libraries("plain"))  # preparing data steps no engine
     print("\n".join(prepare(load_config(args.config, args.overrides))))
     return 0
 
 
 def cmd_plan(args) -> int:
-    from ftdist.config.load import load_config
     from ftdist.launch.fit import DEFAULT_GPU_GIB, size_up
 
     overrides = args.overrides + ([f"distributed.workers={args.workers}"] if args.workers is not None else [])
@@ -290,9 +287,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ftdist.data.chat_templates import rendering
-    from ftdist.model.build import default_device
     from ftdist.artifacts.generate import generate, load_trained
+    from ftdist.model.build import default_device
 
     args.model = model_directory(args.model)
     device = default_device()
@@ -314,8 +310,6 @@ def cmd_generate(args) -> int:
 def model_directory(given: str) -> str:
     """The model directory `generate` / `classify` load: `given`, or a run directory's final/
     (said on stderr); a run that has not finished is told where its model will be."""
-    from ftdist.io.layout import FINAL_DIR, FINISHED, RUN_MARKER
-
     path = Path(given)
     if not path.is_dir():
         raise UserError(f"{given}: no such directory (give e.g. runs/NAME/final)")
@@ -342,8 +336,6 @@ def cmd_classify(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ftdist.artifacts.report import format_summary, report
-
     summary, plots = report(Path(args.run_dir))
     print(format_summary(summary))
     print("plots: " + ", ".join(str(p) for p in plots))
@@ -353,7 +345,6 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ftdist.artifacts.export import export
 
-    from ftdist.config.schema import StorageConfig
 
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage,
@@ -384,8 +375,6 @@ def run_command(args, leave: bool) -> int:
         return {"train": cmd_train, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan, "generate": cmd_generate,
                 "classify": cmd_classify, "report": cmd_report, "export": cmd_export}[args.command](args)
     except UserError as e:
-        from ftdist.config.redact import redact_url
-
         # Every URL's credentials (userinfo, query values) redacted, whichever check wrote the message.
         print(f"ftdist: error: {redact_url(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR

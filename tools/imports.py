@@ -34,13 +34,13 @@ LAYERS: list[list[str]] = [
     ["training"],
     ["artifacts"],
     ["sizing"],
-    ["objectives", "objective", "preference"],
-    ["engines", "engine", "model"],
+    ["objectives"],
+    ["engines", "model"],
     ["data", "tracking"],
     ["io"],
     ["config"],
-    # What an objective is and which one a config names: torch-free, asked by config validation.
-    ["objectives.registry"],
+    # Which objective and which engine a config names (torch-free): config validation asks them.
+    ["objectives.registry", "engines.registry"],
     ["objectives.protocol"],
     ["errors", "__init__"],
 ]

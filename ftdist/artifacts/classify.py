@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ftdist.config.schema import QloraConfig
+from ftdist.errors import UserError
+from ftdist.model.build import quantized_load_kwargs
+from ftdist.model.source import TRUST_FLAG, refuse_remote_code
 from ftdist.objectives.classification import HEAD
 
 # ---------------------------------------------------------------- final/
@@ -20,8 +24,6 @@ from ftdist.objectives.classification import HEAD
 
 def describe(final: Path) -> dict:
     """final/ftdist.json of a classification run; a UserError for anything else."""
-    from ftdist.errors import UserError
-
     meta = final / "ftdist.json"
     info = json.loads(meta.read_text()) if meta.is_file() else None
     if info is None or info.get("task") != "classification":
@@ -36,7 +38,6 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     that asks to run code of its own is refused unless `trust_remote_code` (--trust-remote-code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
 
     info = describe(final)
     trust = trust_remote_code
@@ -47,8 +48,6 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        from ftdist.config.schema import QloraConfig
-        from ftdist.model.build import quantized_load_kwargs
 
         labels = info["classification"]["labels"]
         # The adapters learned against the 4-bit base (qlora): classify with that same base.

@@ -10,9 +10,9 @@ Each export also holds the tokenizer and an ftdist.json saying what it is (metho
 source, step), so `ftdist generate OUT` loads it as it loads runs/NAME/final.
 
 The weights come from final/ (a finished run), else from the run's newest complete
-checkpoint, or from the one checkpoint named. Checkpoints hold the weights in one of three
-layouts: model.safetensors (local mode, full), adapter/ (local mode, lora/qlora), or
-deepspeed/ (Ray workers: DeepSpeed's own files, consolidated here with its zero_to_fp32).
+checkpoint, or from the one checkpoint named. Checkpoints hold the weights as the engine that
+wrote them lays them out: a PEFT adapter directory is copied as it is, anything else is read
+consolidated through the engine's reader (ftdist.engines.weights_of), whatever its format.
 """
 
 from __future__ import annotations
@@ -28,14 +28,20 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ftdist.training.checkpoint import MARKER, PREFIX, latest_step, size_bytes, step_dir
+from ftdist.artifacts.classify import load_classifier
 from ftdist.config.load import validate_config
 from ftdist.config.schema import Config, StorageConfig
-from ftdist.engine import PLAIN_ADAPTER_DIR, PLAIN_WEIGHTS, deepspeed_weights, frozen_names, tied_names
+from ftdist.engines.base import frozen_names, tied_names
+from ftdist.engines.registry import adapter_folder, weights_of
 from ftdist.errors import UserError
+from ftdist.io import safewrite
+from ftdist.io.checkpoints import MARKER, PREFIX, latest_step, size_bytes, step_dir
 from ftdist.io.layout import BASE_DIR, CHECKPOINTS, FINAL_DIR, SNAPSHOT, SUMMARY
 from ftdist.io.layout import FINAL_META as META
+from ftdist.io.runlock import reading
 from ftdist.io.storage import RunStore, is_remote
+from ftdist.model.build import add_adapters, compute_dtype, default_device, freeze_full, load_causal_lm
+from ftdist.model.source import TRUST_FLAG, adapter_start, check_model_source, load_tokenizer, refuse_remote_code
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -76,8 +82,6 @@ def export(source: str, out: str, merge: bool = False, force: bool = False,
 
 def export_local(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool = False,
                  allow: Optional[str] = None) -> str:
-    from ftdist.io.runlock import reading
-
     with reading(run_dir_of(path), str(path)):  # a --restart of the run meanwhile is refused, not exported
         return export_source(path, source, out, merge, force, trust_remote_code, allow)
 
@@ -92,8 +96,6 @@ def run_dir_of(path: Path) -> Path:
 
 def export_source(path: Path, source: str, out: str, merge: bool, force: bool, trust_remote_code: bool,
                   allow: Optional[str]) -> str:
-    from ftdist.model.source import TRUST_FLAG, refuse_remote_code
-
     src = resolve_source(path)
     # The snapshot's own model.trust_remote_code is replaced by the caller's choice.
     src = replace(src, cfg=src.cfg.model_copy(
@@ -211,9 +213,6 @@ def base_model_of(src: Source) -> str:
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
-    from ftdist.model.source import adapter_start
-    from ftdist.model.source import check_model_source
-
     if src.cfg.model.init is not None or adapter_start(src.cfg.model.name_or_path):  # the run built its base
         base = src.run_dir / BASE_DIR
         if not (base / "config.json").is_file():
@@ -225,8 +224,6 @@ def base_model_of(src: Source) -> str:
 
 def load_tokenizer_of(src: Source, base: str):
     """The tokenizer the run trained with."""
-    from ftdist.model.source import load_tokenizer
-
     if src.is_final:  # saved with the final model, as training used it
         from transformers import AutoTokenizer
 
@@ -268,8 +265,6 @@ def write_atomically(out: Path, fill: Callable[[Path], None]) -> None:
     """Fill a new directory beside OUT, then rename it into place: a failed export leaves no
     half-written OUT and no directory of its own behind, and nothing but OUT (empty, or an
     earlier export) is ever replaced; never through a link (safewrite)."""
-    from ftdist.io import safewrite
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.ftdist-", dir=out.parent))
     old = tmp.with_name(tmp.name + "-old")  # the earlier OUT, set aside until the new one is in place
@@ -310,37 +305,27 @@ def refuse_classifier_checkpoint(src: Source, merge: bool) -> None:
 
 def full_model(src: Source, base: str):
     """The trained model, float32 on the CPU (a classifier: *ForSequenceClassification)."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if src.is_final:
         auto = AutoModelForSequenceClassification if src.cfg.task == "classification" else AutoModelForCausalLM
         return auto.from_pretrained(src.weights, dtype=torch.float32,
                                     trust_remote_code=src.cfg.model.trust_remote_code)
-    from ftdist.model.build import freeze_full
 
     # The architecture and the frozen weights; every trained weight is then replaced.
     model = load_base(base, trust_remote_code=src.cfg.model.trust_remote_code)
     freeze_full(model, src.cfg)  # which weights the run trained: a checkpoint holds those only
-    if (src.weights / PLAIN_WEIGHTS).is_file():
-        state = load_file(str(src.weights / PLAIN_WEIGHTS))
-    else:
-        state = deepspeed_weights(src.weights, adapters_only=False)
-    load_weights(model, state, src.weights)
+    load_weights(model, weights_of(src.weights, adapters_only=False), src.weights)
     return model.requires_grad_(True)
 
 
 def load_base(base: str, cfg: Optional[Config] = None, trust_remote_code: Optional[bool] = None):
     """The base in float32 on the CPU. For a qlora run (cfg given), the 4-bit base dequantized.
     `trust_remote_code`: default cfg's model.trust_remote_code (False without cfg)."""
-    from ftdist.model.build import load_causal_lm
-
     if trust_remote_code is None:
         trust_remote_code = cfg.model.trust_remote_code if cfg is not None else False
     if cfg is None or cfg.method != "qlora":
         return load_causal_lm(base, torch.device("cpu"), what="the base model", trust_remote_code=trust_remote_code)
-    from ftdist.model.build import default_device
-    from ftdist.model.build import compute_dtype
 
     # Quantized as in training (settings, compute dtype, device type): the adapters learned
     # against these 4-bit weights, not the original ones.
@@ -369,11 +354,10 @@ def load_weights(model, state: dict[str, torch.Tensor], where: Path) -> None:
 
 
 def adapter_dir(src: Source) -> Optional[Path]:
-    """The PEFT adapter directory of final/ or a local-mode checkpoint; None for DeepSpeed's."""
-    for folder in (src.weights, src.weights / PLAIN_ADAPTER_DIR):
-        if (folder / ADAPTER_FILES[0]).is_file():
-            return folder
-    return None
+    """The PEFT adapter directory of final/ or of a checkpoint whose engine saves one; None else."""
+    if (src.weights / ADAPTER_FILES[0]).is_file():
+        return src.weights
+    return adapter_folder(src.weights)
 
 
 def write_adapter(src: Source, base: str, folder: Path) -> None:
@@ -382,7 +366,7 @@ def write_adapter(src: Source, base: str, folder: Path) -> None:
         for name in ADAPTER_FILES:
             shutil.copy2(saved / name, folder / name)
         return
-    # DeepSpeed's files: the adapter structure on an empty (meta) copy of the base, no weights
+    # An engine's own files: the adapter structure on an empty (meta) copy of the base, no weights
     # loaded (a QLoRA base may not fit in memory as floats), and the trained tensors saved through it.
     model = with_new_adapters(src.cfg, skeleton(base, src.cfg.model.trust_remote_code))
     model.save_pretrained(folder, state_dict=adapter_weights(src, model))
@@ -394,8 +378,6 @@ def merged_model(src: Source, base: str):
     from peft import PeftModel
 
     if src.cfg.task == "classification":
-        from ftdist.artifacts.classify import load_classifier
-
         return load_classifier(src.weights, src.cfg.model.trust_remote_code)[0].merge_and_unload()
     model = load_base(base, src.cfg)
     saved = adapter_dir(src)
@@ -411,7 +393,6 @@ def skeleton(base: str, trust_remote_code: bool = False):
     """The base's modules on the meta device: structure and names, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftdist.model.source import refuse_remote_code
 
     refuse_remote_code(base, trust_remote_code, "the base model")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)  # keeps `base` as PEFT's name
@@ -421,16 +402,14 @@ def skeleton(base: str, trust_remote_code: bool = False):
 
 def with_new_adapters(cfg: Config, model):
     """The adapters the run trained, as training added them (targets, frozen blocks), untrained."""
-    from ftdist.model.build import add_adapters
-
     # As lora: on a float (or meta) base the qlora preparation for 4-bit weights has nothing to do.
     model, _, _ = add_adapters(model, cfg.model_copy(update={"method": "lora"}))
     return model
 
 
 def adapter_weights(src: Source, model) -> dict[str, torch.Tensor]:
-    """The trained adapter tensors of a DeepSpeed checkpoint, by the model's parameter names."""
-    state = deepspeed_weights(src.weights, adapters_only=True)
+    """The trained adapter tensors of a checkpoint in an engine's own files, by the model's parameter names."""
+    state = weights_of(src.weights, adapters_only=True)
     expected = {name: param.shape for name, param in model.named_parameters() if param.requires_grad}
     wrong = [name for name, shape in expected.items() if name not in state or state[name].shape != shape]
     if wrong:

@@ -1,1 +1,2 @@
-"""The configuration: its schema (schema.py), loading and messages (load.py, echo.py), and redaction (redact.py)."""
+"""The configuration: its schema (schema.py), loading and messages (load.py, echo.py), redaction
+(redact.py), and the batch plan its numbers make (plan.py)."""

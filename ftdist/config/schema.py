@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from ftdist.engines.registry import CHOICES
 from ftdist.objectives.registry import (
     config_problem,
     default_tune_metric,
@@ -382,9 +383,14 @@ class CheckpointConfig(Section):
 
 
 class DistributedConfig(Section):
-    """Ray Train + DeepSpeed ZeRO. workers: 0 is local mode (one process, no Ray)."""
+    """Ray Train workers and the engine that steps them. workers: 0 is local mode (one process,
+    no Ray). engine (ftdist/engines): auto is plain in local mode and deepspeed on Ray workers;
+    plain also runs data-parallel on Ray workers (every state whole on each), deepspeed also in
+    local mode (a world of one process). zero_stage, offload_* and the raw deepspeed keys are
+    the deepspeed engine's."""
 
     workers: int = Field(2, ge=0)
+    engine: str = "auto"  # auto, or a name of ftdist.engines' registry
     use_gpu: Union[Literal["auto"], bool] = "auto"  # auto: GPUs when the cluster has them
     resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
@@ -394,6 +400,13 @@ class DistributedConfig(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # raw DeepSpeed keys, merged last
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
 
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in CHOICES:
+            raise ValueError(f"distributed.engine {value!r} is not one of {', '.join(CHOICES)}")
+        return value
+
     @model_validator(mode="after")
     def _offload_params_needs_stage_3(self) -> "DistributedConfig":
         if self.offload_params != "none" and self.zero_stage != 3:
@@ -402,6 +415,14 @@ class DistributedConfig(Section):
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps the optimizer on "
                              "each device)")
+        if self.engine == "plain":
+            used = [f"{key}: {value}" for key, value in (("offload_optimizer", self.offload_optimizer),
+                                                         ("offload_params", self.offload_params)) if value != "none"]
+            used += ["deepspeed (raw keys)"] if self.deepspeed else []
+            if used:
+                raise ValueError(f"distributed.engine plain keeps every state whole on each device: "
+                                 f"{', '.join(used)} would do nothing; remove {'them' if len(used) > 1 else 'it'}, "
+                                 "or set distributed.engine: deepspeed (or auto on Ray workers)")
         return self
 
 
@@ -630,7 +651,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
-        if self.method == "qlora" and self.distributed.workers > 0 and self.distributed.zero_stage == 3:
+        if self.method == "qlora" and self.distributed.workers > 0 and self.distributed.zero_stage == 3 and \
+                self.distributed.engine != "plain":
             raise ValueError(
                 "method qlora with distributed.zero_stage 3 is not supported: use zero_stage 2 (the 4-bit base "
                 "is small and frozen, so ZeRO-2 shards what grows: the adapters' gradients and optimizer "

@@ -78,7 +78,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("bitsandbytes", "DeepSpeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        # A library may set its logger's level again when it makes it (DeepSpeed's does, and warns
+        # at import, in local mode too): a filter outlives that.
+        if errors_only not in logger.filters:
+            logger.addFilter(errors_only)
     if "transformers" in sys.modules:  # imported already: its verbosity was read at import
         from transformers.utils import logging as hf_logging
 
@@ -86,14 +91,20 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
-def without_deepspeed() -> None:
-    """Local mode: let no library import DeepSpeed. accelerate (which PEFT and transformers use)
-    imports it whenever it is installed, which costs seconds and prints DeepSpeed's accelerator
-    warning in a run that uses no DeepSpeed. A None in sys.modules is Python's own way of saying
-    a module is absent: find_spec answers None and `import deepspeed` raises ImportError, so each
-    library takes its no-DeepSpeed path. Call before the training stack is imported."""
-    if "deepspeed" not in sys.modules:
-        sys.modules["deepspeed"] = None
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def without_libraries(names: list[str]) -> None:
+    """Let no library import these (an engine's that this process does not run: e.g. local mode
+    and DeepSpeed's). accelerate (which PEFT and transformers use) imports DeepSpeed whenever it
+    is installed, which costs seconds and prints its accelerator warning in a run that uses no
+    DeepSpeed. A None in sys.modules is Python's own way of saying a module is absent: find_spec
+    answers None and an import raises ImportError, so each library takes its path without it.
+    Call before the training stack is imported."""
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = None
 
 
 # A traceback that follows a noise line (Ray logs some of its clean-up failures with one).

@@ -2,19 +2,17 @@
 
 ftdist never unpickles a file it reads: its own files are safetensors or JSON (the RNG state),
 or torch files of plain tensors and containers (optimizer.pt, scheduler.pt, older runs'
-rng-<rank>.pt), and DeepSpeed's checkpoint files are read with `weights_only=True` and an
-explicit allow-list of the few DeepSpeed classes its checkpoints really hold (found by saving
-ZeRO-0/1/2/3 checkpoints, full, LoRA and QLoRA, with optimizer and parameter offload, bf16 and
-several parameter groups, and their universal conversion: torch.serialization's
-get_unsafe_globals_in_checkpoint named only these three). A pickle that
+rng-<rank>.pt), and an engine's checkpoint files are read with `weights_only=True` and an
+explicit allow-list of the few classes its checkpoints really hold (each engine names them:
+Engine.pickled_classes, ftdist/engines). A pickle that
 names anything else (a planted `__reduce__` in a shared bucket or a copied run) fails to load
 instead of running: for a checkpoint that is damage (checkpoint.damage names it and the run
 resumes from the checkpoint before it).
 
-DeepSpeed calls `torch.load(..., weights_only=False)` itself in a dozen places (its checkpoint
-engine, ZeRO-3's and the universal checkpoint's loaders, ds_to_universal, zero_to_fp32):
-`deepspeed_loads()` makes every torch.load inside it weights_only with the allow-list, for the
-duration of the call only (a load elsewhere in that window is made only stricter).
+A library may call `torch.load(..., weights_only=False)` itself (an engine's own checkpoint
+loaders): `weights_only_loads()` makes every torch.load inside it weights_only with the
+allow-list, for the duration of the call only (a load elsewhere in that window is made only
+stricter).
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ftdist.engines.registry import pickled_classes
+
 # What a file that will not load this way raises: a refused global or opcode
 # (UnpicklingError), a truncated or foreign file (RuntimeError from the zip reader, EOFError).
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError,
@@ -36,21 +36,16 @@ LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueErr
 
 def allowed_globals() -> list[Any]:
     """The classes beyond tensors and plain containers that the files ftdist reads may hold:
-    numpy's array pieces (older runs' rng-<rank>.pt: numpy's RNG state), and DeepSpeed's
-    loss scalers, ZeRO stage enum and fragment addresses (its optimizer states)."""
+    numpy's array pieces (older runs' rng-<rank>.pt: numpy's RNG state), and the classes the
+    engines' own files hold."""
     import numpy as np
+
 
     core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
     allowed: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
     if hasattr(np, "dtypes"):  # numpy >= 1.25 pickles a dtype through its class
         allowed.append(np.dtypes.UInt32DType)
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:  # no DeepSpeed here: its files cannot be written here either
-        return allowed
-    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return allowed + pickled_classes()
 
 
 def safe_load(path: Path | str, map_location: Any = "cpu", mmap: bool = False, allowed: bool = True) -> Any:
@@ -81,7 +76,7 @@ def reason(error: Exception) -> str:
     return ((named or lines or [type(error).__name__])[0])[:200]
 
 
-# ---------------------------------------------------------------- DeepSpeed's own loads
+# ---------------------------------------------------------------- a library's own loads
 
 _torch_load = torch.serialization.load
 _lock = threading.Lock()
@@ -89,14 +84,14 @@ _depth = 0
 
 
 def _weights_only_load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
-    """torch.load as DeepSpeed calls it, made weights_only with the allow-list whatever it asks."""
+    """torch.load as a library calls it, made weights_only with the allow-list whatever it asks."""
     with torch.serialization.safe_globals(allowed_globals()):
         return _torch_load(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
 
 
 @contextmanager
-def deepspeed_loads() -> Iterator[None]:
-    """Within: every `torch.load` (DeepSpeed's, which asks for weights_only=False) loads with
+def weights_only_loads() -> Iterator[None]:
+    """Within: every `torch.load` (a library's, which may ask for weights_only=False) loads with
     weights_only=True and the allow-list. Restored on the way out; nests."""
     global _depth
     with _lock:

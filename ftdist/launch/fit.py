@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftdist.config.schema import Config
-from ftdist.launch.ray_train import describe_plan
-from ftdist.sizing.memory import GPU_USABLE, GiB
-from ftdist.model.build import compute_dtype
+from ftdist.engines.registry import resolve
 from ftdist.launch.preflight import estimate_fit
+from ftdist.launch.ray_train import describe_plan
+from ftdist.model.build import compute_dtype
+from ftdist.sizing.memory import GPU_USABLE, GiB
 
 # What an 80 GB GPU (H100, A100 80GB) reports as its total memory.
 DEFAULT_GPU_GIB = 79.1
@@ -26,11 +27,12 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
     `gpu_gib` GiB each. model.dtype auto is bfloat16 there (every GPU ftdist targets has it)."""
     import torch
 
+
     d = cfg.distributed
     dtype = compute_dtype(cfg, torch.device("cuda"), bf16_supported=True)
-    workers, stage = (d.workers, d.zero_stage) if d.workers else (1, 0)
+    workers = d.workers or 1
     available = gpu_gib * GiB
-    est, limit, tips = estimate_fit(cfg, dtype, workers, stage, available)
+    est, limit, tips = estimate_fit(cfg, dtype, workers, resolve(d.engine, local=not d.workers), available)
     plan = describe_plan(cfg, "cuda") if d.workers else "plan: local mode, one process on one GPU"
     switches = [name for name, on in (("gradient checkpointing" + (f" every {cfg.train.checkpoint_every} blocks"
                                        if cfg.train.checkpoint_every > 1 else ""), cfg.train.checkpoint_every),

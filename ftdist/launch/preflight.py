@@ -17,13 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ftdist.data.chat_templates import check_choice
 from ftdist.config.schema import SPLITS, Config, freeze_depth_problem
-from ftdist.errors import UserError
+from ftdist.data.chat_templates import check_choice
+from ftdist.data.prepared import check_cache_dir, remember_validated, shared_url, task_labels, validated
 from ftdist.data.records import SPLIT_KEYS, data_paths, is_plain_text, labels_of, read_split, read_train
 from ftdist.data.sources import GLOB_CHARS, check_readable, check_source, is_glob
+from ftdist.errors import UserError
 from ftdist.io.storage import fetch, is_remote
-from ftdist.model.source import adapter_start, check_model_source
+from ftdist.model.source import (
+    adapter_start,
+    check_model_source,
+    init_model_config,
+    refuse_remote_code,
+    remote_code_error,
+)
+from ftdist.tracking.preflight import check_tracking
 
 if TYPE_CHECKING:
     import torch
@@ -38,9 +46,6 @@ class CheckedInputs:
 
 
 def check_inputs(cfg: Config) -> CheckedInputs:
-    from ftdist.data.prepared import check_cache_dir
-    from ftdist.tracking.preflight import check_tracking
-
     check_cache_dir(cfg)  # the prepared rows and s3:// copies go there
     cfg = check_tracking(cfg)  # less the optional trackers that cannot be reached
     check_paths(cfg)
@@ -83,7 +88,6 @@ def localize_data(cfg: Config) -> Config:
             return [s.model_copy(update={"path": local_copy(s.path)}) for s in given]
         return given and local_copy(given)
 
-    from ftdist.data.prepared import shared_url
 
     local = {split: local_copies(getattr(cfg.data, split)) for split in SPLITS}
     local = {k: v for k, v in local.items() if v != getattr(cfg.data, k)}
@@ -96,8 +100,6 @@ def check_data(cfg: Config) -> tuple[str, int, Optional[list[str]]]:
     (Ray Data would report a bad row only as a failed task). Returns (format, rows skipped,
     a classification task's labels). Data validated before (the same bytes and settings:
     ftdist.data.prepared) is not read again."""
-    from ftdist.data.prepared import remember_validated, task_labels, validated
-
     known = validated(cfg)
     if known is not None:
         return known
@@ -145,7 +147,6 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
 
-    from ftdist.model.source import init_model_config, refuse_remote_code, remote_code_error
 
     if cfg.model.init:
         if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):
@@ -169,10 +170,11 @@ def model_config_of(cfg: Config):
     return config
 
 
-def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: int,
+def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, engine: str,
                  available: float, device_type: str = "cuda") -> tuple["MemoryEstimate", float, list[str]]:
     """The memory estimate per device, the bytes of `available` a run may fill
-    (memory.usable), and what would make the run fit when it exceeds them (empty when it fits)."""
+    (memory.usable), and what would make the run fit when it exceeds them (empty when it fits).
+    `engine`: the engine's name (ftdist.engines), which says how states divide over `workers`."""
     from ftdist.sizing import memory
 
     model_config = model_config_of(cfg)
@@ -180,9 +182,9 @@ def estimate_fit(cfg: Config, dtype: "torch.dtype", workers: int, zero_stage: in
     if problem:
         raise UserError(problem)
     check_length(cfg, model_config)
-    est = memory.estimate(cfg, model_config, workers, zero_stage, dtype, device_type)
+    est = memory.estimate(cfg, model_config, workers, engine, dtype, device_type)
     limit = memory.usable(available, device_type)
-    tips = memory.advice(cfg, model_config, est, workers, dtype, limit) if est.device_total > limit else []
+    tips = memory.advice(cfg, model_config, est, workers, dtype, limit, engine) if est.device_total > limit else []
     return est, limit, tips
 
 
@@ -195,18 +197,18 @@ def check_length(cfg: Config, model_config) -> None:
                         f"({source}); set data.max_length to at most {limit}")
 
 
-def check_fits(cfg: Config, device: "torch.device", workers: int = 1, zero_stage: int = 0,
+def check_fits(cfg: Config, device: "torch.device", workers: int = 1, engine: str = "plain",
                available: Optional[float] = None) -> "MemoryEstimate":
     """The memory estimate per device; a UserError with advice when it exceeds `available`."""
     import psutil
     import torch
 
-    from ftdist.sizing.memory import GiB
     from ftdist.model.build import compute_dtype
+    from ftdist.sizing.memory import GiB
 
     if available is None:
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    est, limit, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, zero_stage, available, device.type)
+    est, limit, tips = estimate_fit(cfg, compute_dtype(cfg, device), workers, engine, available, device.type)
     if tips:
         usable = f" ({limit / GiB:.1f} GiB usable)" if limit < available else ""
         raise UserError(

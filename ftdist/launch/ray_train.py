@@ -1,11 +1,11 @@
 """Ray mode: preflight on the driver, then a Ray Train TorchTrainer whose workers each run
-the one loop inside DeepSpeed.
+the one loop with the run's engine (distributed.engine; auto: DeepSpeed).
 
 Driver: check config and data (preflight.py), then the cluster; print the plan and a memory
 estimate per device (failing fast with advice when it does not fit); build the base model
 files and the Ray datasets (`shared_inputs`, which a search's trials share too); fit.
 Workers: `worker_loop`, the same `loop.train` local mode runs, with a RayContext (whose
-engine is DeepSpeed). A worker that dies restarts the group (distributed.max_failures
+engine is distributed.engine's: ftdist/engines). A worker that dies restarts the group (distributed.max_failures
 times), and the loop resumes from the newest complete checkpoint.
 """
 
@@ -19,14 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ftdist.config.plan import Plan, accumulation_steps, make_plan
 from ftdist.config.schema import Config
+from ftdist.engines.registry import engine_class, resolve
 from ftdist.errors import UserError
-from ftdist.training.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
-from ftdist.training.plan import Plan, accumulation_steps
+from ftdist.io import safewrite
+from ftdist.io.checkpoints import describe_newest
+from ftdist.io.quiet import WORKER_ENV, filter_driver_streams, quiet_libraries, quiet_ray_data
+from ftdist.io.storage import RunStore, cache_path, is_remote
 from ftdist.launch.preflight import CheckedInputs, check_dtype, check_fits, check_inputs
 from ftdist.launch.rayhead import answers, watch_head
 from ftdist.launch.rundir import check_free, finished_summary, is_finished, read_summary, writing
-from ftdist.io.storage import RunStore, cache_path, is_remote
+from ftdist.model.source import load_tokenizer
+from ftdist.tracking.run import TrackingGroup
+from ftdist.training.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 
 GPU_PROBE_TIMEOUT_S = 120
 STOP_FLAG_NAMESPACE = "ftdist"  # where a driver's StopFlag actor lives (named ftdist-stop-<id>)
@@ -57,7 +63,6 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
                 with forwarded(notice) as flag:
                     fit(checked.cfg, store, {**loop_config, "stop_flag": flag}, inputs.datasets, use_gpu)
         if notice.reason and not is_finished(store):  # (a stop asked during the last step: the run finished)
-            from ftdist.training.checkpoint import describe_newest
 
             raise StoppedOnNotice(f"{notice.reason}: the workers stopped at a step boundary; "
                                   f"{describe_newest(store)}; run the same command again to resume from it")
@@ -119,7 +124,7 @@ def preflight_cluster(cfg: Config, address: Optional[str]) -> tuple[bool, str, D
     device = torch.device(device_type)
     check_dtype(cfg, device)
     d = cfg.distributed
-    estimate = check_fits(cfg, device, d.workers, d.zero_stage, available=per_device)
+    estimate = check_fits(cfg, device, d.workers, resolve(d.engine, local=False), available=per_device)
     return use_gpu, device_type, DeviceBudget(per_device, estimate)
 
 
@@ -139,10 +144,8 @@ class SharedInputs:
 def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     """The base model files (built once for model.init, before any worker) and the Ray
     datasets; the loop's own batch checks run on them before any worker starts."""
-    from ftdist.model.source import load_tokenizer
-    from ftdist.training.base import resolve_base
-    from ftdist.training.plan import make_plan
     from ftdist.data.raydata import SPLIT_IN_WORKERS_MAX_ROWS, ray_datasets
+    from ftdist.training.base import resolve_base
 
     cfg = checked.cfg
     base_path = resolve_base(cfg, store)
@@ -168,10 +171,8 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ftdist.io.quiet import WORKER_ENV
     from ftdist.data.raydata import SPLIT
 
-    from ftdist.io import safewrite
 
     d = cfg.distributed
     safewrite.make_dirs(store.root / "ray", store.root, "Ray Train's bookkeeping")  # never through a link
@@ -187,7 +188,6 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if loop_config["split_in_workers"] else SPLIT),
     )
-    from ftdist.training.checkpoint import describe_newest
 
     with watch_head(lambda: describe_newest(store)):
         try:
@@ -201,8 +201,6 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Each Ray Train worker: the one loop, with this worker's context."""
-    from ftdist.io.quiet import quiet_libraries, quiet_ray_data
-
     quiet_libraries()
     quiet_ray_data()
     import ray.train
@@ -210,7 +208,6 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from ftdist.training.context import RayContext
     from ftdist.training.loop import train
-    from ftdist.tracking.run import TrackingGroup
 
     context = ray.train.get_context()
     cfg = Config.model_validate(config["config"])
@@ -248,7 +245,6 @@ def connect(address: Optional[str]) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, or the one this job runs in), or start one."""
     import ray
 
-    from ftdist.io.quiet import WORKER_ENV, filter_driver_streams, quiet_ray_data
 
     filter_driver_streams()
     quiet_ray_data()
@@ -342,10 +338,9 @@ def gpu_memory() -> float:
 def describe_plan(cfg: Config, device_type: str) -> str:
     d, t = cfg.distributed, cfg.train
     accumulation = accumulation_steps(t, d.workers)
-    offload = [f"{what} offloaded to CPU" for what, value in
-               (("optimizer", d.offload_optimizer), ("parameters", d.offload_params)) if value == "cpu"]
+    engine = engine_class(resolve(d.engine, local=False)).describe(cfg)
     return (f"plan: {d.workers} workers on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "
-            f"DeepSpeed ZeRO-{d.zero_stage}{', ' + ', '.join(offload) if offload else ''}, placement {d.placement}; "
+            f"{engine}, placement {d.placement}; "
             f"global batch {t.batch_size} = {d.workers} workers x {accumulation} accumulation steps x "
             f"micro batch {t.micro_batch_size}")
 

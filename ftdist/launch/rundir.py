@@ -30,12 +30,26 @@ from typing import Iterator, Optional
 import yaml
 
 from ftdist import __version__
-from ftdist.io import runlock
+from ftdist.artifacts.report import plot_run
 from ftdist.config.load import config_yaml
 from ftdist.config.schema import Config
 from ftdist.errors import UserError
-from ftdist.io.layout import (CHECKPOINTS, FINAL_DIR, FINISHED, LEASE_FILE, LOCK_FILE, METRICS, RUN_MARKER,
-                           SEARCH_OUTPUTS, SNAPSHOT, SUMMARY, TRIAL_PREFIX, TUNER_DIR, is_ftdist_entry)
+from ftdist.io import runlock
+from ftdist.io.layout import (
+    CHECKPOINTS,
+    FINAL_DIR,
+    FINISHED,
+    LEASE_FILE,
+    LOCK_FILE,
+    METRICS,
+    RUN_MARKER,
+    SEARCH_OUTPUTS,
+    SNAPSHOT,
+    SUMMARY,
+    TRIAL_PREFIX,
+    TUNER_DIR,
+    is_ftdist_entry,
+)
 from ftdist.io.storage import RunStore, open_run_store
 
 RUN, SEARCH = "run", "search"  # the kinds of directory ftdist writes (the marker's "kind")
@@ -49,7 +63,7 @@ LOCKS = {LOCK_FILE, LEASE_FILE}  # ftdist's own, in a directory not yet marked (
 RESUMABLE_CHANGES = {"run.output", "model.trust_remote_code",
                      "train.max_steps", "train.epochs", "train.eval_every", "train.log_every",
                      "checkpoint.every_steps", "checkpoint.keep",
-                     "distributed.workers", "distributed.zero_stage", "distributed.use_gpu",
+                     "distributed.workers", "distributed.zero_stage", "distributed.engine", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
                      "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
                      "logging.",  # where a run reports: its numbers are the same wherever they go
@@ -334,8 +348,6 @@ def finish_from_final(store: RunStore) -> None:
     store.write_text(SUMMARY, json.dumps(summary, indent=2))
     if not store.remote:
         try:
-            from ftdist.artifacts.report import plot_run
-
             plot_run(store.local)
         except Exception as e:  # noqa: BLE001 - plots are a courtesy; the run is finished without them
             print(f"ftdist: warning: {store.url}: no plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True)

@@ -219,7 +219,7 @@ def save_full_classifier(folder: Path, model, labels: list[str], pad_token_id: O
     """final/ of a full run: a *ForSequenceClassification directory (config and weights)."""
     from safetensors.torch import save_file
 
-    from ftdist.engine import unique_tensors
+    from ftdist.engines.base import unique_tensors
 
     weights = full_state(unique_tensors(state if state is not None else model.state_dict()))
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,12 @@
 """How much memory a run needs per device, before any weight is loaded.
 
 Counts come from an empty (meta) copy of the model with the run's freezing applied;
-bytes follow how ZeRO partitions training state over N workers:
-
-  stage 0: every device holds weights, gradients and optimizer states
-  stage 1: optimizer states / N        stage 2: + gradients / N        stage 3: + weights / N
-  offload_optimizer / offload_params: those states live in host memory instead
+bytes follow how the run's engine divides training state over N workers (its Sharding,
+ftdist/engines: e.g. DeepSpeed's ZeRO-1 divides optimizer states by N, ZeRO-2 also gradients,
+ZeRO-3 also weights; the plain engine holds all of them whole on every device), and which
+states it keeps in host memory instead (offloaded).
   regularization.l2sp / ewc: an fp32 anchor (and with EWC a Fisher value) per trained weight,
-  partitioned and offloaded as the optimizer states are (a rank keeps its own share)
+  divided and offloaded as the optimizer states are (a rank keeps its own share)
 
 Activations are what autograd saves, traced on the same empty model (ftdist.sizing.activations),
 floating-point tensors in the compute dtype (a checkpointed block keeps only its input), plus
@@ -17,11 +16,19 @@ the logits in fp32: all of them and their gradient, or one chunk (train.chunked_
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ftdist.config.schema import Config
+from ftdist.engines.registry import engine_class
+from ftdist.model.build import add_adapters, freeze_full
+from ftdist.objectives.registry import resolve
+from ftdist.sizing.activations import saved_bytes
+
+if TYPE_CHECKING:
+    from ftdist.engines.base import Sharding
 
 GiB = 2**30
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
@@ -67,8 +74,6 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ftdist.model.build import add_adapters, freeze_full
-    from ftdist.objectives.registry import resolve
 
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
@@ -87,9 +92,6 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     checkpointed block recomputed at a time; and what the objective's loss holds of the logits
     (ftdist.objectives: with train.chunked_loss one chunk in fp32, else all of them with their
     gradient; a classifier's, none to speak of)."""
-    from ftdist.sizing.activations import saved_bytes
-    from ftdist.objectives.registry import resolve
-
     s, b = cfg.row_length, cfg.train.micro_batch_size
     every = cfg.train.checkpoint_every
     traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
@@ -105,11 +107,11 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     return blocks + resolve(cfg).logits_bytes(s * b, model_config.vocab_size, dtype_bytes)
 
 
-def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stage: int,
+def state_bytes(cfg: Config, total: int, trainable: int, workers: int, sharding: "Sharding",
                 dtype: torch.dtype) -> dict[str, float]:
-    """Weights, gradients and optimizer states per device, and what is offloaded to the host."""
+    """Weights, gradients and optimizer states per device, and what is offloaded to the host,
+    as the engine's `sharding` divides them over `workers`."""
     n = max(workers, 1)
-    d = cfg.distributed
     weight_bytes = torch.finfo(dtype).bits // 8 if cfg.method != "qlora" else FROZEN_BYTES_4BIT
     # Trainable weights are held in fp32 (our master copy); a frozen base in the load dtype.
     weights = (total - trainable) * weight_bytes + trainable * 4
@@ -118,40 +120,47 @@ def state_bytes(cfg: Config, total: int, trainable: int, workers: int, zero_stag
     r = cfg.regularization
     anchors = trainable * 4 * ((1 if r.anchored else 0) + (1 if r.ewc is not None else 0))
     # A model the objective holds beside the one that trains (dpo's frozen reference of a full run).
-    from ftdist.objectives.registry import resolve
 
     reference = resolve(cfg).reference_bytes(total, torch.finfo(dtype).bits // 8)
-    if zero_stage >= 1:  # on the fp32 master weights' partitions
+    if sharding.optimizer:  # on the master weights' partitions
         optimizer /= n
         anchors /= n
-    if zero_stage >= 2:
+    if sharding.gradients:
         gradients /= n
-    if zero_stage >= 3:  # the reference is partitioned like the policy
+    if sharding.weights:  # the reference is partitioned like the policy
         weights /= n
         reference /= n
     host = 0.0
-    if zero_stage >= 1 and d.offload_optimizer == "cpu":
+    if sharding.optimizer_on_host:
         host, optimizer, anchors = host + optimizer + anchors, 0.0, 0.0
-    if zero_stage == 3 and d.offload_params == "cpu":
+    if sharding.weights_on_host:
         host, weights, reference = host + weights + reference, 0.0, 0.0
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "anchors": anchors,
             "reference": reference, "host": host}
 
 
-def estimate(cfg: Config, model_config, workers: int = 1, zero_stage: int = 0,
+def estimate(cfg: Config, model_config, workers: int = 1, engine: str = "plain",
              dtype: torch.dtype = torch.float32, device_type: str = "cuda") -> MemoryEstimate:
+    """Per device, on `workers` devices of the named engine (ftdist.engines)."""
+    sharding = engine_class(engine).sharding(cfg, workers)
     shell = run_shell(cfg, model_config)
     total = sum(p.numel() for p in shell.parameters())
     trainable = sum(p.numel() for p in shell.parameters() if p.requires_grad)
     act_dtype = 2 if dtype in (torch.bfloat16, torch.float16) else 4
     return MemoryEstimate(total, trainable, activations=activation_bytes(cfg, model_config, shell, act_dtype, device_type),
-                          **state_bytes(cfg, total, trainable, workers, zero_stage, dtype))
+                          **state_bytes(cfg, total, trainable, workers, sharding, dtype))
 
 
 def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: torch.dtype,
-           limit: float) -> list[str]:
+           limit: float, engine: str = "plain") -> list[str]:
     """What would make the run fit in `limit` bytes (`est`: its estimate as configured), tried
-    in the order a user would reach for them."""
+    in the order a user would reach for them (the engine's own settings among them)."""
+    kind = engine_class(engine)
+
+    def fits(sharding: "Sharding") -> bool:
+        return replace(est, **state_bytes(cfg, est.total_params, est.trainable_params, workers, sharding,
+                                          dtype)).device_total <= limit
+
     tips = []
     if cfg.train.checkpoint_every != 1 and est.activations > est.device_total / 2:
         tips.append("set train.gradient_checkpointing: true (activations are most of it)")
@@ -160,23 +169,14 @@ def advice(cfg: Config, model_config, est: MemoryEstimate, workers: int, dtype: 
     if est.reference:
         tips.append("set dpo.precompute_reference: true (the reference's log-probs computed before training, "
                     "no frozen copy held)")
-    for stage in range(cfg.distributed.zero_stage + 1, 4):
-        if cfg.method == "qlora" and stage == 3:
-            break
-        staged = replace(est, **state_bytes(cfg, est.total_params, est.trainable_params, workers, stage, dtype))
-        if workers > 1 and staged.device_total <= limit:
-            tips.append(f"raise distributed.zero_stage to {stage}")
-            break
-    if cfg.distributed.zero_stage >= 1 and cfg.distributed.offload_optimizer == "none" and \
-            est.optimizer > est.device_total / 10:
-        tips.append("set distributed.offload_optimizer: cpu")
+    tips.extend(kind.memory_tips(cfg, workers, est, fits))
     if cfg.train.micro_batch_size > 1:
         tips.append("lower train.micro_batch_size (the global batch stays the same)")
     if cfg.method != "qlora":
         tips.append("use method: qlora (a 4-bit frozen base with LoRA adapters)")
-    if workers <= 1 or cfg.distributed.zero_stage < 3:
-        tips.append("use more distributed.workers with distributed.zero_stage 3" if cfg.method != "qlora"
-                    else "use a smaller model")
+    scale_out = kind.scale_out_tip(cfg, workers)
+    if scale_out:
+        tips.append(scale_out)
     return tips or ["use devices with more memory"]
 
 

@@ -1,7 +1,7 @@
 """Checkpoints in <run>/checkpoints/step-<N>/: written locally, committed in the background.
 
-  the engine's files      (engine.py) local mode: model.safetensors or adapter/ (adapters alone,
-                          megabytes), optimizer.pt, scheduler.pt; Ray workers: deepspeed/, each
+  the engine's files      (ftdist/engines) the plain engine: the trained weights or adapters (rank 0's),
+                          optimizer and scheduler states; a partitioning engine (DeepSpeed): each
                           rank its own partition (adapter runs leave the frozen base out)
   every mode:             rng-<rank>.safetensors (the RNG states: tensors, the rest as JSON in its
                           header; older runs wrote rng-<rank>.pt, still read, weights only),
@@ -12,10 +12,10 @@
                           the manifest: each file's size and SHA-256; a directory without it is
                           never resumed from, and is removed
 
-Saving costs the training thread only the copy into memory (local mode) or the local write
-(DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
-Uploader. Resuming at another world size or ZeRO stage goes through DeepSpeed's universal
-checkpoint (engine.load). A resume first checks, on every rank, the files that rank loads
+Saving costs the training thread only the copy into memory (the plain engine) or the local
+write (DeepSpeed); writing staged files, uploading, the markers and pruning run in the rank's
+Uploader. Resuming at another world size is the engine's (Engine.load: DeepSpeed converts
+through its universal checkpoint). A resume first checks, on every rank, the files that rank loads
 against the manifest, and that each torch file loads as tensors and data only (safeload: nothing
 in a checkpoint is ever unpickled; a planted pickle is damage, never run); a COMPLETE without the
 file list cannot be checked and counts as damage too. A damaged checkpoint is named with the
@@ -31,73 +31,35 @@ import random
 import re
 import sys
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ftdist.io import safewrite
-from ftdist.engine import deepspeed_file_rank
+from ftdist.engines.registry import file_rank
 from ftdist.errors import UserError
+from ftdist.io import safewrite
+from ftdist.io.checkpoints import (
+    MARKER,
+    PREFIX,
+    all_steps,
+    complete_markers,
+    read_marker,
+    size_bytes,
+    start_steps_local,
+    step_dir,
+    step_of,
+)
 from ftdist.io.layout import CHECKPOINTS as ROOT
 from ftdist.io.layout import METRICS
 from ftdist.io.safeload import safe_load, why_unloadable
 from ftdist.io.space import no_room_stops
 from ftdist.io.storage import NotYet, RunStore, Uploader, retrying
 
-MARKER = "COMPLETE"
-PREFIX = "step-"
 RNG_FILE = re.compile(r"^rng-(\d+)\.(pt|safetensors)$")
-
-
-def step_dir(step: int) -> str:
-    return f"{ROOT}/{PREFIX}{step}"
-
-
-def step_of(name: str) -> Optional[int]:
-    suffix = name.removeprefix(PREFIX)
-    return int(suffix) if name.startswith(PREFIX) and suffix.isdigit() else None
-
-
-def all_steps(store: RunStore) -> list[int]:
-    """Steps of every checkpoint directory in the store, complete or not, oldest first."""
-    return sorted(s for s in (step_of(n) for n in store.list_dirs(ROOT)) if s is not None)
-
-
-def complete_markers(store: RunStore) -> list[dict]:
-    """The COMPLETE markers ({step, eval_loss, world_size}) of complete checkpoints, oldest first."""
-    markers = []
-    for step in all_steps(store):
-        marker = f"{step_dir(step)}/{MARKER}"
-        if store.exists(marker):
-            markers.append({**read_marker(store, step), "step": step})
-    return markers
-
-
-def read_marker(store: RunStore, step: int) -> dict:
-    """A checkpoint's COMPLETE marker; {} when it is empty or not a JSON object (resume_point
-    then finds no file list in it: damage)."""
-    try:
-        marker = json.loads(store.read_text(f"{step_dir(step)}/{MARKER}") or "{}")
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
-
-
-def latest_step(store: RunStore) -> Optional[int]:
-    markers = complete_markers(store)
-    return markers[-1]["step"] if markers else None
-
-
-def describe_newest(store: RunStore) -> str:
-    """Where a rerun of this run resumes from, in words."""
-    step = latest_step(store)
-    if step is None:
-        return f"no checkpoint of {store.url} is complete yet: a rerun starts from step 0"
-    return f"the newest complete checkpoint is {store.path(step_dir(step))}"
 
 
 # ---------------------------------------------------------------- saving
@@ -111,21 +73,6 @@ def disk_full_stops(path: Path, step: int, store: RunStore):
     return no_room_stops(path, what, "free space there (or point storage.cache_dir / run.output elsewhere) and run "
                          f"the same command again: it resumes from {f'step-{before[-1]}' if before else 'the start'}",
                          remove=lambda: safewrite.remove_quietly(path, store.local, what))
-
-
-def rerun_starts(run_dir: Path) -> str:
-    """Where a rerun of the run in `run_dir` (a local copy) starts: its newest complete checkpoint."""
-    root = run_dir / ROOT
-    steps = sorted(s for s in (step_of(p.name) for p in root.glob(PREFIX + "*") if (p / MARKER).is_file())
-                   if s is not None) if root.is_dir() else []
-    return f"it resumes from step-{steps[-1]}" if steps else "it starts again from step 0 (no checkpoint was complete)"
-
-
-def start_steps_local(store: RunStore) -> list[int]:
-    """Steps of the complete checkpoints in this rank's local copy (no store call: it may be away)."""
-    root = store.local / ROOT
-    return sorted(s for s in (step_of(p.name) for p in root.glob(PREFIX + "*") if (p / MARKER).is_file())
-                  if s is not None) if root.is_dir() else []
 
 
 def save_checkpoint(store: RunStore, step: int, engine, state: dict, keep: int, ctx, uploader: Uploader) -> Path:
@@ -340,20 +287,20 @@ def resume_point(ctx) -> Optional[ResumePoint]:
 
 def rank_loads(rank: int, world_size: int, saved_world: int) -> Callable[[str], bool]:
     """Which of a checkpoint's files this rank reads: every file when the world size changed
-    (DeepSpeed's universal conversion reads all), else its own and the shared ones."""
+    (an engine's re-partitioning may read all), else its own and the shared ones."""
     def loads(name: str) -> bool:
         if saved_world != world_size:
             return True
         leaf = name.rsplit("/", 1)[-1]
         rng = RNG_FILE.match(leaf)
-        owner = int(rng.group(1)) if rng else deepspeed_file_rank(leaf)
+        owner = int(rng.group(1)) if rng else file_rank(leaf)
         return owner is None or owner == rank
     return loads
 
 
 def fetch_checkpoint(store: RunStore, step: int, rank: int, world_size: int) -> Path:
     """This rank's local copy of checkpoint `step` (downloaded for s3:// runs): its own files,
-    or every rank's when the world size changed (DeepSpeed's universal conversion reads all)."""
+    or every rank's when the world size changed (an engine's re-partitioning may read all)."""
     rel = step_dir(step)
     path = store.local / rel
     if not store.remote:
@@ -379,10 +326,6 @@ def restore_rng(path: Path, rank: int) -> None:
         set_rng_state(load_rng(new))
     elif old.is_file():  # absent when this rank did not exist in the saving run
         set_rng_state(safe_load(old))
-
-
-def size_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def rng_state() -> dict:

@@ -1,8 +1,9 @@
 """What differs between the modes the one loop runs in: rank, world, device, where the
 data comes from, which engine steps, how to talk to the other ranks and the orchestrator.
 
-Local mode is one process with the plain engine; each Ray Train worker gets a RayContext
-with the same interface and a DeepSpeed engine, so the loop never asks "am I under Ray?".
+Local mode is one process; each Ray Train worker gets a RayContext with the same interface, so
+the loop never asks "am I under Ray?". The engine is distributed.engine's (ftdist/engines):
+auto is the plain engine in local mode and DeepSpeed on Ray workers.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any, Optional
 import torch
 
 from ftdist.config.schema import Config
-from ftdist.training.notice import StopNotice
+from ftdist.data.prepared import prepared_dataset
+from ftdist.data.raydata import dataset_from_shards
+from ftdist.engines.registry import engine_class, resolve
 from ftdist.io.storage import RunStore
 from ftdist.tracking.run import TrackingGroup
+from ftdist.training.notice import StopNotice
 
 
 @dataclass
@@ -28,6 +32,8 @@ class LocalContext:
     show_progress: bool = True
     tracking_group: Optional[TrackingGroup] = None  # a search's trial reports inside the search's group
     notice: Optional[StopNotice] = None  # a stop asked of this process (SIGTERM)
+    owns_world: bool = field(default=False, repr=False)  # a process group of one opened here (close())
+    launcher_env: dict = field(default_factory=dict, repr=False)  # what open_world set, and what it replaced
 
     @property
     def run_dir(self) -> Path:
@@ -56,25 +62,65 @@ class LocalContext:
         return {"world_size": self.world_size, "nodes": 1}
 
     def load_data(self, cfg: Config, tokenizer):
-        from ftdist.data.prepared import prepared_dataset
-
         return prepared_dataset(cfg, tokenizer)
+
+    @property
+    def local(self) -> bool:
+        """One process without a process group (what engines may run here: ftdist.engines)."""
+        return True
+
+    def engine_class(self, cfg: Config):
+        return engine_class(resolve(cfg.distributed.engine, self.local))
 
     def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
         """`resume`: the state.json of the checkpoint the run continues from, if any."""
-        from ftdist.engine import PlainEngine
+        engine = self.engine_class(cfg)
+        if engine.needs_process_group:
+            self.open_world()
+        return engine.build(cfg, model, optimizer, scheduler, self.world_size, resume)
 
-        return PlainEngine(model, optimizer, scheduler, cfg.train.grad_clip)
+    def open_world(self) -> None:
+        """A process group of this one process (gloo on CPU, NCCL on GPU) for an engine that
+        steps through one, unless one is open already (Ray's, on its workers). As a launcher
+        (torchrun) would, it says the process's place in the environment: engines read it."""
+        import os
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        place = {"RANK": str(self.rank), "LOCAL_RANK": str(self.rank), "WORLD_SIZE": str(self.world_size)}
+        self.launcher_env = {key: os.environ.get(key) for key in place}
+        os.environ.update(place)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=self.rank, world_size=self.world_size)
+        self.owns_world = True
+
+    def close(self) -> None:
+        """Close what this context opened (a later run in this process opens its own)."""
+        if not self.owns_world:
+            return
+        import os
+
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        for key, value in self.launcher_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.owns_world = False
 
     def make_reference(self, cfg: Config, model):
-        """dpo's frozen reference model, as this rank runs it: here, the model itself."""
-        return model
+        """dpo's frozen reference model, as this rank's engine runs it."""
+        return self.engine_class(cfg).reference(cfg, model, self.world_size)
 
 
 @dataclass
 class RayContext(LocalContext):
     """A Ray Train worker: torch.distributed is set up by Ray (gloo on CPU, NCCL on GPU),
-    data arrives as this worker's Ray Data shard, DeepSpeed steps."""
+    data arrives as this worker's Ray Data shard."""
 
     data_stats: dict[str, Any] = field(default_factory=dict)
     split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
@@ -124,19 +170,11 @@ class RayContext(LocalContext):
         return {"world_size": self.world_size, "nodes": len(set(node_ids))}
 
     def load_data(self, cfg: Config, tokenizer):
-        from ftdist.data.raydata import dataset_from_shards
-
         return dataset_from_shards(cfg, self.data_stats,
                                    (self.rank, self.world_size) if self.split_in_workers else None)
 
-    def make_engine(self, cfg: Config, model, optimizer, scheduler, resume: Optional[dict] = None):
-        from ftdist.engine import deepspeed_engine
-
-        return deepspeed_engine(cfg, model, optimizer, scheduler, self.world_size, resume)
-
-    def make_reference(self, cfg: Config, model):
-        from ftdist.engine import deepspeed_reference
-
-        return deepspeed_reference(cfg, model, self.world_size)
+    @property
+    def local(self) -> bool:
+        return False
 
 

@@ -29,34 +29,45 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ftdist.training import checkpoint
-from ftdist.io import safewrite
-from ftdist.training.checkpoint import ResumePoint
-from ftdist.model.compiling import compile_model
+from ftdist.artifacts.report import plot_run
+from ftdist.config.plan import Plan, make_plan
 from ftdist.config.schema import Config
-from ftdist.training.context import LocalContext
-from ftdist.data.rows import (Dataset, collate, epoch_order, replay_order, replay_share, source_line, train_order,
-                         with_weights)
+from ftdist.data.rows import (
+    Dataset,
+    collate,
+    epoch_order,
+    replay_order,
+    replay_share,
+    source_line,
+    train_order,
+    with_weights,
+)
+from ftdist.engines.base import Engine
 from ftdist.errors import UserError
-from ftdist.training.evaluate import evaluate_rows, text_loss
+from ftdist.io import safewrite
+from ftdist.io.checkpoints import complete_markers, size_bytes, step_dir
 from ftdist.io.layout import METRICS, SUMMARY
-from ftdist.sizing.memory import PeakMemory
 from ftdist.io.metrics_log import MetricsLog
-from ftdist.training.metrics import Progress
-from ftdist.training.base import resolve_base
+from ftdist.io.storage import StoreUnavailable, Uploader
 from ftdist.model.build import ModelBundle, build_model, compute_dtype
-from ftdist.training.notice import StoppedOnNotice
+from ftdist.model.compiling import compile_model
 from ftdist.objectives.protocol import Objective
 from ftdist.objectives.registry import resolve
 from ftdist.objectives.tokens import autocast, text_head
-from ftdist.training.optim import build_optimizer
-from ftdist.training.outputs import publish, save_final, write_summary
-from ftdist.training.plan import Plan, make_plan
-from ftdist.training.regularize import Anchors, fisher_diagonal
-from ftdist.training.regularize import describe as describe_regularization
-from ftdist.io.storage import StoreUnavailable, Uploader
+from ftdist.sizing.memory import PeakMemory
 from ftdist.tracking.hub import Tracking
 from ftdist.tracking.run import open_tracking
+from ftdist.training import checkpoint
+from ftdist.training.base import resolve_base
+from ftdist.training.checkpoint import ResumePoint
+from ftdist.training.context import LocalContext
+from ftdist.training.evaluate import evaluate_rows, text_loss
+from ftdist.training.metrics import Progress
+from ftdist.training.notice import StoppedOnNotice
+from ftdist.training.optim import build_optimizer
+from ftdist.training.outputs import publish, save_final, write_summary
+from ftdist.training.regularize import Anchors, fisher_diagonal
+from ftdist.training.regularize import describe as describe_regularization
 
 
 @dataclass
@@ -97,7 +108,7 @@ class Run:
     base_path: str
     data: Dataset
     plan: Plan
-    engine: object  # engine.PlainEngine | engine.DeepSpeedEngine
+    engine: Engine  # how weights, gradients and optimizer states are laid out, stepped and saved
     objective: Objective  # each batch's loss and metrics, each evaluation's figures
     log: MetricsLog
     uploader: Uploader
@@ -113,7 +124,7 @@ class Run:
     def base_size(self) -> Optional[int]:
         """Bytes of the base model's files (None for a hub id), beside which checkpoint sizes are told."""
         base_dir = Path(self.base_path)
-        return checkpoint.size_bytes(base_dir) if base_dir.is_dir() else None
+        return size_bytes(base_dir) if base_dir.is_dir() else None
 
     def say(self, line: str) -> None:
         if self.ctx.is_main and self.ctx.show_progress:
@@ -207,7 +218,7 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     # The checkpoint's layout tells the engine how to load it (another world size or ZeRO stage).
     engine = ctx.make_engine(cfg, bundle.model, optimizer, scheduler, resume.saved if resume else None)
     # Anchors: the master weights as they are now, before a checkpoint is restored into them.
-    anchors = Anchors(cfg, engine.model, ctx.rank, fisher, ctx.all_reduce_sum) if cfg.regularization.anchored \
+    anchors = Anchors(cfg, engine, ctx.rank, fisher, ctx.all_reduce_sum) if cfg.regularization.anchored \
         else None
     del fisher
     tracking = open_tracking(cfg, ctx.store, engine.layout.record(), ctx.tracking_group,
@@ -251,7 +262,7 @@ def restore(run: Run, resume: ResumePoint) -> TrainState:
     run.log.truncate_after(state.step)
     run.log.append({"step": state.step, "event": "resume", "checkpoint": resume.path.name,
                     "from_world_size": resume.saved.get("world_size"), **run.engine.layout.record()})
-    run.say(f"resuming from {ctx.store.path(checkpoint.step_dir(state.step))} (step {state.step})")
+    run.say(f"resuming from {ctx.store.path(step_dir(state.step))} (step {state.step})")
     return state
 
 
@@ -327,7 +338,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[dict, float, dict]:
     penalty before the update."""
     cfg, ctx, objective = run.cfg, run.ctx, run.objective
     # Normalised by the global count (the objective's: target tokens, pairs): the same loss however the
-    # batch is split. Gradients are averaged over ranks (DeepSpeed), hence the factor world_size.
+    # batch is split. Gradients are averaged over ranks (every engine), hence the factor world_size.
     global_count = ctx.all_reduce_sum(sum(objective.count(b) for b in batches if not b.get("ignore")))
     # Task rows' loss sum and count, replay rows' loss sum and count, the objective's metric sums.
     summed = np.zeros(4 + len(objective.step_metrics))
@@ -434,7 +445,7 @@ def stop_on_notice(run: Run, state: TrainState, step: int, reason: str) -> None:
     run.log.append({"step": step, "event": "stopped", "reason": reason})
     run.progress.close()
     raise StoppedOnNotice(f"{reason}: after step {step} of {run.plan.total_steps}, with a checkpoint "
-                          f"({run.ctx.store.path(checkpoint.step_dir(step))}); run the same command again to "
+                          f"({run.ctx.store.path(step_dir(step))}); run the same command again to "
                           "resume from it, no step lost")
 
 
@@ -454,10 +465,10 @@ def stop_diverged(run: Run, step: int, what: str, value: float, good_before: int
         run.uploader.flush()
     except Exception:  # noqa: BLE001 - the stop's message matters more than a late upload
         pass
-    good = [m["step"] for m in checkpoint.complete_markers(ctx.store) if m["step"] < good_before]
-    kept = (f"the last good checkpoint is {ctx.store.path(checkpoint.step_dir(good[-1]))}"
+    good = [m["step"] for m in complete_markers(ctx.store) if m["step"] < good_before]
+    kept = (f"the last good checkpoint is {ctx.store.path(step_dir(good[-1]))}"
             + (" (newer ones hold the diverged weights)" if any(
-                m["step"] >= good_before for m in checkpoint.complete_markers(ctx.store)) else "")
+                m["step"] >= good_before for m in complete_markers(ctx.store)) else "")
             if good else "no checkpoint before it is left")
     t = cfg.train
     if step == 0:
@@ -508,10 +519,8 @@ def finish(run: Run, state: TrainState) -> dict:
                                               for n, f in forgetting_by_source(state).items()}
     model_state = run.engine.model_state()  # collective under ZeRO-3
     if ctx.is_main:
-        from ftdist.artifacts.report import plot_run
-
         final = save_final(ctx.run_dir, cfg, run.bundle.model, run.bundle.tokenizer, run.base_path, model_state)
-        summary["final_size_bytes"] = checkpoint.size_bytes(final)
+        summary["final_size_bytes"] = size_bytes(final)
         write_summary(ctx.run_dir, summary)
         plots = plot_run(ctx.run_dir)
         unsent = run.tracking.end("FINISHED", [ctx.run_dir / SUMMARY, *plots])

@@ -13,6 +13,7 @@ import torch
 
 from ftdist.config.schema import Config
 from ftdist.io import safewrite
+from ftdist.io.checkpoints import rerun_starts
 from ftdist.io.layout import FINAL_DIR, FINAL_META, FINISHED, METRICS, PLOTS, SUMMARY
 from ftdist.io.space import no_room_stops
 from ftdist.objectives.registry import resolve
@@ -22,8 +23,6 @@ def save_final(run_dir: Path, cfg: Config, model, tokenizer, base_path: str,
                model_state: Optional[dict] = None) -> Path:
     """final/: a plain HF model (full) or PEFT adapter (lora/qlora), with the tokenizer.
     `model_state`: the full state gathered from ZeRO-3 partitions, else the model's own."""
-    from ftdist.training.checkpoint import rerun_starts
-
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     what = "the final model"

@@ -15,9 +15,10 @@ backward pass and before the optimizer's update, θ ← θ* + (θ − θ*) / (1 
 minimizer of lr·penalty + ½‖θ − θ_old‖². No weight overshoots its anchor however large c, and
 Adam's per-weight normalization does not undo the pull (as it would the penalty's gradient).
 
-Under ZeRO a rank keeps the anchor and Fisher of the fp32 master weights it owns only: its
-fragment of each weight (ZeRO-1/2, DeepSpeed's fragment mapping) or its partition (ZeRO-3).
-Only the Fisher is first computed whole, on the host, before the engine starts.
+A rank keeps the anchor and Fisher of the master weights it owns only: the engine says which
+share of each weight that is (Engine.master_shares: the whole weight where every rank holds
+it, a fragment or partition where the engine divides them). Only the Fisher is first computed
+whole, on the host, before the engine starts.
 """
 
 from __future__ import annotations
@@ -87,69 +88,20 @@ class Share:
     counted: bool  # False where every rank holds the whole weight: rank 0's copy alone is summed
 
 
-def master_shares(model: torch.nn.Module, rank: int) -> list[tuple[str, Callable, Callable, Callable, bool]]:
-    """(name, read, write, cut, counted) for each anchored weight of which this rank owns a share
-    of the fp32 master copy; `cut(whole)` takes the same share of a whole-weight tensor."""
-    shares = []
-    for name, p in anchored_parameters(model):
-        if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition (padded at the end of the last one)
-            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-            def read(p=p):
-                return safe_get_local_fp32_param(p)
-
-            def write(value, p=p):
-                safe_set_local_fp32_param(p, value)
-
-            size = p.ds_tensor.ds_numel
-
-            def cut(whole, start=rank * size, size=size):
-                flat = whole.flatten()
-                flat = torch.nn.functional.pad(flat, (0, max(0, start + size - flat.numel())))
-                return flat[start : start + size]
-
-            shares.append((name, read, write, cut, True))
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: the rank's fragment of the weight, if any
-            if p._hp_mapping is None:
-                continue
-
-            def read(p=p):  # looked up each time: loading a checkpoint may relink the fragments
-                return p._hp_mapping.get_hp_fragment()
-
-            def write(value, p=p):
-                p._hp_mapping.get_hp_fragment().copy_(value)
-
-            address = p._hp_mapping.lp_fragment_address
-
-            def cut(whole, start=address.start, numel=address.numel):
-                return whole.flatten()[start : start + numel]
-
-            shares.append((name, read, write, cut, True))
-        else:  # the plain engine or ZeRO-0: the weight itself, whole on every rank
-
-            def read(p=p):
-                return p.data.view(-1)
-
-            def write(value, p=p):
-                p.data.view(-1).copy_(value)
-
-            shares.append((name, read, write, lambda whole: whole.flatten(), rank == 0))
-    return shares
-
-
 class Anchors:
     """The anchored weights of this rank, and the pull to their anchors (see the module doc)."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, rank: int,
-                 fisher: Optional[dict[str, torch.Tensor]], reduce: Callable):
+    def __init__(self, cfg: Config, engine, rank: int, fisher: Optional[dict[str, torch.Tensor]],
+                 reduce: Callable):
         r = cfg.regularization
         self.l2sp, self.ewc = r.l2sp, (r.ewc.weight if r.ewc else 0.0)
         self.reduce = reduce
         self.shares = []
-        for name, read, write, cut, counted in master_shares(model, rank):
-            master = read()
-            fisher_share = cut(fisher[name]).to(master.device) if fisher is not None else None
-            self.shares.append(Share(name, read, write, master.detach().clone(), fisher_share, counted))
+        for share in engine.master_shares(anchored_parameters(engine.model), rank):
+            master = share.read()
+            fisher_share = share.cut(fisher[share.name]).to(master.device) if fisher is not None else None
+            self.shares.append(Share(share.name, share.read, share.write, master.detach().clone(), fisher_share,
+                                     share.counted))
 
     def nbytes(self) -> int:
         return sum(s.anchor.nbytes + (s.fisher.nbytes if s.fisher is not None else 0) for s in self.shares)

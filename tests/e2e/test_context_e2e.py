@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from ftdist.training.checkpoint import fetch_checkpoint, step_dir
+from ftdist.io.checkpoints import step_dir
 from ftdist.io.storage import RunStore
+from ftdist.training.checkpoint import fetch_checkpoint
 from tests.conftest import tiny_config
 from tests.unit.test_context import SAVED_BY_TWO
 

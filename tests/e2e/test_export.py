@@ -221,7 +221,7 @@ def make_deepspeed_runs(root: str, base: str) -> None:
     from safetensors.torch import save_file
 
     from ftdist.config.load import config_yaml
-    from ftdist.engine import deepspeed_engine, skip_inference_comm_op
+    from ftdist.engines.deepspeed import DeepSpeedEngine, skip_inference_comm_op
     from ftdist.model.build import build_model
     from ftdist.training.optim import build_optimizer
 
@@ -236,7 +236,7 @@ def make_deepspeed_runs(root: str, base: str) -> None:
         (run_dir / "config.yaml").write_text(config_yaml(cfg))
         model = build_model(cfg, base, torch.device("cpu")).model
         optimizer, scheduler = build_optimizer(cfg, model, 2)
-        engine = deepspeed_engine(cfg, model, optimizer, scheduler, world_size=1)
+        engine = DeepSpeedEngine.build(cfg, model, optimizer, scheduler, world_size=1)
         for _ in range(2):
             engine.step([BATCH], lambda forward, batch: forward(input_ids=batch, labels=batch).loss)
         checkpoint = run_dir / "checkpoints" / "step-2"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
+from ftdist.launch.local import train_local
 from tests.conftest import complete_checkpoints, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_qlora_base_is_4bit_and_frozen(tmp_path):
 
 
 def test_adapter_checkpoints_are_a_small_fraction_of_full_ones(tmp_path):
-    from ftdist.training.checkpoint import size_bytes
+    from ftdist.io.checkpoints import size_bytes
 
     bigger = ("model.init.hidden_size=256", "model.init.num_layers=2", "train.max_steps=12")
     _, full_dir, _ = run(tmp_path, *bigger, "method=full", name="full")

@@ -4,11 +4,11 @@ checkpoint each rank downloads."""
 
 import torch
 
+from ftdist.engines.plain import PlainEngine
+from ftdist.io.storage import RunStore
 from ftdist.training.checkpoint import resume_point
 from ftdist.training.context import LocalContext, RayContext
-from ftdist.engine import PlainEngine
 from ftdist.training.optim import build_optimizer
-from ftdist.io.storage import RunStore
 from tests.conftest import tiny_config
 
 

@@ -6,14 +6,9 @@ import copy
 import pytest
 import torch
 
-from ftdist.engine import (
-    Layout,
-    PlainEngine,
-    deepspeed_file_rank,
-    needs_universal,
-    refuse_other_engine,
-    skip_inference_comm_op,
-)
+from ftdist.engines.base import Layout, refuse_other_engine
+from ftdist.engines.deepspeed import DeepSpeedEngine, needs_universal, skip_inference_comm_op
+from ftdist.engines.plain import PlainEngine
 from ftdist.errors import UserError
 from ftdist.training.optim import build_optimizer
 from tests.conftest import tiny_config
@@ -79,10 +74,13 @@ def test_save_and_load_restore_weights_optimizer_and_schedule(tmp_path):
 
 
 def test_checkpoints_of_the_other_mode_are_refused_with_what_to_do(tmp_path):
-    with pytest.raises(UserError, match="written by Ray workers .* without --local"):
+    with pytest.raises(UserError, match="written by the deepspeed engine, this run's is plain .*; resume it with "
+                                        "distributed.engine: deepspeed"):
         refuse_other_engine(tmp_path, {"engine": "deepspeed"}, "plain")
-    with pytest.raises(UserError, match="written by local mode; resume it with --local"):
+    with pytest.raises(UserError, match="written by the plain engine, this run's is deepspeed .*; resume it with "
+                                        "distributed.engine: plain"):
         refuse_other_engine(tmp_path, {"engine": "plain"}, "deepspeed")
+    refuse_other_engine(tmp_path, {}, "plain")  # checkpoints before engines were named: local mode's
 
 
 @pytest.mark.parametrize("saved, current, universal", [
@@ -105,8 +103,8 @@ def test_a_checkpoint_of_another_zero_family_is_refused():
 
 
 def test_deepspeed_files_are_known_by_rank():
-    assert deepspeed_file_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
-    assert deepspeed_file_rank("mp_rank_00_model_states.pt") is None
+    assert DeepSpeedEngine.file_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert DeepSpeedEngine.file_rank("mp_rank_00_model_states.pt") is None
 
 
 def test_deepspeed_never_compiles_its_inference_all_reduce_op():

@@ -72,9 +72,9 @@ def resumes(run_dir: Path) -> list[str]:
 
 def six_steps(tmp_path: Path):
     """A tiny local run of 6 steps, checkpoints at steps 2 and 4 (then final/): its directory and a rerun."""
+    from ftdist.launch.rundir import prepare_run_dir
     from ftdist.training.context import LocalContext
     from ftdist.training.loop import train
-    from ftdist.launch.rundir import prepare_run_dir
 
     cfg = tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6", "checkpoint.every_steps=2",
                       "checkpoint.keep=5", "train.eval_every=2")
@@ -190,7 +190,7 @@ def test_restore_rng_refuses_a_planted_pickle_without_running_it(tmp_path):
 
 
 def test_deepspeeds_own_loads_are_made_weights_only_with_the_allow_list_for_the_call_only(tmp_path):
-    """DeepSpeed calls torch.load(weights_only=False) itself: inside deepspeed_loads() that is
+    """DeepSpeed calls torch.load(weights_only=False) itself: inside weights_only_loads() that is
     weights_only=True with the allow-list, which a real checkpoint's classes pass; outside,
     torch.load is torch's own again."""
     import pickle
@@ -199,17 +199,17 @@ def test_deepspeeds_own_loads_are_made_weights_only_with_the_allow_list_for_the_
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from ftdist.io.safeload import deepspeed_loads
+    from ftdist.io.safeload import weights_only_loads
 
     marker = tmp_path / "PWNED"
     plant(tmp_path / "hostile.pt", marker)
     torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
                 "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "w": torch.ones(2)},
                tmp_path / "deepspeed.pt")
-    with deepspeed_loads():
+    with weights_only_loads():
         with pytest.raises(pickle.UnpicklingError):
             torch.load(tmp_path / "hostile.pt", weights_only=False)
-        with deepspeed_loads():  # nests
+        with weights_only_loads():  # nests
             loaded = torch.load(tmp_path / "deepspeed.pt", weights_only=False)
         with pytest.raises(pickle.UnpicklingError):
             torch.load(tmp_path / "hostile.pt", weights_only=False)
@@ -220,9 +220,9 @@ def test_deepspeeds_own_loads_are_made_weights_only_with_the_allow_list_for_the_
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_export_of_a_deepspeed_checkpoint_with_a_planted_pickle_is_refused_unrun(tmp_path, stage):
-    """The export reader (engine.deepspeed_weights): ZeRO-0's model states read by ftdist,
+    """The export reader (DeepSpeedEngine.read_weights): ZeRO-0's model states read by ftdist,
     ZeRO 1-3 through DeepSpeed's zero_to_fp32 (its loads made weights-only)."""
-    from ftdist.engine import deepspeed_weights
+    from ftdist.engines.deepspeed import DeepSpeedEngine
 
     marker = tmp_path / "PWNED"
     tag = tmp_path / "step-2" / "deepspeed"
@@ -231,7 +231,7 @@ def test_export_of_a_deepspeed_checkpoint_with_a_planted_pickle_is_refused_unrun
     if stage:
         plant(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
     with pytest.raises(UserError, match=r"step-2: cannot read its DeepSpeed files as weights only \(.*GLOBAL"):
-        deepspeed_weights(tmp_path / "step-2", adapters_only=False)
+        DeepSpeedEngine.read_weights(tmp_path / "step-2", adapters_only=False)
     assert not marker.exists()
 
 
@@ -242,11 +242,11 @@ def deepspeed_checkpoints(root: str) -> None:
     planted pickle is refused, its code never run."""
     import deepspeed
 
-    from ftdist.engine import deepspeed_engine, skip_inference_comm_op
-    from ftdist.model.source import build_initial_model
-    from ftdist.model.build import build_model
-    from ftdist.training.optim import build_optimizer
+    from ftdist.engines.deepspeed import DeepSpeedEngine, skip_inference_comm_op
     from ftdist.io.safeload import why_unloadable
+    from ftdist.model.build import build_model
+    from ftdist.model.source import build_initial_model
+    from ftdist.training.optim import build_optimizer
 
     skip_inference_comm_op()
     deepspeed.init_distributed("gloo")
@@ -262,7 +262,7 @@ def deepspeed_checkpoints(root: str) -> None:
         def engine(resume=None):
             model = build_model(cfg, str(base), torch.device("cpu")).model
             optimizer, scheduler = build_optimizer(cfg, model, 2)
-            return deepspeed_engine(cfg, model, optimizer, scheduler, world_size=1, resume=resume)
+            return DeepSpeedEngine.build(cfg, model, optimizer, scheduler, world_size=1, resume=resume)
 
         trained = engine()
         for _ in range(2):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from ftdist.engine import deepspeed_config
+from ftdist.config.plan import accumulation_steps, make_plan
+from ftdist.engines.deepspeed import deepspeed_config
 from ftdist.errors import UserError
-from ftdist.training.plan import accumulation_steps, make_plan
 from tests.conftest import tiny_config
 
 

@@ -13,10 +13,10 @@ import torch
 
 from ftdist.config.load import validate_config
 from ftdist.data.rows import IGNORE, build_dataset
-from ftdist.errors import UserError
-from ftdist.launch.local import train_local
-from ftdist.io.metrics_log import read_metrics
 from ftdist.data.tokenizer import train_tokenizer
+from ftdist.errors import UserError
+from ftdist.io.metrics_log import read_metrics
+from ftdist.launch.local import train_local
 from tests.conftest import DEMO, run_cli, tiny_config, write_config
 
 LN2 = math.log(2)
@@ -168,12 +168,12 @@ def test_the_chunked_log_probs_and_their_gradients_equal_log_softmaxs():
 
 
 def test_the_memory_estimate_counts_the_reference(tmp_path):
-    from ftdist.sizing import memory
     from ftdist.model.source import init_model_config
+    from ftdist.sizing import memory
 
     def estimate(*overrides, workers=1, stage=0):
-        cfg = tiny_config(tmp_path, *overrides)
-        return memory.estimate(cfg, init_model_config(cfg.model.init), workers, stage, torch.bfloat16)
+        cfg = tiny_config(tmp_path, *overrides, f"distributed.zero_stage={stage}")
+        return memory.estimate(cfg, init_model_config(cfg.model.init), workers, "deepspeed", torch.bfloat16)
 
     sft, dpo = estimate("method=full"), estimate("method=full", "objective=dpo", "data.format=auto")
     assert sft.reference == 0 and dpo.reference == dpo.total_params * 2  # a bf16 copy

@@ -46,12 +46,12 @@ def test_bad_combinations_say_which_work(tmp_path, texts):
 
 
 def test_the_memory_estimate_counts_anchors_and_fisher_on_each_ranks_share(tmp_path, texts):
-    from ftdist.sizing import memory
     from ftdist.launch.preflight import model_config_of
+    from ftdist.sizing import memory
 
     def anchors(*extra, workers=1, stage=0):
-        cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", *extra)
-        return memory.estimate(cfg, model_config_of(cfg), workers, stage).anchors
+        cfg = tiny_config(tmp_path, f"data.retention={texts['retention']}", f"distributed.zero_stage={stage}", *extra)
+        return memory.estimate(cfg, model_config_of(cfg), workers, "deepspeed").anchors
 
     plain = memory.estimate(tiny_config(tmp_path), model_config_of(tiny_config(tmp_path)))
     assert plain.anchors == 0 and "anchors" not in plain.describe()
