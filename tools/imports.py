@@ -2,6 +2,7 @@
 
     python tools/imports.py            the layers, the cycle count and every import that breaks a rule
     python tools/imports.py --graph    also each module's imports of ftdist (* inside a function)
+    python tools/imports.py --cycles   only the cycles (runs on any checkout, layers or none)
 
 Rules (docs/architecture.md):
 1. No cycle between ftdist modules, counting imports inside functions (an import under
@@ -218,6 +219,13 @@ def problems(modules: dict[str, Module]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     modules = load()
+    if "--cycles" in argv:
+        found = cycles(modules)
+        inner = sum(len(m.inner) for m in modules.values())
+        print(f"{len(modules)} modules, {len(found)} cycles, {inner} imports of ftdist inside functions")
+        for component in found:
+            print(f"cycle of {len(component)}: {' <-> '.join(component)}")
+        return 1 if found else 0
     if "--graph" in argv:
         for name, mod in sorted(modules.items()):
             deps = sorted(mod.top) + [f"{t}*" for t in sorted(mod.inner)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftdist import engines
+from ftdist.engines import registry as engines
 from ftdist.engines.base import Engine, Layout, MasterShare, Sharding
 from ftdist.engines.deepspeed import DeepSpeedEngine
 from ftdist.engines.plain import PlainEngine
@@ -29,7 +29,7 @@ def test_the_registry_names_each_engine_and_stays_torch_free():
     for name in engines.ENGINES:
         assert engines.engine_class(name).name == name
     # Naming and resolving engines (what config validation does) imports no heavy library.
-    probe = ("import sys, ftdist.engines as e; e.resolve('auto', local=True); e.resolve('deepspeed', local=True); "
+    probe = ("import sys, ftdist.engines.registry as e; e.resolve('auto', local=True); e.resolve('deepspeed', local=True); "
              "print(sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
                          env={"PYTHONPATH": str(ROOT)}, check=True).stdout
