@@ -21,18 +21,8 @@ from pathlib import Path
 import pytest
 
 from ftdist.io.metrics_log import read_metrics
-from tests.conftest import (
-    ONE_RAY_AT_A_TIME,
-    REPO,
-    complete_checkpoints,
-    paused,
-    ray_session_dir,
-    start_cli,
-    tiny_config,
-    train_worker_pids,
-    wait_until,
-    write_config,
-)
+from tests.conftest import (ONE_RAY_AT_A_TIME, REPO, complete_checkpoints, paused, ray_session_dir, start_cli,
+                            tiny_config, train_worker_pids, wait_until, write_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent

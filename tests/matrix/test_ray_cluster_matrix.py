@@ -13,17 +13,8 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    ONE_RAY_AT_A_TIME,
-    REPO,
-    paused,
-    run_cli,
-    start_cli,
-    tiny_config,
-    train_worker_pids,
-    wait_until,
-    write_config,
-)
+from tests.conftest import (ONE_RAY_AT_A_TIME, REPO, paused, run_cli, start_cli, tiny_config, train_worker_pids,
+                            wait_until, write_config)
 from tests.e2e.test_ray_cluster import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
