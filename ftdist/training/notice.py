@@ -10,6 +10,7 @@ to the workers (distributed.py), whose ranks agree on the step before any of the
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -39,18 +40,48 @@ class StopNotice:
 def stop_on_sigterm(notice: StopNotice) -> Iterator[StopNotice]:
     """SIGTERM requests a stop at the next step boundary while the block runs (the handler
     that was there before is put back after it). Only the main thread can take signals: in
-    another thread this does nothing."""
+    another thread this does nothing.
+
+    Python runs a signal's handler in the main thread between bytecodes, and a Ray driver's
+    main thread sits in Ray's C++ waits for a second or more at a time: the request would
+    reach the workers that much later (dozens of steps of a small model). So the C-level
+    handler's wake-up byte (signal.set_wakeup_fd) is read by a thread of our own, which notes
+    the request the moment the signal lands; the Python handler, when it runs, only counts
+    (a second SIGTERM stops at once)."""
     if threading.current_thread() is not threading.main_thread():
         yield notice
         return
+    received = [0]
 
     def on_sigterm(signum, frame) -> None:
-        if notice.reason is not None:  # asked twice: stop now
+        received[0] += 1
+        if received[0] > 1:  # asked twice: stop now
             raise SystemExit(EXIT_STOPPED)
         notice.request("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(read_end, 64)
+            except OSError:
+                return
+            if not got:  # the write end closed: the block is over
+                return
+            if signal.SIGTERM in got:
+                notice.request("SIGTERM")
+
+    watcher = threading.Thread(target=watch, name="ftdist-sigterm", daemon=True)
+    watcher.start()
     try:
         yield notice
     finally:
+        signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGTERM, previous)
+        os.close(write_end)
+        watcher.join(timeout=5)
+        os.close(read_end)
