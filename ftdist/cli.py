@@ -345,7 +345,6 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ftdist.artifacts.export import export
 
-
     storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region)
     print(export(args.source, args.out, merge=args.merge, force=args.force, storage=storage,
                  trust_remote_code=args.trust_remote_code))

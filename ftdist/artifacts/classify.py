@@ -38,7 +38,6 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     that asks to run code of its own is refused unless `trust_remote_code` (--trust-remote-code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-
     info = describe(final)
     trust = trust_remote_code
     refuse_remote_code(str(final), trust, "the classifier", TRUST_FLAG)
@@ -47,7 +46,6 @@ def load_classifier(final: Path, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=trust)
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
-
 
         labels = info["classification"]["labels"]
         # The adapters learned against the 4-bit base (qlora): classify with that same base.

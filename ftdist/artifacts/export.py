@@ -393,7 +393,6 @@ def skeleton(base: str, trust_remote_code: bool = False):
     """The base's modules on the meta device: structure and names, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     refuse_remote_code(base, trust_remote_code, "the base model")
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)  # keeps `base` as PEFT's name
     with torch.device("meta"):

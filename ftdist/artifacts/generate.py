@@ -20,7 +20,6 @@ def load_trained(path: str | Path, device: torch.device, trust_remote_code: bool
     (--trust-remote-code: the directory's own ftdist.json is not asked, a copied run could say anything)."""
     from transformers import AutoTokenizer
 
-
     path = Path(path)
     trust = trust_remote_code
     refuse_remote_code(str(path), trust, "the model", TRUST_FLAG)

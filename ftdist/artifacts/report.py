@@ -146,7 +146,6 @@ def run_objective(run_dir: Path):
     none); a UserError where the snapshot names a class that cannot be imported here."""
     import yaml
 
-
     path = run_dir / SNAPSHOT
     snapshot = yaml.safe_load(path.read_text()) if path.is_file() else None
     snapshot = snapshot if isinstance(snapshot, dict) else {}

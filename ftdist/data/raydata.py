@@ -30,7 +30,6 @@ def ray_datasets(cfg: Config, tokenizer) -> tuple[dict[str, Any], dict[str, Any]
     data's stats (format, rows, what was skipped, truncated, dropped, whether from the cache)."""
     import ray.data
 
-
     dataset = prepared_dataset(cfg, tokenizer)
     splits = {name: getattr(dataset, name) for name in SPLITS}
     datasets = {name: ray.data.from_arrow([arrow_table(rows, i, i + BLOCK_ROWS)

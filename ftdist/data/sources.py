@@ -225,7 +225,6 @@ def saved_rows(path: str) -> Iterator[tuple[str, Row]]:
 def hub_rows(source: str, key: str) -> Iterator[tuple[str, Row]]:
     from datasets import load_dataset
 
-
     name, _, split = source[len(HUB_PREFIX):].partition(":")
     check_reachable(key, name, cached_file=None)
     try:

@@ -40,7 +40,6 @@ def allowed_globals() -> list[Any]:
     engines' own files hold."""
     import numpy as np
 
-
     core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
     allowed: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
     if hasattr(np, "dtypes"):  # numpy >= 1.25 pickles a dtype through its class

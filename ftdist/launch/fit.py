@@ -27,7 +27,6 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
     `gpu_gib` GiB each. model.dtype auto is bfloat16 there (every GPU ftdist targets has it)."""
     import torch
 
-
     d = cfg.distributed
     dtype = compute_dtype(cfg, torch.device("cuda"), bf16_supported=True)
     workers = d.workers or 1

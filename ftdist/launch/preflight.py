@@ -88,7 +88,6 @@ def localize_data(cfg: Config) -> Config:
             return [s.model_copy(update={"path": local_copy(s.path)}) for s in given]
         return given and local_copy(given)
 
-
     local = {split: local_copies(getattr(cfg.data, split)) for split in SPLITS}
     local = {k: v for k, v in local.items() if v != getattr(cfg.data, k)}
     storage = cfg.storage.model_copy(update={"prepared_url": shared_url(cfg)})
@@ -146,7 +145,6 @@ def check_dtype(cfg: Config, device: "torch.device") -> None:
 
 def model_config_of(cfg: Config):
     from transformers import AutoConfig
-
 
     if cfg.model.init:
         if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):

@@ -173,7 +173,6 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
 
     from ftdist.data.raydata import SPLIT
 
-
     d = cfg.distributed
     safewrite.make_dirs(store.root / "ray", store.root, "Ray Train's bookkeeping")  # never through a link
     trainer = TorchTrainer(
@@ -244,7 +243,6 @@ def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:
 def connect(address: Optional[str]) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, or the one this job runs in), or start one."""
     import ray
-
 
     filter_driver_streams()
     quiet_ray_data()

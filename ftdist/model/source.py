@@ -180,7 +180,6 @@ def load_tokenizer(cfg: Config, base_path: str):
     """The run's tokenizer, with data.chat_template set on it."""
     from transformers import AutoTokenizer
 
-
     source = run_tokenizer_source(cfg, base_path)
     trust = cfg.model.trust_remote_code
     refuse_remote_code(source, trust, "model.tokenizer" if source != base_path else "model.name_or_path")

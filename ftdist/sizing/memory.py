@@ -74,7 +74,6 @@ def run_shell(cfg: Config, model_config) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-
     with init_empty_weights():
         shell = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
     shell.tie_weights()  # from_config on the meta device leaves tied embeddings as two tensors

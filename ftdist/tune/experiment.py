@@ -47,7 +47,6 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
     directory stays held by this process (one writer) until the caller's Experiment.done()."""
     from contextlib import ExitStack
 
-
     checked, use_gpu = preflight(cfg, raw, address)
     concurrency = trial_concurrency(cfg, use_gpu)
     held = ExitStack()
@@ -62,7 +61,6 @@ def tune(cfg: Config, raw: dict, restart: bool = False, address: Optional[str] =
 
 def search(cfg: Config, checked, raw: dict, store: RunStore, use_gpu: bool, concurrency: int):
     from dataclasses import asdict
-
 
     experiment, datasets, steps = trial_inputs(cfg, checked, raw, store, use_gpu)
     tracking, group = open_search_tracking(checked.cfg, store)
@@ -158,7 +156,6 @@ def trial_model_source(cfg: Config, experiment_base: str, base_path: str) -> dic
     working directory)."""
     from pathlib import Path
 
-
     if cfg.model.init:
         return {"name_or_path": experiment_base, "init": None, "tokenizer": None}
     name = cfg.model.name_or_path
@@ -176,7 +173,6 @@ def trial_name(trial) -> str:
 def trial_concurrency(cfg: Config, use_gpu: bool) -> int:
     """Trials the cluster can run at once, each with all its workers placed."""
     import ray
-
 
     d, total = cfg.distributed, ray.cluster_resources()
     need = worker_resources(cfg, use_gpu)

@@ -63,7 +63,6 @@ def run_trial(params: dict[str, Any], experiment: Optional[dict] = None, dataset
     shared datasets once)."""
     from ray import tune
 
-
     quiet_libraries()
     cfg = trial_config(experiment, params, tune.get_context().get_trial_name())
     # The trial's directory: resumed if it exists; written under the search's lock.
