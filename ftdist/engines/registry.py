@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ftdist.errors import UserError
 
@@ -55,13 +55,14 @@ def all_classes() -> list["EngineClass"]:
 # ---------------------------------------------------------------- checkpoint files, whoever wrote them
 
 
+def first_answer(ask: Callable[["EngineClass"], Any]) -> Any:
+    """The first engine's answer that is not None (None: no engine's)."""
+    return next((answer for answer in map(ask, all_classes()) if answer is not None), None)
+
+
 def file_rank(name: str) -> Optional[int]:
     """The rank whose share a checkpoint file holds (None: a file every rank reads)."""
-    for cls in all_classes():
-        rank = cls.file_rank(name)
-        if rank is not None:
-            return rank
-    return None
+    return first_answer(lambda cls: cls.file_rank(name))
 
 
 def pickled_classes() -> list[Any]:
@@ -82,8 +83,4 @@ def weights_of(checkpoint: Path, adapters_only: bool) -> dict:
 
 def adapter_folder(checkpoint: Path) -> Optional[Path]:
     """The PEFT adapter directory an engine saved in a checkpoint, if one did."""
-    for cls in all_classes():
-        folder = cls.adapter_folder(checkpoint)
-        if folder is not None:
-            return folder
-    return None
+    return first_answer(lambda cls: cls.adapter_folder(checkpoint))
