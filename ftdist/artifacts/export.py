@@ -41,7 +41,13 @@ from ftdist.io.layout import FINAL_META as META
 from ftdist.io.runlock import reading
 from ftdist.io.storage import RunStore, is_remote
 from ftdist.model.build import add_adapters, compute_dtype, default_device, freeze_full, load_causal_lm
-from ftdist.model.source import TRUST_FLAG, adapter_start, check_model_source, load_tokenizer, refuse_remote_code
+from ftdist.model.source import (
+    TRUST_FLAG,
+    builds_own_base,
+    check_model_source,
+    load_tokenizer,
+    refuse_remote_code,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -207,13 +213,13 @@ def final_step(run_dir: Path) -> Optional[int]:
 
 
 def base_model_of(src: Source) -> str:
-    """The base the run trained from: <run>/base for model.init runs and runs that start from
-    adapters (merged there), else model.name_or_path.
+    """The base the run trained from: <run>/base for runs that built one (model.init, a GGUF
+    file, adapters merged), else model.name_or_path.
 
     Taken from the config rather than final/ftdist.json, whose absolute path goes stale when
     a run directory is moved or copied to another machine.
     """
-    if src.cfg.model.init is not None or adapter_start(src.cfg.model.name_or_path):  # the run built its base
+    if builds_own_base(src.cfg.model):
         base = src.run_dir / BASE_DIR
         if not (base / "config.json").is_file():
             raise UserError(f"{base}: the base model of this run is missing; it is written when training starts, "

@@ -7,7 +7,6 @@ from typing import Any
 
 from ftdist.config.redact import redact_url
 
-
 MAX_ECHO_CHARS = 200  # of a user's value quoted in a message
 
 

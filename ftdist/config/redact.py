@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
 SECRET_WORDS = ("secret", "password", "access_key", "credential", "api_key")
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from ftdist.config.echo import echo
 from ftdist.engines.registry import CHOICES
 from ftdist.objectives.registry import (
     config_problem,
@@ -78,6 +79,9 @@ class RunConfig(Section):
     output: PathStr = "runs"
 
 
+GGUF_SUFFIX = ".gguf"
+
+
 class ModelInit(Section):
     """Random weights from a config: the demo and tests build tiny models this way."""
 
@@ -104,8 +108,12 @@ class ModelInit(Section):
 
 
 class ModelConfig(Section):
+    # A model directory, a hub id, an s3:// directory, an adapter run's final/, or a GGUF file
+    # (llama.cpp, Ollama; local or s3://), dequantized once into the run's base/.
     name_or_path: Optional[PathStr] = None
     init: Optional[ModelInit] = None
+    # The GGUF file inside the directory model.name_or_path names (a directory of several).
+    gguf_file: Optional[str] = None
     tokenizer: Optional[PathStr] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # How packed rows keep their examples apart: flex, a block mask that skips masked blocks
@@ -124,6 +132,16 @@ class ModelConfig(Section):
                 "set exactly one of model.name_or_path (a model directory or hub id) "
                 "and model.init (random weights from a config)"
             )
+        if self.gguf_file is not None:
+            if self.init is not None:
+                raise ValueError("model.gguf_file names a file in the directory model.name_or_path; drop it for "
+                                 "model.init")
+            if self.name_or_path.lower().endswith(GGUF_SUFFIX):
+                raise ValueError(f"model.name_or_path already names a GGUF file ({echo(self.name_or_path)}); drop "
+                                 "model.gguf_file, or point model.name_or_path at the directory that holds it")
+            if "/" in self.gguf_file or not self.gguf_file.lower().endswith(GGUF_SUFFIX):
+                raise ValueError(f"model.gguf_file {echo(self.gguf_file)}: the name of a .gguf file in the "
+                                 "directory model.name_or_path (no path)")
         return self
 
 

@@ -20,11 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ftdist.config.load import not_a_file
 from ftdist.config.echo import echo
+from ftdist.config.load import not_a_file
 from ftdist.config.schema import FIELDS, ROLES, SPLITS, TEXT_SPLITS
-from ftdist.errors import UserError
 from ftdist.data.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
+from ftdist.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification")
 TURN_FIELDS = ("role", "content", "from", "value")

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ftdist.config.schema import DataConfig
-from ftdist.errors import UserError
 from ftdist.data.chat_templates import describe_template, rendering, require_template
 from ftdist.data.records import keyed_sources, read_split, read_train
+from ftdist.errors import UserError
 
 IGNORE = -100
 

@@ -20,8 +20,17 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from ftdist.config.plan import accumulation_steps
-from ftdist.engines.base import (Layout, MasterShare, MicroLoss, Sharding, frozen_names, is_adapter_model, nothing,
-                                 refuse_other_engine, whole_shares)
+from ftdist.engines.base import (
+    Layout,
+    MasterShare,
+    MicroLoss,
+    Sharding,
+    frozen_names,
+    is_adapter_model,
+    nothing,
+    refuse_other_engine,
+    whole_shares,
+)
 from ftdist.errors import UserError
 from ftdist.io.safeload import LOAD_ERRORS, safe_load, weights_only_loads
 from ftdist.io.safeload import reason as load_reason

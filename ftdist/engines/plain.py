@@ -17,8 +17,20 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ftdist.engines.base import (Layout, MasterShare, MicroLoss, Sharding, frozen_names, is_adapter_model, nothing,
-                                 refuse_other_engine, tied_names, trainable_names, unique_tensors, whole_shares)
+from ftdist.engines.base import (
+    Layout,
+    MasterShare,
+    MicroLoss,
+    Sharding,
+    frozen_names,
+    is_adapter_model,
+    nothing,
+    refuse_other_engine,
+    tied_names,
+    trainable_names,
+    unique_tensors,
+    whole_shares,
+)
 from ftdist.errors import UserError
 from ftdist.io.safeload import safe_load
 

@@ -11,7 +11,6 @@ from typing import Optional
 from ftdist.io.layout import CHECKPOINTS as ROOT
 from ftdist.io.storage import RunStore
 
-
 MARKER = "COMPLETE"
 
 

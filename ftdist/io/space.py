@@ -13,7 +13,6 @@ from typing import Callable, Optional
 
 from ftdist.errors import UserError
 
-
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 

@@ -27,7 +27,10 @@ from ftdist.io.storage import fetch, is_remote
 from ftdist.model.source import (
     adapter_start,
     check_model_source,
+    gguf_location,
+    gguf_model_config,
     init_model_config,
+    local_gguf,
     refuse_remote_code,
     remote_code_error,
 )
@@ -68,7 +71,9 @@ def check_paths(cfg: Config) -> None:
     if cfg.model.tokenizer and cfg.model.tokenizer.startswith((".", "/")):
         if not Path(cfg.model.tokenizer).exists():
             raise UserError(f"model.tokenizer: not found: {cfg.model.tokenizer}")
-    if cfg.model.name_or_path and not is_remote(cfg.model.name_or_path):  # an s3:// model is checked once fetched
+    if gguf_location(cfg.model) and not is_remote(cfg.model.name_or_path):
+        local_gguf(cfg.model, cfg.storage)
+    elif cfg.model.name_or_path and not is_remote(cfg.model.name_or_path):  # an s3:// model is checked once fetched
         check_model_source(cfg.model.name_or_path, cfg.storage)
         if adapter_start(cfg.model.name_or_path):  # an adapter run's final/: the run merges it into its base
             from ftdist.artifacts.export import resolve_source  # torch, off the path to a config error
@@ -150,6 +155,8 @@ def model_config_of(cfg: Config):
         if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer):
             refuse_remote_code(cfg.model.tokenizer, cfg.model.trust_remote_code, "model.tokenizer")
         return init_model_config(cfg.model.init)
+    if gguf_location(cfg.model):
+        return gguf_model_config(cfg.model, cfg.storage)
     source = check_model_source(cfg.model.name_or_path, cfg.storage)
     if adapter_start(source):  # the adapters' base: the model they merge into
         from ftdist.artifacts.export import base_model_of, resolve_source

@@ -11,7 +11,7 @@ from ftdist.config.schema import SPLITS, Config
 from ftdist.data.prepared import prepared_dataset
 from ftdist.launch.preflight import check_inputs
 from ftdist.launch.rundir import writing
-from ftdist.model.source import load_tokenizer
+from ftdist.model.source import builds_own_base, load_tokenizer
 
 if TYPE_CHECKING:
     from ftdist.data.rows import Dataset
@@ -23,9 +23,9 @@ def prepare(cfg: Config) -> list[str]:
 
     started = time.perf_counter()
     checked = check_inputs(cfg)
-    # A tokenizer trained for model.init lives with the run's base model: the run's directory,
-    # written by this command alone while it builds it.
-    with nullcontext() if cfg.model.name_or_path else writing(cfg) as store:
+    # A tokenizer trained for model.init (or a GGUF file's) lives with the run's base model: the
+    # run's directory, written by this command alone while it builds it.
+    with writing(cfg) if builds_own_base(cfg.model) else nullcontext() as store:
         tokenizer = load_tokenizer(checked.cfg, resolve_base(checked.cfg, store))
     dataset = prepared_dataset(checked.cfg, tokenizer)
     return describe(dataset, cfg.data.packing) + [

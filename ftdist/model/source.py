@@ -1,6 +1,6 @@
 """Where a base model comes from, and what it may do: a local directory, an s3:// directory
-(fetched once into the cache), a hub id, an adapter run's final/, or model.init (random weights
-and a tokenizer trained on the run's text); the code a model or tokenizer asks to run, refused
+(fetched once into the cache), a hub id, an adapter run's final/, a GGUF file (llama.cpp, Ollama;
+dequantized), or model.init (random weights and a tokenizer trained on the run's text); the code a model or tokenizer asks to run, refused
 unless model.trust_remote_code; its tokenizer and chat template. training/base.py writes the
 run's own base/ from these."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ftdist.config.schema import Config, ModelInit
+from ftdist.config.schema import GGUF_SUFFIX, Config, ModelConfig, ModelInit
 from ftdist.data.chat_templates import apply_choice
 from ftdist.data.records import tokenizer_corpus
 from ftdist.errors import UserError
@@ -112,6 +112,114 @@ def adapter_start(name_or_path: Optional[str]) -> bool:
         and (Path(name_or_path).expanduser() / "adapter_config.json").is_file()
 
 
+def builds_own_base(model: ModelConfig) -> bool:
+    """Whether the run writes its own base/ and trains from it: random weights (model.init),
+    adapters merged into their base, or a GGUF file dequantized."""
+    return model.init is not None or adapter_start(model.name_or_path) or gguf_location(model) is not None
+
+
+# ---------------------------------------------------------------- GGUF files
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_location(model: ModelConfig) -> Optional[tuple[str, str]]:
+    """(the folder, the file name) of a GGUF base: model.gguf_file in the directory
+    model.name_or_path, a name_or_path ending in .gguf (local or s3://), or a local file (Ollama
+    keeps its models as sha256-... blobs); None for every other source."""
+    path = model.name_or_path
+    if not path or model.init is not None:
+        return None
+    if model.gguf_file:
+        return path.rstrip("/"), model.gguf_file
+    local_file = not is_remote(path) and Path(path).expanduser().is_file()
+    if path.lower().endswith(GGUF_SUFFIX) or local_file:
+        folder, _, name = path.rpartition("/")
+        return folder or ".", name
+    return None
+
+
+def gguf_key(model: ModelConfig) -> str:
+    return "model.gguf_file" if model.gguf_file else "model.name_or_path"
+
+
+def local_gguf(model: ModelConfig, storage) -> Path:
+    """The GGUF file on this machine (an s3:// object fetched once into the cache), checked to be one."""
+    folder, name = gguf_location(model)
+    key = gguf_key(model)
+    if is_remote(folder):
+        path = fetch(f"{folder}/{name}", storage, "models")
+    else:
+        path = Path(folder).expanduser() / name
+        if not path.is_file():
+            raise UserError(f"{key}: no file at {str(path)[-200:]}; point it at a .gguf file (llama.cpp, or an "
+                            "Ollama model's blob)")
+    check_gguf_magic(path, key)
+    return path
+
+
+def check_gguf_magic(path: Path, key: str) -> None:
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise UserError(f"{key} {str(path)[-200:]}: cannot read it ({e.strerror})") from None
+    if head != GGUF_MAGIC:
+        raise UserError(f"{key} {str(path)[-200:]}: not a GGUF file (it starts with {head!r}, a GGUF file with "
+                        f"{GGUF_MAGIC!r}); point model.name_or_path at a .gguf file or at a Hugging Face model "
+                        "directory")
+
+
+def gguf_error(path: Path, key: str, error: Exception) -> UserError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return UserError(f"{key} {str(path)[-200:]}: transformers cannot load this GGUF file: {first_line}. It "
+                     "dequantizes the architectures and quantization types its GGUF support lists (Q4_0, Q4_1, "
+                     "Q5_*, Q8_0, K-quants, IQ-quants, F16, BF16, F32): convert the model again with one of them, "
+                     "or use its Hugging Face directory")
+
+
+def gguf_model_config(model: ModelConfig, storage):
+    """The architecture a GGUF file describes (its metadata only: no tensor is read)."""
+    from transformers import AutoConfig
+
+    path = local_gguf(model, storage)
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, NotImplementedError, KeyError, OSError) as e:
+        raise gguf_error(path, gguf_key(model), e) from None
+
+
+def build_gguf_base(cfg: Config, out: Path) -> None:
+    """The GGUF file's weights dequantized (float32, or model.dtype where it names a half type),
+    its tokenizer and chat template, saved as one plain HF directory: resume, export, merge,
+    DPO's reference and `ftdist plan` then read a base like any other."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, key = local_gguf(cfg.model, cfg.storage), gguf_key(cfg.model)
+    dtype = torch.float32 if cfg.model.dtype in ("auto", "float32") else getattr(torch, cfg.model.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (ValueError, NotImplementedError, KeyError, OSError) as e:
+        raise gguf_error(path, key, e) from None
+    # The weights are plain tensors now; the marks of the GGUF loading would make
+    # save_pretrained refuse the model as "quantized".
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    save_base(model, tokenizer, out)
+
+
+def save_base(model, tokenizer, out: Path) -> None:
+    """Written aside, then renamed: a crash never leaves a half-written base behind."""
+    tmp = out.with_name(out.name + ".tmp")
+    safewrite.remove(tmp, out.parent, "the base model")
+    safewrite.make_dirs(tmp, out.parent, "the base model")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    safewrite.rename(tmp, out, out.parent, "the base model")
+
+
 def tokenizer_source(cfg: Config) -> Optional[str]:
     name = cfg.model.tokenizer
     return str(fetch(name, cfg.storage, "models")) if name and is_remote(name) else name
@@ -162,13 +270,7 @@ def build_initial_model(cfg: Config, out: Path) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    # Written aside, then renamed: a crash never leaves a half-written base behind.
-    tmp = out.with_name(out.name + ".tmp")
-    safewrite.remove(tmp, out.parent, "the base model")
-    safewrite.make_dirs(tmp, out.parent, "the base model")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    safewrite.rename(tmp, out, out.parent, "the base model")
+    save_base(model, tokenizer, out)
 
 
 def run_tokenizer_source(cfg: Config, base_path: str) -> str:
@@ -210,9 +312,13 @@ def check_model_source(name_or_path: str, storage) -> str:
         if (path / "adapter_config.json").is_file():  # an adapter run's final/ (checked by preflight.check_paths)
             return str(path)
         if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*" + GGUF_SUFFIX)) if path.is_dir() else []
+            if ggufs:
+                raise UserError(f"model.name_or_path {name_or_path}: no config.json there, but GGUF files "
+                                f"({', '.join(ggufs[:5])[:300]}); set model.gguf_file to the one to train")
             raise UserError(
                 f"model.name_or_path {name_or_path}: no config.json there; "
-                "point it at a Hugging Face model directory (or a hub id)"
+                "point it at a Hugging Face model directory (or a hub id, or a .gguf file)"
             )
         check_weight_files(path, "model.name_or_path")
         return str(path)

@@ -3,7 +3,6 @@ takes. Arithmetic, torch-free: the memory estimate asks it before anything heavy
 
 from __future__ import annotations
 
-
 # Logits per chunk of a chunked loss: 128 MiB in fp32 whatever the vocabulary (256 tokens at
 # 128k entries, 1024 at 32k). Here, torch-free: the memory estimate reads it too.
 CHUNK_LOGITS = 2**25

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftdist.model.attention import document_mask
 from ftdist.config.schema import Config
 from ftdist.data.rows import IGNORE
-from ftdist.objectives.chunks import chunk_tokens
+from ftdist.model.attention import document_mask
 from ftdist.model.build import compute_dtype
+from ftdist.objectives.chunks import chunk_tokens
+
 
 def autocast(cfg: Config, device: torch.device):
     """The forward pass in the compute dtype (bf16 / fp16), master weights staying float32."""

@@ -1,6 +1,6 @@
 """The run's base model: model.name_or_path as it is (s3:// fetched into the cache), or <run>/base
-written once: built from model.init, or an adapter run's final/ merged into its base (an
-export). For s3:// runs base/ goes into the store too, so that every node and every resume loads
+written once: built from model.init, a GGUF file dequantized, or an adapter run's final/ merged
+into its base (an export). For s3:// runs base/ goes into the store too, so that every node and every resume loads
 the very same weights."""
 
 from __future__ import annotations
@@ -12,21 +12,28 @@ from ftdist.config.schema import Config
 from ftdist.io import safewrite
 from ftdist.io.layout import BASE_DIR
 from ftdist.io.space import no_room_stops
-from ftdist.model.source import TRUST_SETTING, adapter_start, build_initial_model, check_model_source
+from ftdist.model.source import (
+    TRUST_SETTING,
+    build_gguf_base,
+    build_initial_model,
+    builds_own_base,
+    check_model_source,
+    gguf_location,
+)
 
 
 def resolve_base(cfg: Config, store) -> str:
     """Where the base model lives: model.name_or_path (s3:// fetched into the cache), or
-    <run>/base built from model.init. For s3:// runs the built base goes into the store too,
+    <run>/base built from model.init, a GGUF file or adapters. For s3:// runs the built base goes into the store too,
     so that every node (and a resumed run on a fresh machine) loads the very same weights."""
-    if cfg.model.name_or_path and not adapter_start(cfg.model.name_or_path):
+    if not builds_own_base(cfg.model):
         return check_model_source(cfg.model.name_or_path, cfg.storage)
     base = store.root / BASE_DIR
     for name in (BASE_DIR, BASE_DIR + ".tmp", BASE_DIR + ".download", BASE_DIR + ".lock"):
         safewrite.check(store.root / name, store.root, "the base model")  # never read or written through a link
     if (base / "config.json").is_file():
         return str(base)
-    build_base = no_room_for_base(build_initial_model if cfg.model.init else merge_adapter_start)
+    build_base = no_room_for_base(*base_builder(cfg))
     if not store.remote:
         build_base(cfg, base)
         return str(base)
@@ -46,14 +53,22 @@ def resolve_base(cfg: Config, store) -> str:
     return str(base)
 
 
-def no_room_for_base(build):
+def base_builder(cfg: Config):
+    """How the run's base/ is written, and what it holds (for a message)."""
+    if cfg.model.init:
+        return build_initial_model, "the initial weights of model.init"
+    if gguf_location(cfg.model):
+        return build_gguf_base, "the GGUF model dequantized"
+    return merge_adapter_start, "the merged starting model"
+
+
+def no_room_for_base(build, what: str):
     """`build` (cfg, base) with a full disk told as one message; its partial base/ (written
-    aside as base.tmp by model.init, in place by an adapter merge) goes, nothing else does."""
+    aside as base.tmp by model.init and GGUF, in place by an adapter merge) goes, nothing else does."""
     def build_base(cfg: Config, base: Path) -> None:
-        what = f"{BASE_DIR}/ (the {'initial weights of model.init' if cfg.model.init else 'merged starting model'})"
-        partial = base.with_name(BASE_DIR + ".tmp") if cfg.model.init else base
-        with no_room_stops(partial, what, "free space there (or set run.output elsewhere) and run the same "
-                                          "command again"):
+        partial = base if build is merge_adapter_start else base.with_name(BASE_DIR + ".tmp")
+        with no_room_stops(partial, f"{BASE_DIR}/ ({what})",
+                           "free space there (or set run.output elsewhere) and run the same command again"):
             build(cfg, base)
     return build_base
 

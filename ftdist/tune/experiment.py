@@ -23,6 +23,7 @@ from ftdist.launch.preflight import check_inputs, model_config_of
 from ftdist.launch.ray_train import preflight_cluster, shared_inputs, worker_resources
 from ftdist.launch.rayhead import watch_head
 from ftdist.launch.rundir import SEARCH, TUNE_RESUMABLE_CHANGES, check_free, writing
+from ftdist.model.source import gguf_location
 from ftdist.tracking.run import open_search_tracking
 from ftdist.tune.space import check_space, ray_domains
 
@@ -151,15 +152,19 @@ def experiment_config(cfg: Config) -> Config:
 
 
 def trial_model_source(cfg: Config, experiment_base: str, base_path: str) -> dict:
-    """The model section's source for every trial: the experiment's base (model.init), or the
-    user's model as an absolute path or URL (a trial's process need not share this one's
-    working directory)."""
+    """The model section's source for every trial: the experiment's base (model.init, a GGUF
+    file dequantized), or the user's model as an absolute path or URL (a trial's process need
+    not share this one's working directory)."""
     from pathlib import Path
 
     if cfg.model.init:
         return {"name_or_path": experiment_base, "init": None, "tokenizer": None}
     name = cfg.model.name_or_path
-    source = {"name_or_path": name if is_remote(name) or not Path(base_path).is_dir() else str(Path(base_path).resolve())}
+    if gguf_location(cfg.model):
+        source = {"name_or_path": experiment_base, "gguf_file": None}
+    else:
+        source = {"name_or_path": name if is_remote(name) or not Path(base_path).is_dir()
+                  else str(Path(base_path).resolve())}
     if cfg.model.tokenizer and not is_remote(cfg.model.tokenizer) and Path(cfg.model.tokenizer).exists():
         source["tokenizer"] = str(Path(cfg.model.tokenizer).resolve())
     return source

@@ -294,7 +294,7 @@ def test_a_full_disk_while_building_base_leaves_no_half_base(tmp_path):
 
     base = tmp_path / "base"
     with file_size_limit(64 * 1024), pytest.raises(UserError, match="^base/ .*: no room to write it in"):
-        no_room_for_base(build)(tiny_config(tmp_path), base)
+        no_room_for_base(build, "the initial weights of model.init")(tiny_config(tmp_path), base)
     assert list(tmp_path.iterdir()) == []
 
 
