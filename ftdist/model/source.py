@@ -6,6 +6,8 @@ run's own base/ from these."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Optional
 
@@ -198,9 +200,10 @@ def build_gguf_base(cfg: Config, out: Path) -> None:
 
     path, key = local_gguf(cfg.model, cfg.storage), gguf_key(cfg.model)
     dtype = torch.float32 if cfg.model.dtype in ("auto", "float32") else getattr(torch, cfg.model.dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    try:  # transformers draws a progress bar of its own here, which no setting turns off
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except (ValueError, NotImplementedError, KeyError, OSError) as e:
         raise gguf_error(path, key, e) from None
     # The weights are plain tensors now; the marks of the GGUF loading would make
