@@ -206,23 +206,25 @@ def pretrained_base(tmp_path_factory):
     Adapters on random weights barely move the loss; on a base that knows some language
     they learn the new task, as they do on a real pretrained LLM.
     """
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, bool], Path] = {}
 
-    def get(arch: str = "llama") -> Path:
-        if arch not in built:
+    def get(arch: str = "llama", tied: bool = False) -> Path:
+        """`tied`: the LM head tied to the input embeddings (tie_word_embeddings), as SmolLM2's."""
+        if (arch, tied) not in built:
             import json
 
             from ftdist.launch.local import train_local
 
-            tmp = tmp_path_factory.mktemp(f"base-{arch}")
+            name = f"base-{arch}" + ("-tied" if tied else "")
+            tmp = tmp_path_factory.mktemp(name)
             corpus = tmp / "general.jsonl"
             paragraphs = [p for p in (DEMO / "general.txt").read_text().split("\n\n") if p.strip()]
             corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs * 4))
-            cfg = tiny_config(tmp, f"model.init.arch={arch}", f"data.train={corpus}", "data.eval=null",
-                              "data.eval_fraction=0", "train.max_steps=40", "checkpoint.every_steps=1000",
-                              name=f"base-{arch}")
-            built[arch] = Path(train_local(cfg, show_progress=False)["final_dir"])
-        return built[arch]
+            cfg = tiny_config(tmp, f"model.init.arch={arch}", f"model.init.tie_word_embeddings={str(tied).lower()}",
+                              f"data.train={corpus}", "data.eval=null", "data.eval_fraction=0", "train.max_steps=40",
+                              "checkpoint.every_steps=1000", name=name)
+            built[arch, tied] = Path(train_local(cfg, show_progress=False)["final_dir"])
+        return built[arch, tied]
 
     return get
 

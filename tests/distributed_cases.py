@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from ftdist.config.load import load_config
 from ftdist.config.schema import Config
-from ftdist.launch.local import train_local
 from ftdist.io.metrics_log import read_metrics
+from ftdist.launch.local import train_local
 from tests.conftest import (
     DEMO,
     foreign_lines,
@@ -97,7 +97,9 @@ def start_cases(tmp_path_factory, ray_local, pretrained_base, mlflow_server, lm_
     has 4 logical CPUs on the 2 cores): most of a tiny run's wall time is Ray's start-up and
     scheduling latency, which two runs overlap. Case -> future of (CLI result, run directory);
     LM cases are (method, stage), the others ("classification", stage) and ("dpo", name)."""
-    base = pretrained_base("llama")
+    # Built here, in the main thread, before the runs' threads start (training installs signal handlers).
+    bases = {tied: pretrained_base("llama", tied) for tied in {False, *(DPO_CASES[case][3] for case in dpo_cases)}}
+    base = bases[False]
     address = ray_local.get_runtime_context().gcs_address
 
     def run(method: str, stage: int):
@@ -116,9 +118,10 @@ def start_cases(tmp_path_factory, ray_local, pretrained_base, mlflow_server, lm_
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
     def prefer(case: str):
-        method, stage, precompute = DPO_CASES[case]
+        method, stage, precompute, tied = DPO_CASES[case]
         tmp = tmp_path_factory.mktemp(f"ray-dpo-{case}")
-        cfg = dpo_equivalence_config(tmp, base, method, "distributed.workers=2", f"distributed.zero_stage={stage}",
+        cfg = dpo_equivalence_config(tmp, bases[tied], method, "distributed.workers=2",
+                                     f"distributed.zero_stage={stage}",
                                      f"dpo.precompute_reference={str(precompute).lower()}", name=f"ray-dpo-{case}")
         return run_cli("train", str(write_config(tmp, cfg)), "--address", address, timeout=900), tmp / "runs" / cfg.run.name
 
@@ -147,11 +150,14 @@ def classification_equivalence_config(tmp_path: Path, base: Path, *extra: str, n
 
 CLASSIFIER_STAGES = (2, 3)
 
-# Preference tuning (objective dpo): name -> (method, ZeRO stage, precompute_reference). The full
+# Preference tuning (objective dpo): name -> (method, ZeRO stage, precompute_reference, tied). The full
 # run's frozen reference partitioned like the policy (ZeRO-3), adapters switched off (ZeRO-2; a
 # 4-bit base at ZeRO-0), and the reference's log-probs computed before training on each worker's shard.
-DPO_CASES = {"full-3": ("full", 3, False), "lora-2": ("lora", 2, False), "full-2-precomputed": ("full", 2, True),
-             "qlora-0": ("qlora", 0, False)}
+# Tied: a base whose LM head is its input embeddings (tie_word_embeddings, as SmolLM2's), one tensor
+# partitioned under ZeRO-3, in the policy and in its frozen copy, and saved once.
+DPO_CASES = {"full-3": ("full", 3, False, False), "full-3-tied": ("full", 3, False, True),
+             "lora-2": ("lora", 2, False, False), "full-2-precomputed": ("full", 2, True, False),
+             "qlora-0": ("qlora", 0, False, False)}
 DPO_LOGGED = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "logps_chosen", "eval_loss",
               "eval_reward_accuracy", "eval_reward_margin")
 
@@ -174,24 +180,24 @@ _dpo_local_runs: dict = {}
 
 
 def dpo_local_reference(tmp_path_factory, method: str, base: Path) -> Path:
-    """Local mode's run of a method (its reference not precomputed: the same numbers, see
-    test_preference)."""
-    if method not in _dpo_local_runs:
+    """Local mode's run of a method on a base (its reference not precomputed: the same numbers,
+    see test_preference)."""
+    if (method, base) not in _dpo_local_runs:
         tmp = tmp_path_factory.mktemp(f"local-dpo-{method}")
         cfg = dpo_equivalence_config(tmp, base, method, name=f"local-dpo-{method}")
-        _dpo_local_runs[method] = Path(train_local(cfg, show_progress=False)["run_dir"])
-    return _dpo_local_runs[method]
+        _dpo_local_runs[method, base] = Path(train_local(cfg, show_progress=False)["run_dir"])
+    return _dpo_local_runs[method, base]
 
 
 def check_preference_case(tmp_path_factory, pretrained_base, runs: dict, case: str) -> None:
     """A DPO case on 2 workers: local mode's loss, rewards and evaluations, and final weights."""
-    method, stage, precompute = DPO_CASES[case]
+    method, stage, precompute, tied = DPO_CASES[case]
     result, run_dir = runs["dpo", case].result()
     assert result.returncode == 0, result.stdout + result.stderr
     assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
     copy = method == "full" and not precompute  # the estimate counts the frozen copy, a rank's share of it
     assert bool(re.search(r"memory \(estimate\): .*reference [\d.]+, activations", result.stdout)) == copy
-    local = dpo_local_reference(tmp_path_factory, method, pretrained_base("llama"))
+    local = dpo_local_reference(tmp_path_factory, method, pretrained_base("llama", tied))
     for key in DPO_LOGGED:  # rewards start at 0: near it, an absolute 1e-4 (a 4-bit base's rounding)
         ours, theirs = curve(run_dir, key), curve(local, key)
         assert len(ours) == len(theirs) >= 2 and ours == pytest.approx(theirs, rel=REL_TOL, abs=1e-4), key
@@ -203,16 +209,21 @@ def check_preference_case(tmp_path_factory, pretrained_base, runs: dict, case: s
     assert ours.keys() == theirs.keys() and ours
     for key in ours:
         assert float((ours[key] - theirs[key]).norm()) <= 1e-2 * float(theirs[key].norm()) + 1e-6, key
+    if tied:  # gathered from the ZeRO-3 partitions, the tie kept: the tensor saved once, the config tied
+        config = json.loads((run_dir / "final" / "config.json").read_text())
+        assert config["tie_word_embeddings"] is True and "lm_head.weight" not in ours
+        assert "model.embed_tokens.weight" in ours
 
 
 def check_preference_resume_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs: dict,
-                                                  ray_local) -> None:
-    """The ZeRO-3 DPO run of 2 workers, as if killed after step 4's checkpoint, resumed by 1
+                                                  ray_local, case: str) -> None:
+    """A full ZeRO-3 DPO run of 2 workers, as if killed after step 4's checkpoint, resumed by 1
     worker: the policy's states re-partitioned (DeepSpeed's universal checkpoint) and the frozen
     reference built again from the start; the same curve as local mode."""
     import shutil
 
-    result, run_dir = runs["dpo", "full-3"].result()
+    tied = DPO_CASES[case][3]
+    result, run_dir = runs["dpo", case].result()
     assert result.returncode == 0, result.stdout + result.stderr
     copy = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy)
@@ -225,7 +236,7 @@ def check_preference_resume_at_another_world_size(tmp_path, tmp_path_factory, pr
     resumes = [(r["from_world_size"], r["world_size"]) for r in read_metrics(copy / "metrics.jsonl")
                if r.get("event") == "resume"]
     assert resumes == [(2, 1)] and "resuming from" in result.stdout
-    local = dpo_local_reference(tmp_path_factory, "full", pretrained_base("llama"))
+    local = dpo_local_reference(tmp_path_factory, "full", pretrained_base("llama", tied))
     for key in DPO_LOGGED:
         assert curve(copy, key) == pytest.approx(curve(local, key), rel=REL_TOL, abs=1e-4), key
 

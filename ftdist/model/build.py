@@ -5,6 +5,11 @@
   full  + N      layer freezing: the lowest N blocks and the input embeddings get no updates
   full  + all    feature extraction: only the final norm and the head train
   lora/qlora + N adapters only on blocks N and up (the base is frozen anyway)
+
+A tied LM head (tie_word_embeddings: the head's weight IS the input embeddings', as in SmolLM2,
+Llama-3.2-1B, Qwen2.5 small) cannot be frozen apart from the embeddings: with N frozen blocks it
+stays frozen with them (the model line and the summary say so); feature extraction, which would
+train nothing but the final norm, is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ModelInfo:
     num_layers: int
     frozen_blocks: int
     lora_targets: Optional[tuple[str, ...]] = None  # adapter runs
+    tied_head: Optional[str] = None  # a head tied to the input embeddings: "trained" or "frozen" with them
 
     def record(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
@@ -44,7 +50,9 @@ class ModelInfo:
     def describe(self) -> str:
         return (f"model: {self.method}, {self.trainable_params:,} trainable of {self.total_params:,} parameters "
                 f"({100 * self.trainable_params / self.total_params:.2f}%), "
-                f"{self.frozen_blocks} of {self.num_layers} blocks frozen")
+                f"{self.frozen_blocks} of {self.num_layers} blocks frozen"
+                + (f"; the LM head is tied to the input embeddings (one tensor): {self.tied_head} with them"
+                   if self.tied_head and self.method == "full" else ""))
 
 
 @dataclass
@@ -171,15 +179,40 @@ def n_frozen_blocks(cfg: Config, n_layers: int) -> int:
     return frozen_blocks(cfg.freeze_layers, n_layers)
 
 
+def ties_head(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the input embeddings' (tie_word_embeddings): one tensor."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
+
+
+def tied_head_state(model: nn.Module) -> Optional[str]:
+    """"trained" or "frozen" (with the input embeddings) for a tied LM head; None for an untied one."""
+    if not ties_head(model):
+        return None
+    return "trained" if model.get_output_embeddings().weight.requires_grad else "frozen"
+
+
+def refuse_tied_feature_extraction(n_layers: int) -> None:
+    raise UserError(
+        "freeze_layers: all trains only the final norm and the LM head, but this model ties its LM head to the "
+        "input embeddings (tie_word_embeddings: one tensor), which freeze_layers keeps frozen: nothing but the "
+        f"final norm would train. Use freeze_layers: N below {n_layers} (the top blocks train; the tied head stays "
+        "frozen with the embeddings), method: lora, or task: classification (a head of its own)")
+
+
 def freeze_full(model: nn.Module, cfg: Config, own_modules: Optional[tuple[str, ...]] = None) -> int:
     """Full fine-tuning with the lowest blocks (and the input embeddings) frozen. Returns how
     many blocks are frozen. `own_modules`: the objective's heads on the model (a classifier's),
-    which replace the LM head (None: those of the config's objective)."""
+    which replace the LM head (None: those of the config's objective). A tied LM head is the
+    input embeddings: frozen with them."""
     _, blocks = decoder_blocks(model)
     n = n_frozen_blocks(cfg, len(blocks))
     model.requires_grad_(True)
     task_heads = [getattr(model, name) for name in objective_modules(cfg, own_modules)]
-    if task_heads and not model.config.tie_word_embeddings:
+    tied = ties_head(model)
+    if cfg.freeze_layers == "all" and tied and not task_heads:
+        refuse_tied_feature_extraction(len(blocks))
+    if task_heads and not tied:
         model.get_output_embeddings().requires_grad_(False)  # the task's loss never reaches the LM head
     if n == 0:
         return 0
@@ -299,7 +332,7 @@ def build_model(cfg: Config, base_path: str, device: torch.device,
         model, frozen, targets = add_adapters(model, cfg, objective.own_modules)
     trainable, total = count_parameters(model)
     info = ModelInfo(cfg.method, trainable, total, model.config.num_hidden_layers, frozen,
-                     tuple(targets) if targets else None)
+                     tuple(targets) if targets else None, tied_head_state(model))
     # from_pretrained gives a model in eval mode: no dropout, and no gradient checkpointing
     # (transformers checkpoints only in training mode). Evaluation switches back and forth.
     model.train()

@@ -1,7 +1,8 @@
 """Ray Train + DeepSpeed on 2 CPU workers against local mode, once per objective and kind of
 weights: SFT with QLoRA (ZeRO-2, checkpointing every second block, every tracker; the adapters'
 path with a 4-bit base), a classifier (full, top blocks: ZeRO-3, the head gathered), DPO with full
-fine-tuning (ZeRO-3: the frozen reference partitioned) resumed by 1 worker; and the plain engine
+fine-tuning of a base with tied embeddings (ZeRO-3: the tied tensor and the frozen reference
+partitioned; the untied case is in the matrix) resumed by 1 worker; and the plain engine
 (distributed.engine: plain) data-parallel on 2 workers, resumed in local mode, and DeepSpeed in
 local mode (a world of one process). The other stages and
 cases run in `make test-all` (tests/matrix/test_distributed_matrix.py); the cases and checks are in
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, ONE_RAY_AT_A_TIME]
 
 LM_CASES = [("qlora", 2)]
 CLASSIFIER_STAGES = (3,)
-DPO_CASES = ("full-3",)
+DPO_CASES = ("full-3-tied",)
 
 
 def test_the_plain_engine_on_two_workers_matches_local_mode_and_resumes_there(tmp_path, tmp_path_factory,
@@ -110,7 +111,8 @@ def test_only_rank_0_reports_to_the_trackers(runs, mlflow_server):
 
 
 def test_a_preference_run_resumes_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs, ray_local):
-    check_preference_resume_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs, ray_local)
+    check_preference_resume_at_another_world_size(tmp_path, tmp_path_factory, pretrained_base, runs, ray_local,
+                                                  "full-3-tied")
 
 
 def test_preflight_refuses_a_run_that_cannot_fit_before_any_worker(tmp_path, ray_local, capsys):
