@@ -59,14 +59,15 @@ def test_lora_teaches_the_real_model_a_skill_it_lacks_and_forgetting_shows_on_re
 @pytest.mark.ray
 def test_qlora_on_two_ray_workers_matches_local_mode_on_the_real_model(tmp_path, smollm2, ray_local):
     """QLoRA (NF4, the 4-bit base on every worker) under ZeRO-2 on 2 Ray workers: local mode's
-    per-step losses and eval loss, on a global batch of all 16 rows (so that both modes see the
+    per-step losses and eval loss, on a global batch of all 8 rows (so that both modes see the
     same rows at every step), and adapters that load on the 4-bit base and answer."""
-    rows = (DATA / "train.jsonl").read_text().splitlines()[:16]
-    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    overrides = ("method=qlora", f"data.train={tmp_path / 'train.jsonl'}", "data.retention=null",
-                 "train.max_steps=3", "train.batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=0",
-                 "train.lr=1e-3", "train.eval_every=3", "train.log_every=1", "checkpoint.every_steps=3",
-                 "distributed.zero_stage=2")
+    for split in ("train", "eval"):  # 8 rows each: a global batch of all the training rows
+        rows = (DATA / f"{split}.jsonl").read_text().splitlines()[:8]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    overrides = ("method=qlora", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
+                 "data.retention=null", "train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=4",
+                 "train.warmup_steps=0", "train.lr=1e-3", "train.eval_every=2", "train.log_every=1",
+                 "checkpoint.every_steps=2", "distributed.zero_stage=2")
     local = train_local(real_config(tmp_path, smollm2, *overrides, "run.name=local"), show_progress=False)
     cfg = real_config(tmp_path, smollm2, *overrides, "run.name=ray", "distributed.workers=2",
                       "distributed.max_failures=0")
