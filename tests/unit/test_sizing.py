@@ -6,6 +6,7 @@ import re
 import pytest
 import yaml
 
+from bench.real_task import GGUF_NAME, gguf_file
 from ftdist.cli import main
 from tests.conftest import REPO, run_cli
 
@@ -42,7 +43,8 @@ def demo_shape(tmp_path_factory):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_fits_the_gpus_it_names(path, capsys, demo_shape):
     model = yaml.safe_load(path.read_text())["model"].get("name_or_path")
-    stand_in = {**HUB_SHAPES, "runs/tiny-demo/final": demo_shape}
+    stand_in = {**HUB_SHAPES, "runs/tiny-demo/final": demo_shape,
+                GGUF_NAME: gguf_file()}  # make demo-real names the wheel's file; plan reads its metadata
     shape = ["--set", f"model.name_or_path={stand_in[model]}"] if model else []
     code, out = plan(capsys, path, *shape)  # 80 GB GPUs, the config's own number of workers
     assert code == 0, out
