@@ -251,7 +251,8 @@ def write_results(result: dict) -> None:
         a, b = s["ftdist"][key], s["trl"][key]
         rel = f"{a / b:.3f}x" if key in ("step_s", "peak_rss_gib", "wall_s") else f"{a - b:+.4f}"
         goal = result["goals"].get(key, {})
-        verdict = "" if not goal else f"{goal['goal']}: {'met' if goal['met'] else 'NOT met'}"
+        word = {True: "met", False: "NOT met", None: "unknown (noisy: rerun alone)"}[goal.get("met")]
+        verdict = "" if not goal else f"{goal['goal']}: {word}"
         lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {rel} | {verdict} |")
     lines += ["", f"Base model: eval loss {result['base']['eval_loss']:.4f}, accuracy {result['base']['accuracy']:.3f}, "
               f"format {result['base']['format']:.3f}, general.txt loss {result['base']['general_loss']:.4f} "
@@ -328,14 +329,16 @@ def main() -> None:
     ft, tr = med["ftdist"], med["trl"]
     noisy = any(r[n]["other_load"] > NOISY for r in repeats for n in ("ftdist", "trl"))
     goals = {
-        "step_s": {"goal": f"<= {GOALS['step_ratio']}x", "met": ft["step_s"] / tr["step_s"] <= GOALS["step_ratio"]},
+        # a step time on a busy machine says nothing (torch's OpenMP threads wait for each other): no verdict
+        "step_s": {"goal": f"<= {GOALS['step_ratio']}x",
+                   "met": None if noisy else ft["step_s"] / tr["step_s"] <= GOALS["step_ratio"]},
         "peak_rss_gib": {"goal": f"<= {GOALS['memory_ratio']}x",
                          "met": ft["peak_rss_gib"] / tr["peak_rss_gib"] <= GOALS["memory_ratio"]},
         "eval_loss": {"goal": "<= TRL's", "met": ft["eval_loss"] <= tr["eval_loss"]},
         "accuracy": {"goal": ">= TRL's", "met": ft["accuracy"] >= tr["accuracy"]},
         "forgetting": {"goal": "<= TRL's", "met": ft["forgetting"] <= tr["forgetting"]},
     }
-    missed = [k for k, g in goals.items() if not g["met"]]
+    missed = [k for k, g in goals.items() if g["met"] is False]
     first = repeats[0]
     t = cfg.train
     result = {
