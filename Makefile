@@ -65,6 +65,7 @@ bench: setup
 	$(BIN)/python bench/memory_switches.py
 	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/spectrum.py
+	$(BIN)/python bench/spectrum.py --base real
 	$(BIN)/python bench/preference.py
 	$(BIN)/python bench/real_model.py
 

@@ -10,6 +10,11 @@ holds other countries than train.jsonl): the facts come from the base, the skill
 general.txt: real English prose the base model read in pretraining, for forgetting: paragraphs of
 Python's own documentation as every CPython ships it (the `pydoc_data.topics` module; Python
 Software Foundation License), lines of code left out.
+
+replay.txt: other paragraphs of the same documentation, for replay (bench/spectrum.py --base real):
+prose that also names code inline (quoted names, `*emphasis*`, operators), which general.txt's
+filter leaves out, so the two files share no paragraph. Paragraphs are separated by blank lines
+(one row each when read as `.txt`).
 """
 
 import json
@@ -55,8 +60,9 @@ def card(country: str) -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
-def prose_paragraphs() -> list[str]:
-    """Paragraphs of running English from Python's documentation: no code, no grammar rules."""
+def prose_paragraphs(inline_code: bool = False) -> list[str]:
+    """Paragraphs of running English from Python's documentation: no code, no grammar rules.
+    `inline_code`: instead, the prose paragraphs that name code inline (general.txt has none)."""
     import pydoc_data.topics
 
     paragraphs = []
@@ -66,7 +72,12 @@ def prose_paragraphs() -> list[str]:
             if not lines or any(line.startswith((" ", "*", "=", "-", ">")) for line in lines):
                 continue
             text = " ".join(line.strip() for line in lines)
-            if len(text) > 200 and re.fullmatch(r"[A-Za-z0-9 ,.;:'()\"-]+", text):
+            if len(text) <= 200:
+                continue
+            plain = re.fullmatch(r"[A-Za-z0-9 ,.;:'()\"-]+", text) is not None
+            if plain and not inline_code:
+                paragraphs.append(text)
+            elif not plain and inline_code and re.fullmatch(r"[A-Za-z0-9 ,.;:'()\"`_\[\]/!?*+=<>{}%&#|~^\\-]+", text):
                 paragraphs.append(text)
     return paragraphs
 
@@ -82,6 +93,9 @@ def main() -> None:
     paragraphs = prose_paragraphs()
     random.Random(37).shuffle(paragraphs)
     (HERE / "general.txt").write_text("\n".join(paragraphs[:120]) + "\n")
+    replay = prose_paragraphs(inline_code=True)
+    random.Random(37).shuffle(replay)
+    (HERE / "replay.txt").write_text("\n\n".join(replay) + "\n")
 
 
 if __name__ == "__main__":
