@@ -92,7 +92,7 @@ def main() -> None:
                 f.write(json.dumps(card(country)) + "\n")
     paragraphs = prose_paragraphs()
     random.Random(37).shuffle(paragraphs)
-    (HERE / "general.txt").write_text("\n".join(paragraphs[:120]) + "\n")
+    (HERE / "general.txt").write_text("\n\n".join(paragraphs[:120]) + "\n")  # a paragraph a row
     replay = prose_paragraphs(inline_code=True)
     random.Random(37).shuffle(replay)
     (HERE / "replay.txt").write_text("\n\n".join(replay) + "\n")

@@ -43,13 +43,16 @@ def test_lora_teaches_the_real_model_a_skill_it_lacks_and_forgetting_shows_on_re
     a small positive number (the base's loss on it rises a little)."""
     base_scores = card_scores(*load_trained(smollm2, torch.device("cpu")))
     assert base_scores["format"] == 0 and base_scores["accuracy"] == 0, base_scores["replies"][:3]
+    prose = tmp_path / "general.txt"  # 24 of its paragraphs, a row each: enough to see forgetting
+    prose.write_text("\n\n".join((DATA / "general.txt").read_text().split("\n\n")[:24]))
     cfg = real_config(tmp_path, smollm2, "train.max_steps=16", "train.lr=1e-3", "train.eval_every=16",
-                      "checkpoint.every_steps=16", "run.name=skill")
+                      "checkpoint.every_steps=16", f"data.retention={prose}", "run.name=skill")
     summary = train_local(cfg, show_progress=False)
     run = tmp_path / "runs" / "skill"
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 16] and evals[1]["eval_loss"] < 0.5 * evals[0]["eval_loss"]
     assert 0 < summary["forgetting"] < 1 and math.isfinite(summary["forgetting"])
+    assert read_metrics(run / "metrics.jsonl")[0]["retention_rows"] == 24
     scores = card_scores(*load_trained(run / "final", torch.device("cpu")))
     assert scores["format"] >= 0.9, scores["replies"]
     assert scores["accuracy"] >= 0.15, scores["replies"]  # the base knows about 2 in 3 of these capitals
