@@ -22,9 +22,7 @@ schedule) for 30 steps of batch 8: full fine-tuning at 1e-4 (which learns the ta
 nothing measurable) and at 1e-3 (which forgets: the plain run of the ratios), the latter with
 replay (of data/smollm2/replay.txt, other paragraphs of the same documentation as general.txt),
 L2-SP and EWC, and LoRA r16 (3e-4, the demo's) for reference. Forgetting is measured on data/smollm2/general.txt, Python
-documentation prose the base read in pretraining, given to ftdist as one row per paragraph (the
-file has one paragraph a line; as a `.txt` of paragraphs split on blank lines it would be a
-single row of 96 tokens, and EWC's Fisher one row). Each final model is also scored by greedy
+documentation prose the base read in pretraining, one row per paragraph. Each final model is also scored by greedy
 generation on the held-out countries (`card_scores`: exact accuracy and the card format). The
 strengths are scaled to the real model: the proximal pull takes a share lr·c of a weight's
 distance to its anchor each step, so what counts over a run is about lr·c·steps: 1.8 for the
@@ -226,10 +224,7 @@ def main_real(args) -> None:
     base = real_base()
     with tempfile.TemporaryDirectory(prefix="ftdist-spectrum-real-") as tmp_dir:
         tmp = Path(tmp_dir)
-        retention = tmp / "general-paragraphs.txt"  # general.txt's text, one row per paragraph
-        retention.write_text("\n\n".join(line for line in (DATA / "general.txt").read_text().splitlines()
-                                          if line.strip()) + "\n")
-        texts = {"replay": DATA / "replay.txt", "retention": retention}
+        texts = {"replay": DATA / "replay.txt", "retention": DATA / "general.txt"}
         points = []
         for name, overrides in real_runs(texts).items():
             if args.only and name not in args.only:
