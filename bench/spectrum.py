@@ -136,10 +136,7 @@ def fine_tune(tmp: Path, base: Path, texts: dict, name: str, overrides: list[str
 
 def fine_tune_real(tmp: Path, base: Path, texts: dict, name: str, overrides: list[str], steps: int) -> dict:
     """One run on the real base (the demo config's data and schedule), its final model scored by generation."""
-    import torch
     import yaml
-    from real_task import card_scores
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftdist.config.load import load_config
     from ftdist.launch.local import train_local
@@ -156,27 +153,20 @@ def fine_tune_real(tmp: Path, base: Path, texts: dict, name: str, overrides: lis
     started = time.perf_counter()
     summary = train_local(cfg, show_progress=False)
     seconds = round(time.perf_counter() - started, 1)
-    final = Path(summary["final_dir"])
-    if cfg.method == "full":
-        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(final))
-    cards = card_scores(model, AutoTokenizer.from_pretrained(base))
     return {"name": name, "set": overrides, "eval_loss": summary["eval_loss"], "forgetting": summary["forgetting"],
             "trainable_params": summary["trainable_params"], "seconds": seconds,
-            "accuracy": cards["accuracy"], "format": cards["format"], "replies": cards["replies"][:3]}
+            **generation_scores(Path(summary["final_dir"]))}
 
 
-def base_scores(base: Path) -> dict:
-    """The real base before fine-tuning, scored by generation as the runs are."""
+def generation_scores(model_dir: Path) -> dict:
+    """A model or adapter directory (the base itself, before fine-tuning) loaded as `ftdist generate`
+    loads it, scored by greedy generation on the held-out countries."""
     import torch
     from real_task import card_scores
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cards = card_scores(model, AutoTokenizer.from_pretrained(base))
+    from ftdist.artifacts.generate import load_trained
+
+    cards = card_scores(*load_trained(model_dir, torch.device("cpu")))
     return {"accuracy": cards["accuracy"], "format": cards["format"], "replies": cards["replies"][:3]}
 
 
@@ -235,7 +225,7 @@ def main_real(args) -> None:
                 done[name] = point
                 cache.write_text(json.dumps(list(done.values()), indent=1))
             print(json.dumps(point), flush=True)
-    before = done.get("base") or base_scores(base)
+    before = done.get("base") or generation_scores(base)
     if cache:
         done["base"] = {"name": "base", **before}
         cache.write_text(json.dumps(list(done.values()), indent=1))
