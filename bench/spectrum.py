@@ -203,6 +203,26 @@ def with_ratios(points: list[dict], plain_name: str) -> list[str]:
     return [p["name"] for p in points if p["meets_goal"]]
 
 
+# The real base's extra columns: each final model's greedy scores and its run's seconds.
+REAL_COLUMNS = (("accuracy", lambda p: f"{p['accuracy']:.2f}"), ("format", lambda p: f"{p['format']:.2f}"),
+                ("seconds", lambda p: f"{p['seconds']:.0f}"))
+
+
+def table(points: list[dict], extra: tuple = ()) -> list[str]:
+    """The Markdown table of the points: name, overrides, the task's eval loss and forgetting with their
+    ratios, `extra` columns ((header, cell of a point)), and the goal."""
+    heads = ["run", "`--set`", "trainable", "task eval loss", "forgetting", "eval loss ratio", "forgetting ratio",
+             *(head for head, _ in extra), "goal"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    for p in points:
+        shown = " ".join(s for s in p["set"] if not s.startswith("regularization.replay.data"))
+        cells = [p["name"], f"`{shown}`", f"{p['trainable_params']:,}", f"{p['eval_loss']:.4f}",
+                 f"{p['forgetting']:+.4f}", f"{p['eval_loss_ratio']:.2f}", f"{p['forgetting_ratio']:.2f}",
+                 *(cell(p) for _, cell in extra), "met" if p["meets_goal"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main_real(args) -> None:
     """--base real: the spectrum's regularizers on SmolLM2-135M-Instruct (see the module's docstring)."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -246,15 +266,7 @@ def main_real(args) -> None:
              f"the held-out countries (`card_scores`; the base before fine-tuning: accuracy {before['accuracy']:.2f}, "
              f"format {before['format']:.2f}). Ratios against `{REAL_PLAIN}`. Goal: a regularized run with "
              f"forgetting at most {GOAL['forgetting_ratio']}x at an eval loss at most {GOAL['eval_loss_ratio']}x.", "",
-             "| run | `--set` | trainable | task eval loss | forgetting | eval loss ratio | forgetting ratio | "
-             "accuracy | format | seconds | goal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for p in points:
-        shown = " ".join(s for s in p["set"] if not s.startswith("regularization.replay.data"))
-        lines.append(f"| {p['name']} | `{shown}` | {p['trainable_params']:,} | {p['eval_loss']:.4f} | "
-                     f"{p['forgetting']:+.4f} | {p['eval_loss_ratio']:.2f} | {p['forgetting_ratio']:.2f} | "
-                     f"{p['accuracy']:.2f} | {p['format']:.2f} | {p['seconds']:.0f} | "
-                     f"{'met' if p['meets_goal'] else ''} |")
+             *table(points, REAL_COLUMNS)]
     verdict = (f"Goal met by: {', '.join(met) or 'none'}." if any("+" in p["name"] for p in points)
                else "Goal: no regularized run measured yet.")
     lines += ["", verdict, "", "![spectrum](spectrum-real.png)", ""]
@@ -300,13 +312,7 @@ def main() -> None:
              "reversal. Forgetting: the loss on held-out general text after less before (nats per token). "
              f"Ratios against `{PLAIN}`. Goal: a regularized run with forgetting at most "
              f"{GOAL['forgetting_ratio']}x at an eval loss at most {GOAL['eval_loss_ratio']}x.", "",
-             "| run | `--set` | trainable | task eval loss | forgetting | eval loss ratio | forgetting ratio | goal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for p in points:
-        shown = " ".join(s for s in p["set"] if not s.startswith("regularization.replay.data"))
-        lines.append(f"| {p['name']} | `{shown}` | {p['trainable_params']:,} | {p['eval_loss']:.4f} | "
-                     f"{p['forgetting']:+.4f} | {p['eval_loss_ratio']:.2f} | {p['forgetting_ratio']:.2f} | "
-                     f"{'met' if p['meets_goal'] else ''} |")
+             *table(points)]
     lines += ["", f"Goal met by: {', '.join(met) or 'none'}.", "", "![spectrum](spectrum.png)", ""]
     (RESULTS / "spectrum.md").write_text("\n".join(lines))
     print("\n".join(lines))
