@@ -284,7 +284,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"default 60, with --base real {REAL_STEPS}")
     parser.add_argument("--cache", help="--base real: a JSON file of finished points, reused if the run is cut")
     parser.add_argument("--only", nargs="*", help="--base real: only these points")
-    parser.add_argument("--notes", help="--base real: a Markdown file appended to spectrum-real.md (the verdicts)")
+    parser.add_argument("--notes", default=str(ROOT / "bench" / "spectrum-real-notes.md"),
+                        help="--base real: a Markdown file appended to spectrum-real.md (the verdicts; "
+                             "default bench/spectrum-real-notes.md)")
     args = parser.parse_args()
     from ftdist.io.quiet import quiet_libraries
 
