@@ -4,7 +4,8 @@ Every kustomization renders with `kubectl kustomize`; what it renders validates 
 KubeRay CRDs (../shared/kuberay-crds) and Kubernetes' own schemas (kubernetes-validate), unknown
 fields rejected as `kubectl apply` rejects them; and what the schemas cannot see is checked
 here: the RayJob's command and config, what Ray is told against what the pods get, /dev/shm,
-placeholder secrets, and the image's pins against pyproject.toml.
+placeholder secrets, the spot group's preemption notice and the elastic run's sizes, and the
+image's pins against pyproject.toml.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from packaging.utils import canonicalize_name
 
 from ftdist.cli import build_parser
 from ftdist.config.load import load_config
+from ftdist.config.plan import accumulation_steps
+from ftdist.config.schema import DistributedConfig
 from ftdist.errors import UserError
 from tests.conftest import REPO
 
@@ -38,12 +41,13 @@ CRDS = next((p for p in (REPO.parent / "shared" / "kuberay-crds", REPO / "shared
             REPO.parent / "shared" / "kuberay-crds")
 KUBERNETES_VERSION = "1.32"  # the schemas kubernetes-validate checks core objects against
 
-OVERLAYS = ["gpu", "gpu-tune", "gpu-cluster", "cpu-smoke"]
+OVERLAYS = ["gpu", "gpu-tune", "gpu-cluster", "cpu-smoke", "gpu-spot"]
 KUSTOMIZATIONS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
 # Those that render a RayJob: (kustomization, the RayJob, the ftdist command it runs, its config file)
 JOBS = [("base", "ftdist-train", "train", "base/train.yaml"),
         ("overlays/gpu", "ftdist-train", "train", "base/train.yaml"),
         ("overlays/cpu-smoke", "ftdist-train", "train", "overlays/cpu-smoke/train.yaml"),
+        ("overlays/gpu-spot", "ftdist-train", "train", "overlays/gpu-spot/train.yaml"),
         ("overlays/gpu-tune", "ftdist-tune", "tune", "base/tune.yaml")]
 RAY_KINDS = ("RayCluster", "RayJob")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
@@ -306,10 +310,12 @@ def secret_problems(docs: list[dict], text: str) -> list[str]:
     return problems
 
 
-def fit_problems(objs: list[dict], job: dict, config) -> list[str]:
-    """The run's Ray Train workers fit the job's cluster at its largest."""
+def fit_problems(objs: list[dict], job: dict, config, workers: Optional[int] = None) -> list[str]:
+    """The run's Ray Train workers (distributed.workers, or `workers`) fit the job's cluster at
+    its largest."""
     problems = []
     d = config.distributed
+    workers = d.workers if workers is None else workers
     use_gpu = d.use_gpu is True or (d.use_gpu == "auto" and any(
         int(g.get("rayStartParams", {}).get("num-gpus", 0)) for _, g in ray_groups(job)))
     need = {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {}), **d.resources_per_worker}
@@ -319,8 +325,152 @@ def fit_problems(objs: list[dict], job: dict, config) -> list[str]:
         have = {"CPU": float(params.get("num-cpus", 0)), "GPU": float(params.get("num-gpus", 0))}
         per_pod = min(int(have.get(k, 0) // v) for k, v in need.items() if v)
         fit += per_pod * (1 if group == "head" else g["maxReplicas"])
-    if fit < d.workers:
-        problems.append(f"{d.workers} workers of {need} do not fit: at most {fit}")
+    if fit < workers:
+        problems.append(f"{workers} workers of {need} do not fit: at most {fit}")
+    return problems
+
+
+DEFAULT_RESIZE_CHECK_S = 60  # distributed.resize_check_s unset
+
+
+def run_config(text: str, tmp_path) -> tuple[Any, range]:
+    """A RayJob's config as ftdist loads it, and the worker counts its run may have:
+    distributed.workers N, or [min, max] for an elastic run (Ray Train resizes it within the
+    range). Until ftdist's schema takes a range (it has no distributed.resize_check_s yet), an
+    elastic config is loaded at its largest size without that key: ftdist still checks the rest."""
+    raw = yaml.safe_load(text)
+    workers = raw.get("distributed", {}).get("workers", 2)
+    low, high = (workers, workers) if isinstance(workers, int) else workers
+    if not isinstance(workers, int) and "resize_check_s" not in DistributedConfig.model_fields:
+        raw["distributed"]["workers"] = high
+        raw["distributed"].pop("resize_check_s", None)
+        text = yaml.safe_dump(raw)
+    (tmp_path / "config.yaml").write_text(text)
+    return load_config(tmp_path / "config.yaml"), range(low, high + 1)
+
+
+def elastic_problems(objs: list[dict], job: dict, text: str, tmp_path) -> list[str]:
+    """An elastic run (distributed.workers: [min, max]) fits the job's cluster at max; its global
+    batch splits into micro-batches at every size Ray Train may pick (ftdist refuses a size it
+    does not split at); the autoscaler keeps a node it brought up for a grow until Ray Train's
+    next resize check; it says how many worker-group restarts it takes."""
+    d = yaml.safe_load(text)["distributed"]
+    workers = d.get("workers")
+    if not (isinstance(workers, list) and len(workers) == 2 and all(isinstance(n, int) for n in workers)
+            and 1 <= workers[0] < workers[1]):
+        return [f"distributed.workers {workers!r} is not a range [min, max] with 1 <= min < max"]
+    cfg, sizes = run_config(text, tmp_path)
+    problems = fit_problems(objs, job, cfg, workers=sizes[-1])
+    for n in sizes:
+        try:
+            accumulation_steps(cfg.train, n)
+        except UserError as e:
+            problems.append(f"at {n} workers: {e}")
+    spec = cluster_spec(job)
+    resize_check_s = d.get("resize_check_s", DEFAULT_RESIZE_CHECK_S)
+    idle_s = spec.get("autoscalerOptions", {}).get("idleTimeoutSeconds")
+    if not spec.get("enableInTreeAutoscaling") or idle_s is None:
+        problems.append("no autoscaler with an idle timeout: nothing brings up nodes for the run to grow back")
+    elif idle_s <= resize_check_s:
+        problems.append(f"idleTimeoutSeconds {idle_s} <= distributed.resize_check_s {resize_check_s}: a node "
+                        "brought up for a grow may go before Ray Train's resize check takes it")
+    if "max_failures" not in d:
+        problems.append("distributed.max_failures unset: every reclaim restarts the worker group")
+    return problems
+
+
+# The spot labels and taints of GKE (Spot VMs), AKS (spot node pools) and Karpenter (EKS).
+SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "kubernetes.azure.com/scalesetpriority": "spot",
+               "karpenter.sh/capacity-type": "spot"}
+EXIT_MARGIN_S = 10  # of a grace period, after the preStop hook: Ray's own exit on SIGTERM
+CHECKPOINT_S = 60   # at least, for a step and a checkpoint of overlays/gpu-spot's run (about 10 s and seconds)
+
+
+def drain_hook(container: dict) -> tuple[dict, int, int]:
+    """The drain in a Ray container's preStop hook,
+    `timeout T ray drain-node OPTIONS && sleep S`: (the options as Ray's own CLI parses them, T, S)."""
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    assert command[:2] in (["/bin/bash", "-c"], ["/bin/sh", "-c"]) and len(command) == 3, \
+        f"preStop is not a shell command: {command}"
+    parts = [shlex.split(part) for part in command[2].split("&&")]
+    assert len(parts) == 2 and parts[0][:1] == ["timeout"] and parts[0][2:4] == ["ray", "drain-node"], \
+        f"preStop is not `timeout T ray drain-node ... && sleep S`: {command[2]!r}"
+    assert parts[1][:1] == ["sleep"] and len(parts[1]) == 2, f"preStop does not end in `sleep S`: {command[2]!r}"
+    import click
+    from ray.scripts.scripts import drain_node
+
+    try:
+        options = drain_node.make_context("drain-node", parts[0][4:]).params
+    except click.ClickException as e:
+        raise AssertionError(f"ray drain-node {shlex.join(parts[0][4:])}: {e.format_message()}") from None
+    return options, int(parts[0][1]), int(parts[1][1])
+
+
+def preemption_problems(job: dict) -> list[str]:
+    """The spot group (components/spot): GPU nodes with a spot label of GKE, AKS or Karpenter
+    and nothing else, their taints tolerated; from 0 pods through the autoscaler; a pod's
+    termination turned into Ray's preemption notice (preStop: drain with reason PREEMPTION and a
+    deadline covering a checkpoint, then wait it out) inside its grace period. The head off spot
+    nodes, its grace covering the driver's SIGTERM path (a checkpoint too)."""
+    spec = cluster_spec(job)
+    groups = {g["groupName"]: g for g in spec.get("workerGroupSpecs", [])}
+    if "spot" not in groups:
+        return ["no worker group `spot`"]
+    group = groups["spot"]
+    pod = group["template"]["spec"]
+    problems = []
+    if pod.get("nodeSelector", {}).get("nvidia.com/gpu.present") != "true":
+        problems.append("spot: not only on GPU nodes (nodeSelector nvidia.com/gpu.present)")
+    terms = (pod.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", {})
+             .get("nodeSelectorTerms", []))
+    spot_terms = [[{"key": key, "operator": "In", "values": [value]}] for key, value in SPOT_LABELS.items()]
+    if sorted(map(json.dumps, (t.get("matchExpressions") for t in terms))) != sorted(map(json.dumps, spot_terms)):
+        problems.append(f"spot: its node affinity is not one term per spot label {sorted(SPOT_LABELS)}: {terms}")
+    for key, value in SPOT_LABELS.items():
+        if not any(t.get("key") == key and t.get("effect") == "NoSchedule"
+                   and (t.get("operator") == "Exists" or t.get("value") == value) for t in pod.get("tolerations", [])):
+            problems.append(f"spot: no toleration of the taint {key}={value}:NoSchedule")
+    if group["minReplicas"] != 0 or group["maxReplicas"] < 1:
+        problems.append(f"spot: minReplicas {group['minReplicas']}, maxReplicas {group['maxReplicas']} (0 and >= 1)")
+    if not spec.get("enableInTreeAutoscaling") or "idleTimeoutSeconds" not in spec.get("autoscalerOptions", {}):
+        problems.append("no autoscaler with an idle timeout: the spot group never grows from 0")
+    grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+    deadline = 0
+    try:
+        options, drain_timeout, wait = drain_hook(pod["containers"][0])
+    except (AssertionError, ValueError, IndexError) as e:
+        problems.append(f"spot: {e}")
+    else:
+        deadline = options["deadline_remaining_seconds"] or 0
+        if options["reason"] != "DRAIN_NODE_REASON_PREEMPTION":
+            problems.append(f"spot: drains with reason {options['reason']}, not DRAIN_NODE_REASON_PREEMPTION")
+        if options["node_id"] is not None or options["address"] is not None:
+            problems.append("spot: the drain names a node or an address: it drains the pod's own node")
+        if deadline < CHECKPOINT_S:
+            problems.append(f"spot: the drain's deadline {deadline} s is under {CHECKPOINT_S} s (a step and a checkpoint)")
+        if wait < deadline:
+            problems.append(f"spot: the hook waits {wait} s, less than the {deadline} s Ray was told")
+        if grace < drain_timeout + wait + EXIT_MARGIN_S:
+            problems.append(f"spot: terminationGracePeriodSeconds {grace} < the drain's {drain_timeout} s + the "
+                            f"{wait} s wait + {EXIT_MARGIN_S} s")
+    head = spec["headGroupSpec"]["template"]["spec"]
+    head_terms = (head.get("affinity", {}).get("nodeAffinity", {})
+                  .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+    for key, value in SPOT_LABELS.items():
+        if not head_terms or not all({"key": key, "operator": "NotIn", "values": [value]} in t.get("matchExpressions", [])
+                                     for t in head_terms):
+            problems.append(f"head: not kept off nodes with {key}={value}")
+    hook = " ".join(head["containers"][0].get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", []))
+    driver_wait = re.search(r"kill -TERM (\S+) && timeout (\d+) tail --pid=\1 ", hook)
+    if driver_wait is None:
+        problems.append("head: preStop does not SIGTERM the driver and wait for it (`kill -TERM P && timeout N tail --pid=P`)")
+    else:
+        head_grace = head.get("terminationGracePeriodSeconds", 30)
+        if int(driver_wait[2]) < deadline:
+            problems.append(f"head: waits {driver_wait[2]} s for the driver, less than the workers' {deadline} s")
+        if head_grace < int(driver_wait[2]) + EXIT_MARGIN_S:
+            problems.append(f"head: terminationGracePeriodSeconds {head_grace} < the driver's {driver_wait[2]} s "
+                            f"+ {EXIT_MARGIN_S} s")
     return problems
 
 
@@ -405,7 +555,8 @@ def test_kustomizations_render(path):
     assert len(ids) == len(set(ids)), f"duplicate objects: {ids}"
     assert {"ServiceAccount", "ConfigMap"} <= set(kinds)
     expected = {"base": ["RayCluster", "RayJob"], "overlays/gpu": ["RayJob"], "overlays/gpu-tune": ["RayJob"],
-                "overlays/cpu-smoke": ["RayJob"], "overlays/gpu-cluster": ["RayCluster"]}[path]
+                "overlays/cpu-smoke": ["RayJob"], "overlays/gpu-cluster": ["RayCluster"],
+                "overlays/gpu-spot": ["RayJob"]}[path]
     assert [k for k in kinds if k in RAY_KINDS] == expected
     # The real Secret is made by hand: an overlay that carried the example would overwrite it.
     assert ("Secret" in kinds) == (path == "overlays/cpu-smoke")
@@ -501,13 +652,12 @@ def test_the_rayjob_runs_ftdist_on_its_own_cluster_and_retries_resume(path, name
     text = mounted_file(objs, head, head["spec"]["containers"][0], args.config)
     assert text is not None, "the config is not mounted in the head pod (where the entrypoint runs)"
     assert text == (K8S / source).read_text()
-    (tmp_path / "config.yaml").write_text(text)
-    cfg = load_config(tmp_path / "config.yaml")
+    cfg, sizes = run_config(text, tmp_path)
     # A retry runs the same command on the same run directory in the store, and resumes there.
     assert cfg.run.output.startswith("s3://") and not re.search(r"\d{8}|\d{4}-\d\d-\d\d", cfg.run.output + cfg.run.name)
     if command == "train":
-        assert cfg.distributed.workers >= 2
-        assert fit_problems(objs, job, cfg) == []
+        assert sizes[0] >= 2
+        assert fit_problems(objs, job, cfg, workers=sizes[-1]) == []
     else:  # the search's experiment is as fixed as a run; its concurrent trials fit the cluster together
         assert cfg.tune is not None and not re.search(r"\d{8}|\d{4}-\d\d-\d\d", cfg.tune.name)
         assert cfg.tune.max_concurrent_trials >= 2
@@ -630,6 +780,121 @@ def test_secrets_are_placeholders_and_nothing_looks_like_a_real_key():
     planted = copy.deepcopy(example)
     planted["stringData"]["AWS_ACCESS_KEY_ID"] = "AKIA" + "Q7" * 8
     assert len(secret_problems([planted], yaml.safe_dump(planted))) == 2
+
+
+# ---------------------------------------------------------------- spot nodes, the elastic run
+
+
+def spot_job() -> tuple[list[dict], dict, str]:
+    """overlays/gpu-spot: what it renders, its RayJob, the config the head pod reads."""
+    objs = render("overlays/gpu-spot")
+    _, _, config = rayjob_entrypoint_and_env("gpu-spot")
+    return objs, one(objs, "RayJob"), config
+
+
+def groups_of(job: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in cluster_spec(job)["workerGroupSpecs"]}
+
+
+def test_spot_pods_turn_their_termination_into_rays_preemption_notice():
+    _, job, _ = spot_job()
+    assert preemption_problems(job) == []
+    groups = groups_of(job)
+    spot = groups["spot"]
+    assert spot["minReplicas"] == spot["replicas"] == 0 and spot["maxReplicas"] >= 1
+    assert groups["workers"]["maxReplicas"] == 0  # no on-demand GPU the autoscaler could pick instead
+    options, drain_timeout, wait = drain_hook(spot["template"]["spec"]["containers"][0])
+    assert options["reason"] == "DRAIN_NODE_REASON_PREEMPTION"
+    assert CHECKPOINT_S <= options["deadline_remaining_seconds"] <= wait
+    assert spot["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_timeout + wait + EXIT_MARGIN_S
+    # Only the spot overlay has a spot group and the hooks.
+    for path in KUSTOMIZATIONS:
+        for obj in render(path) if path != "overlays/gpu-spot" else []:
+            if obj["kind"] in RAY_KINDS:
+                assert "spot" not in [name for name, _ in ray_groups(obj)]
+                assert not any("lifecycle" in c for _, t in pod_templates(obj) for c in t["spec"]["containers"])
+
+
+def edit_hook(pod: dict, old: str, new: str) -> None:
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert old in command[2]
+    command[2] = command[2].replace(old, new)
+
+
+def set_affinity(pod: dict, terms: list) -> None:
+    pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] = terms
+
+
+BROKEN_SPOT = {  # what a copy gets: (spec, spot pod, head pod) -> None, and the problem it makes
+    "grace under the deadline": (lambda s, pod, head: pod.update(terminationGracePeriodSeconds=60),
+                                 "terminationGracePeriodSeconds 60 < the drain's 15 s + the 90 s wait"),
+    "grace without the margin": (lambda s, pod, head: pod.update(terminationGracePeriodSeconds=100),
+                                 "terminationGracePeriodSeconds 100 <"),
+    "Kubernetes' default grace": (lambda s, pod, head: pod.pop("terminationGracePeriodSeconds"),
+                                  "terminationGracePeriodSeconds 30 <"),
+    "idle reason": (lambda s, pod, head: edit_hook(pod, "REASON_PREEMPTION", "REASON_IDLE_TERMINATION"),
+                    "not DRAIN_NODE_REASON_PREEMPTION"),
+    "unknown reason": (lambda s, pod, head: edit_hook(pod, "DRAIN_NODE_REASON_PREEMPTION", "PREEMPTION"),
+                       "is not one of"),
+    "no deadline": (lambda s, pod, head: edit_hook(pod, "--deadline-remaining-seconds 90", ""),
+                    "deadline 0 s is under"),
+    "short wait": (lambda s, pod, head: edit_hook(pod, "sleep 90", "sleep 30"), "waits 30 s, less than the 90 s"),
+    "no wait": (lambda s, pod, head: edit_hook(pod, "&& sleep 90", ""), "preStop is not"),
+    "another node": (lambda s, pod, head: edit_hook(pod, "drain-node", "drain-node --node-id 0a1b"), "names a node"),
+    "a taint not tolerated": (lambda s, pod, head: pod["tolerations"].pop(), "karpenter.sh/capacity-type=spot"),
+    "on-demand nodes too": (lambda s, pod, head: set_affinity(pod, [{"matchExpressions": [
+        {"key": "nvidia.com/gpu.present", "operator": "Exists"}]}]), "node affinity"),
+    "any node": (lambda s, pod, head: pod.pop("nodeSelector"), "GPU nodes"),
+    "a pod always up": (lambda s, pod, head: s["workerGroupSpecs"][1].update(minReplicas=1), "minReplicas 1"),
+    "no autoscaler": (lambda s, pod, head: s.update(enableInTreeAutoscaling=False), "no autoscaler"),
+    "head on spot": (lambda s, pod, head: head.pop("affinity"), "head: not kept off"),
+    "head's default grace": (lambda s, pod, head: head.pop("terminationGracePeriodSeconds"),
+                             "head: terminationGracePeriodSeconds 30 < the driver's 100 s"),
+    "driver not told": (lambda s, pod, head: head["containers"][0].pop("lifecycle"), "head: preStop does not"),
+    "driver cut short": (lambda s, pod, head: edit_hook(head, "timeout 100", "timeout 30"), "head: waits 30 s"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_SPOT)
+def test_a_spot_group_that_would_lose_its_checkpoint_is_caught(case):
+    change, problem = BROKEN_SPOT[case]
+    _, job, _ = spot_job()
+    spec = cluster_spec(job)
+    assert spec["workerGroupSpecs"][1]["groupName"] == "spot"
+    change(spec, spec["workerGroupSpecs"][1]["template"]["spec"], spec["headGroupSpec"]["template"]["spec"])
+    problems = preemption_problems(job)
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_elastic_run_fits_the_spot_group_and_splits_its_batch_at_every_size(tmp_path):
+    objs, job, config = spot_job()
+    assert elastic_problems(objs, job, config, tmp_path) == []
+    cfg, sizes = run_config(config, tmp_path)
+    spot = groups_of(job)["spot"]
+    assert len(sizes) >= 2 and sizes[-1] <= spot["maxReplicas"] * int(spot["rayStartParams"]["num-gpus"])
+    for n in sizes:
+        assert cfg.train.batch_size % (cfg.train.micro_batch_size * n) == 0
+    distributed = yaml.safe_load(config)["distributed"]
+    assert distributed["resize_check_s"] < cluster_spec(job)["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert distributed["max_failures"] > yaml.safe_load((K8S / "base" / "train.yaml").read_text())["distributed"]["max_failures"]
+
+
+def test_a_broken_elastic_config_is_caught(tmp_path):
+    objs, job, config = spot_job()
+
+    def problems(old: str, new: str, in_job: Optional[dict] = None) -> list[str]:
+        assert old in config
+        return elastic_problems(objs, in_job or job, config.replace(old, new), tmp_path)
+
+    assert any(p.startswith("at 7 workers") for p in problems("batch_size: 168", "batch_size: 192"))  # 6 x 32, 8 x 24
+    assert any("9 workers" in p and "do not fit" in p for p in problems("workers: [6, 8]", "workers: [6, 9]"))
+    assert any("not a range" in p for p in problems("workers: [6, 8]", "workers: 8"))
+    assert any("not a range" in p for p in problems("workers: [6, 8]", "workers: [8, 6]"))
+    assert any("resize_check_s 900" in p for p in problems("resize_check_s: 300", "resize_check_s: 900"))
+    assert any("max_failures unset" in p for p in problems("max_failures: 20", "zero_stage: 2"))
+    no_autoscaler = copy.deepcopy(job)
+    cluster_spec(no_autoscaler)["enableInTreeAutoscaling"] = False
+    assert any("no autoscaler" in p for p in problems("resize_check_s: 300", "resize_check_s: 300", no_autoscaler))
 
 
 # ---------------------------------------------------------------- the image
