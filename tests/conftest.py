@@ -81,7 +81,7 @@ def write_config(tmp_path: Path, cfg: Config, filename: str = "config.yaml") -> 
 # is a library's, which the user should never have to read.
 FTDIST_LINE = re.compile(
     r"^(plan: |memory \(estimate\): |model: |data: |regularization: |step \d+|checkpoint step \d+ complete|"
-    r"resuming from |done: |"
+    r"resuming from |stopping: |done: |"
     r"  (eval_\w+|forgetting|"
     r"negative transfer|metrics): |.* is already finished|ftdist: )")
 

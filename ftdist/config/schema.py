@@ -10,6 +10,7 @@ for settings.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from typing import Annotated, Any, Literal, Optional, Union
@@ -407,7 +408,10 @@ class DistributedConfig(Section):
     local mode (a world of one process). zero_stage, offload_* and the raw deepspeed keys are
     the deepspeed engine's."""
 
-    workers: int = Field(2, ge=0)
+    # A number: that many workers. [min, max]: an elastic run, which Ray Train starts with as many
+    # as the cluster holds in the range, shrinks when nodes are lost or preempted and grows back
+    # when they return; the global batch, schedule and data order stay the same at every size.
+    workers: Union[int, tuple[int, int]] = 2
     engine: str = "auto"  # auto, or a name of ftdist.engines' registry
     use_gpu: Union[Literal["auto"], bool] = "auto"  # auto: GPUs when the cluster has them
     resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
@@ -417,6 +421,44 @@ class DistributedConfig(Section):
     offload_params: Literal["none", "cpu"] = "none"
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # raw DeepSpeed keys, merged last
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+    # Restarts after a node's preemption (with notice or without), counted apart from failures;
+    # -1: no limit (spot nodes may be reclaimed many times in a long run).
+    max_preemptions: int = Field(-1, ge=-1)
+    resize_check_s: float = Field(60.0, gt=0)  # how often an elastic run looks for room to grow
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_or_range(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError("must be 0 (local mode, no Ray) or more workers, or [min, max] for an elastic run")
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            low, high = value
+            if low < 1 or low > high:
+                raise ValueError(f"an elastic range [min, max] runs from 1 worker or more up to max >= min; "
+                                 f"e.g. [1, {max(high, 2)}]")
+            return low if low == high else (low, high)  # [n, n] is a fixed size
+        raise ValueError("must be a number of workers, or [min, max] for an elastic run")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run has (all of them for a fixed size)."""
+        return self.workers[0] if self.elastic else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if self.elastic else self.workers
+
+    @property
+    def sizes(self) -> range:
+        """Every world size the run may train at."""
+        return range(self.min_workers, self.max_workers + 1)
 
     @field_validator("engine")
     @classmethod
@@ -669,7 +711,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
-        if self.method == "qlora" and self.distributed.workers > 0 and self.distributed.zero_stage == 3 and \
+        if self.method == "qlora" and self.distributed.min_workers > 0 and self.distributed.zero_stage == 3 and \
                 self.distributed.engine != "plain":
             raise ValueError(
                 "method qlora with distributed.zero_stage 3 is not supported: use zero_stage 2 (the 4-bit base "
@@ -690,7 +732,7 @@ class Config(Section):
                 "train), or a number of blocks for lora/qlora"
             )
 
-        problem = config_problem(self)
+        problem = config_problem(self) or elastic_batch_problem(self.train, self.distributed)
         if problem:
             raise ValueError(problem)
         r = self.regularization
@@ -753,6 +795,22 @@ def freeze_depth_problem(freeze_layers: Union[int, str], method: str, num_layers
                 "freeze_layers, or use method: full for feature extraction")
     return None
 
+
+
+def elastic_batch_problem(train: TrainConfig, distributed: DistributedConfig) -> Optional[str]:
+    """An elastic range at some size of which the global batch cannot be kept exactly (it must
+    split into whole micro-batches on every worker), with the smallest batch that works."""
+    if not distributed.elastic:
+        return None
+    micro, batch = train.micro_batch_size, train.batch_size
+    broken = [n for n in distributed.sizes if batch % (micro * n)]
+    if not broken:
+        return None
+    unit = math.lcm(*(micro * n for n in distributed.sizes))
+    works = -(-batch // unit) * unit
+    return (f"distributed.workers {list(distributed.workers)}: train.batch_size {batch} does not split into whole "
+            f"micro-batches of {micro} at {', '.join(map(str, broken))} worker(s), so the global batch would change "
+            f"with the world size; set train.batch_size to a multiple of {unit} (e.g. {works}), or narrow the range")
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

@@ -54,11 +54,8 @@ def arrow_table(rows: Rows, start: int, end: int):
     return pa.table(table)
 
 
-def rows_of(shard, part: Optional[tuple[int, int]] = None) -> Optional[Rows]:
-    """A worker's shard (a Ray DataIterator) read into memory; None for no shard. `part`
-    (rank, world size): the shard is the whole dataset, of which this worker keeps rows rank,
-    rank + world size, ..., as many as every rank gets (what streaming_split(equal=True)
-    would give it)."""
+def rows_of(shard) -> Optional[Rows]:
+    """A worker's shard (a Ray DataIterator) read into memory; None for no shard."""
     if shard is None:
         return None
     parts = []
@@ -68,16 +65,12 @@ def rows_of(shard, part: Optional[tuple[int, int]] = None) -> Optional[Rows]:
         source = batch.column("source").to_numpy() if "source" in batch.column_names else None
         parts.append(Rows({name: lists[name].flatten().to_numpy().astype(np.int32) for name in COLUMNS},
                           (offsets - offsets[0]).astype(np.int64), source))
-    rows = Rows.concat(parts) if parts else empty_rows()
-    if part is not None:
-        rank, world = part
-        rows = rows.take(range(rank, len(rows) - len(rows) % world, world))
-    return rows
+    return Rows.concat(parts) if parts else empty_rows()
 
 
-def dataset_from_shards(cfg: Config, stats: dict[str, Any], part: Optional[tuple[int, int]] = None) -> Dataset:
-    """The worker's side: its Ray Data shards as the loop's Dataset. `part` (rank, world
-    size): the train shard is the whole training set, of which this worker takes its part."""
+def dataset_from_shards(cfg: Config, stats: dict[str, Any], whole: bool = False) -> Dataset:
+    """The worker's side: its Ray Data shards as the loop's Dataset. `whole`: the train shard
+    is the whole training set (every worker reads every row, and takes its part of each batch)."""
     import ray.train
 
     def shard(name: str):
@@ -86,8 +79,7 @@ def dataset_from_shards(cfg: Config, stats: dict[str, Any], part: Optional[tuple
         except KeyError:
             return None
 
-    train, eval_rows, retention, replay = (rows_of(shard(n), part if n == "train" else None)
-                                           for n in SPLITS)
+    train, eval_rows, retention, replay = (rows_of(shard(n)) for n in SPLITS)
     stats = dict(stats, shard_rows=len(train), shard_target_tokens=train.target_tokens())
     if eval_rows is not None:
         stats["eval_rows"] = len(eval_rows)
@@ -95,4 +87,4 @@ def dataset_from_shards(cfg: Config, stats: dict[str, Any], part: Optional[tuple
         stats["retention_rows"] = len(retention)
     if replay is not None:
         stats["replay_rows"] = len(replay)
-    return Dataset(train, eval_rows, retention, stats.get("format", cfg.data.format), stats, replay)
+    return Dataset(train, eval_rows, retention, stats.get("format", cfg.data.format), stats, replay, shared=whole)

@@ -108,6 +108,10 @@ class Dataset:
     format: str
     stats: dict[str, Any] = field(default_factory=dict)
     replay: Optional[Rows] = None  # regularization.replay's text, mixed into the training batches
+    # Every rank holds every training row: one order for the world, of which each rank takes its part
+    # of each batch, so the batches are the same at any world size. Else (Ray Data split the rows
+    # among the workers) each rank orders its own rows.
+    shared: bool = True
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -588,6 +592,16 @@ def train_order(rows: Rows, weights: Optional[list[float]], seed: int, epoch: in
         rng = np.random.default_rng([seed, epoch, s + 1])
         drawn.append(np.concatenate([rng.permutation(mine) for _ in range(passes)])[:quota])
     return np.random.default_rng([seed, epoch]).permutation(np.concatenate(drawn))
+
+
+def rank_rows(order: np.ndarray, index: int, batch_size: int, rank: int, world_size: int, shared: bool) -> list[int]:
+    """Rank `rank`'s rows of global batch `index`, from an epoch's `order`. `shared` (every rank
+    holds every row, `order` is the world's): its contiguous part of the world's batch, so that
+    the batch is the same rows at any world size. Else `order` is the rank's own rows': its next
+    batch_size / world_size of them."""
+    per_rank = batch_size // world_size
+    start = index * batch_size + rank * per_rank if shared else index * per_rank
+    return order[start : start + per_rank].tolist()
 
 
 def replay_share(step: int, rows_per_step: int, fraction: float) -> range:

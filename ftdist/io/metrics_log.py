@@ -39,6 +39,12 @@ class MetricsLog:
         safewrite.write_text(tmp, self.root, "the metrics log", "".join(json.dumps(r) + "\n" for r in kept))
         safewrite.rename(tmp, self.path, self.root, "the metrics log")
 
+    def last_step(self) -> Optional[int]:
+        """The newest training step logged (None: none, or not this rank's log)."""
+        if not self.enabled:
+            return None
+        return max((r["step"] for r in read_metrics(self.path) if "loss" in r and "step" in r), default=None)
+
     def reset(self) -> None:
         if self.enabled:
             safewrite.remove(self.path, self.root, "the metrics log")

@@ -29,10 +29,10 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
 
     d = cfg.distributed
     dtype = compute_dtype(cfg, torch.device("cuda"), bf16_supported=True)
-    workers = d.workers or 1
+    workers = d.min_workers or 1  # an elastic range at its fewest: ZeRO's partitions are largest there
     available = gpu_gib * GiB
-    est, limit, tips = estimate_fit(cfg, dtype, workers, resolve(d.engine, local=not d.workers), available)
-    plan = describe_plan(cfg, "cuda") if d.workers else "plan: local mode, one process on one GPU"
+    est, limit, tips = estimate_fit(cfg, dtype, workers, resolve(d.engine, local=not d.min_workers), available)
+    plan = describe_plan(cfg, "cuda") if d.min_workers else "plan: local mode, one process on one GPU"
     switches = [name for name, on in (("gradient checkpointing" + (f" every {cfg.train.checkpoint_every} blocks"
                                        if cfg.train.checkpoint_every > 1 else ""), cfg.train.checkpoint_every),
                                       ("chunked loss", cfg.train.chunked_loss)) if on]

@@ -6,15 +6,16 @@ estimate per device (failing fast with advice when it does not fit); build the b
 files and the Ray datasets (`shared_inputs`, which a search's trials share too); fit.
 Workers: `worker_loop`, the same `loop.train` local mode runs, with a RayContext (whose
 engine is distributed.engine's: ftdist/engines). A worker that dies restarts the group (distributed.max_failures
-times), and the loop resumes from the newest complete checkpoint.
+times; a preempted node, distributed.max_preemptions times), and the loop resumes from the newest complete
+checkpoint. An elastic run (distributed.workers: [min, max]) trains on as many workers as the cluster holds
+in the range; a preemption notice, a SIGTERM to the driver and a resize each stop the workers at a step
+boundary with a checkpoint first (launch/restarts.py), so none loses a step.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,13 +33,15 @@ from ftdist.launch.rayhead import answers, watch_head
 from ftdist.launch.rundir import check_free, finished_summary, is_finished, read_summary, writing
 from ftdist.model.source import load_tokenizer
 from ftdist.tracking.run import TrackingGroup
-from ftdist.training.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
+from ftdist.training.notice import Notice, StopNotice, StoppedOnNotice, stop_on_sigterm
 
 GPU_PROBE_TIMEOUT_S = 120
-STOP_FLAG_NAMESPACE = "ftdist"  # where a driver's StopFlag actor lives (named ftdist-stop-<id>)
+RESTART_WAIT_MARGIN_S = 120  # past a preemption's deadline (or a resize's request) before a waiting worker gives up
 # Ray Train's controller polls its worker group every 2 s by default: each run's start, end
 # and every restart waited up to that long for nothing. A poll is one cheap actor call.
-TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Its preemption watcher polls Ray's drained nodes every 5 s: a second of a notice's 30 s (GCP's,
+# Azure's) is worth more to the checkpoint.
+TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
 
 
 def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
@@ -60,52 +63,15 @@ def train_ray(cfg: Config, restart: bool = False, address: Optional[str] = None,
             loop_config = worker_config(checked.cfg, store, inputs.data_stats, inputs.split_in_workers,
                                         show_progress)
             if not notice.reason:
-                with forwarded(notice) as flag:
-                    fit(checked.cfg, store, {**loop_config, "stop_flag": flag}, inputs.datasets, use_gpu)
+                from ftdist.launch.restarts import forwarded
+
+                with forwarded(notice) as signals:
+                    fit(checked.cfg, store, {**loop_config, "signals": signals}, inputs.datasets, use_gpu)
         if notice.reason and not is_finished(store):  # (a stop asked during the last step: the run finished)
 
             raise StoppedOnNotice(f"{notice.reason}: the workers stopped at a step boundary; "
                                   f"{describe_newest(store)}; run the same command again to resume from it")
         return read_summary(store)
-
-
-@contextmanager
-def forwarded(notice: StopNotice, poll_s: float = 0.05):
-    """A StopFlag actor the workers ask at each step boundary, told of a stop asked of this
-    driver by a thread (a signal handler must not call into Ray) for as long as the block runs."""
-    import threading
-
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class StopFlag:
-        def __init__(self) -> None:
-            self.why: Optional[str] = None
-
-        def request(self, why: str) -> None:
-            self.why = self.why or why
-
-        def reason(self) -> Optional[str]:
-            return self.why
-
-    # Named, in a namespace of its own, so that a test (or an operator) can find it: `ray list actors`.
-    flag = StopFlag.options(name=f"ftdist-stop-{uuid.uuid4().hex[:12]}", namespace=STOP_FLAG_NAMESPACE).remote()
-    done = threading.Event()
-
-    def forward() -> None:
-        while not done.wait(poll_s):
-            if notice.reason:
-                ray.get(flag.request.remote(notice.reason), timeout=60)
-                return
-
-    thread = threading.Thread(target=forward, name="ftdist-stop-forwarder", daemon=True)
-    thread.start()
-    try:
-        yield flag
-    finally:
-        done.set()
-        thread.join(timeout=70)
-        ray.kill(flag)
 
 
 @dataclass(frozen=True)
@@ -124,7 +90,8 @@ def preflight_cluster(cfg: Config, address: Optional[str]) -> tuple[bool, str, D
     device = torch.device(device_type)
     check_dtype(cfg, device)
     d = cfg.distributed
-    estimate = check_fits(cfg, device, d.workers, resolve(d.engine, local=False), available=per_device)
+    # At the fewest workers of an elastic range: ZeRO's partitions are largest there.
+    estimate = check_fits(cfg, device, d.min_workers, resolve(d.engine, local=False), available=per_device)
     return use_gpu, device_type, DeviceBudget(per_device, estimate)
 
 
@@ -151,9 +118,10 @@ def shared_inputs(checked: CheckedInputs, store: RunStore) -> SharedInputs:
     base_path = resolve_base(cfg, store)
     datasets, stats = ray_datasets(cfg, load_tokenizer(cfg, base_path))
     datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    plan = make_plan(cfg, stats["train_rows"], cfg.distributed.workers)
+    plan = make_plan(cfg, stats["train_rows"], cfg.distributed.min_workers)
+    # An elastic run's workers read every row: the data order is then the same at every world size.
     return SharedInputs(base_path, datasets, stats, plan,
-                        split_in_workers=stats["train_rows"] <= SPLIT_IN_WORKERS_MAX_ROWS)
+                        split_in_workers=stats["train_rows"] <= SPLIT_IN_WORKERS_MAX_ROWS or cfg.distributed.elastic)
 
 
 def worker_config(cfg: Config, store: RunStore, data_stats: dict, split_in_workers: bool,
@@ -168,10 +136,19 @@ def worker_config(cfg: Config, store: RunStore, data_stats: dict, split_in_worke
 
 def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu: bool,
         callbacks: Optional[list] = None) -> None:
+    """Ray Train's run of `worker_loop`. loop_config["signals"]: the run's RunSignals actor
+    (launch/restarts.py), made here when the caller has none (a search's trial)."""
+    from ftdist.launch.restarts import forwarded
+
+    if loop_config.get("signals") is None:
+        with forwarded(StopNotice()) as signals:
+            return fit(cfg, store, {**loop_config, "signals": signals}, datasets, use_gpu, callbacks)
+
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ftdist.data.raydata import SPLIT
+    from ftdist.launch.restarts import RestartWatch
 
     d = cfg.distributed
     safewrite.make_dirs(store.root / "ray", store.root, "Ray Train's bookkeeping")  # never through a link
@@ -180,10 +157,13 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
                                      resources_per_worker=d.resources_per_worker or None,
-                                     placement_strategy=d.placement),
+                                     placement_strategy=d.placement,
+                                     elastic_resize_monitor_interval_s=d.resize_check_s),
         run_config=RunConfig(name=cfg.run.name, storage_path=str(store.root / "ray"),  # Ray's own bookkeeping
-                             failure_config=FailureConfig(max_failures=d.max_failures),
-                             worker_runtime_env={"env_vars": WORKER_ENV}, callbacks=callbacks),
+                             failure_config=FailureConfig(max_failures=d.max_failures,
+                                                          max_preemption_failures=d.max_preemptions),
+                             worker_runtime_env={"env_vars": WORKER_ENV},
+                             callbacks=[*(callbacks or []), RestartWatch(loop_config["signals"])]),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if loop_config["split_in_workers"] else SPLIT),
     )
@@ -217,7 +197,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         show_progress=config["show_progress"], data_stats=config["data_stats"],
         split_in_workers=config["split_in_workers"],
         tracking_group=TrackingGroup(**config["tracking_group"]) if config.get("tracking_group") else None,
-        stop_flag=config.get("stop_flag"),
+        signals=config.get("signals"),
     )
     if ctx.device.type == "cuda":
         import torch
@@ -225,8 +205,36 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(ctx.device)
     try:
         train(cfg, ctx)
-    except StoppedOnNotice:  # the driver asked for it: the group ends without a failure to retry
-        return
+    except StoppedOnNotice as stopped:
+        if stopped.notice.restarts:  # a preemption or a resize: its checkpoint committed, Ray Train restarts
+            if ctx.is_main and ctx.show_progress:
+                print(f"stopping: {stopped}", flush=True)
+            await_restart(ctx, stopped.notice)
+        return  # a stop asked of the driver: the group ends without a failure to retry
+
+
+def await_restart(ctx, notice: Notice) -> None:
+    """After the checkpoint for a preemption or a resize: rank 0 says it is committed (a resize
+    waits for that); then the workers wait for Ray Train to end the group and start the next.
+    Once a preempted node is gone, the workers elsewhere end (Ray Train then restarts at once,
+    not at the deadline); else Ray Train ends them at the deadline, or for the resize. Bounded:
+    a group still here well after that fails, which Ray Train counts and retries like any failure."""
+    import time
+
+    import ray
+
+    if ctx.is_main and ctx.signals is not None:
+        ray.get(ctx.signals.committed.remote(notice.reason), timeout=60)
+    here = ray.get_runtime_context().get_node_id()
+    until = (notice.deadline or time.time() + 120) + RESTART_WAIT_MARGIN_S  # Ray's default deadline: 120 s
+    while time.time() < until:
+        if notice.nodes and here not in notice.nodes:
+            alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
+            if not all(alive.get(node, False) for node in notice.nodes):
+                return
+        time.sleep(1.0)
+    raise RuntimeError(f"{notice.reason}: the checkpoint was committed, but Ray Train did not restart the workers "
+                       f"within {RESTART_WAIT_MARGIN_S} s of the deadline")
 
 
 def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:
@@ -293,19 +301,21 @@ def cluster_budget(cfg: Config) -> tuple[bool, str, float]:
     gpus = total.get("GPU", 0)
     use_gpu = gpus >= 1 if d.use_gpu == "auto" else d.use_gpu
     need = worker_resources(cfg, use_gpu)
+    workers = d.min_workers  # an elastic run starts with as many as fit, from its minimum
+    what = f"distributed.workers {d.workers}" + (" (its minimum)" if d.elastic else "")
     for resource, amount in need.items():
-        if amount * d.workers > total.get(resource, 0):
+        if amount * workers > total.get(resource, 0):
             raise UserError(
-                f"distributed.workers {d.workers} x {amount:g} {resource} (distributed.resources_per_worker) need "
-                f"{amount * d.workers:g} {resource} but the Ray cluster has {total.get(resource, 0):g}; "
+                f"{what} x {amount:g} {resource} (distributed.resources_per_worker) need "
+                f"{amount * workers:g} {resource} but the Ray cluster has {total.get(resource, 0):g}; "
                 "lower distributed.workers or resources_per_worker, or add nodes")
-    if d.placement == "STRICT_SPREAD" and d.workers > len(nodes):
-        raise UserError(f"distributed.placement STRICT_SPREAD puts each of {d.workers} workers on its own node, "
+    if d.placement == "STRICT_SPREAD" and workers > len(nodes):
+        raise UserError(f"distributed.placement STRICT_SPREAD puts each of {workers} workers on its own node, "
                         f"but the cluster has {len(nodes)} nodes; use SPREAD or PACK, or add nodes")
     if use_gpu:
         return True, "cuda", gpu_memory()
-    per_node = max(1, math.ceil(d.workers / len(nodes))) if d.placement != "PACK" else d.workers
-    return False, "cpu", min(n["Resources"].get("memory", 0) for n in nodes) / max(1, min(per_node, d.workers))
+    per_node = max(1, math.ceil(workers / len(nodes))) if d.placement != "PACK" else workers
+    return False, "cpu", min(n["Resources"].get("memory", 0) for n in nodes) / max(1, min(per_node, workers))
 
 
 def worker_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:
@@ -335,12 +345,13 @@ def gpu_memory() -> float:
 
 def describe_plan(cfg: Config, device_type: str) -> str:
     d, t = cfg.distributed, cfg.train
-    accumulation = accumulation_steps(t, d.workers)
     engine = engine_class(resolve(d.engine, local=False)).describe(cfg)
-    return (f"plan: {d.workers} workers on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "
+    split = " or ".join(f"{n} workers x {accumulation_steps(t, n)} accumulation steps" for n in
+                        (d.sizes if len(d.sizes) <= 3 else (d.min_workers, d.max_workers)))
+    workers = (f"{d.min_workers} to {d.max_workers} workers (elastic)" if d.elastic else f"{d.workers} workers")
+    return (f"plan: {workers} on {device_type} ({'nccl' if device_type == 'cuda' else 'gloo'}), "
             f"{engine}, placement {d.placement}; "
-            f"global batch {t.batch_size} = {d.workers} workers x {accumulation} accumulation steps x "
-            f"micro batch {t.micro_batch_size}")
+            f"global batch {t.batch_size} = {split} x micro batch {t.micro_batch_size}")
 
 
 def find_user_error(error: BaseException, depth: int = 0) -> Optional[BaseException]:

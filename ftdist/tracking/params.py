@@ -30,7 +30,8 @@ def run_tags(cfg: Config, layout: Optional[dict] = None) -> dict[str, str]:
     """What runs are filtered and grouped by in a tracker's UI. `layout`: how this run really
     trains (the engine's layout record: world_size, zero_stage); None: as the config says."""
     d = cfg.distributed
-    workers, stage = (layout["world_size"], layout.get("zero_stage")) if layout else (d.workers, d.zero_stage)
+    workers, stage = (layout["world_size"], layout.get("zero_stage")) if layout else (
+        "-".join(map(str, d.workers)) if d.elastic else d.workers, d.zero_stage)
     return {"method": cfg.method, "freeze_layers": str(cfg.freeze_layers), "workers": str(workers),
             "zero_stage": "none" if stage is None else str(stage)}
 

@@ -8,10 +8,12 @@ auto is the plain engine in local mode and DeepSpeed on Ray workers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ftdist.config.schema import Config
@@ -20,7 +22,7 @@ from ftdist.data.raydata import dataset_from_shards
 from ftdist.engines.registry import engine_class, resolve
 from ftdist.io.storage import RunStore
 from ftdist.tracking.run import TrackingGroup
-from ftdist.training.notice import StopNotice
+from ftdist.training.notice import Notice, StopNotice
 
 
 @dataclass
@@ -54,9 +56,13 @@ class LocalContext:
     def report(self, metrics: dict) -> None:
         """Hand metrics to the orchestrator (nothing to do in one process)."""
 
-    def stop_requested(self) -> Optional[str]:
+    def stop_requested(self) -> Optional[Notice]:
         """Why the run must stop at this step boundary (None: it goes on). Every rank gets the same answer."""
-        return self.notice.reason if self.notice else None
+        return Notice(self.notice.reason) if self.notice and self.notice.reason else None
+
+    def restart_cause(self) -> Optional[str]:
+        """Why the orchestrator restarted this process (None: the run was started again)."""
+        return None
 
     def topology(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "nodes": 1}
@@ -123,11 +129,10 @@ class RayContext(LocalContext):
     data arrives as this worker's Ray Data shard."""
 
     data_stats: dict[str, Any] = field(default_factory=dict)
-    split_in_workers: bool = False  # the train shard is the whole set: take this rank's part
-    stop_flag: Any = None  # the driver's StopFlag actor (distributed.py): a stop asked of the driver
+    split_in_workers: bool = False  # the train shard is the whole set: each rank takes its part of each batch
+    signals: Any = None  # the driver's RunSignals actor (launch/restarts.py): stops and resizes asked of the run
 
     def all_reduce_sum(self, value):
-        import numpy as np
         import torch.distributed as dist
 
         # NCCL reduces only GPU tensors; float64 keeps token counts exact.
@@ -144,16 +149,35 @@ class RayContext(LocalContext):
 
         dist.barrier()
 
-    def stop_requested(self) -> Optional[str]:
-        """The driver's stop request, agreed by every rank (they stop at the same step)."""
-        if self.stop_flag is None:
+    def stop_requested(self) -> Optional[Notice]:
+        """A stop asked of the driver (the run ends), a node's preemption notice from Ray Train, or
+        a resize the controller is about to make (the workers restart): agreed by every rank, so
+        that they stop at the same step. Ray Train's preemption query is collective: every rank
+        asks it at every step boundary."""
+        import ray
+        import ray.train
+
+        asked = ray.get(self.signals.asked.remote(), timeout=60) if self.signals is not None else {}
+        preemption = ray.train.get_preemption_info()
+        stop, preempted, resize = self.all_reduce_sum(np.array(
+            [asked.get("stop") is not None, preemption is not None, asked.get("resize") is not None], np.float64)) > 0
+        if stop:
+            return Notice(asked.get("stop") or "a stop asked of the driver")
+        if preempted:  # broadcast from rank 0 by Ray Train: the same on every rank
+            return Notice(describe_preemption(preemption), restarts=True,
+                          deadline=preemption.deadline_ms / 1000 if preemption.deadline_ms else None,
+                          nodes=tuple(preemption.preempted_node_ids))
+        if resize:
+            return Notice(asked.get("resize") or "a resize of the worker group", restarts=True)
+        return None
+
+    def restart_cause(self) -> Optional[str]:
+        """What Ray Train's controller noted before it restarted the workers (launch/restarts.py)."""
+        if self.signals is None:
             return None
         import ray
 
-        reason = ray.get(self.stop_flag.reason.remote(), timeout=60)
-        if not self.all_reduce_sum(int(reason is not None)):
-            return None
-        return reason or "a stop asked of the driver"
+        return ray.get(self.signals.cause.remote(), timeout=60)
 
     def report(self, metrics: dict) -> None:
         import ray.train
@@ -170,11 +194,18 @@ class RayContext(LocalContext):
         return {"world_size": self.world_size, "nodes": len(set(node_ids))}
 
     def load_data(self, cfg: Config, tokenizer):
-        return dataset_from_shards(cfg, self.data_stats,
-                                   (self.rank, self.world_size) if self.split_in_workers else None)
+        return dataset_from_shards(cfg, self.data_stats, whole=self.split_in_workers)
 
     @property
     def local(self) -> bool:
         return False
 
 
+
+
+def describe_preemption(info) -> str:
+    """Ray Train's PreemptionInfo in one clause: which nodes and ranks, and the time left."""
+    nodes = ", ".join(node[:12] for node in info.preempted_node_ids)
+    left = (f"{info.deadline_ms / 1000 - time.time():.0f} s before the node goes"
+            if info.deadline_ms else "no deadline given")
+    return f"preemption notice for node {nodes} (rank {', '.join(map(str, info.preempted_ranks))}; {left})"

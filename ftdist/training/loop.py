@@ -36,6 +36,7 @@ from ftdist.data.rows import (
     Dataset,
     collate,
     epoch_order,
+    rank_rows,
     replay_order,
     replay_share,
     source_line,
@@ -47,7 +48,7 @@ from ftdist.errors import UserError
 from ftdist.io import safewrite
 from ftdist.io.checkpoints import complete_markers, size_bytes, step_dir
 from ftdist.io.layout import METRICS, SUMMARY
-from ftdist.io.metrics_log import MetricsLog
+from ftdist.io.metrics_log import MetricsLog, read_metrics
 from ftdist.io.storage import StoreUnavailable, Uploader
 from ftdist.model.build import ModelBundle, build_model, compute_dtype
 from ftdist.model.compiling import compile_model
@@ -63,7 +64,7 @@ from ftdist.training.checkpoint import ResumePoint
 from ftdist.training.context import LocalContext
 from ftdist.training.evaluate import evaluate_rows, text_loss
 from ftdist.training.metrics import Progress
-from ftdist.training.notice import StoppedOnNotice
+from ftdist.training.notice import Notice, StoppedOnNotice
 from ftdist.training.optim import build_optimizer
 from ftdist.training.outputs import publish, save_final, write_summary
 from ftdist.training.regularize import Anchors, fisher_diagonal
@@ -117,6 +118,7 @@ class Run:
     anchors: Optional[Anchors] = None  # L2-SP / EWC: the pull of trained weights to their values before training
     progress: Optional[Progress] = None
     checkpoint_sizes: Optional[dict] = None  # of the latest completed checkpoint, for the summary
+    checkpoint_seconds: Optional[float] = None  # how long it took (a preemption's deadline is weighed against it)
     epoch_order: Optional[tuple[int, np.ndarray]] = None  # (epoch, its row order): Run.order
     replay_pass: Optional[tuple[int, np.ndarray]] = None  # (pass, its replay row order): Run.replay_order
 
@@ -141,11 +143,11 @@ class Run:
         return result.loss, {n: v for n, v in zip(names, result.by_source) if v is not None}, result.scores
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's training rows of `epoch`, in order (kept for the epoch: at a million rows
-        drawing it takes a moment)."""
+        """The training rows of `epoch` in order: the world's (data.shared), else this rank's
+        (kept for the epoch: at a million rows drawing it takes a moment)."""
         if self.epoch_order is None or self.epoch_order[0] != epoch:
-            rows, ctx = self.data.train, self.ctx
-            self.epoch_order = (epoch, train_order(rows, self.cfg.data.weights, self.cfg.train.seed + ctx.rank, epoch))
+            seed = self.cfg.train.seed + (0 if self.data.shared else self.ctx.rank)
+            self.epoch_order = (epoch, train_order(self.data.train, self.cfg.data.weights, seed, epoch))
         return self.epoch_order[1]
 
     def replay_order(self, cycle: int) -> np.ndarray:
@@ -181,9 +183,9 @@ def train(cfg: Config, ctx: LocalContext) -> dict:
             if run.checkpoints_at(step):
                 save_checkpoint(run, state, step)
             note_uploads(run, step)
-            reason = ctx.stop_requested() if step < run.plan.total_steps else None  # the last step finishes
-            if reason:
-                stop_on_notice(run, state, step, reason)
+            notice = ctx.stop_requested() if step < run.plan.total_steps else None  # the last step finishes
+            if notice:
+                stop_on_notice(run, state, step, notice)
         summary = finish(run, state)
         status = "FINISHED"
         return summary
@@ -208,7 +210,7 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
     objective = resolve(cfg)
     bundle = build_model(cfg, base_path, ctx.device, objective)
     data = ctx.load_data(cfg, bundle.tokenizer)
-    plan = make_plan(cfg, ctx.all_reduce_sum(len(data.train)), ctx.world_size)
+    plan = make_plan(cfg, len(data.train) if data.shared else ctx.all_reduce_sum(len(data.train)), ctx.world_size)
     optimizer, scheduler = build_optimizer(cfg, bundle.model, plan.total_steps)
     fisher = None
     if cfg.regularization.ewc is not None:  # at the weights before training, before ZeRO partitions them
@@ -254,15 +256,21 @@ def build(cfg: Config, ctx: LocalContext, resume: Optional[ResumePoint]) -> Run:
 def restore(run: Run, resume: ResumePoint) -> TrainState:
     """Weights, optimizer, schedule and RNG as they were at the checkpoint; the log cut back to it."""
     ctx = run.ctx
+    reached = run.log.last_step()  # before the log is cut back: the steps this resume trains again
     run.engine.load(resume.path, resume.saved)
     checkpoint.restore_rng(resume.path, ctx.rank)
     state = TrainState.of_checkpoint(resume.saved)
     if ctx.is_main and (resume.path / METRICS).is_file():  # the log as it was at the checkpoint
         safewrite.copy_file(resume.path / METRICS, run.log.path, run.log.root, "the metrics log")
     run.log.truncate_after(state.step)
-    run.log.append({"step": state.step, "event": "resume", "checkpoint": resume.path.name,
-                    "from_world_size": resume.saved.get("world_size"), **run.engine.layout.record()})
-    run.say(f"resuming from {ctx.store.path(step_dir(state.step))} (step {state.step})")
+    before, now = resume.saved.get("world_size"), ctx.world_size
+    why = (ctx.restart_cause() if ctx.is_main else None) or "the run was started again"
+    lost = max(reached - state.step, 0) if reached is not None else None
+    run.log.append({"step": state.step, "event": "resume", "checkpoint": resume.path.name, "from_world_size": before,
+                    **run.engine.layout.record(), "why": why, "steps_lost": lost})
+    resized = f", {before} -> {now} workers" if before is not None and before != now else ""
+    told = f"; {lost} step{'s' * (lost != 1)} lost" if lost is not None else ""
+    run.say(f"resuming from {ctx.store.path(step_dir(state.step))} (step {state.step}{resized}): {why}{told}")
     return state
 
 
@@ -303,11 +311,11 @@ def train_step(run: Run, state: TrainState, step: int) -> None:
 
 
 def step_batches(run: Run, epoch: int, index: int) -> list[dict]:
-    """This rank's micro-batches of global batch `index` of `epoch`, from this rank's rows
-    (all rows locally, the rank's Ray Data shard in a worker) in a (seed, rank, epoch) order."""
+    """This rank's micro-batches of global batch `index` of `epoch`: its part of the world's
+    batch when every rank holds every row (the same batch at any world size), else the next
+    rows of its own Ray Data shard in a (seed, rank, epoch) order."""
     cfg, ctx, rows = run.cfg, run.ctx, run.data.train
-    per_rank = cfg.train.batch_size // ctx.world_size
-    mine = run.order(epoch)[index * per_rank : (index + 1) * per_rank].tolist()
+    mine = rank_rows(run.order(epoch), index, cfg.train.batch_size, ctx.rank, ctx.world_size, run.data.shared)
     micro = cfg.train.micro_batch_size
     return [collate(rows, mine[i : i + micro], pad_id(run)) for i in range(0, len(mine), micro)]
 
@@ -429,24 +437,41 @@ def note_uploads(run: Run, step: int) -> None:
     for done in run.uploader.drain():
         base_size = run.base_size
         run.checkpoint_sizes = {"checkpoint_bytes": done["bytes"], "base_model_bytes": base_size}
+        run.checkpoint_seconds = done["seconds"]
         run.log.append({"step": step, "event": "checkpoint", **done, "base_model_bytes": base_size,
                         "upload_mib_per_s": done["uploaded"] / 2**20 / done["upload_s"] if done["uploaded"] else None})
         size = checkpoint.describe_size(done["bytes"], base_size, run.bundle.info.method)
         run.progress.write(f"checkpoint step {done['step']} complete: {size} in {done['seconds']:.1f} s")
 
 
-def stop_on_notice(run: Run, state: TrainState, step: int, reason: str) -> None:
-    """Asked to stop (SIGTERM): a checkpoint at this step (unless one was just staged),
-    committed before the run ends, so that a rerun loses no step."""
+def stop_on_notice(run: Run, state: TrainState, step: int, notice: Notice) -> None:
+    """Asked to stop (SIGTERM, a node's preemption notice, a resize): a checkpoint at this step
+    (unless one was just staged), committed before the run (or this worker group) ends, so that
+    the resume loses no step. A deadline too near for that is said with the figures; the newest
+    complete checkpoint stays the resume point until this one is complete."""
+    started = time.time()
+    if notice.deadline is not None:
+        left, took = notice.deadline - started, run.checkpoint_seconds
+        if took is None or took > left:
+            newest = [m["step"] for m in complete_markers(run.ctx.store)]
+            run.progress.write(f"stopping: {notice.reason}: {left:.0f} s left, and "
+                               + (f"a checkpoint took {took:.1f} s" if took is not None else "no checkpoint is timed yet")
+                               + f": step {step}'s may not be committed in time; if not, the run resumes from "
+                               + (f"step {newest[-1]}" if newest else "the start") + " (the newest complete checkpoint)")
+            run.log.append({"step": step, "event": "short_notice", "seconds_left": left, "checkpoint_s": took})
     if not run.checkpoints_at(step):
         save_checkpoint(run, state, step)
     run.uploader.flush()
     note_uploads(run, step)
-    run.log.append({"step": step, "event": "stopped", "reason": reason})
+    committed = time.time()
+    run.log.append({"step": step, "event": "stopped", "reason": notice.reason, "commit_s": committed - started,
+                    **({"deadline_left_s": notice.deadline - committed} if notice.deadline is not None else {})})
     run.progress.close()
-    raise StoppedOnNotice(f"{reason}: after step {step} of {run.plan.total_steps}, with a checkpoint "
-                          f"({run.ctx.store.path(step_dir(step))}); run the same command again to "
-                          "resume from it, no step lost")
+    then = ("Ray Train restarts the workers on the nodes there are" if notice.restarts else
+            "run the same command again to resume from it")
+    raise StoppedOnNotice(f"{notice.reason}: after step {step} of {run.plan.total_steps}, with a checkpoint "
+                          f"({run.ctx.store.path(step_dir(step))}) committed in {committed - started:.1f} s; {then}, "
+                          "no step lost", notice)
 
 
 # ---------------------------------------------------------------- divergence
@@ -519,6 +544,10 @@ def finish(run: Run, state: TrainState) -> dict:
                                               for n, f in forgetting_by_source(state).items()}
     model_state = run.engine.model_state()  # collective under ZeRO-3
     if ctx.is_main:
+        restarts = [{k: r.get(k) for k in ("step", "from_world_size", "world_size", "why", "steps_lost")}
+                    for r in read_metrics(run.log.path) if r.get("event") == "resume"]
+        if restarts:  # each resume and resize: where, from and to how many workers, why, the steps it cost
+            summary["restarts"] = restarts
         final = save_final(ctx.run_dir, cfg, run.bundle.model, run.bundle.tokenizer, run.base_path, model_state)
         summary["final_size_bytes"] = size_bytes(final)
         write_summary(ctx.run_dir, summary)

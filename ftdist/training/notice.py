@@ -5,7 +5,9 @@ means it); what is lost then is the steps since the last checkpoint, as with a k
 
 The handler only notes the request (Python runs it between bytecodes of the main thread);
 the loop asks its context at each step boundary, and under Ray the driver passes the request
-to the workers (distributed.py), whose ranks agree on the step before any of them stops.
+to the workers (launch/restarts.py), whose ranks agree on the step before any of them stops.
+Under Ray the same path takes a node's preemption notice and a resize of an elastic run:
+a checkpoint at the step, then Ray Train restarts the workers instead of the run ending.
 """
 
 from __future__ import annotations
@@ -14,14 +16,30 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 EXIT_STOPPED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
+@dataclass(frozen=True)
+class Notice:
+    """A stop at this step boundary, as every rank agreed it."""
+
+    reason: str
+    # The workers are restarted by Ray Train (a node's preemption, a resize) rather than the run ended.
+    restarts: bool = False
+    deadline: Optional[float] = None  # time.time() by which the checkpoint should be committed
+    nodes: tuple[str, ...] = ()  # the Ray nodes being preempted (their ids)
+
+
 class StoppedOnNotice(Exception):
     """The run stopped at a step boundary on request, its checkpoint committed. The message
     says where and how to go on."""
+
+    def __init__(self, message: str, notice: Optional[Notice] = None) -> None:
+        super().__init__(message)
+        self.notice = notice or Notice(message)
 
 
 class StopNotice:

@@ -87,6 +87,9 @@ def preflight(cfg: Config, raw: dict, address: Optional[str]):
         raise UserError("the config has no tune: section; add one (docs/tuning.md) to search with ftdist tune")
     if cfg.distributed.workers == 0:
         raise UserError("ftdist tune runs each trial as a Ray Train run: set distributed.workers to 1 or more")
+    if cfg.distributed.elastic:  # trials compared at unequal sizes, and each holding workers the others wait for
+        raise UserError(f"distributed.workers {list(cfg.distributed.workers)}: a search's trials run at a fixed size; "
+                        "set distributed.workers to one number for ftdist tune")
 
     checked = check_inputs(cfg)
     check_space(raw, cfg, model_config_of(cfg).num_hidden_layers)  # before Ray starts
