@@ -81,7 +81,7 @@ def run(args) -> dict:
     if args.s3:
         import s3fs
 
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": args.s3, "region_name": "us-east-1"}).mkdir(args.bucket)
+        s3fs.S3FileSystem(endpoint_url=args.s3).mkdir(args.bucket)
     events = {}
     cluster = LocalCluster(nodes=3)
     driver = subprocess.Popen([sys.executable, "-m", "ftdist", "train", str(path), "--address", cluster.address],
@@ -131,7 +131,7 @@ def read_log(args, tmp: Path) -> list[dict]:
     else:
         import s3fs
 
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": args.s3, "region_name": "us-east-1"})
+        fs = s3fs.S3FileSystem(endpoint_url=args.s3)
         text = fs.cat_file(f"{args.bucket}/preemption/preemption/metrics.jsonl").decode()
     return [json.loads(line) for line in text.splitlines()]
 

@@ -65,13 +65,14 @@ RESUMABLE_CHANGES = {"run.output", "model.trust_remote_code",
                      "checkpoint.every_steps", "checkpoint.keep",
                      "distributed.workers", "distributed.zero_stage", "distributed.engine", "distributed.use_gpu",
                      "distributed.resources_per_worker", "distributed.placement", "distributed.max_failures",
+                     "distributed.max_preemptions", "distributed.resize_check_s",
                      "storage.endpoint_url", "storage.region", "storage.retry_deadline_s", "storage.cache_dir",
                      "logging.",  # where a run reports: its numbers are the same wherever they go
                      "tune."}  # a prefix: `ftdist train` does not read the tune: section
 # A search's trials must stay comparable, and a restored search keeps the trial admission it
 # started with: only retries, how the store is reached and where results are reported may change.
-TUNE_RESUMABLE_CHANGES = {"distributed.max_failures", "storage.endpoint_url", "storage.region",
-                          "storage.retry_deadline_s", "storage.cache_dir", "logging."}
+TUNE_RESUMABLE_CHANGES = {"distributed.max_failures", "distributed.max_preemptions", "storage.endpoint_url",
+                          "storage.region", "storage.retry_deadline_s", "storage.cache_dir", "logging."}
 
 
 @contextmanager
