@@ -163,7 +163,8 @@ def fit(cfg: Config, store: RunStore, loop_config: dict, datasets: dict, use_gpu
                              failure_config=FailureConfig(max_failures=d.max_failures,
                                                           max_preemption_failures=d.max_preemptions),
                              worker_runtime_env={"env_vars": WORKER_ENV},
-                             callbacks=[*(callbacks or []), RestartWatch(loop_config["signals"])]),
+                             callbacks=[*(callbacks or []), RestartWatch(loop_config["signals"],
+                                                                          d.resize_check_s if d.elastic else None)]),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if loop_config["split_in_workers"] else SPLIT),
     )
@@ -205,6 +206,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(ctx.device)
     try:
         train(cfg, ctx)
+        if ctx.is_main and ctx.signals is not None:  # (the last step takes no stop: a resize asked then ends here)
+            import ray
+
+            ray.get(ctx.signals.ended.remote(), timeout=60)
     except StoppedOnNotice as stopped:
         if stopped.notice.restarts:  # a preemption or a resize: its checkpoint committed, Ray Train restarts
             if ctx.is_main and ctx.show_progress:

@@ -7,7 +7,8 @@ driver, resizes of an elastic run, and why each restart of the workers happened.
     forwarded     the driver's SIGTERM to RunSignals, by a thread (a signal handler must not call Ray)
     RestartWatch  a callback in Ray Train's controller: notes each restart's cause, and before it
                   resizes a running group (an elastic run growing back) has the workers checkpoint
-                  at a step boundary, so that a resize loses no step
+                  at a step boundary, so that a resize loses no step; keeps the cluster view
+                  that sizes the group fresh (nodes lost, nodes come)
 
 Preemption notices need none of this: Ray Train's watcher tells the workers, which ask
 ray.train.get_preemption_info() at each step boundary (training/context.py).
@@ -58,6 +59,10 @@ class RunSignals:
 
     def committed(self, why: str) -> None:
         self.checkpointed, self.stopped_for = True, why
+
+    def ended(self) -> None:
+        """The workers finished the run: a resize waiting for their checkpoint waits no more."""
+        self.checkpointed = True
 
     def checkpoint_done(self) -> bool:
         return self.checkpointed
@@ -111,8 +116,11 @@ class RestartWatch(ControllerCallback, WorkerGroupCallback):
     """Ray Train's controller calls this at each change of its state and each start of a worker
     group (in the controller's process)."""
 
-    def __init__(self, signals) -> None:
+    def __init__(self, signals, resize_check_s: Optional[float] = None) -> None:
+        """`resize_check_s`: an elastic run's (None: a fixed size)."""
         self.signals = signals
+        self.resize_check_s = resize_check_s
+        self.refreshed = time.monotonic()
         self.node_of: dict[int, str] = {}  # each rank's node, in the group running now
 
     def after_worker_group_start(self, worker_group) -> None:
@@ -124,7 +132,12 @@ class RestartWatch(ControllerCallback, WorkerGroupCallback):
     def after_controller_state_update(self, previous_state, current_state) -> None:
         try:
             state = type(current_state).__name__
-            if state == "ResizingState":  # a running group (an elastic run that can grow): checkpoint first
+            if state == "RunningState" and self.resize_check_s is not None and \
+                    time.monotonic() - self.refreshed >= self.resize_check_s:
+                # Nodes that came are seen at this resize check, not at the coordinator's next 20 s tick.
+                self.refreshed = time.monotonic()
+                refresh_cluster_view()
+            elif state == "ResizingState":  # a running group (an elastic run that can grow): checkpoint first
                 workers = current_state.scaling_decision.num_workers
                 self.checkpoint_before_resize(f"room for {workers} workers (Ray Train's resize check)")
             elif state in ("RestartingState", "ReschedulingState"):

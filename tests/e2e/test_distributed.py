@@ -54,7 +54,7 @@ def test_the_plain_engine_on_two_workers_matches_local_mode_and_resumes_there(tm
     assert "plan: 2 workers on cpu (gloo), plain engine (data-parallel" in result.stdout
     run_dir = tmp_path / "runs" / "ray-plain"
     start = read_metrics(run_dir / "metrics.jsonl")[0]
-    assert start["world_size"] == 2 and start["shard_rows"] == 16
+    assert start["world_size"] == 2 and start["shard_rows"] == 32  # every row on each worker, half of each batch
     local = local_reference(tmp_path_factory, "qlora", base)
     for key in ("loss", "eval_loss", "forgetting", "penalty", "grad_norm"):
         ours, theirs = curve(run_dir, key), curve(local, key)
