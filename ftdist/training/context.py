@@ -201,8 +201,6 @@ class RayContext(LocalContext):
         return False
 
 
-
-
 def describe_preemption(info) -> str:
     """Ray Train's PreemptionInfo in one clause: which nodes and ranks, and the time left."""
     nodes = ", ".join(node[:12] for node in info.preempted_node_ids)
