@@ -12,7 +12,7 @@ from ftdist.errors import UserError
 
 def accumulation_steps(train: TrainConfig, world_size: int) -> int:
     """Micro-batches each rank accumulates per optimizer step."""
-    if train.batch_size % (train.micro_batch_size * world_size):
+    if not train.splits_at(world_size):
         raise UserError(
             f"train.batch_size {train.batch_size} is not a multiple of train.micro_batch_size "
             f"{train.micro_batch_size} x {world_size} workers"

@@ -372,6 +372,10 @@ class TrainConfig(Section):
     # warning and the run goes on uncompiled.
     compile: bool = False
 
+    def splits_at(self, world_size: int) -> bool:
+        """Whether the global batch splits into whole micro-batches on each of `world_size` ranks."""
+        return self.batch_size % (self.micro_batch_size * world_size) == 0
+
     @property
     def checkpoint_every(self) -> int:
         """Every k-th block checkpointed (1: all of them); 0: none."""
@@ -803,7 +807,7 @@ def elastic_batch_problem(train: TrainConfig, distributed: DistributedConfig) ->
     if not distributed.elastic:
         return None
     micro, batch = train.micro_batch_size, train.batch_size
-    broken = [n for n in distributed.sizes if batch % (micro * n)]
+    broken = [n for n in distributed.sizes if not train.splits_at(n)]
     if not broken:
         return None
     unit = math.lcm(*(micro * n for n in distributed.sizes))
