@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import signal
 import statistics
@@ -67,8 +68,8 @@ def config(tmp: Path, args) -> Path:
     return path
 
 
-def first_step_after(lines, since: float) -> float:
-    """When the first step line came after `since` (a resume's)."""
+def first_step_after(lines) -> float:
+    """When the first step line came after those read so far (a resume's)."""
     lines.wait_for(r"^step \d+/", 300, "a step after the resume")
     return lines.at
 
@@ -95,12 +96,12 @@ def run(args) -> dict:
         reclaimed = cluster.command("kill 3", "node 3 killed")
         out.wait_for(r"^resuming from .*3 -> 2 workers", 300, "the resume at 2 workers")
         events["notice"] = {"deadline_s": args.notice, "notice_to_committed_s": committed - drained,
-                            "restart_to_training_s": first_step_after(out, reclaimed) - reclaimed}
+                            "restart_to_training_s": first_step_after(out) - reclaimed}
 
         out.wait_for(r"checkpoint step \d+ complete", 600, "a checkpoint at 2 workers")
         killed = cluster.command("kill 2", "node 2 killed")
         out.wait_for(r"^resuming from .*2 -> 1 workers", 600, "the resume at 1 worker")
-        events["kill"] = {"restart_to_training_s": first_step_after(out, killed) - killed}
+        events["kill"] = {"restart_to_training_s": first_step_after(out) - killed}
 
         out.wait_for(r"checkpoint step \d+ complete", 600, "a checkpoint at 1 worker")
         added = cluster.command("add", r"node 4: ")
@@ -108,7 +109,7 @@ def run(args) -> dict:
         stopped = out.at
         out.wait_for(r"^resuming from .*1 -> 2 workers", 300, "the resume at 2 workers")
         events["grow"] = {"node_added_to_checkpoint_s": stopped - added,
-                          "restart_to_training_s": first_step_after(out, stopped) - stopped}
+                          "restart_to_training_s": first_step_after(out) - stopped}
         time.sleep(5)  # steps at 2 workers
         driver.send_signal(signal.SIGTERM)
         out.rest(timeout=300)
@@ -153,7 +154,7 @@ def write(result: dict, args) -> None:
     met = {"zero steps lost with notice": ev["notice"]["steps_lost"] == 0 and ev["grow"]["steps_lost"] == 0,
            f"training again within {GOAL_RESTART_S} s of each restart":
                all(e["restart_to_training_s"] <= GOAL_RESTART_S for e in ev.values())}
-    result.update(goals=met, machine=f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    result.update(goals=met, machine=f"{platform.machine()}, {os.cpu_count()} cores",
                   date=datetime.date.today().isoformat(), store="S3 server on loopback" if args.s3 else "local disk",
                   model=f"tiny Llama, hidden {args.hidden}, 4 blocks", command=" ".join(sys.argv))
     RESULTS.mkdir(parents=True, exist_ok=True)

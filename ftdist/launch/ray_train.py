@@ -33,10 +33,9 @@ from ftdist.launch.rayhead import answers, watch_head
 from ftdist.launch.rundir import check_free, finished_summary, is_finished, read_summary, writing
 from ftdist.model.source import load_tokenizer
 from ftdist.tracking.run import TrackingGroup
-from ftdist.training.notice import Notice, StopNotice, StoppedOnNotice, stop_on_sigterm
+from ftdist.training.notice import StopNotice, StoppedOnNotice, stop_on_sigterm
 
 GPU_PROBE_TIMEOUT_S = 120
-RESTART_WAIT_MARGIN_S = 120  # past a preemption's deadline (or a resize's request) before a waiting worker gives up
 # Ray Train's controller polls its worker group every 2 s by default: each run's start, end
 # and every restart waited up to that long for nothing. A poll is one cheap actor call.
 # Its preemption watcher polls Ray's drained nodes every 5 s: a second of a notice's 30 s (GCP's,
@@ -214,32 +213,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         if stopped.notice.restarts:  # a preemption or a resize: its checkpoint committed, Ray Train restarts
             if ctx.is_main and ctx.show_progress:
                 print(f"stopping: {stopped}", flush=True)
+            from ftdist.launch.restarts import await_restart
+
             await_restart(ctx, stopped.notice)
         return  # a stop asked of the driver: the group ends without a failure to retry
-
-
-def await_restart(ctx, notice: Notice) -> None:
-    """After the checkpoint for a preemption or a resize: rank 0 says it is committed (a resize
-    waits for that); then the workers wait for Ray Train to end the group and start the next.
-    Once a preempted node is gone, the workers elsewhere end (Ray Train then restarts at once,
-    not at the deadline); else Ray Train ends them at the deadline, or for the resize. Bounded:
-    a group still here well after that fails, which Ray Train counts and retries like any failure."""
-    import time
-
-    import ray
-
-    if ctx.is_main and ctx.signals is not None:
-        ray.get(ctx.signals.committed.remote(notice.reason), timeout=60)
-    here = ray.get_runtime_context().get_node_id()
-    until = (notice.deadline or time.time() + 120) + RESTART_WAIT_MARGIN_S  # Ray's default deadline: 120 s
-    while time.time() < until:
-        if notice.nodes and here not in notice.nodes:
-            alive = {node["NodeID"]: node["Alive"] for node in ray.nodes()}
-            if not all(alive.get(node, False) for node in notice.nodes):
-                return
-        time.sleep(1.0)
-    raise RuntimeError(f"{notice.reason}: the checkpoint was committed, but Ray Train did not restart the workers "
-                       f"within {RESTART_WAIT_MARGIN_S} s of the deadline")
 
 
 def worker_store(run: dict, cfg: Config, rank: int) -> RunStore:

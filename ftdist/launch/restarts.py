@@ -5,6 +5,8 @@ driver, resizes of an elastic run, and why each restart of the workers happened.
                   controller is about to make, the checkpoint the workers committed for it, and
                   the cause of the latest restart (read by the new workers' rank 0, which logs it)
     forwarded     the driver's SIGTERM to RunSignals, by a thread (a signal handler must not call Ray)
+    await_restart the workers, their checkpoint for a preemption or a resize committed, until Ray
+                  Train ends their group
     RestartWatch  a callback in Ray Train's controller: notes each restart's cause, and before it
                   resizes a running group (an elastic run growing back) has the workers checkpoint
                   at a step boundary, so that a resize loses no step; keeps the cluster view
@@ -12,7 +14,7 @@ driver, resizes of an elastic run, and why each restart of the workers happened.
 
 Preemption notices need none of this: Ray Train's watcher tells the workers, which ask
 ray.train.get_preemption_info() at each step boundary (training/context.py).
-This module imports Ray at the top: only launch/ray_train.py imports it, inside a function.
+This module imports Ray at the top: only launch/ray_train.py imports it, inside functions.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from ftdist.config.redact import redact_url
-from ftdist.training.notice import StopNotice
+from ftdist.training.notice import Notice, StopNotice
 
 SIGNALS_NAMESPACE = "ftdist"  # where a driver's RunSignals actor lives (named ftdist-signals-<id>): `ray list actors`
 RESIZE_CHECKPOINT_TIMEOUT_S = 600  # how long a resize waits for the workers' checkpoint before it goes ahead
@@ -37,6 +39,7 @@ RESIZE_CHECKPOINT_TIMEOUT_S = 600  # how long a resize waits for the workers' ch
 # gone before a restart counts the nodes: Ray's own health checks take about 15 s by default.
 LOST_NODE_WAIT_S = 45
 PROBE_TIMEOUT_S = 5  # for a task on a node whose worker failed: no answer, the node is taken as lost
+RESTART_WAIT_MARGIN_S = 120  # past a preemption's deadline (or a resize's request) before a waiting worker gives up
 
 
 class RunSignals:
@@ -192,10 +195,33 @@ def wait_until_gone(node_ids: list[str], timeout_s: float) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        if not alive.intersection(node_ids):
+        if not alive_nodes().intersection(node_ids):
             return
         time.sleep(0.5)
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the cluster's nodes Ray holds alive."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+def await_restart(ctx, notice: Notice) -> None:
+    """A worker after the checkpoint for a preemption or a resize: rank 0 says it is committed (a
+    resize waits for that); then the workers wait for Ray Train to end the group and start the
+    next. Once a preempted node is gone, the workers elsewhere end (Ray Train then restarts at
+    once, not at the deadline); else Ray Train ends them at the deadline, or for the resize.
+    Bounded: a group still here well after that fails, which Ray Train counts and retries like
+    any failure."""
+    if ctx.is_main and ctx.signals is not None:
+        ray.get(ctx.signals.committed.remote(notice.reason), timeout=60)
+    here = ray.get_runtime_context().get_node_id()
+    until = (notice.deadline or time.time() + 120) + RESTART_WAIT_MARGIN_S  # Ray's default deadline: 120 s
+    while time.time() < until:
+        if notice.nodes and here not in notice.nodes and not alive_nodes().issuperset(notice.nodes):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"{notice.reason}: the checkpoint was committed, but Ray Train did not restart the workers "
+                       f"within {RESTART_WAIT_MARGIN_S} s of the deadline")
 
 
 def refresh_cluster_view() -> None:

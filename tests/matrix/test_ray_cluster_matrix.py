@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local_cluster import stop
 from ftdist.io.metrics_log import read_metrics
 from tests.conftest import (
     ONE_RAY_AT_A_TIME,
@@ -30,7 +31,6 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
-from tests.e2e.test_ray_cluster import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
