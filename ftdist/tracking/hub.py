@@ -27,8 +27,14 @@ class Reporter(Protocol):
     name: str  # "mlflow", in messages
     where: str  # where it reports, credentials redacted, in messages
     # Steps up to here are already in the tracker (a resumed run's steps past its checkpoint):
-    # they are not sent again, so that no step shows two values. -1: none (TensorBoard purges instead).
-    skip_through: int
+    # they are not sent again, so that no step shows two values. -1: none (TensorBoard purges
+    # instead, MLflow filters per metric); None: the tracker cannot tell (W&B offline), and the
+    # steps the local log had reached stand in.
+    skip_through: Optional[int]
+    # Whether a resumed run sends it the records up to its checkpoint that it may have missed
+    # (the process stopped before the background thread sent them): only trackers that know
+    # what they hold, so that nothing shows twice.
+    catches_up: bool
 
     def log(self, points: list[Point]) -> None: ...
     def artifacts(self, files: list[Path]) -> None: ...
@@ -70,6 +76,13 @@ class Tracking:
             for r in self.reporters:
                 self.unsent[r.name] += 1
 
+    def catch_up(self, records: list[dict]) -> None:
+        """A resumed run's log up to its checkpoint, for the trackers that may have missed some of
+        it (each takes only what it lacks). Before any new record."""
+        points = [p for p in map(record_metrics, records) if p is not None]
+        if points and self.thread is not None and not self.ended:
+            self.queue.put(("catch_up", points))
+
     def end(self, status: str, files: list[Path] = ()) -> dict[str, int]:
         """Send what is queued and `files` as artifacts, mark the tracker runs `status` (FINISHED,
         FAILED, KILLED), within FLUSH_S. Returns {reporter: records not sent}. Once only."""
@@ -106,7 +119,9 @@ class Tracking:
                     continue
                 self._send(points)
                 points = []
-                if kind == "files":
+                if kind == "catch_up":
+                    self._send(payload, [r for r in self.reporters if r.catches_up])
+                elif kind == "files":
                     for r in self.reporters:
                         self._call(r, lambda r=r: r.artifacts(payload))
                 elif kind == "close":
@@ -119,8 +134,8 @@ class Tracking:
                     self._call(r, r.sync)
                 last_sync = time.monotonic()
 
-    def _send(self, points: list[Point]) -> None:
-        for r in self.reporters:
+    def _send(self, points: list[Point], reporters: Optional[list[Reporter]] = None) -> None:
+        for r in self.reporters if reporters is None else reporters:
             mine = [p for p in points if p[0] > r.skip_through]
             if mine and not self._call(r, lambda r=r, mine=mine: r.log(mine)):
                 self.unsent[r.name] += len(mine)

@@ -1,7 +1,8 @@
 """MLflow: one run per ftdist run (a trial: a child of its search's run), kept across resumes
 by the id in the run directory's tracking.json. MLflow appends metric values, so a resumed
-run does not send again the steps the server already has (their first values stand: the
-steps are retrained from the same data position and RNG state)."""
+run does not send again the steps the server already has, metric by metric (their first values
+stand: the steps are retrained from the same data position and RNG state), and gets those up
+to its checkpoint that it missed."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def client(conf: MlflowConfig):
 
 class MlflowRun:
     name = "mlflow"
+    skip_through = -1  # filtered here, per metric: the server says what it holds of each
+    catches_up = True
 
     def __init__(self, conf: MlflowConfig, run_name: str, params: dict[str, Any], tags: dict[str, str],
                  saved: Optional[dict], parent_run_id: Optional[str] = None):
@@ -60,7 +63,7 @@ class MlflowRun:
             tag_items = [RunTag(k, v) for k, v in tags.items() if not k.startswith("mlflow.")]
             for i in range(0, len(tag_items), BATCH["tags"]):
                 self.client.log_batch(self.run_id, tags=tag_items[i : i + BATCH["tags"]])
-        self.skip_through = self._last_step() if self.resumed else -1
+        self.held = self._held() if self.resumed else {}
 
     def _existing(self, saved: Optional[dict]):
         if not saved or saved.get("tracking_uri") != self.where:
@@ -73,9 +76,11 @@ class MlflowRun:
             return None
         return run if run.info.lifecycle_stage == "active" else None
 
-    def _last_step(self) -> int:
-        steps = [m.step for key in ("loss", "eval_loss") for m in self.client.get_metric_history(self.run_id, key)]
-        return max(steps, default=-1)
+    def _held(self) -> dict[str, int]:
+        """metric -> the last step the server has of it."""
+        run = self.client.get_run(self.run_id)
+        return {key: max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+                for key in run.data.metrics}
 
     def state(self) -> dict:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.where}
@@ -84,7 +89,8 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, step) for step, values in points for key, value in values.items()]
+        metrics = [Metric(key, value, now, step) for step, values in points for key, value in values.items()
+                   if step > self.held.get(key, -1)]
         for i in range(0, len(metrics), BATCH["metrics"]):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH["metrics"]])
 

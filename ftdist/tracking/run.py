@@ -74,8 +74,8 @@ def open_tracking(cfg: Config, store: RunStore, layout: dict, group: Optional[Tr
             group.name if group else None, "trial" if group else "train", upload)))
     reporters = [r for r in reporters if r is not None]
     for r in reporters:
-        if r.name != "tensorboard":
-            r.skip_through = max(r.skip_through, logged)
+        if r.skip_through is None:
+            r.skip_through = logged
     return Tracking(reporters, warn)
 
 
@@ -98,6 +98,9 @@ def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Track
         reporters.append(_opened(warn, ids, "wandb", conf.wandb.project, lambda: _wandb(
             conf.wandb, store.local, name, params, tags, saved.get("wandb"), name, "search", upload)))
     reporters = [r for r in reporters if r is not None]
+    for r in reporters:
+        if r.skip_through is None:
+            r.skip_through = -1  # a search logs its best once, at its end
     parent = next((r.run_id for r in reporters if r.name == "mlflow"), None)
     return Tracking(reporters, warn), TrackingGroup(name, parent)
 

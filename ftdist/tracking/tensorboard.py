@@ -10,6 +10,7 @@ from typing import Callable, Optional
 class TensorBoardLog:
     name = "tensorboard"
     skip_through = -1  # nothing skipped: purged instead
+    catches_up = False  # its file may hold them: a step sent again would show twice
 
     def __init__(self, log_dir: Path, resumed_at: Optional[int], config_text: str,
                  upload: Callable[[], None] = lambda: None):

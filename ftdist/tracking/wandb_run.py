@@ -36,8 +36,10 @@ class WandbRun:
                               reinit="create_new")
         self.run_id, self.project, self.entity = run_id, conf.project, conf.entity
         # Online, W&B knows where a resumed run stopped; offline it does not (starting_step 0): the
-        # local log's last step, which the caller adds, covers that case.
-        self.skip_through = int(self.run.starting_step) - 1
+        # local log's last step stands in (the caller's), and nothing is caught up.
+        online = conf.mode == "online"
+        self.skip_through = int(self.run.starting_step) - 1 if online else None
+        self.catches_up = online
 
     def state(self) -> dict:
         return {"run_id": self.run_id, "project": self.project, "entity": self.entity}

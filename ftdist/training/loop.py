@@ -263,6 +263,8 @@ def restore(run: Run, resume: ResumePoint) -> TrainState:
     if ctx.is_main and (resume.path / METRICS).is_file():  # the log as it was at the checkpoint
         safewrite.copy_file(resume.path / METRICS, run.log.path, run.log.root, "the metrics log")
     run.log.truncate_after(state.step)
+    if ctx.is_main:  # what a tracker missed of the steps before the checkpoint (it was stopped before sending)
+        run.tracking.catch_up(read_metrics(run.log.path))
     before, now = resume.saved.get("world_size"), ctx.world_size
     why = (ctx.restart_cause() if ctx.is_main else None) or "the run was started again"
     lost = max(reached - state.step, 0) if reached is not None else None

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from ftdist.config.redact import redact_url, redacted
-from ftdist.training.context import LocalContext
-from ftdist.training.loop import train
 from ftdist.io.metrics_log import read_metrics
 from ftdist.launch.preflight import check_inputs
 from ftdist.launch.rundir import prepare_run_dir
 from ftdist.tracking.params import flat_params, record_metrics
 from ftdist.tracking.preflight import check_tracking
+from ftdist.training.context import LocalContext
+from ftdist.training.loop import train
 from tests.conftest import REPO, tiny_config, write_config
 from tests.trackers import (
     tensorboard_scalars,
@@ -127,6 +127,32 @@ def test_a_local_run_reports_to_all_three_and_a_resume_shows_each_step_once(tmp_
             assert PASSWORD.encode() not in data and API_KEY.encode() not in data, path
     assert PASSWORD not in json.dumps([params, tags]) and PASSWORD not in out.out + out.err
     assert "warning" not in out.err, out.err
+
+
+def test_steps_a_tracker_missed_before_the_checkpoint_reach_it_when_the_run_resumes(tmp_path, mlflow_server, capfd):
+    # The first session's MLflow is unreachable (as a tracker whose records were still queued when
+    # the process was killed): it gets nothing; the log reaches step 6, the checkpoint step 4.
+    def reporting_to(uri: str):  # the same run, its MLflow elsewhere (checked inputs: the server is not asked)
+        logging = tiny_config(tmp_path, f"logging.mlflow.tracking_uri={uri}", "logging.mlflow.experiment=caught-up")
+        return checked.model_copy(update={"logging": logging.logging})
+
+    checked = check_inputs(tiny_config(tmp_path, "model.init.num_layers=2", "train.max_steps=6",
+                                       "checkpoint.every_steps=4", "train.eval_every=2", name="lagging")).cfg
+    away = reporting_to("http://127.0.0.1:1")
+    store = prepare_run_dir(away, restart=False)
+    train(away, LocalContext(store=store, device=torch.device("cpu"), show_progress=False))
+    assert "mlflow at http://127.0.0.1:1: cannot open a run" in capfd.readouterr().err
+    shutil.rmtree(store.local / "final")  # died before its final model: resumes from step 4
+    train(reporting_to(mlflow_server.url), LocalContext(store=store, device=torch.device("cpu"), show_progress=False))
+    records = read_metrics(store.local / "metrics.jsonl")
+    assert [r["checkpoint"] for r in records if r.get("event") == "resume"] == ["step-4"]
+    client = mlflow_server.client()
+    run = client.search_runs([client.get_experiment_by_name("caught-up").experiment_id])[0]
+    for key in ("loss", "eval_loss", "lr"):  # steps 1-4 from the log, 5-6 trained again: each once
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        logged = sorted((r["step"], r[key]) for r in records if key in r)
+        assert steps(history) == steps(logged), key
+        assert [v for _, v in history] == pytest.approx([v for _, v in logged], rel=1e-6), key
 
 
 @pytest.mark.parametrize("setting, env, expected", [
