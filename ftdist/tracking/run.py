@@ -46,10 +46,9 @@ def open_tracking(cfg: Config, store: RunStore, layout: dict, group: Optional[Tr
     if not (conf.tensorboard or conf.mlflow or conf.wandb):
         return Tracking([], warn)
     saved = read_state(store)
-    # Steps this run logged before it stopped: those past the checkpoint are trained again,
-    # and trackers that only append must not get them twice.
-    logged = max((r["step"] for r in read_metrics(store.local / METRICS) if "step" in r), default=-1) \
-        if resumed_at is not None else -1
+    # Steps this run logged before it stopped (resumed, or started again without a checkpoint):
+    # a tracker run that is continued and cannot tell what it holds must not get them twice.
+    logged = max((r["step"] for r in read_metrics(store.local / METRICS) if "step" in r), default=-1)
     params, tags = flat_params(cfg), run_tags(cfg, layout)
     if group is not None:
         tags.update(search=group.name, searched=",".join(sorted(group.searched)))

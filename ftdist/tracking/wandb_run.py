@@ -4,6 +4,7 @@ with `wandb sync`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -14,6 +15,17 @@ from ftdist.config.schema import WandbConfig
 STATUS_EXIT_CODE = {"FINISHED": 0, "KILLED": 130}  # anything else: failed (1)
 
 
+def own_service() -> None:
+    """W&B writes through a service process, found by the WANDB_SERVICE variable its starter
+    sets. A Ray worker inherits that variable from whoever started Ray (a driver, a test
+    process with W&B open): its runs would then live in a process that dies with that one,
+    taking their records. A service of another process is forgotten, so that this one starts
+    its own (the token is "<version>-<starter's pid>-...")."""
+    token = os.environ.get("WANDB_SERVICE")
+    if token and token.split("-")[1:2] != [str(os.getpid())]:
+        del os.environ["WANDB_SERVICE"]
+
+
 class WandbRun:
     name = "wandb"
 
@@ -22,6 +34,7 @@ class WandbRun:
                  job_type: str = "train", upload: Callable[[], None] = lambda: None):
         import wandb
 
+        own_service()
         self.where = f"{conf.entity + '/' if conf.entity else ''}{conf.project} ({conf.mode})"
         self.upload = upload
         same = saved and saved.get("project") == conf.project and saved.get("entity") == conf.entity
@@ -35,10 +48,10 @@ class WandbRun:
                               config=params, tags=[f"{k}:{v}" for k, v in tags.items()], settings=settings,
                               reinit="create_new")
         self.run_id, self.project, self.entity = run_id, conf.project, conf.entity
-        # Online, W&B knows where a resumed run stopped; offline it does not (starting_step 0): the
+        # Online, W&B knows where a continued run stopped; offline it does not (starting_step 0): the
         # local log's last step stands in (the caller's), and nothing is caught up.
         online = conf.mode == "online"
-        self.skip_through = int(self.run.starting_step) - 1 if online else None
+        self.skip_through = int(self.run.starting_step) - 1 if online else None if same else -1
         self.catches_up = online
 
     def state(self) -> dict:
