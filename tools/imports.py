@@ -40,6 +40,8 @@ LAYERS: list[list[str]] = [
     ["data", "tracking"],
     ["io"],
     ["config"],
+    # The rewards grpo's config names (torch-free): config validation imports a user's function.
+    ["objectives.rewards"],
     # Which objective and which engine a config names (torch-free): config validation asks them.
     ["objectives.registry", "engines.registry"],
     ["objectives.protocol"],

@@ -27,10 +27,11 @@ class Plan:
     total_steps: int
     world_size: int
     accumulation_steps: int  # micro-batches per rank per step
+    steps_per_batch: int = 1  # optimizer steps on each batch (grpo.num_iterations)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within it) of optimizer step `step` (1-based)."""
-        return divmod(step - 1, self.batches_per_epoch)
+        return divmod((step - 1) // self.steps_per_batch, self.batches_per_epoch)
 
     def describe(self, cfg: Config) -> str:
         return (
@@ -49,5 +50,5 @@ def make_plan(cfg: Config, n_rows: int, world_size: int) -> Plan:
             f"data.train gives {n_rows} rows of data.max_length tokens, fewer than train.batch_size "
             f"{t.batch_size}: add data or lower train.batch_size"
         )
-    total = t.max_steps or per_epoch * t.epochs
-    return Plan(n_rows, per_epoch, total, world_size, accumulation)
+    total = t.max_steps or per_epoch * t.epochs * cfg.steps_per_batch
+    return Plan(n_rows, per_epoch, total, world_size, accumulation, cfg.steps_per_batch)

@@ -29,6 +29,7 @@ from ftdist.objectives.registry import (
     parse_args,
     tune_metric_problem,
 )
+from ftdist.objectives.rewards import spec_problem
 
 # $VAR and ${VAR} in a path: expanded from the environment at validation (here, at the edge; the
 # rest of ftdist sees the expanded path), and a variable that is not set is an error naming it,
@@ -166,7 +167,8 @@ class QloraConfig(Section):
     double_quant: bool = True
 
 
-FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification"]
+FORMAT = Literal["auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification",
+                 "prompt"]
 
 
 class SourceConfig(Section):
@@ -333,6 +335,52 @@ class DpoConfig(Section):
     # true: one pass over the pairs before training computes the reference's log-probs, so no
     # second model is held while training.
     precompute_reference: bool = False
+
+
+class RewardConfig(Section):
+    """One of grpo.rewards: a built-in (exact_match, regex, json, length) or a function of yours
+    by import path (module:function), and its weight in the sum (ftdist.objectives.rewards)."""
+
+    function: str = Field(min_length=1)
+    weight: float = 1.0
+    column: Optional[str] = None  # exact_match, json: the prompt row's column compared with
+    pattern: Optional[str] = None  # regex: found in the completion
+    target: Optional[int] = Field(None, gt=0)  # length: characters past which each costs 1/target
+
+    @model_validator(mode="after")
+    def _resolves(self) -> "RewardConfig":
+        problem = spec_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class GrpoConfig(Section):
+    """objective: grpo. Each step samples num_generations completions per prompt from the policy,
+    scores them with the rewards, and moves the policy toward the completions that scored above
+    their group's mean (DeepSeekMath's GRPO; ftdist.objectives.grpo)."""
+
+    rewards: list[RewardConfig] = []
+    num_generations: int = Field(8, ge=2)  # completions per prompt: a group, whose mean is the baseline
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # Updates per batch of completions (each with the clipped ratio to the policy that sampled them).
+    num_iterations: int = Field(1, ge=1)
+    beta: float = Field(0.0, ge=0)  # the KL penalty to the reference; 0: no reference held
+    # The KL of each token weighted by its ratio to the sampling policy (TRL's use_bias_correction_kl,
+    # on by default there); false: DeepSeekMath's plain k3.
+    kl_correction: bool = False
+    epsilon: float = Field(0.2, gt=0)  # the ratio's clip range, 1 - epsilon ..
+    epsilon_high: Optional[float] = Field(None, gt=0)  # .. 1 + epsilon_high (unset: epsilon)
+    # How the loss is normalised: token, over the batch's completion tokens (TRL's dapo); sequence,
+    # each completion's mean, then their mean (GRPO's paper); dr_grpo, over completions x max_new_tokens.
+    loss: Literal["token", "sequence", "dr_grpo"] = "token"
+    scale_rewards: bool = True  # advantages divided by their group's standard deviation (false: Dr. GRPO)
+    # Evaluation: one greedy completion per held-out prompt; accuracy is the share whose first
+    # reward is at least this.
+    accuracy_at: float = 1.0
+    samples_logged: int = Field(2, ge=0)  # completions written to the log every train.log_every steps
 
 
 class RegularizationConfig(Section):
@@ -587,7 +635,7 @@ SPACE_KINDS = ("choice", "uniform", "loguniform", "randint")
 # What a search may vary: how the model is fine-tuned. Data, base model, storage and the run's
 # name are the experiment's, the same for every trial (they share one base and one dataset).
 TUNABLE_PREFIXES = ("method", "freeze_layers", "lora.", "qlora.", "train.", "checkpoint.", "regularization.",
-                    "dpo.")
+                    "dpo.", "grpo.")
 FIXED_IN_SEARCH = {"train.seed": "every trial starts from the same base model and data order",
                    "regularization.replay.data": "the replay text is part of the experiment's data"}
 # A mixture's weights are searchable too: they choose which of the shared rows a trial draws.
@@ -640,7 +688,7 @@ class TuneConfig(Section):
                 why = FIXED_IN_SEARCH.get(key, "data, model, storage, run and distributed keys are the "
                                                "experiment's, the same for every trial")
                 raise ValueError(f"space key {key!r} cannot be searched: {why}; search method, freeze_layers, "
-                                 "lora.*, qlora.*, train.*, checkpoint.*, regularization.* or dpo.* keys")
+                                 "lora.*, qlora.*, train.*, checkpoint.*, regularization.*, dpo.* or grpo.* keys")
         return self
 
 
@@ -656,6 +704,7 @@ class Config(Section):
     # The settings of an objective of your own, as its Args model takes them.
     objective_args: dict[str, Any] = {}
     dpo: DpoConfig = DpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
     method: Literal["full", "lora", "qlora"] = "lora"
     freeze_layers: Union[int, Literal["all"]] = 0
     lora: LoraConfig = LoraConfig()
@@ -689,6 +738,12 @@ class Config(Section):
     def row_shape(self) -> str:
         """What the data path builds for the run's objective: text, pairs or labels."""
         return objective_class(self).rows
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps each global batch of rows serves (grpo.num_iterations: one batch of
+        completions, several updates)."""
+        return self.grpo.num_iterations if self.row_shape == "prompts" else 1
 
     @property
     def row_length(self) -> int:

@@ -116,10 +116,16 @@ def data_key(cfg: Config) -> Optional[str]:
                             for split in SPLITS},
                 "chat_template": d.chat_template, "max_length": d.max_length, "packing": d.packing,
                 "labels": task_labels(cfg), "task": cfg.task, "objective": cfg.objective,
+                **({"prompt_room": prompt_room(cfg)} if cfg.row_shape == "prompts" else {}),
                 "skip_bad_rows": d.skip_bad_rows, "eval_fraction": held_out, "seed": cfg.train.seed,
                 "splits": [name for name in SPLITS[1:] if getattr(d, name)],
                 "files": [[file_digest(f) for f in source_files(p)] for p in sources]}
     return digest(settings)
+
+
+def prompt_room(cfg: Config) -> int:
+    """The most tokens of a prompt row (objective grpo): what its completion leaves of data.max_length."""
+    return cfg.data.max_length - cfg.grpo.max_new_tokens if cfg.row_shape == "prompts" else 0
 
 
 def task_labels(cfg: Config) -> Optional[list[str]]:
@@ -170,7 +176,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
 
     key = data_key(cfg)
     if key is None:
-        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape == "pairs")
+        return build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape, prompt_room(cfg))
     rel = f"{key}/{tokenizer_key(tokenizer)}"
     where, bucket = cache_root(cfg) / rel, bucket_copy(cfg)
     if (where / "stats.json").is_file():  # whole once there (renamed into place): no lock to read it
@@ -181,7 +187,7 @@ def prepared_dataset(cfg: Config, tokenizer) -> "Dataset":
         if bucket is not None and bucket.exists(f"{rel}/stats.json"):
             fetch_rows(bucket, rel, where, cache_root(cfg))
             return cached(where, f"from the cache, {bucket.path(rel)}")
-        dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape == "pairs")
+        dataset = build_dataset(cfg.data, tokenizer, cfg.train.seed, task_labels(cfg), cfg.row_shape, prompt_room(cfg))
         try:
             save(dataset, where, cache_root(cfg))
         except PermissionError as e:
@@ -291,9 +297,10 @@ def load(where: Path) -> "Dataset":
     def split(name: str) -> Optional[Rows]:
         if not (where / f"{name}.offsets.npy").is_file():
             return None
-        source = where / f"{name}.source.npy"
+        source, meta = where / f"{name}.source.npy", where / f"{name}.meta.npy"
         return Rows({c: np.load(where / f"{name}.{c}.npy", mmap_mode="r") for c in COLUMNS},
-                    np.load(where / f"{name}.offsets.npy"), np.load(source) if source.is_file() else None)
+                    np.load(where / f"{name}.offsets.npy"), np.load(source) if source.is_file() else None,
+                    np.load(meta) if meta.is_file() else None)  # np.load refuses pickled (object) arrays
 
     return Dataset(split("train"), split("eval"), split("retention"), info["format"], info["stats"], split("replay"))
 
@@ -323,4 +330,6 @@ def write_rows(dataset: "Dataset", staging: Path) -> None:
         np.save(staging / f"{split}.offsets.npy", rows.offsets)
         if rows.source is not None:
             np.save(staging / f"{split}.source.npy", rows.source)
+        if rows.meta is not None:  # fixed-width unicode: no pickle
+            np.save(staging / f"{split}.meta.npy", rows.meta)
     (staging / "stats.json").write_text(json.dumps({"format": dataset.format, "stats": dataset.stats}))

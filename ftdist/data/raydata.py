@@ -51,6 +51,8 @@ def arrow_table(rows: Rows, start: int, end: int):
              for name in COLUMNS}
     if rows.source is not None:  # a mixture's rows know their source
         table["source"] = pa.array(rows.source[start:end])
+    if rows.meta is not None:  # a prompt row's columns (objective grpo)
+        table["meta"] = pa.array(rows.meta[start:end].tolist(), pa.large_string())
     return pa.table(table)
 
 
@@ -63,8 +65,9 @@ def rows_of(shard) -> Optional[Rows]:
         lists = {name: batch.column(name).combine_chunks() for name in COLUMNS}
         offsets = lists["ids"].offsets.to_numpy()
         source = batch.column("source").to_numpy() if "source" in batch.column_names else None
+        meta = np.array(batch.column("meta").to_pylist()) if "meta" in batch.column_names else None
         parts.append(Rows({name: lists[name].flatten().to_numpy().astype(np.int32) for name in COLUMNS},
-                          (offsets - offsets[0]).astype(np.int64), source))
+                          (offsets - offsets[0]).astype(np.int64), source, meta))
     return Rows.concat(parts) if parts else empty_rows()
 
 

@@ -9,6 +9,8 @@ Formats (data.format; `auto` tells them apart by a row's keys):
   alpaca             {"instruction", "input"?, "output", "system"?}  -> chat, loss on the output
   sharegpt           {"conversations": [{"from", "value"}...]}       -> chat, loss on gpt turns
   preference         {"prompt", "chosen", "rejected"}                objective dpo: each a string or turns
+  prompt             {"prompt", other columns...}                    objective grpo: a string or turns, and
+                                                                     the columns its rewards read
 
 data.columns renames keys (ftdist's name: the file's, for top-level keys and the keys of each
 turn) and data.roles names other role names (ftdist's role: [the file's names]).
@@ -26,7 +28,7 @@ from ftdist.config.schema import FIELDS, ROLES, SPLITS, TEXT_SPLITS
 from ftdist.data.sources import Unreadable, is_data_file, is_glob, is_hub, read_rows
 from ftdist.errors import UserError
 
-FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification")
+FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt", "preference", "classification", "prompt")
 TURN_FIELDS = ("role", "content", "from", "value")
 # Role names understood without data.roles: OpenAI's and ShareGPT's.
 KNOWN_ROLES = {**{r: r for r in ROLES}, "human": "user", "gpt": "assistant"}
@@ -61,6 +63,10 @@ class RowReader:
             try:
                 if isinstance(row, Unreadable):
                     raise ValueError(row.reason)
+                if fmt == "auto" and rows == "prompts" and isinstance(row, dict):
+                    # A row with a prompt is a prompt row (its completion or answer a column the rewards read).
+                    fmt = "prompt" if "prompt" in {self.our_key.get(k, k) for k in row} else self.detect(row)
+                    refuse_other_objective(fmt, path, key, rows)
                 row_fmt, record = self.normalize(row, fmt)
                 if fmt == "auto":
                     fmt = row_fmt
@@ -184,6 +190,17 @@ class RowReader:
             raise ValueError(f"{self.name(field)} needs at least one assistant turn (the loss is on them)")
         return messages
 
+    def prompt(self, row: dict) -> dict:
+        """{prompt: a string or turns (user, system), columns: every other key, as the file has it}."""
+        value = row.get("prompt")
+        if isinstance(value, list):
+            prompt = self.turns(row, "prompt", "role", "content", need_assistant=False)
+        elif isinstance(value, str) and value.strip():
+            prompt = value
+        else:
+            raise ValueError(f"{self.name('prompt')} must be a non-empty string or a list of turns")
+        return {"prompt": prompt, "columns": {str(k): v for k, v in row.items() if k != "prompt"}}
+
     def preference(self, row: dict) -> dict:
         record = {}
         for field in ("prompt", "chosen", "rejected"):
@@ -236,7 +253,15 @@ def labels_of(records: Iterable[dict]) -> list[str]:
 
 
 def refuse_other_objective(fmt: str, path: str, key: str, rows: str) -> None:
-    """Preference pairs train with objective dpo, and objective dpo trains on them alone."""
+    """Preference pairs train with objective dpo, and objective dpo trains on them alone;
+    prompt rows are objective grpo's alone."""
+    if rows == "prompts" and fmt != "prompt":
+        raise UserError(f"{key}: {path}: rows are {fmt}, but objective grpo samples its own completions from prompt "
+                        "rows ({\"prompt\": ..., and the columns its rewards read}); set data.format: prompt (or "
+                        "auto), or set objective: sft to train on these rows")
+    if rows != "prompts" and fmt == "prompt":
+        raise UserError(f"{key}: {path}: prompt rows have nothing to learn from but rewards: set objective: grpo "
+                        "(with grpo.rewards), or give completions (data.format: prompt_completion)")
     if rows != "pairs" and fmt == "preference":
         raise UserError(f"{key}: {path}: rows are preference pairs ({{prompt, chosen, rejected}}), but objective sft "
                         "(supervised fine-tuning) trains on text, prompt/completion or chat rows; set objective: dpo "
@@ -259,7 +284,8 @@ def read_split(data, split: str, train_format: Optional[str] = None, labels: Opt
     parts, formats, skipped = [], [], 0
     for key, source in keyed_sources(data, split):
         fmt = source.format
-        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format and rows != "pairs":
+        if split == "eval" and fmt == "auto" and train_format and "+" not in train_format and \
+                rows not in ("pairs", "prompts"):
             fmt = train_format
         if split in TEXT_SPLITS and is_plain_text(source.path):
             records, bad = plain_text(source.path, key), 0
@@ -316,6 +342,10 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
         elif "chosen" in r:
             for value in (r["prompt"], r["chosen"], r["rejected"]):
                 texts.extend([m["content"] for m in value] if isinstance(value, list) else [value])
+        elif "columns" in r:  # a prompt row: its prompt, and the string columns its rewards compare with
+            value = r["prompt"]
+            texts.extend([m["content"] for m in value] if isinstance(value, list) else [value])
+            texts.extend(v for v in r["columns"].values() if isinstance(v, str))
         elif "prompt" in r:
             texts.append(r["prompt"] + r["completion"])
         else:

@@ -41,6 +41,8 @@ class Rows:
     flat: dict[str, np.ndarray]
     offsets: np.ndarray  # int64, one more than there are rows
     source: Optional[np.ndarray] = None  # per row, which source of a mixture it came from
+    # Per row, its record's other columns as JSON (a prompt row's: what objective grpo's rewards read).
+    meta: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -73,7 +75,8 @@ class Rows:
         picked = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(index) else np.zeros(0, int)
         return Rows({n: a[picked] for n, a in self.flat.items()},
                     np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
-                    None if self.source is None else self.source[index])
+                    None if self.source is None else self.source[index],
+                    None if self.meta is None else self.meta[index])
 
     @classmethod
     def concat(cls, parts: list["Rows"], sources: bool = False) -> "Rows":
@@ -88,8 +91,9 @@ class Rows:
             source = np.concatenate([np.full(len(p), i, np.int16) for i, p in enumerate(parts)])
         else:
             source = None if parts[0].source is None else np.concatenate([p.source for p in parts])
+        meta = np.concatenate([p.meta for p in parts]) if parts[0].meta is not None else None
         return cls({n: np.concatenate([p.flat[n] for p in parts]) for n in COLUMNS},
-                   np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), source)
+                   np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), source, meta)
 
     def of_source(self, s: int) -> np.ndarray:
         """The indices of source s's rows (every row where there is one source)."""
@@ -311,6 +315,34 @@ def classification_examples(tokenizer, records: list[dict], max_length: int,
                                                "dropped_no_target": int((~has).sum())}
 
 
+def prompt_rows(tokenizer, records: list[dict], room: int) -> tuple[Rows, dict]:
+    """Prompt records (objective grpo) as rows of one prompt each: its tokens (a chat prompt
+    rendered with the generation prompt after it), no targets, and its other columns as JSON.
+    `room`: the most prompt tokens (data.max_length less grpo.max_new_tokens); a longer prompt
+    keeps its last ones, where the question usually is."""
+    import json
+
+    strings = [i for i, r in enumerate(records) if isinstance(r["prompt"], str)]
+    ids: list[list[int]] = [[] for _ in records]
+    if strings:
+        encoded = tokenizer([records[i]["prompt"] for i in strings], return_attention_mask=False)["input_ids"]
+        for i, e in zip(strings, encoded):
+            ids[i] = e
+    for i, r in enumerate(records):
+        if not isinstance(r["prompt"], str):
+            require_template(tokenizer, "chat")
+            ids[i] = tokenizer(tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    truncated = sum(len(x) > room for x in ids)
+    ids = [x[-room:] for x in ids]
+    values, lengths = flat(ids)
+    rows = Rows({"ids": values, "targets": np.full(len(values), IGNORE, np.int32),
+                 "positions": within(lengths).astype(np.int32), "doc": np.zeros(len(values), np.int32)},
+                np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                meta=np.array([json.dumps({"prompt": r["prompt"], **r["columns"]}) for r in records]))
+    return rows, {"examples": len(records), "truncated": truncated, "dropped_no_target": 0}
+
+
 def char_limit(tokenizer, max_length: int) -> int:
     """The most characters of one string that max_length tokens can use, with room to spare:
     max_length tokens of the vocabulary's longest token (as the vocabulary spells it: a byte-level
@@ -439,6 +471,8 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
     }
     if "ref" in rows.flat:  # dpo's precomputed reference log-probs (ftdist.objectives.dpo)
         batch["ref"] = stack("ref", 0.0, np.float32)
+    if rows.meta is not None:  # a prompt row's columns (ftdist.objectives.grpo)
+        batch["meta"] = [str(rows.meta[i]) for i in index]
     return batch
 
 
@@ -446,14 +480,17 @@ def collate(rows: Rows, index: list[int], pad_id: int) -> dict[str, torch.Tensor
 
 
 def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[str]] = None,
-                  pairs: bool = False) -> Dataset:
+                  shape: str = "text", prompt_room: int = 0) -> Dataset:
     """Each training source read, shuffled (by seed), split for eval (data.eval_fraction of
     each source, unless data.eval is given), tokenized and packed on its own; the rows of
     all sources of a split together, each row knowing its source (a mixture: train_order;
     per-source evaluation: ftdist.training.evaluate.evaluate_rows). `labels`: a classification task's
     (its training and eval rows carry one each; retention text stays text). `pairs`: objective
-    dpo's preference pairs, each pair's two sequences in one row (ftdist.objectives.dpo)."""
-    parts, fmt, skipped = read_train(cfg, labels, "pairs" if pairs else "text")
+    dpo's preference pairs, each pair's two sequences in one row (ftdist.objectives.dpo). `shape`:
+    what the objective trains on (text, labels, pairs; prompts: one prompt a row, of at most
+    `prompt_room` tokens, for objective grpo's sampling)."""
+    pairs = shape == "pairs"
+    parts, fmt, skipped = read_train(cfg, labels, shape if shape in ("pairs", "prompts") else "text")
     require_template(tokenizer, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = {"examples": 0, "truncated": 0, "dropped_no_target": 0}
@@ -466,6 +503,16 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
         packed, n = [], len(split_parts)
         while split_parts:
             records = split_parts.pop(0)
+            if shape == "prompts" and task_rows:
+                with rendering(*template):
+                    rows, seen = prompt_rows(tokenizer, records, prompt_room)
+                if tally:
+                    for k, v in seen.items():
+                        counts[k] += v
+                if per_part is not None:
+                    per_part.append((len(records), seen, len(records)))
+                packed.append(rows)
+                continue
             with rendering(*template):
                 examples, seen = tokenize_records(tokenizer, records, cfg.max_length,
                                                   labels if task_rows else None, pairs and task_rows)
@@ -497,7 +544,8 @@ def build_dataset(cfg: DataConfig, tokenizer, seed: int, labels: Optional[list[s
         stats["sources"] = source_stats(cfg, train)
 
     if cfg.eval:
-        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels, "pairs" if pairs else "text")
+        held_out, _, eval_skipped = read_split(cfg, "eval", fmt, labels,
+                                               shape if shape in ("pairs", "prompts") else "text")
         stats["skipped_rows"] += eval_skipped
     eval_parts: list = []
     eval_rows = rows_of(held_out, per_part=eval_parts) if any(held_out) else None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, ContextManager, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -163,6 +163,11 @@ class Engine(Protocol):
 
     def model_state(self) -> Optional[dict[str, torch.Tensor]]:
         """The final model's state on rank 0 where the model's own is not whole (None: it is)."""
+
+    def generating(self) -> ContextManager[torch.nn.Module]:
+        """The model to sample from (objective grpo), its weights whole while the context lasts:
+        the model itself, or under ZeRO-3 its parameters gathered (each rank then samples
+        without collectives, however long its completions)."""
 
 
 EngineClass = type[Engine]  # an engine class of the registry (its class members are called on it)

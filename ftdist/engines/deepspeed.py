@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 
@@ -281,6 +281,16 @@ class DeepSpeedEngine:
             else:  # ZeRO-0: the weight itself, whole on every rank
                 shares.extend(whole_shares([(name, p)], rank))
         return shares
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[torch.nn.Module]:
+        if self.layout.zero_stage != 3:
+            yield self.model
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            yield self.model
 
     def model_state(self) -> Optional[dict[str, torch.Tensor]]:
         """Under ZeRO-3 the parameters are partitioned: gather each (collectively) and keep

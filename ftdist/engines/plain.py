@@ -10,9 +10,10 @@ scheduler.pt.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -154,6 +155,10 @@ class PlainEngine:
                 for g in bucket:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[torch.nn.Module]:
+        yield self.model
 
     def step(self, micro_batches: list[dict], loss: MicroLoss, before_update: Callable[[], None] = nothing) -> float:
         for batch in micro_batches:

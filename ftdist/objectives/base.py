@@ -33,6 +33,7 @@ class ObjectiveBase:
     own_modules: ClassVar[tuple[str, ...]] = ()
     Args: ClassVar[Optional[type["BaseModel"]]] = None
     evaluation_size: int = 0
+    sequences_per_row: int = 1
 
     def __init__(self, cfg: "Config", args: Optional["BaseModel"] = None):
         self.cfg, self.args = cfg, args
@@ -57,6 +58,18 @@ class ObjectiveBase:
         return None
 
     def start(self, ctx, bundle, engine, data) -> None:
+        return None
+
+    def rollout(self, batches: list[dict], step: int) -> list[dict]:
+        return batches
+
+    def step_figures(self) -> dict[str, float]:
+        return {}
+
+    @classmethod
+    def problem(cls, cfg: "Config") -> Optional[str]:
+        """What in the config does not fit this objective beyond its rows and formats (its own
+        section's rules across sections), or None."""
         return None
 
     def count(self, batch: dict) -> int:
@@ -99,6 +112,9 @@ class ObjectiveBase:
         return 2 * tokens * vocab * 4
 
     def reference_bytes(self, total_params: int, weight_bytes: int) -> float:
+        return 0.0
+
+    def generation_bytes(self, model_config, dtype_bytes: int) -> float:
         return 0.0
 
     def write_final(self, folder, model: "nn.Module", tokenizer, model_state: Optional[dict]) -> dict:

@@ -25,12 +25,13 @@ Direction = Literal["min", "max"]
 
 
 # What the data path builds for an objective: packed text with its target tokens, preference
-# pairs (chosen and rejected as documents 2j, 2j+1 of one row), or labelled texts (a target
-# only on each text's last token: its label's index).
-RowShape = Literal["text", "pairs", "labels"]
+# pairs (chosen and rejected as documents 2j, 2j+1 of one row), labelled texts (a target
+# only on each text's last token: its label's index), or prompts (one a row, no targets, its
+# other columns beside it) to sample completions from.
+RowShape = Literal["text", "pairs", "labels", "prompts"]
 
 
-ROW_SHAPES: tuple[str, ...] = ("text", "pairs", "labels")
+ROW_SHAPES: tuple[str, ...] = ("text", "pairs", "labels", "prompts")
 
 
 TEXT_FORMATS = ("text", "prompt_completion", "chat", "alpaca", "sharegpt")  # data.format of text rows
@@ -83,6 +84,14 @@ class Objective(Protocol):
     def start(self, ctx, bundle, engine, data) -> None:
         """What needs the engine, before a checkpoint is restored (DPO's reference)."""
 
+    def rollout(self, batches: list[dict], step: int) -> list[dict]:
+        """The micro-batches step `step` trains on, made from this rank's micro-batches of its
+        rows (GRPO: completions sampled for the prompts, scored; others: the batches as they are)."""
+
+    def step_figures(self) -> dict[str, float]:
+        """After a step's update: figures of the step the objective keeps itself, reduced over
+        every rank (GRPO's rewards, KL, clip fraction); logged with the step's record."""
+
     def count(self, batch: dict) -> int:
         """What a batch's loss is normalised by (target tokens; pairs)."""
 
@@ -108,6 +117,12 @@ class Objective(Protocol):
     def reference_bytes(self, total_params: int, weight_bytes: int) -> float:
         """A model of its own held beside the one that trains (DPO's frozen reference)."""
 
+    sequences_per_row: int  # sequences a row becomes in a training micro-batch (GRPO: its group)
+
+    def generation_bytes(self, model_config, dtype_bytes: int) -> float:
+        """What sampling holds at its peak, for a micro-batch (the KV cache and one step's
+        logits); 0 for an objective that does not sample."""
+
     # ---- final/
     def write_final(self, folder, model: "nn.Module", tokenizer, model_state: Optional[dict]) -> dict:
         """The trained model into final/ (`model_state`: its full state, where the engine
@@ -116,8 +131,9 @@ class Objective(Protocol):
 
 # What a class must have to be an objective (checked when a config names one by import path).
 REQUIRED = ("name", "section", "rows", "formats", "metrics", "step_metrics", "told", "transfer", "own_modules",
-            "Args", "prepare_model", "make_head", "before_engine", "start", "count", "loss", "evaluation_size",
-            "evaluation_sums", "scores", "describe", "logits_bytes", "reference_bytes", "write_final")
+            "Args", "prepare_model", "make_head", "before_engine", "start", "rollout", "step_figures", "count", "loss",
+            "evaluation_size", "evaluation_sums", "scores", "describe", "logits_bytes", "reference_bytes",
+            "sequences_per_row", "generation_bytes", "write_final")
 
 
 def protocol_problems(cls: type) -> list[str]:

@@ -25,12 +25,13 @@ if TYPE_CHECKING:
 # Name -> the class's import path. `objective:` takes sft and dpo; `task: classification` names
 # the third (its head and labels make it a task of its own, as the config has always said).
 BUILT_IN = {"sft": "ftdist.objectives.sft:Sft", "dpo": "ftdist.objectives.dpo:Dpo",
-            "classification": "ftdist.objectives.classification:Classification"}
-CONFIG_NAMES = ("sft", "dpo")
+            "classification": "ftdist.objectives.classification:Classification",
+            "grpo": "ftdist.objectives.grpo:Grpo"}
+CONFIG_NAMES = ("sft", "dpo", "grpo")
 EXAMPLE_PATH = "mypkg.losses:MyObjective"
 # What the rows of each shape are, in a message.
 ROW_WORDS = {"text": "text rows (text, prompt/completion, chat)", "pairs": "preference rows ({prompt, chosen, rejected})",
-             "labels": "{text, label} rows"}
+             "labels": "{text, label} rows", "prompts": "prompt rows ({prompt, the columns its rewards read})"}
 
 
 def objective_name(cfg: "Config") -> str:
@@ -162,7 +163,7 @@ def config_problem(cfg: "Config") -> Optional[str]:
     if cfg.regularization.replay is not None and cls.rows != "text":
         return (f"regularization.replay mixes text into the batches, which {what(cfg)} does not train on (its batches "
                 f"are {ROW_WORDS[cls.rows]}): use regularization.l2sp or regularization.ewc with {what(cfg)}")
-    return None
+    return cls.problem(cfg) if hasattr(cls, "problem") else None
 
 
 # A tune metric of every objective: the eval loss plus forgetting on data.retention (tune.trial).

@@ -212,9 +212,11 @@ class LogProbHead(ChunkedHead):
     the flattened order of the targets); with text targets pending (retention text), the summed
     cross-entropy as ChunkedHead computes it; with none, the logits."""
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, temperature: float = 1.0):
         super().__init__(head)
         self.text = False
+        # Log-probs of the distribution sampled from (objective grpo's temperature), as the ratio needs.
+        self.temperature = temperature
 
     def for_text(self) -> "TextLoss":
         return TextLoss(self)
@@ -229,8 +231,10 @@ class LogProbHead(ChunkedHead):
         targets = self.targets.flatten()
         keep = (targets != IGNORE).nonzero().squeeze(1)
         hidden = hidden.flatten(0, -2).index_select(0, keep)
-        return LinearLogProbs.apply(hidden, self.head.weight, self.head.bias, targets.index_select(0, keep),
-                                    self.chunk)
+        bias = self.head.bias
+        if self.temperature != 1.0:  # the logits divided by it
+            hidden, bias = hidden / self.temperature, None if bias is None else bias / self.temperature
+        return LinearLogProbs.apply(hidden, self.head.weight, bias, targets.index_select(0, keep), self.chunk)
 
 
 def token_logps(forward, batch: dict, device: torch.device, head: LogProbHead, attention: str) -> torch.Tensor:

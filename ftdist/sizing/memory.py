@@ -90,8 +90,11 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     model saves (ftdist.sizing.activations), or only its input when it is checkpointed, plus one
     checkpointed block recomputed at a time; and what the objective's loss holds of the logits
     (ftdist.objectives: with train.chunked_loss one chunk in fp32, else all of them with their
-    gradient; a classifier's, none to speak of)."""
-    s, b = cfg.row_length, cfg.train.micro_batch_size
+    gradient; a classifier's, none to speak of). An objective that samples (grpo) trains on
+    sequences_per_row sequences per row, and holds its sampling's KV cache and logits at
+    another moment: the larger of the two counts."""
+    objective = resolve(cfg)
+    s, b = cfg.row_length, cfg.train.micro_batch_size * objective.sequences_per_row
     every = cfg.train.checkpoint_every
     traced = saved_bytes(shell, b, s, "eager" if cfg.model.attention == "eager" else "sdpa", input_grads=bool(every),
                          compute_bytes=dtype_bytes)
@@ -103,7 +106,8 @@ def activation_bytes(cfg: Config, model_config, shell: nn.Module, dtype_bytes: i
     kept = sum(traced.block_input if i in checkpointed else x for i, x in enumerate(per_block))
     recomputed = max((per_block[i] for i in checkpointed), default=0.0)
     blocks = kept + recomputed + traced.outside
-    return blocks + resolve(cfg).logits_bytes(s * b, model_config.vocab_size, dtype_bytes)
+    return max(blocks + objective.logits_bytes(s * b, model_config.vocab_size, dtype_bytes),
+               objective.generation_bytes(model_config, dtype_bytes))
 
 
 def state_bytes(cfg: Config, total: int, trainable: int, workers: int, sharding: "Sharding",

@@ -295,8 +295,10 @@ def begin(run: Run, state: TrainState) -> None:
 def train_step(run: Run, state: TrainState, step: int) -> None:
     started = time.perf_counter()
     epoch, index = run.plan.position(step)
-    batches = step_batches(run, epoch, index) + replay_batches(run, step)
+    # What the objective trains on this step: the rows' micro-batches, or (grpo) what it sampled from them.
+    batches = run.objective.rollout(step_batches(run, epoch, index) + replay_batches(run, step), step)
     losses, grad_norm, pulled = optimizer_step(run, batches)
+    figures = run.objective.step_figures()
     # Reduced over ranks (the loss) or global (DeepSpeed's grad norm): every rank stops together.
     for what, value in (("training loss", losses["loss"]), ("gradient norm", grad_norm)):
         if value is not None and not math.isfinite(value):
@@ -305,7 +307,7 @@ def train_step(run: Run, state: TrainState, step: int) -> None:
     tokens = ctx.all_reduce_sum(sum(b["n_tokens"] for b in batches if not b.get("ignore")))
     state.step, state.tokens_seen = step, state.tokens_seen + tokens
     elapsed = time.perf_counter() - started
-    record = {"step": step, "epoch": epoch, **losses, "lr": run.engine.lr, "grad_norm": grad_norm, **pulled,
+    record = {"step": step, "epoch": epoch, **losses, **figures, "lr": run.engine.lr, "grad_norm": grad_norm, **pulled,
               "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "tokens_seen": state.tokens_seen,
               "peak_memory_gib": run.peak.gib()}
     run.log.append(record)

@@ -75,7 +75,7 @@ BAD_METRICS = ("from ftdist.objectives.base import ObjectiveBase\n\n\nclass Side
 
 
 @pytest.mark.parametrize("overrides, said", [
-    (["objective=sfft"], "objective: 'sfft' is neither a built-in objective (sft, dpo) nor a class by import path "
+    (["objective=sfft"], "objective: 'sfft' is neither a built-in objective (sft, dpo, grpo) nor a class by import path "
                          "(module:Class, e.g. mypkg.losses:MyObjective); did you mean sft?"),
     (["objective=nowhere.losses:Mine"], "objective: no module nowhere.losses in the working directory"),
     (["objective=focal:FocalLos"], "objective: module focal ("),

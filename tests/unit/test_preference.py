@@ -67,7 +67,7 @@ def test_a_pairs_chosen_and_rejected_are_documents_of_one_row_trained_on_the_res
     from ftdist.data.chat_templates import apply_choice
 
     apply_choice(tokenizer, "chatml")
-    rows = build_dataset(cfg.data, tokenizer, 0, pairs=True).train
+    rows = build_dataset(cfg.data, tokenizer, 0, shape="pairs").train
     responses = []
     for i in range(len(rows)):
         doc, targets = rows.row("doc", i), rows.row("targets", i)
@@ -100,7 +100,7 @@ def test_a_pair_whose_chosen_equals_its_rejected_is_skipped_and_counted_or_refus
                                         r"data.skip_bad_rows"):
         train_local(cfg, show_progress=False)
     tokenizer = train_tokenizer([p for r in pairs for p in r.values()], 320)
-    data = build_dataset(cfg.data.model_copy(update={"skip_bad_rows": True}), tokenizer, 0, pairs=True)
+    data = build_dataset(cfg.data.model_copy(update={"skip_bad_rows": True}), tokenizer, 0, shape="pairs")
     assert data.stats["skipped_rows"] == 1 and data.stats["examples"] == 7
 
 
