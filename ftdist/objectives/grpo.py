@@ -210,6 +210,7 @@ class Grpo(ObjectiveBase):
         self.frozen: Optional[tuple] = None
         self.rollout_now: Optional[Rollout] = None
         self.update_sums = None  # this step's [clipped tokens, kl sum, tokens]
+        self.step_now = 0
         self.evaluation = None  # the last evaluation batch's sums
 
     @classmethod
@@ -263,7 +264,7 @@ class Grpo(ObjectiveBase):
             self.rollout_now = self.sample(batches, batch, step)
         import numpy as np
 
-        self.update_sums = np.zeros(3)
+        self.update_sums, self.step_now = np.zeros(3), step
         return self.rollout_now.micro_batches
 
     def sample(self, batches: list[dict], batch: int, step: int) -> Rollout:
@@ -314,7 +315,7 @@ class Grpo(ObjectiveBase):
                     if self.reference is not None:
                         update["ref_logps"] = self.reference.logps(update, ctx.device).detach().float()
         model.train(was_training)
-        return Rollout(batch, micro, sums, samples if step % self.cfg.train.log_every == 0 else [])
+        return Rollout(batch, micro, sums, samples)
 
     def scored(self, meta: list[dict], completions: list[list[int]], n: int) -> tuple[list[list[float]], list[float]]:
         """Each completion's scores by each reward, and their weighted sum (NaN where none scored)."""
@@ -378,8 +379,8 @@ class Grpo(ObjectiveBase):
             figures.update({f"reward/{name}": v / completions for name, v in zip(reward_names(self.rewards), per_reward)})
         if self.settings.beta:
             figures["kl"] = kl / max(update_tokens, 1)
-        if rollout.samples and self.ctx.is_main:
-            figures["samples"] = rollout.samples
+        if rollout.samples and self.ctx.is_main and self.step_now % self.cfg.train.log_every == 0:
+            figures["samples"] = rollout.samples  # a few completions, their prompts and rewards
         return figures
 
     # ---- evaluation
