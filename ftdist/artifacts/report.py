@@ -32,8 +32,9 @@ def _pyplot():
 
 def plot_run(run_dir: Path) -> list[Path]:
     """The plots a run writes when it finishes: loss.png, forgetting.png with data.retention,
-    rewards.png for preference tuning."""
-    return [plot for plot in (plot_loss(run_dir), plot_forgetting(run_dir), plot_rewards(run_dir)) if plot]
+    rewards.png for preference tuning and for learning from rewards (grpo)."""
+    return [plot for plot in (plot_loss(run_dir), plot_forgetting(run_dir), plot_rewards(run_dir),
+                              plot_sampled_rewards(run_dir)) if plot]
 
 
 def plot_loss(run_dir: Path) -> Path:
@@ -49,7 +50,8 @@ def plot_loss(run_dir: Path) -> Path:
     losses = [v for v in train_loss + eval_loss if v > 0]
     if losses and max(losses) / min(losses) > 20:  # a curve that falls far reads better on a log scale
         ax.set_yscale("log")
-    unit = "DPO loss (per pair)" if any("reward_accuracy" in r for r in records) else "cross-entropy (nats/token)"
+    unit = "DPO loss (per pair)" if any("reward_accuracy" in r for r in records) else \
+        "GRPO loss (clipped policy gradient)" if any("reward_std" in r for r in records) else "cross-entropy (nats/token)"
     return save_loss_figure(plt, fig, ax, run_dir.name, run_dir / "loss.png", unit)
 
 
@@ -75,6 +77,43 @@ def plot_rewards(run_dir: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{run_dir.name}: preference tuning")
+    fig.tight_layout()
+    out = run_dir / "rewards.png"
+    safewrite.save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_sampled_rewards(run_dir: Path) -> Optional[Path]:
+    """rewards.png of a run that learns from rewards (grpo): the sampled completions' mean
+    reward per step (with its spread) and the held-out prompts' greedy reward, and their
+    accuracy with the KL to the reference; None for other runs."""
+    records = read_metrics(run_dir / METRICS)
+    if not any("reward_std" in r for r in records):
+        return None
+    plt = _pyplot()
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, mean = series(records, "reward")
+    _, spread = series(records, "reward_std")
+    rewards.plot(steps, mean, linewidth=1, label="sampled: mean reward")
+    rewards.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                         alpha=0.2, label="sampled: +- std")
+    rewards.plot(*series(records, "eval_reward"), "o-", label="eval reward (greedy, held-out prompts)")
+    rewards.set_ylabel("reward")
+    accuracy.plot(*series(records, "eval_accuracy"), "o-", label="eval accuracy")
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_ylabel("share of held-out prompts answered right")
+    kl_steps, kl = series(records, "kl")
+    if kl_steps:
+        twin = accuracy.twinx()
+        twin.plot(kl_steps, kl, color="tab:gray", linewidth=1, label="KL to the reference")
+        twin.set_ylabel("KL to the reference (per token)")
+        twin.legend(loc="lower right")
+    for ax in (rewards, accuracy):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    fig.suptitle(f"{run_dir.name}: learning from rewards")
     fig.tight_layout()
     out = run_dir / "rewards.png"
     safewrite.save_figure(fig, out)
