@@ -76,6 +76,7 @@ bench: setup
 	$(BIN)/python bench/spectrum.py
 	$(BIN)/python bench/spectrum.py --base real
 	$(BIN)/python bench/preference.py
+	$(BIN)/python bench/grpo.py
 	$(BIN)/python bench/real_model.py
 	$(BIN)/python bench/preemption.py
 

@@ -10,6 +10,7 @@ from ftdist.engines.registry import resolve
 from ftdist.launch.preflight import estimate_fit
 from ftdist.launch.ray_train import describe_plan
 from ftdist.model.build import compute_dtype
+from ftdist.objectives.registry import resolve as objective_of
 from ftdist.sizing.memory import GPU_USABLE, GiB
 
 # What an 80 GB GPU (H100, A100 80GB) reports as its total memory.
@@ -38,9 +39,15 @@ def size_up(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB) -> Sizing:
                                       ("chunked loss", cfg.train.chunked_loss)) if on]
     lines = [plan,
              f"model: {est.total_params / 1e9:.2f}B parameters, {est.trainable_params:,} trainable ({cfg.method}); "
-             f"{str(dtype).removeprefix('torch.')}, micro batch {cfg.train.micro_batch_size} x {cfg.row_length} "
-             f"tokens; {', '.join(switches) or 'no memory switches'}",
+             f"{str(dtype).removeprefix('torch.')}, micro batch {cfg.train.micro_batch_size}{sampled(cfg)} x "
+             f"{cfg.row_length} tokens; {', '.join(switches) or 'no memory switches'}",
              f"memory (estimate): {est.describe()}, of {gpu_gib:g} GiB"]
     lines.append(f"does not fit: about {est.device_total / GiB:.1f} GiB per GPU, of the {limit / GiB:.1f} GiB "
                  f"usable there ({GPU_USABLE:.0%} of {gpu_gib:g}); " + "; or ".join(tips) if tips else "fits")
     return Sizing(lines, not tips)
+
+
+def sampled(cfg: Config) -> str:
+    """" prompts x G completions" where the objective trains on G sequences per row (grpo)."""
+    per_row = objective_of(cfg).sequences_per_row
+    return f" prompts x {per_row} completions" if per_row > 1 else ""

@@ -4,9 +4,10 @@ TRL's GRPOTrainer computes it).
 Each step, on every rank, for its own prompts (a prompt's group never spans ranks):
 
   sample     grpo.num_generations completions per prompt from the policy (temperature, top_p,
-             max_new_tokens), seeded by (train.seed, the batch, the prompt's place in it): a
-             resumed run samples what it would have, at any world size; under ZeRO-3 with the
-             weights gathered (the engine's `generating`)
+             max_new_tokens), a micro-batch's prompts together, seeded by (train.seed, the
+             batch, the micro-batch's place in it): a resumed run samples what it would have,
+             and so does a run at another world size (the same micro_batch_size); under ZeRO-3
+             with the weights gathered (the engine's `generating`)
   score      each completion by each of grpo.rewards (ftdist.objectives.rewards); their weighted
              sum is its reward (a completion no reward scores: none, and no advantage)
   advantage  its reward less its group's mean, divided by the group's standard deviation
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol
 
@@ -125,54 +127,54 @@ def count_of(kind: str, tokens: int, sequences: int, max_new_tokens: int) -> int
 
 
 class Generator(Protocol):
-    """What samples completions: a faster one (vLLM, whose requests take a seed each) may stand
-    in for transformers' own."""
+    """What samples completions: a faster one (vLLM) may stand in for transformers' own."""
 
-    def generate(self, model: "nn.Module", prompts: list[list[int]], n: int, seeds: Optional[list[int]]
-                 ) -> list[list[int]]:
-        """`n` completions of each prompt (prompt-major), each up to its first EOS (kept); each
-        prompt's sampled with its own seed (None: greedy)."""
+    def generate(self, model: "nn.Module", prompts: list[list[int]], n: int, seed: Optional[int]) -> list[list[int]]:
+        """`n` completions of each prompt (prompt-major), each up to its first EOS (kept),
+        sampled under `seed` (None: greedy)."""
 
 
 class TransformersGenerator:
-    """model.generate, one prompt's group at a time under the prompt's own seed, with the KV
-    cache: what a prompt samples depends on the weights and its seed alone, not on which rank
-    or micro-batch it shares (the same run at any world size)."""
+    """model.generate on the prompts together (left-padded), with the KV cache."""
 
     def __init__(self, settings: "GrpoConfig", pad_id: int, eos_id: Optional[int]):
         self.settings, self.pad_id, self.eos_id = settings, pad_id, eos_id
 
-    def generate(self, model: "nn.Module", prompts: list[list[int]], n: int, seeds: Optional[list[int]]
-                 ) -> list[list[int]]:
+    def generate(self, model: "nn.Module", prompts: list[list[int]], n: int, seed: Optional[int]) -> list[list[int]]:
         import torch
 
         device = next(model.parameters()).device
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
         s = self.settings
-        how = {"do_sample": False} if seeds is None else \
+        how = {"do_sample": False} if seed is None else \
             {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=s.max_new_tokens,
+                                 min_new_tokens=1, num_return_sequences=n, pad_token_id=self.pad_id,
+                                 eos_token_id=self.eos_id, use_cache=True, **how)
         completions = []
-        for i, prompt in enumerate(prompts):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if seeds is not None:
-                    torch.manual_seed(seeds[i])
-                out = model.generate(input_ids=torch.tensor([prompt], device=device),
-                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
-                                     max_new_tokens=s.max_new_tokens, min_new_tokens=1, num_return_sequences=n,
-                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True, **how)
-            for row in out[:, len(prompt):].tolist():
-                if self.eos_id is not None and self.eos_id in row:
-                    row = row[: row.index(self.eos_id) + 1]
-                completions.append(row)
+        for row in out[:, width:].tolist():
+            if self.eos_id is not None and self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+            completions.append(row)
         return completions
 
 
-def sampling_seed(seed: int, batch: int, prompt: int) -> int:
-    """The seed of a prompt's group: by its batch (its place in the run, not the step it is
-    sampled at) and its place in the global batch: the same completions after a resume, and at
-    any world size."""
+def sampling_seed(seed: int, batch: int, first: int) -> int:
+    """The seed of a micro-batch's sampling: by its batch (its place in the run, not the step it
+    is sampled at) and its first prompt's place in the global batch. A rank's micro-batches are
+    its contiguous part of the global batch, so with the same micro_batch_size the micro-batches,
+    their seeds and their samples are the same at any world size, and after a resume."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, batch, prompt]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, batch, first]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---------------------------------------------------------------- the objective
@@ -183,9 +185,13 @@ class Rollout:
     """A batch's completions as update micro-batches, and what the step reports of them."""
 
     batch: int  # which batch of rows (steps_per_batch steps share one)
+    first_step: int  # the step that sampled it
     micro_batches: list[dict]
     sums: "np.ndarray"  # FIGURE_SUMS, this rank's
     samples: list[dict]
+    # This rank's seconds sampling, scoring, and computing the sampling policy's and the reference's
+    # log-probs (the step that made the batch; the rest of its step_time_s is the update).
+    seconds: dict
 
 
 class Grpo(ObjectiveBase):
@@ -277,15 +283,17 @@ class Grpo(ObjectiveBase):
         model = self.engine.model
         was_training = model.training
         model.eval()
+        started = time.perf_counter()
         prompts, metas, completions = [], [], []
         with torch.no_grad(), self.engine.generating() as policy:
             for b in batches:
                 ids = prompt_ids(b)
-                seeds = [sampling_seed(self.cfg.train.seed, batch, first + j) for j in range(len(ids))]
+                seed = sampling_seed(self.cfg.train.seed, batch, first)
                 first += len(ids)
                 prompts.append(ids)
                 metas.append([json.loads(m) for m in b["meta"]])
-                completions.append(self.generator.generate(policy, ids, g.num_generations, seeds))
+                completions.append(self.generator.generate(policy, ids, g.num_generations, seed))
+        sampled = time.perf_counter()
         micro, sums, samples = [], np.zeros(len(FIGURE_SUMS) + len(self.rewards)), []
         for ids, meta, done in zip(prompts, metas, completions):
             table, rewards = self.scored(meta, done, g.num_generations)
@@ -303,6 +311,7 @@ class Grpo(ObjectiveBase):
                 samples.extend({"prompt": bounded(meta[j // g.num_generations]["prompt"], 300),
                                 "completion": bounded(self.tokenizer.decode(done[j], skip_special_tokens=True), 500),
                                 "reward": rewards[j]} for j in range(min(g.samples_logged - len(samples), len(done))))
+        scored = time.perf_counter()
         # The sampling policy's log-probs (ratios on later updates) and the reference's, before any update.
         if g.num_iterations > 1 or self.reference is not None:
             from ftdist.objectives.tokens import autocast, token_logps
@@ -315,7 +324,9 @@ class Grpo(ObjectiveBase):
                     if self.reference is not None:
                         update["ref_logps"] = self.reference.logps(update, ctx.device).detach().float()
         model.train(was_training)
-        return Rollout(batch, micro, sums, samples)
+        seconds = {"sample_s": sampled - started, "score_s": scored - sampled,
+                   "logps_s": time.perf_counter() - scored}
+        return Rollout(batch, step, micro, sums, samples, seconds)
 
     def scored(self, meta: list[dict], completions: list[list[int]], n: int) -> tuple[list[list[float]], list[float]]:
         """Each completion's scores by each reward, and their weighted sum (NaN where none scored)."""
@@ -379,6 +390,8 @@ class Grpo(ObjectiveBase):
             figures.update({f"reward/{name}": v / completions for name, v in zip(reward_names(self.rewards), per_reward)})
         if self.settings.beta:
             figures["kl"] = kl / max(update_tokens, 1)
+        if self.step_now == self.rollout_now.first_step:
+            figures.update(rollout.seconds)
         if rollout.samples and self.ctx.is_main and self.step_now % self.cfg.train.log_every == 0:
             figures["samples"] = rollout.samples  # a few completions, their prompts and rewards
         return figures
@@ -391,7 +404,9 @@ class Grpo(ObjectiveBase):
 
         meta = [json.loads(m) for m in batch["meta"]]
         with self.engine.generating() as policy:
-            done = self.generator.generate(policy, prompt_ids(batch), 1, None)
+            # One prompt at a time: greedy decoding of a prompt then never depends on the padding of
+            # the others evaluated beside it (which differs with the world size).
+            done = [self.generator.generate(policy, [ids], 1, None)[0] for ids in prompt_ids(batch)]
         table, rewards = self.scored(meta, done, 1)
         accurate = sum(1 for values in table if not math.isnan(values[0]) and values[0] >= self.settings.accuracy_at)
         self.evaluation = (accurate, sum(map(len, done)))

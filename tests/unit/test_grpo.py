@@ -138,8 +138,8 @@ def test_the_loss_and_its_gradients_equal_trls_grpo_trainer(tmp_path, kind, kl_c
         assert torch.allclose(p.grad, trl_grads[name].grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_each_prompt_of_each_batch_samples_with_its_own_seed_the_same_after_a_resume():
-    seeds = {sampling_seed(42, batch, prompt) for batch in range(50) for prompt in range(8)}
+def test_each_micro_batch_of_each_batch_samples_with_its_own_seed_the_same_after_a_resume():
+    seeds = {sampling_seed(42, batch, first) for batch in range(50) for first in range(8)}
     assert len(seeds) == 400 and sampling_seed(42, 3, 1) == sampling_seed(42, 3, 1) != sampling_seed(43, 3, 1)
 
 
@@ -165,21 +165,21 @@ def test_built_in_rewards_score_as_documented(tmp_path):
 
 
 def test_a_function_of_yours_is_called_as_trl_calls_it_and_none_means_not_scored(tmp_path, monkeypatch):
-    (tmp_path / "myrewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "yourrewards.py").write_text(textwrap.dedent("""
         SEEN = []
         def correct(prompts, completions, answer, **rest):
             SEEN.append((prompts, completions, answer, sorted(rest)))
             return [None if c == "skip" else float(c == a) for c, a in zip(completions, answer)]
     """))
     monkeypatch.chdir(tmp_path)  # found from the working directory, as python -m finds a module
-    specs = reward_specs(tmp_path, "[{function: 'myrewards:correct', weight: 2}]")
+    specs = reward_specs(tmp_path, "[{function: 'yourrewards:correct', weight: 2}]")
     (reward,) = load_rewards(specs)
     assert reward.weight == 2
     table = score([reward], ["p1", "p1"], ["7", "skip"], {"answer": ["7", "7"], "level": [1, 1]}, ["row 1"] * 2)
     assert table[0] == [1.0] and math.isnan(table[1][0])
-    import myrewards
+    import yourrewards
 
-    assert myrewards.SEEN == [(["p1", "p1"], ["7", "skip"], ["7", "7"], ["level"])]
+    assert yourrewards.SEEN == [(["p1", "p1"], ["7", "skip"], ["7", "7"], ["level"])]
 
 
 @pytest.mark.parametrize("body, said", [
@@ -274,3 +274,36 @@ def test_rows_that_are_not_prompts_are_refused_for_grpo_and_prompt_rows_for_sft(
         validate_config(raw)
     assert "data.format prompt: prompt rows ({prompt, the columns its rewards read}) train with objective: grpo" \
         in str(e.value)
+
+
+# ---------------------------------------------------------------- the estimate, Tune
+
+
+def test_the_estimate_counts_every_completion_and_the_kv_cache_of_sampling(tmp_path):
+    from transformers import LlamaConfig
+
+    from ftdist.launch.fit import size_up
+    from ftdist.objectives.registry import resolve
+    from ftdist.sizing.memory import activation_bytes, run_shell
+
+    model = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=1000)
+    few, many = (grpo_config(tmp_path, f"grpo.num_generations={g}", "data.max_length=128") for g in (2, 16))
+    acts = [activation_bytes(c, model, run_shell(c, model), 2, "cuda") for c in (few, many)]
+    assert acts[1] > 7 * acts[0]  # 8x the sequences trained on per row
+    # The KV cache of micro_batch_size x G sequences of max_length: 2 (K, V) x layers x kv heads x head dim.
+    cache = 2 * 4 * 2 * 32 * (2 * 16) * 128 * 2
+    assert resolve(many).generation_bytes(model, 2) == cache + 3 * 2 * 16 * 1000 * 4
+    lines = size_up(grpo_config(tmp_path, "grpo.num_generations=2"), 80).lines
+    assert "micro batch 2 prompts x 2 completions x 64 tokens" in lines[1], lines
+
+
+def test_a_search_over_grpo_maximises_the_held_out_reward_unless_told_otherwise(tmp_path):
+    raw = grpo_config(tmp_path).model_dump(mode="json")
+    raw["tune"] = {"name": "s", "num_samples": 2, "space": {"grpo.beta": {"choice": [0.0, 0.04]},
+                                                            "grpo.num_generations": {"choice": [4, 8]}}}
+    cfg = validate_config(raw)
+    assert (cfg.tune.metric, cfg.tune.mode) == ("eval_reward", "max")
+    raw["tune"]["metric"], raw["tune"]["mode"] = "eval_reward", "min"
+    with pytest.raises(UserError, match="tune.mode min with tune.metric eval_reward: higher is better"):
+        validate_config(raw)
