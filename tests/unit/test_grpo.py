@@ -307,3 +307,31 @@ def test_a_search_over_grpo_maximises_the_held_out_reward_unless_told_otherwise(
     raw["tune"]["metric"], raw["tune"]["mode"] = "eval_reward", "min"
     with pytest.raises(UserError, match="tune.mode min with tune.metric eval_reward: higher is better"):
         validate_config(raw)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_prompt_rows_come_from_every_file_type_with_their_columns(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ftdist.data.prepared import prompt_room
+    from ftdist.data.rows import build_dataset
+    from ftdist.model.build import build_model
+    from ftdist.model.source import build_initial_model
+
+    rows = [{"prompt": f"reverse {n} =", "answer": str(n)[::-1], "level": i % 3} for i, n in enumerate(range(100, 108))]
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".csv":
+        path.write_text("prompt,answer,level\n" + "".join(f"{r['prompt']},{r['answer']},{r['level']}\n" for r in rows))
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text(json.dumps(rows))
+    cfg = grpo_config(tmp_path, f"data.train={path}", "data.eval=null", "data.eval_fraction=0")
+    build_initial_model(cfg, tmp_path / "base")
+    tokenizer = build_model(cfg, str(tmp_path / "base"), torch.device("cpu")).tokenizer
+    dataset = build_dataset(cfg.data, tokenizer, 0, None, "prompts", prompt_room(cfg))
+    metas = sorted((json.loads(m) for m in dataset.train.meta), key=lambda m: m["prompt"])
+    assert [m["prompt"] for m in metas] == [r["prompt"] for r in rows]
+    assert [str(m["answer"]) for m in metas] == [r["answer"] for r in rows]
+    assert [int(m["level"]) for m in metas] == [r["level"] for r in rows]
