@@ -72,16 +72,7 @@ def plot_rewards(run_dir: Path) -> Optional[Path]:
     accuracy.plot(*series(records, "eval_reward_accuracy"), "o-", label="eval reward accuracy")
     accuracy.set_ylim(-0.02, 1.02)
     accuracy.set_ylabel("pairs whose chosen reward is higher")
-    for ax in (rewards, accuracy):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{run_dir.name}: preference tuning")
-    fig.tight_layout()
-    out = run_dir / "rewards.png"
-    safewrite.save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return save_panels(plt, fig, (rewards, accuracy), f"{run_dir.name}: preference tuning", run_dir / "rewards.png")
 
 
 def plot_sampled_rewards(run_dir: Path) -> Optional[Path]:
@@ -109,13 +100,18 @@ def plot_sampled_rewards(run_dir: Path) -> Optional[Path]:
         twin.plot(kl_steps, kl, color="tab:gray", linewidth=1, label="KL to the reference")
         twin.set_ylabel("KL to the reference (per token)")
         twin.legend(loc="lower right")
-    for ax in (rewards, accuracy):
+    return save_panels(plt, fig, (rewards, accuracy), f"{run_dir.name}: learning from rewards",
+                       run_dir / "rewards.png", legend="upper left")
+
+
+def save_panels(plt, fig, axes, title: str, out: Path, legend: str = "best") -> Path:
+    """A figure of panels over steps, each with its grid and legend, titled, written to `out`."""
+    for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
-    fig.suptitle(f"{run_dir.name}: learning from rewards")
+        ax.legend(loc=legend)
+    fig.suptitle(title)
     fig.tight_layout()
-    out = run_dir / "rewards.png"
     safewrite.save_figure(fig, out)
     plt.close(fig)
     return out
