@@ -294,7 +294,7 @@ class Grpo(ObjectiveBase):
                 metas.append([json.loads(m) for m in b["meta"]])
                 completions.append(self.generator.generate(policy, ids, g.num_generations, seed))
         sampled = time.perf_counter()
-        micro, sums, samples = [], np.zeros(len(FIGURE_SUMS) + len(self.rewards)), []
+        micro, sums, samples = [], np.zeros(len(FIGURE_SUMS) + 2 * len(self.rewards)), []
         for ids, meta, done in zip(prompts, metas, completions):
             table, rewards = self.scored(meta, done, g.num_generations)
             advantages, no_spread = group_advantages(torch.tensor(rewards, dtype=torch.float32), g.num_generations,
@@ -304,13 +304,15 @@ class Grpo(ObjectiveBase):
             update["advantages"] = advantages
             micro.append(update)
             scored = [r for r in rewards if not math.isnan(r)]
-            per_reward = np.nansum(np.array(table, dtype=np.float64), axis=0) if table else 0
+            values = np.array(table, dtype=np.float64).reshape(len(done), len(self.rewards))
             sums += np.array([len(scored), sum(scored), sum(r * r for r in scored), float(no_spread.sum()),
-                              len(done), sum(map(len, done)), *np.atleast_1d(per_reward)])
+                              len(done), sum(map(len, done)), *np.nansum(values, axis=0),
+                              *(~np.isnan(values)).sum(axis=0)])
             if len(samples) < g.samples_logged:
                 samples.extend({"prompt": bounded(meta[j // g.num_generations]["prompt"], 300),
                                 "completion": bounded(self.tokenizer.decode(done[j], skip_special_tokens=True), 500),
-                                "reward": rewards[j]} for j in range(min(g.samples_logged - len(samples), len(done))))
+                                "reward": None if math.isnan(rewards[j]) else rewards[j]}  # None: not scored
+                               for j in range(min(g.samples_logged - len(samples), len(done))))
         scored = time.perf_counter()
         # The sampling policy's log-probs (ratios on later updates) and the reference's, before any update.
         if g.num_iterations > 1 or self.reference is not None:
@@ -378,16 +380,18 @@ class Grpo(ObjectiveBase):
         rollout = self.rollout_now
         totals = self.ctx.all_reduce_sum(np.concatenate([rollout.sums, self.update_sums]))
         scored, total, squares, no_spread, completions, tokens = totals[:6]
-        per_reward = totals[6 : 6 + len(self.rewards)]
-        clipped, kl, update_tokens = totals[6 + len(self.rewards):]
-        mean = total / scored if scored else math.nan
-        figures = {"reward": mean,
-                   "reward_std": math.sqrt(max(squares / scored - mean * mean, 0) * scored / max(scored - 1, 1))
-                   if scored else math.nan,
-                   "zero_spread": no_spread / completions, "completion_length": tokens / completions,
+        k = len(self.rewards)
+        per_reward, per_reward_scored = totals[6 : 6 + k], totals[6 + k : 6 + 2 * k]
+        clipped, kl, update_tokens = totals[6 + 2 * k:]
+        figures = {"zero_spread": no_spread / completions, "completion_length": tokens / completions,
                    "clip_fraction": clipped / max(update_tokens, 1)}
-        if len(self.rewards) > 1:
-            figures.update({f"reward/{name}": v / completions for name, v in zip(reward_names(self.rewards), per_reward)})
+        if scored:  # a step whose completions no reward scored has no reward to report
+            mean = total / scored
+            figures.update(reward=mean, reward_std=math.sqrt(max(squares / scored - mean * mean, 0) * scored
+                                                             / max(scored - 1, 1)))
+        if k > 1:  # each reward's mean over the completions it scored
+            figures.update({f"reward/{name}": v / n for name, v, n in
+                            zip(reward_names(self.rewards), per_reward, per_reward_scored) if n})
         if self.settings.beta:
             figures["kl"] = kl / max(update_tokens, 1)
         if self.step_now == self.rollout_now.first_step:
@@ -443,7 +447,7 @@ class Grpo(ObjectiveBase):
 
 
 # Per rank, summed: completions scored, their rewards' sum and sum of squares, completions in
-# groups without spread, completions, completion tokens; then each reward's sum.
+# groups without spread, completions, completion tokens; then each reward's sum, and how many it scored.
 FIGURE_SUMS = ("scored", "reward_sum", "reward_squares", "no_spread", "completions", "completion_tokens")
 
 
