@@ -47,7 +47,7 @@ def describe(dataset: "Dataset", packing: bool) -> list[str]:
 
     stats = dataset.stats
     lines[1:1] = [f"  {source_line(s)}" for s in stats.get("sources", [])]
-    unit = "pairs" if dataset.format == "preference" else "examples"
+    unit = {"preference": "pairs", "prompt": "prompts"}.get(dataset.format, "examples")
     lines.insert(0, f"data: {dataset.format}, {stats.get('examples', '?')} training {unit}"
                     + (f", {stats['skipped_rows']} bad rows skipped" if stats.get("skipped_rows") else "")
                     + (f", {stats['truncated']} cut to data.max_length" if stats.get("truncated") else "")
