@@ -265,11 +265,11 @@ class Grpo(ObjectiveBase):
 
     # ---- a step: sample, score, update
     def rollout(self, batches: list[dict], step: int) -> list[dict]:
+        import numpy as np
+
         batch = (step - 1) // self.settings.num_iterations
         if self.rollout_now is None or self.rollout_now.batch != batch:
             self.rollout_now = self.sample(batches, batch, step)
-        import numpy as np
-
         self.update_sums, self.step_now = np.zeros(3), step
         return self.rollout_now.micro_batches
 
@@ -303,9 +303,9 @@ class Grpo(ObjectiveBase):
             update = completion_batch(sequences, done, self.pad_id)
             update["advantages"] = advantages
             micro.append(update)
-            scored = [r for r in rewards if not math.isnan(r)]
+            kept = [r for r in rewards if not math.isnan(r)]
             values = np.array(table, dtype=np.float64).reshape(len(done), len(self.rewards))
-            sums += np.array([len(scored), sum(scored), sum(r * r for r in scored), float(no_spread.sum()),
+            sums += np.array([len(kept), sum(kept), sum(r * r for r in kept), float(no_spread.sum()),
                               len(done), sum(map(len, done)), *np.nansum(values, axis=0),
                               *(~np.isnan(values)).sum(axis=0)])
             if len(samples) < g.samples_logged:
