@@ -86,3 +86,40 @@ def is_card(reply: str, country: str) -> bool:
     except ValueError:
         return False
     return isinstance(card, dict) and card.get("country") == country and isinstance(card.get("capital"), str)
+
+
+# ---------------------------------------------------------------- learning from rewards (objective grpo)
+
+
+def card_prompts(split: str) -> list[dict]:
+    """The capital cards as prompt rows: asked for the card as JSON alone (which SmolLM2-Instruct,
+    tuned by its makers, wraps in prose and markdown or gets wrong), the card a column."""
+    out = []
+    for r in rows(split):
+        card = json.loads(r["messages"][1]["content"])
+        question = (f'Reply with only a JSON object {{"country": "{card["country"]}", "capital": "..."}} giving the '
+                    f'capital of {card["country"]}.')
+        out.append({"prompt": [{"role": "user", "content": question}], "card": json.dumps(card)})
+    return out
+
+
+def card_reward(prompts, completions, card, **columns):
+    """1 for the card as JSON alone; 0.5 for the card inside other text; 0.2 for another JSON
+    object; 0 for none (objective grpo's partial credit: `bench.real_task:card_reward`)."""
+    import re
+
+    scores = []
+    for completion, wanted in zip(completions, card):
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        wanted = json.loads(wanted)
+        try:
+            scores.append(1.0 if json.loads(text.strip()) == wanted else 0.2)
+            continue
+        except ValueError:
+            pass
+        found = re.search(r"\{[^{}]*\}", text)
+        try:
+            scores.append((0.5 if json.loads(found.group(0)) == wanted else 0.2) if found else 0.0)
+        except ValueError:
+            scores.append(0.0)
+    return scores
