@@ -55,15 +55,22 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def wandb_records(run_dir: Path) -> list[dict]:
     """Every record of every offline W&B run under <run>/wandb, in order, read by wandb itself."""
+    return [r for session in wandb_sessions(run_dir) for r in session]
+
+
+def wandb_sessions(run_dir: Path) -> list[list[dict]]:
+    """The records of each offline W&B session (file) under <run>/wandb, oldest first."""
     exe = shutil.which("wandb", path=str(Path(sys.executable).parent)) or "wandb"
-    records = []
+    sessions = []
     for log in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         out = subprocess.run([exe, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
                              timeout=120, check=True).stdout
+        records = []
         for line in out.splitlines():
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
-    return records
+        sessions.append(records)
+    return sessions
 
 
 def wandb_history(run_dir: Path, key: str) -> list[tuple[int, float]]:
