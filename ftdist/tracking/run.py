@@ -19,7 +19,7 @@ from ftdist.io.metrics_log import read_metrics
 from ftdist.io.storage import RunStore
 from ftdist.tracking.hub import Tracking, warn_line
 from ftdist.tracking.mlflow_run import MlflowRun, client
-from ftdist.tracking.params import flat_params, run_tags
+from ftdist.tracking.params import flat_params, record_metrics, run_tags
 from ftdist.tracking.preflight import unreachable_reason
 from ftdist.tracking.tensorboard import TensorBoardLog
 from ftdist.tracking.wandb_run import WandbRun
@@ -122,6 +122,38 @@ def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None
 
         (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot mark stopped "
                             f"trials' runs ({unreachable_reason(e)})")
+
+
+def close_finished_runs(cfg: Config, search: RunStore, trials: list[str], warn=None) -> None:
+    """Finish the MLflow runs of trials that finished but could not end them (the search was
+    interrupted while they wrote their final model, and they are not run again): what their
+    runs lack of their metrics.jsonl is sent, and each is marked FINISHED."""
+    conf = cfg.logging.mlflow
+    if conf is None or not trials:
+        return
+    try:
+        mlflow = client(conf)
+        for trial in trials:
+            saved = read_state(search, f"{trial}/{TRACKING}").get("mlflow")
+            if not saved or saved.get("tracking_uri") != redact_url(conf.tracking_uri) or \
+                    not search.exists(f"{trial}/{METRICS}"):
+                continue  # no run of this server's to finish
+            run = mlflow.get_run(saved["run_id"]).info
+            if run.status == "FINISHED" or run.lifecycle_stage != "active":
+                continue
+            reporter = MlflowRun(conf, trial, {}, {}, saved)  # the run continued: only what it lacks is sent
+            records = []
+            for line in search.read_text(f"{trial}/{METRICS}").splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by the interrupt
+            reporter.log([p for p in map(record_metrics, records) if p is not None])
+            reporter.close("FINISHED")
+    except Exception as e:  # noqa: BLE001: the search's results stand without it
+
+        (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot finish the runs of "
+                            f"trials that ended with the interrupt ({unreachable_reason(e)})")
 
 
 def flat_tune(cfg: Config) -> dict[str, Any]:

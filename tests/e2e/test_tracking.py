@@ -189,3 +189,30 @@ def test_an_optional_tracker_that_cannot_be_reached_is_a_warning(tmp_path):
     checked = check_tracking(cfg, warn=said.append)
     assert checked.logging.mlflow is None and checked.logging.tensorboard is True
     assert len(said) == 1 and "training without it (logging.mlflow.optional)" in said[0]
+
+
+def test_a_trial_that_finished_as_its_search_was_interrupted_gets_its_mlflow_run_finished(tmp_path, mlflow_server):
+    """A trial killed while it wrote its final model is done (not run again) but left its MLflow
+    run RUNNING and short of its last steps: the search, as it ends, sends what the run lacks
+    from the trial's metrics.jsonl and marks it FINISHED."""
+    from ftdist.io.storage import open_run_store
+    from ftdist.tracking.mlflow_run import MlflowRun
+    from ftdist.tracking.run import close_finished_runs
+
+    cfg = tiny_config(tmp_path, f"logging.mlflow.tracking_uri={mlflow_server.url}", "logging.mlflow.experiment=cut",
+                      name="search")
+    search = open_run_store(cfg)
+    trial = search.local / "trial-00000"
+    trial.mkdir(parents=True)
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)] + [{"step": 8, "eval_loss": 0.5}]
+    (trial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "lo')
+    run = MlflowRun(cfg.logging.mlflow, "trial-00000", {}, {}, None)
+    run.log([(s, {"loss": 1.0 / s}) for s in range(1, 5)])  # the rest was still queued when it was killed
+    (trial / "tracking.json").write_text(json.dumps({"mlflow": run.state()}))
+    close_finished_runs(cfg, search, ["trial-00000"])
+    client = mlflow_server.client()
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "loss")) == list(range(1, 9))
+    assert [m.step for m in client.get_metric_history(run.run_id, "eval_loss")] == [8]
+    close_finished_runs(cfg, search, ["trial-00000"])  # once finished, left alone
+    assert len(client.get_metric_history(run.run_id, "loss")) == 8
