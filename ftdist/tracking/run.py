@@ -106,8 +106,8 @@ def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Track
 
 def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None) -> None:
     """Mark the MLflow runs of trials that were stopped (their processes ended by the
-    scheduler, before they could) as KILLED. W&B offline files of such a trial may be cut
-    short: W&B's own process ends with it."""
+    scheduler) as KILLED, whether they were left running or ended as failed by the stop. W&B
+    offline files of such a trial may be cut short: W&B's own process ends with it."""
     conf = cfg.logging.mlflow
     if conf is None or not trials:
         return
@@ -116,7 +116,8 @@ def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None
         mlflow = client(conf)
         for trial in trials:
             saved = read_state(search, f"{trial}/{TRACKING}").get("mlflow")
-            if saved and mlflow.get_run(saved["run_id"]).info.status == "RUNNING":
+            # RUNNING: its process ended first; FAILED: it saw its own stop as a failure as it went.
+            if saved and mlflow.get_run(saved["run_id"]).info.status in ("RUNNING", "FAILED"):
                 mlflow.set_terminated(saved["run_id"], "KILLED")
     except Exception as e:  # noqa: BLE001: the search's results stand without it
 
