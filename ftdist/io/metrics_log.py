@@ -53,8 +53,13 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():  # a FIFO there would never answer
         return []
+    return parse_metrics(path.read_text())
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """The records of a metrics log's text."""
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

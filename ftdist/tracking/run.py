@@ -15,7 +15,7 @@ from ftdist.config.redact import redact_url
 from ftdist.config.schema import Config
 from ftdist.io import safewrite
 from ftdist.io.layout import METRICS, TENSORBOARD_DIR, TRACKING, WANDB_DIR
-from ftdist.io.metrics_log import read_metrics
+from ftdist.io.metrics_log import parse_metrics, read_metrics
 from ftdist.io.storage import RunStore
 from ftdist.tracking.hub import Tracking, warn_line
 from ftdist.tracking.mlflow_run import MlflowRun, client
@@ -104,57 +104,35 @@ def open_search_tracking(cfg: Config, store: RunStore, warn=None) -> tuple[Track
     return Tracking(reporters, warn), TrackingGroup(name, parent)
 
 
-def end_stopped_runs(cfg: Config, search: RunStore, trials: list[str], warn=None) -> None:
-    """Mark the MLflow runs of trials that were stopped (their processes ended by the
-    scheduler) as KILLED, whether they were left running or ended as failed by the stop. W&B
-    offline files of such a trial may be cut short: W&B's own process ends with it."""
+def settle_trial_runs(cfg: Config, search: RunStore, stopped: list[str], finished: list[str], warn=None) -> None:
+    """The MLflow runs of trials whose processes ended before they could end their runs, as the
+    search ends. Trials ASHA stopped: KILLED (left RUNNING, or FAILED by the stop on their way
+    down; their W&B offline files may be cut short, W&B's process ending with theirs). Trials
+    that finished as the search was interrupted (they are not run again): what their runs lack
+    of their metrics.jsonl sent, and FINISHED."""
     conf = cfg.logging.mlflow
-    if conf is None or not trials:
-        return
-
-    try:
-        mlflow = client(conf)
-        for trial in trials:
-            saved = read_state(search, f"{trial}/{TRACKING}").get("mlflow")
-            # RUNNING: its process ended first; FAILED: it saw its own stop as a failure as it went.
-            if saved and mlflow.get_run(saved["run_id"]).info.status in ("RUNNING", "FAILED"):
-                mlflow.set_terminated(saved["run_id"], "KILLED")
-    except Exception as e:  # noqa: BLE001: the search's results stand without it
-
-        (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot mark stopped "
-                            f"trials' runs ({unreachable_reason(e)})")
-
-
-def close_finished_runs(cfg: Config, search: RunStore, trials: list[str], warn=None) -> None:
-    """Finish the MLflow runs of trials that finished but could not end them (the search was
-    interrupted while they wrote their final model, and they are not run again): what their
-    runs lack of their metrics.jsonl is sent, and each is marked FINISHED."""
-    conf = cfg.logging.mlflow
-    if conf is None or not trials:
+    if conf is None or not (stopped or finished):
         return
     try:
         mlflow = client(conf)
-        for trial in trials:
+        for trial in (*stopped, *finished):
             saved = read_state(search, f"{trial}/{TRACKING}").get("mlflow")
-            if not saved or saved.get("tracking_uri") != redact_url(conf.tracking_uri) or \
-                    not search.exists(f"{trial}/{METRICS}"):
-                continue  # no run of this server's to finish
+            if not saved or saved.get("tracking_uri") != redact_url(conf.tracking_uri):
+                continue  # no run of this server's to settle
             run = mlflow.get_run(saved["run_id"]).info
-            if run.status == "FINISHED" or run.lifecycle_stage != "active":
+            if run.lifecycle_stage != "active":
                 continue
-            reporter = MlflowRun(conf, trial, {}, {}, saved)  # the run continued: only what it lacks is sent
-            records = []
-            for line in search.read_text(f"{trial}/{METRICS}").splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut by the interrupt
-            reporter.log([p for p in map(record_metrics, records) if p is not None])
-            reporter.close("FINISHED")
+            if trial in stopped:
+                if run.status in ("RUNNING", "FAILED"):
+                    mlflow.set_terminated(saved["run_id"], "KILLED")
+            elif run.status != "FINISHED" and search.exists(f"{trial}/{METRICS}"):
+                reporter = MlflowRun(conf, trial, {}, {}, saved)  # continued: only what the run lacks is sent
+                records = parse_metrics(search.read_text(f"{trial}/{METRICS}"))
+                reporter.log([p for p in map(record_metrics, records) if p is not None])
+                reporter.close("FINISHED")
     except Exception as e:  # noqa: BLE001: the search's results stand without it
-
-        (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot finish the runs of "
-                            f"trials that ended with the interrupt ({unreachable_reason(e)})")
+        (warn or warn_line)(f"ftdist: warning: mlflow at {redact_url(conf.tracking_uri)}: cannot settle the runs of "
+                            f"stopped or interrupted trials ({unreachable_reason(e)})")
 
 
 def flat_tune(cfg: Config) -> dict[str, Any]:

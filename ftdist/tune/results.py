@@ -18,7 +18,7 @@ from ftdist.artifacts.report import _pyplot as pyplot
 from ftdist.config.schema import Config
 from ftdist.io import safewrite
 from ftdist.io.layout import SEARCH_OUTPUTS
-from ftdist.tracking.run import close_finished_runs, end_stopped_runs
+from ftdist.tracking.run import settle_trial_runs
 from ftdist.tune.experiment import Experiment
 from ftdist.tune.space import with_params
 from ftdist.tune.trial import FINISHED
@@ -212,7 +212,7 @@ def end_search_tracking(experiment: Experiment, rows: list[TrialRow], summary: d
     best = summary["best"]
     if best is not None:
         experiment.tracking.log({"step": 0, f"best_{experiment.cfg.tune.metric}": best["metric"]})
-    end_stopped_runs(experiment.cfg, experiment.store, [r.trial for r in rows if r.status == STOPPED_STATUS])
-    close_finished_runs(experiment.cfg, experiment.store, [r.trial for r in rows if r.status == FINISHED_STATUS])
+    settle_trial_runs(experiment.cfg, experiment.store, [r.trial for r in rows if r.status == STOPPED_STATUS],
+                      [r.trial for r in rows if r.status == FINISHED_STATUS])
     local = experiment.store.local
     experiment.tracking.end("KILLED" if interrupted else "FINISHED", [local / name for name in SEARCH_OUTPUTS])

@@ -197,7 +197,7 @@ def test_a_trial_that_finished_as_its_search_was_interrupted_gets_its_mlflow_run
     from the trial's metrics.jsonl and marks it FINISHED."""
     from ftdist.io.storage import open_run_store
     from ftdist.tracking.mlflow_run import MlflowRun
-    from ftdist.tracking.run import close_finished_runs
+    from ftdist.tracking.run import settle_trial_runs
 
     cfg = tiny_config(tmp_path, f"logging.mlflow.tracking_uri={mlflow_server.url}", "logging.mlflow.experiment=cut",
                       name="search")
@@ -209,10 +209,10 @@ def test_a_trial_that_finished_as_its_search_was_interrupted_gets_its_mlflow_run
     run = MlflowRun(cfg.logging.mlflow, "trial-00000", {}, {}, None)
     run.log([(s, {"loss": 1.0 / s}) for s in range(1, 5)])  # the rest was still queued when it was killed
     (trial / "tracking.json").write_text(json.dumps({"mlflow": run.state()}))
-    close_finished_runs(cfg, search, ["trial-00000"])
+    settle_trial_runs(cfg, search, [], ["trial-00000"])
     client = mlflow_server.client()
     assert client.get_run(run.run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.run_id, "loss")) == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.run_id, "eval_loss")] == [8]
-    close_finished_runs(cfg, search, ["trial-00000"])  # once finished, left alone
+    settle_trial_runs(cfg, search, [], ["trial-00000"])  # once finished, left alone
     assert len(client.get_metric_history(run.run_id, "loss")) == 8
